@@ -1,0 +1,15 @@
+//! Types and pure helpers shared by managers, workers and the CLI.
+//!
+//! - `id`: node and cluster IDs (Swarm's 25-character base-36 shape);
+//! - `token`: join tokens `SWMTKN-1-<CA digest>-<secret>`;
+//! - `pki`: the cluster CA, node certificates and CSRs (rcgen), and reading
+//!   node ID / role back out of a certificate;
+//! - `tls`: rustls configurations for mutual TLS with a certificate that can be
+//!   swapped at run time (renewal without restart), and tonic glue for them.
+//!
+//! No sockets are opened and no files are read here.
+
+pub mod id;
+pub mod pki;
+pub mod tls;
+pub mod token;

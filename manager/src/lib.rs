@@ -1,0 +1,35 @@
+//! The control plane of a mesh cluster.
+//!
+//! Owns the Raft-replicated cluster state and everything that changes it:
+//! - `state`: the deterministic state machine (cluster, nodes, tokens) and its commands;
+//! - `store`: openraft log and snapshot storage on disk (redb);
+//! - `network`: Raft RPCs between managers over mutual TLS, one channel per peer;
+//! - `ca`: the cluster root CA that signs node certificates;
+//! - `manager`: the running manager (Raft instance, writes forwarded to the leader,
+//!   heartbeat monitor that marks silent nodes down);
+//! - `cluster_service`: the gRPC service nodes call (join, heartbeat, renew, propose).
+//!
+//! It must not touch the kernel's networking: that belongs to the worker.
+
+use std::io::Cursor;
+
+pub mod ca;
+pub mod cluster_service;
+pub mod manager;
+pub mod network;
+pub mod state;
+pub mod store;
+
+openraft::declare_raft_types!(
+    /// Raft types of the cluster store: commands in, results out, u64 Raft IDs.
+    pub TypeConfig:
+        D = state::Command,
+        R = state::CommandResult,
+        NodeId = u64,
+        Node = openraft::BasicNode,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+pub type Raft = openraft::Raft<TypeConfig>;
