@@ -1,1 +1,71 @@
-fn main() {}
+//! `mesh`: the command line and the daemon in one binary. This crate only
+//! parses commands, talks to the daemon, prints results, and wires the
+//! daemon's parts together; the logic lives in the library crates.
+
+mod cli;
+mod client;
+mod cluster_cmd;
+mod daemon;
+mod node_cmd;
+mod table;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use cli::{Cli, Cmd};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MESH_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(if matches!(cli.cmd, Cmd::Daemon(_)) {
+            "info,openraft=warn"
+        } else {
+            "warn"
+        })
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("Error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("Error: {}", one_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Errors are shown on one line: the chain joined with ": ".
+fn one_line(e: &anyhow::Error) -> String {
+    format!("{e:#}").replace('\n', " ")
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let host = cli.host.clone();
+    match cli.cmd {
+        Cmd::Daemon(a) => {
+            daemon::run(daemon::DaemonOptions {
+                state_dir: a.state_dir,
+                socket: a.socket,
+            })
+            .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Init(a) => cluster_cmd::init(&host, a).await,
+        Cmd::Join(a) => cluster_cmd::join(&host, a).await,
+        Cmd::JoinToken(a) => cluster_cmd::join_token(&host, a).await,
+        Cmd::Leave(a) => cluster_cmd::leave(&host, a).await,
+        Cmd::Info(a) => cluster_cmd::info(&host, a).await,
+        Cmd::Node(c) => node_cmd::run(&host, c).await,
+    }
+}

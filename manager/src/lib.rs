@@ -17,6 +17,7 @@ pub mod ca;
 pub mod cluster_service;
 pub mod manager;
 pub mod network;
+pub mod server;
 pub mod state;
 pub mod store;
 

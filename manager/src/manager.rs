@@ -1,1 +1,461 @@
-//! (in progress)
+//! A running manager: the Raft instance, its storage, and the logic that
+//! needs to be on the leader (writes, heartbeats, marking silent nodes down).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mesh_proto::cluster_client::ClusterClient;
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{BasicNode, ServerState};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::Raft;
+use crate::network::Peers;
+use crate::state::{ClusterState, Command, CommandResult, Node};
+use crate::store::{self, StateMachineStore};
+
+/// How often nodes heartbeat, and how long a silent node stays Ready. Swarm
+/// waits ~15 s; a 500 ms period with a 2 s grace shows a dead node as Down
+/// within 3 s while tolerating a few lost heartbeats.
+pub const HEARTBEAT_PERIOD: Duration = Duration::from_millis(500);
+pub const NODE_DOWN_AFTER: Duration = Duration::from_secs(2);
+const NEW_LEADER_GRACE: Duration = Duration::from_millis(1500);
+/// How long a write may wait for a quorum before the user is told why not.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManagerError {
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error("cannot start Raft: {0}")]
+    Start(String),
+    #[error(
+        "the write was not committed within {0:?}: fewer than a majority of managers are reachable ({1}); bring managers back or wait for them to reconnect"
+    )]
+    NoQuorum(Duration, String),
+    #[error(
+        "the cluster has no leader: fewer than a majority of managers are reachable ({0}); bring managers back up"
+    )]
+    NoLeader(String),
+    #[error("cannot forward the write to the leader at {addr}: {msg}")]
+    Forward { addr: String, msg: String },
+    #[error("{0}")]
+    Refused(String),
+    #[error("raft: {0}")]
+    Raft(String),
+}
+
+pub struct Manager {
+    pub node_id: String,
+    pub raft_id: u64,
+    pub raft: Raft,
+    pub sm: StateMachineStore,
+    pub peers: Peers,
+    /// Last heartbeat seen per node, kept only while this manager leads; a
+    /// new leader starts everyone afresh so it never marks nodes down for
+    /// heartbeats that went to its predecessor.
+    last_seen: Mutex<HashMap<String, Instant>>,
+    stop: watch::Sender<bool>,
+}
+
+fn raft_config() -> Result<Arc<openraft::Config>, ManagerError> {
+    let config = openraft::Config {
+        cluster_name: "mesh".into(),
+        heartbeat_interval: 150,
+        election_timeout_min: 600,
+        election_timeout_max: 1000,
+        // Keep a bounded log: snapshot every 5,000 entries.
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(5000),
+        max_in_snapshot_log_to_keep: 1000,
+        ..Default::default()
+    };
+    config
+        .validate()
+        .map(Arc::new)
+        .map_err(|e| ManagerError::Start(e.to_string()))
+}
+
+pub fn now() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+impl Manager {
+    /// Opens the Raft store in `dir` and starts the Raft instance. A fresh
+    /// store stays a pristine learner until `bootstrap` or a leader adds it.
+    pub async fn start(dir: &Path, node_id: &str, peers: Peers) -> Result<Arc<Self>, ManagerError> {
+        let (log, sm) = store::open(dir)?;
+        let raft_id = mesh_common::id::raft_id(node_id);
+        let raft = Raft::new(raft_id, raft_config()?, peers.clone(), log, sm.clone())
+            .await
+            .map_err(|e| ManagerError::Start(e.to_string()))?;
+        let (stop, _) = watch::channel(false);
+        let mgr = Arc::new(Self {
+            node_id: node_id.to_string(),
+            raft_id,
+            raft,
+            sm,
+            peers,
+            last_seen: Mutex::default(),
+            stop,
+        });
+        tokio::spawn(monitor(Arc::downgrade(&mgr), mgr.stop.subscribe()));
+        Ok(mgr)
+    }
+
+    /// Makes this manager the single voter of a new cluster and waits until
+    /// it leads.
+    pub async fn bootstrap(&self, cluster_addr: &str) -> Result<(), ManagerError> {
+        let mut members = BTreeMap::new();
+        members.insert(
+            self.raft_id,
+            BasicNode {
+                addr: cluster_addr.to_string(),
+            },
+        );
+        self.raft
+            .initialize(members)
+            .await
+            .map_err(|e| ManagerError::Start(e.to_string()))?;
+        let mut metrics = self.raft.metrics();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if metrics.borrow().current_leader == Some(self.raft_id) {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline, metrics.changed())
+                .await
+                .is_err()
+            {
+                return Err(ManagerError::Start(
+                    "this manager did not become leader".into(),
+                ));
+            }
+        }
+    }
+
+    pub async fn shutdown(&self) {
+        let _ = self.stop.send(true);
+        if let Err(e) = self.raft.shutdown().await {
+            warn!("raft shutdown: {e}");
+        }
+    }
+
+    pub fn read<R>(&self, f: impl FnOnce(&ClusterState) -> R) -> R {
+        self.sm.read(f)
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().current_leader == Some(self.raft_id)
+    }
+
+    /// Node ID of the current leader, if one is known.
+    pub fn leader_node_id(&self) -> Option<String> {
+        let leader = self.raft.metrics().borrow().current_leader?;
+        self.read(|s| {
+            s.nodes
+                .values()
+                .find(|n| n.raft_id == leader)
+                .map(|n| n.id.clone())
+        })
+    }
+
+    /// Cluster-port address of the current leader, from Raft membership.
+    pub fn leader_addr(&self) -> Option<String> {
+        let m = self.raft.metrics().borrow().clone();
+        let leader = m.current_leader?;
+        m.membership_config
+            .membership()
+            .get_node(&leader)
+            .map(|n| n.addr.clone())
+    }
+
+    /// A short account of which managers are up, for error messages.
+    fn quorum_note(&self) -> String {
+        let m = self.raft.metrics().borrow().clone();
+        let voters: Vec<u64> = m.membership_config.membership().voter_ids().collect();
+        let up = self.read(|s| {
+            voters
+                .iter()
+                .filter(|v| {
+                    **v == self.raft_id
+                        || s.nodes
+                            .values()
+                            .any(|n| n.raft_id == **v && n.state == "ready")
+                })
+                .count()
+        });
+        format!(
+            "{up} of {} managers seem up, {} needed",
+            voters.len(),
+            voters.len() / 2 + 1
+        )
+    }
+
+    /// Commits a command: on the leader directly, elsewhere by forwarding it
+    /// to the leader over mutual TLS. Never hangs longer than WRITE_TIMEOUT.
+    pub async fn write(&self, cmd: Command) -> Result<CommandResult, ManagerError> {
+        let deadline = tokio::time::Instant::now() + WRITE_TIMEOUT;
+        loop {
+            match tokio::time::timeout_at(deadline, self.write_once(&cmd)).await {
+                Err(_) => return Err(ManagerError::NoQuorum(WRITE_TIMEOUT, self.quorum_note())),
+                Ok(Err(Retry::Later(why))) => {
+                    debug!("write retry: {why}");
+                    if tokio::time::Instant::now() + Duration::from_millis(100) >= deadline {
+                        return Err(ManagerError::NoLeader(self.quorum_note()));
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Ok(Err(Retry::Fail(e))) => return Err(e),
+                Ok(Ok(CommandResult::Refused(msg))) => return Err(ManagerError::Refused(msg)),
+                Ok(Ok(r)) => return Ok(r),
+            }
+        }
+    }
+
+    async fn write_once(&self, cmd: &Command) -> Result<CommandResult, Retry> {
+        if self.is_leader() {
+            return match self.raft.client_write(cmd.clone()).await {
+                Ok(resp) => Ok(resp.data),
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+                    Err(Retry::Later("leadership moved".into()))
+                }
+                Err(e) => Err(Retry::Fail(ManagerError::Raft(e.to_string()))),
+            };
+        }
+        let Some(addr) = self.leader_addr() else {
+            return Err(Retry::Later("no leader yet".into()));
+        };
+        let command =
+            serde_json::to_vec(cmd).map_err(|e| Retry::Fail(ManagerError::Raft(e.to_string())))?;
+        let channel = self
+            .peers
+            .channel(&addr)
+            .map_err(|e| Retry::Later(e.to_string()))?;
+        let reply = ClusterClient::new(channel)
+            .propose(mesh_proto::ProposeRequest { command })
+            .await;
+        match reply {
+            Ok(r) => serde_json::from_slice(&r.into_inner().result)
+                .map_err(|e| Retry::Fail(ManagerError::Raft(e.to_string()))),
+            Err(s) if s.code() == tonic::Code::Unavailable => {
+                Err(Retry::Later(format!("{addr}: {}", s.message())))
+            }
+            Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+                Err(Retry::Later(format!("{addr}: {}", s.message())))
+            }
+            Err(s) => Err(Retry::Fail(ManagerError::Forward {
+                addr,
+                msg: s.message().to_string(),
+            })),
+        }
+    }
+
+    /// Leader side of a forwarded write.
+    pub async fn propose_local(&self, cmd: Command) -> Result<CommandResult, tonic::Status> {
+        match self.raft.client_write(cmd).await {
+            Ok(resp) => Ok(resp.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+                Err(tonic::Status::failed_precondition("not the leader"))
+            }
+            Err(e) => Err(tonic::Status::internal(e.to_string())),
+        }
+    }
+
+    /// Records a heartbeat and marks the node Ready again if it was not.
+    pub async fn heartbeat(&self, node: &Node, addr: &str) -> Result<(), ManagerError> {
+        self.last_seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(node.id.clone(), Instant::now());
+        if node.state != "ready" || (!addr.is_empty() && node.addr != addr) {
+            info!(node = %node.id, "node is ready");
+            self.write(Command::SetNodeState {
+                id: node.id.clone(),
+                state: "ready".into(),
+                addr: (!addr.is_empty()).then(|| addr.to_string()),
+                at: now(),
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Adds a manager to the Raft voters: as a learner first (it catches up
+    /// from the log or a snapshot), then as a voter.
+    pub async fn add_voter(&self, raft_id: u64, addr: &str) -> Result<(), ManagerError> {
+        self.raft
+            .add_learner(
+                raft_id,
+                BasicNode {
+                    addr: addr.to_string(),
+                },
+                true,
+            )
+            .await
+            .map_err(|e| ManagerError::Raft(format!("adding {addr} as learner: {e}")))?;
+        let mut voters: std::collections::BTreeSet<u64> = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect();
+        voters.insert(raft_id);
+        self.raft
+            .change_membership(voters, false)
+            .await
+            .map_err(|e| ManagerError::Raft(format!("adding {addr} as voter: {e}")))?;
+        Ok(())
+    }
+
+    /// Removes a manager from the Raft voters (demotion or removal).
+    pub async fn remove_voter(&self, raft_id: u64) -> Result<(), ManagerError> {
+        let mut voters: std::collections::BTreeSet<u64> = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect();
+        if !voters.remove(&raft_id) {
+            return Ok(());
+        }
+        self.raft
+            .change_membership(voters, false)
+            .await
+            .map_err(|e| ManagerError::Raft(format!("removing manager from Raft: {e}")))?;
+        Ok(())
+    }
+
+    /// Raft IDs of the current voters.
+    pub fn voters(&self) -> Vec<u64> {
+        self.raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect()
+    }
+
+    pub fn server_state(&self) -> ServerState {
+        self.raft.metrics().borrow().state
+    }
+}
+
+enum Retry {
+    Later(String),
+    Fail(ManagerError),
+}
+
+/// While this manager leads, marks nodes whose heartbeats stopped as down.
+async fn monitor(mgr: std::sync::Weak<Manager>, mut stop: watch::Receiver<bool>) {
+    let mut was_leader = false;
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let Some(mgr) = mgr.upgrade() else { return };
+        let leader = mgr.is_leader();
+        if leader && !was_leader {
+            // A new leader gives every node a grace period: nodes re-home
+            // within a few hundred ms of an election (see the worker's
+            // session), so a shorter grace than NODE_DOWN_AFTER suffices.
+            let now = Instant::now()
+                .checked_sub(NODE_DOWN_AFTER - NEW_LEADER_GRACE)
+                .unwrap_or_else(Instant::now);
+            let ids: Vec<String> = mgr.read(|s| s.nodes.keys().cloned().collect());
+            let mut seen = mgr.last_seen.lock().unwrap_or_else(|e| e.into_inner());
+            seen.clear();
+            for id in ids {
+                seen.insert(id, now);
+            }
+        }
+        was_leader = leader;
+        if !leader {
+            continue;
+        }
+        let silent: Vec<String> = {
+            let seen = mgr.last_seen.lock().unwrap_or_else(|e| e.into_inner());
+            mgr.read(|s| {
+                s.nodes
+                    .values()
+                    .filter(|n| n.state == "ready")
+                    .filter(|n| {
+                        seen.get(&n.id)
+                            .is_none_or(|t| t.elapsed() > NODE_DOWN_AFTER)
+                    })
+                    .map(|n| n.id.clone())
+                    .collect()
+            })
+        };
+        for id in silent {
+            info!(node = %id, "no heartbeat for {NODE_DOWN_AFTER:?}: marking node down");
+            let cmd = Command::SetNodeState {
+                id,
+                state: "down".into(),
+                addr: None,
+                at: now(),
+            };
+            if let Err(e) = mgr.write(cmd).await {
+                warn!("cannot mark node down: {e}");
+            }
+        }
+    }
+}
+
+impl Manager {
+    /// Asks the leader to change Raft membership for `node_id`: add it (it
+    /// must be the caller) or remove it. Runs locally on the leader.
+    pub async fn membership_call(
+        &self,
+        req: mesh_proto::JoinRaftRequest,
+    ) -> Result<(), ManagerError> {
+        let deadline = tokio::time::Instant::now() + WRITE_TIMEOUT * 2;
+        loop {
+            if self.is_leader() && req.remove {
+                let raft_id = self.read(|s| s.nodes.get(&req.node_id).map(|n| n.raft_id));
+                let raft_id = raft_id.ok_or_else(|| {
+                    ManagerError::Refused(format!("node {} not found", req.node_id))
+                })?;
+                return self.remove_voter(raft_id).await;
+            }
+            if let Some(addr) = self.leader_addr() {
+                let channel = self
+                    .peers
+                    .channel(&addr)
+                    .map_err(|e| ManagerError::Forward {
+                        addr: addr.clone(),
+                        msg: e.to_string(),
+                    })?;
+                match ClusterClient::new(channel).join_raft(req.clone()).await {
+                    Ok(_) => return Ok(()),
+                    Err(s)
+                        if matches!(
+                            s.code(),
+                            tonic::Code::Unavailable | tonic::Code::FailedPrecondition
+                        ) => {}
+                    Err(s) => {
+                        return Err(ManagerError::Forward {
+                            addr,
+                            msg: s.message().to_string(),
+                        });
+                    }
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ManagerError::NoLeader(self.quorum_note()));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}

@@ -1,1 +1,211 @@
-//! (in progress)
+//! Raft RPCs between managers over mutual TLS.
+//!
+//! openraft's messages travel as JSON inside `RaftBytes`, so the wire follows
+//! the openraft version without a hand-kept protobuf mirror. Each peer gets
+//! one lazily connected channel, reused for every RPC (HTTP/2 multiplexes).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mesh_common::tls;
+use mesh_proto::RaftBytes;
+use mesh_proto::raft_client::RaftClient;
+use mesh_proto::raft_server;
+use openraft::BasicNode;
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tonic::transport::Channel;
+
+use crate::{Raft, TypeConfig};
+
+/// One channel per manager address, shared by Raft replication and by
+/// writes forwarded to the leader.
+#[derive(Clone)]
+pub struct Peers {
+    tls: Arc<rustls::ClientConfig>,
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
+}
+
+impl Peers {
+    pub fn new(tls: Arc<rustls::ClientConfig>) -> Self {
+        Self {
+            tls,
+            channels: Arc::default(),
+        }
+    }
+
+    /// The channel to a manager's cluster port, made on first use.
+    pub fn channel(&self, addr: &str) -> Result<Channel, tls::TlsError> {
+        let mut map = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(ch) = map.get(addr) {
+            return Ok(ch.clone());
+        }
+        let ch = tls::channel(
+            addr,
+            self.tls.clone(),
+            tls::MANAGER_SERVER_NAME,
+            Duration::from_millis(500),
+        )?;
+        map.insert(addr.to_string(), ch.clone());
+        Ok(ch)
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for Peers {
+    type Network = PeerConnection;
+
+    async fn new_client(&mut self, target: u64, node: &BasicNode) -> Self::Network {
+        PeerConnection {
+            target,
+            addr: node.addr.clone(),
+            peers: self.clone(),
+        }
+    }
+}
+
+pub struct PeerConnection {
+    target: u64,
+    addr: String,
+    peers: Peers,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct WireError(String);
+
+impl PeerConnection {
+    /// Sends one request and decodes the peer's `Result<Resp, Err>`.
+    async fn call<Req, Resp, Err>(
+        &self,
+        which: Rpc,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<u64, BasicNode, Err>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        Err: std::error::Error + DeserializeOwned,
+    {
+        let data = serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let channel = self
+            .peers
+            .channel(&self.addr)
+            .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+        let mut client = RaftClient::new(channel)
+            .max_decoding_message_size(256 << 20)
+            .max_encoding_message_size(256 << 20);
+        let mut request = tonic::Request::new(RaftBytes { data });
+        request.set_timeout(option.hard_ttl());
+        let reply = match which {
+            Rpc::Vote => client.vote(request).await,
+            Rpc::Append => client.append(request).await,
+            Rpc::Snapshot => client.snapshot(request).await,
+        };
+        let reply = reply.map_err(|status| {
+            let e = WireError(format!("{}: {}", self.addr, status.message()));
+            match status.code() {
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => {
+                    RPCError::Unreachable(Unreachable::new(&e))
+                }
+                _ => RPCError::Network(NetworkError::new(&e)),
+            }
+        })?;
+        let result: Result<Resp, Err> = serde_json::from_slice(&reply.into_inner().data)
+            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+enum Rpc {
+    Vote,
+    Append,
+    Snapshot,
+}
+
+impl RaftNetwork<TypeConfig> for PeerConnection {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
+        self.call(Rpc::Append, &rpc, &option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<u64>,
+        RPCError<u64, BasicNode, RaftError<u64, InstallSnapshotError>>,
+    > {
+        self.call(Rpc::Snapshot, &rpc, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<u64>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
+        self.call(Rpc::Vote, &rpc, &option).await
+    }
+}
+
+/// The receiving side: hands peers' messages to the local Raft instance.
+/// Only manager certificates get here (checked by the server's interceptor).
+pub struct RaftService {
+    raft: Raft,
+}
+
+impl RaftService {
+    pub fn new(raft: Raft) -> Self {
+        Self { raft }
+    }
+}
+
+fn decode<T: DeserializeOwned>(req: tonic::Request<RaftBytes>) -> Result<T, tonic::Status> {
+    serde_json::from_slice(&req.into_inner().data)
+        .map_err(|e| tonic::Status::invalid_argument(format!("bad raft message: {e}")))
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<tonic::Response<RaftBytes>, tonic::Status> {
+    serde_json::to_vec(value)
+        .map(|data| tonic::Response::new(RaftBytes { data }))
+        .map_err(|e| tonic::Status::internal(format!("cannot encode raft reply: {e}")))
+}
+
+#[tonic::async_trait]
+impl raft_server::Raft for RaftService {
+    async fn vote(
+        &self,
+        req: tonic::Request<RaftBytes>,
+    ) -> Result<tonic::Response<RaftBytes>, tonic::Status> {
+        let rpc: VoteRequest<u64> = decode(req)?;
+        encode(&self.raft.vote(rpc).await)
+    }
+
+    async fn append(
+        &self,
+        req: tonic::Request<RaftBytes>,
+    ) -> Result<tonic::Response<RaftBytes>, tonic::Status> {
+        let rpc: AppendEntriesRequest<TypeConfig> = decode(req)?;
+        encode(&self.raft.append_entries(rpc).await)
+    }
+
+    async fn snapshot(
+        &self,
+        req: tonic::Request<RaftBytes>,
+    ) -> Result<tonic::Response<RaftBytes>, tonic::Status> {
+        let rpc: InstallSnapshotRequest<TypeConfig> = decode(req)?;
+        encode(&self.raft.install_snapshot(rpc).await)
+    }
+}

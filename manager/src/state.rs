@@ -42,8 +42,13 @@ pub struct Node {
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub enum Command {
-    Init { cluster: ClusterInfo, node: Node },
-    AddNode { node: Node },
+    Init {
+        cluster: ClusterInfo,
+        node: Node,
+    },
+    AddNode {
+        node: Node,
+    },
     UpdateNode {
         id: String,
         availability: Option<String>,
@@ -52,9 +57,19 @@ pub enum Command {
         label_rm: Vec<String>,
         at: String,
     },
-    SetNodeState { id: String, state: String, addr: Option<String>, at: String },
-    RemoveNode { id: String },
-    RotateToken { role: String, token: String },
+    SetNodeState {
+        id: String,
+        state: String,
+        addr: Option<String>,
+        at: String,
+    },
+    RemoveNode {
+        id: String,
+    },
+    RotateToken {
+        role: String,
+        token: String,
+    },
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -98,7 +113,14 @@ impl ClusterState {
                 self.nodes.insert(node.id.clone(), node.clone());
                 CommandResult::Node(node)
             }
-            Command::UpdateNode { id, availability, role, label_add, label_rm, at } => {
+            Command::UpdateNode {
+                id,
+                availability,
+                role,
+                label_add,
+                label_rm,
+                at,
+            } => {
                 let Some(node) = self.nodes.get_mut(id) else {
                     return CommandResult::Refused(format!("node {id} not found"));
                 };
@@ -118,7 +140,12 @@ impl ClusterState {
                 node.version = index;
                 CommandResult::Node(node.clone())
             }
-            Command::SetNodeState { id, state, addr, at } => {
+            Command::SetNodeState {
+                id,
+                state,
+                addr,
+                at,
+            } => {
                 let Some(node) = self.nodes.get_mut(id) else {
                     return CommandResult::Refused(format!("node {id} not found"));
                 };

@@ -1,1 +1,12 @@
-//! placeholder
+//! The node agent's cluster side.
+//!
+//! - `state_dir`: what a node keeps on disk (identity, certificates, the
+//!   managers it knows), written atomically so a crash never leaves half a file;
+//! - `session`: the node's link to the managers: heartbeats to the leader,
+//!   following leader changes, renewing its certificate before it expires and
+//!   when its role changes, and noticing that it was removed.
+//!
+//! It must not touch Raft or cluster state: it only asks managers.
+
+pub mod session;
+pub mod state_dir;

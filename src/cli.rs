@@ -1,0 +1,153 @@
+//! The command line, in Docker's words and flags.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "mesh",
+    version,
+    about = "Swarm-style overlay network controller"
+)]
+pub struct Cli {
+    /// Daemon socket to talk to.
+    #[arg(short = 'H', long = "host", env = "MESH_HOST", default_value = crate::client::DEFAULT_HOST, global = true)]
+    pub host: String,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Run the node agent (systemd runs this).
+    Daemon(DaemonArgs),
+    /// Create a new cluster with this node as its first manager.
+    Init(InitArgs),
+    /// Join a cluster as a worker or manager (the token decides).
+    Join(JoinArgs),
+    /// Show or rotate the join tokens.
+    JoinToken(JoinTokenArgs),
+    /// Leave the cluster.
+    Leave(LeaveArgs),
+    /// Show this node's view of the cluster.
+    Info(InfoArgs),
+    /// Manage nodes.
+    #[command(subcommand)]
+    Node(NodeCmd),
+}
+
+#[derive(Args)]
+pub struct DaemonArgs {
+    #[arg(long, default_value = "/var/lib/mesh")]
+    pub state_dir: PathBuf,
+    #[arg(long, default_value = "/run/mesh/mesh.sock")]
+    pub socket: PathBuf,
+}
+
+#[derive(Args)]
+pub struct InitArgs {
+    /// Address other nodes reach this one at (IP or IP:PORT).
+    #[arg(long, default_value = "")]
+    pub advertise_addr: String,
+    /// Address the cluster port listens on.
+    #[arg(long, default_value = "0.0.0.0:2377")]
+    pub listen_addr: String,
+    /// Validity of node certificates (e.g. 2160h, 30m).
+    #[arg(long, default_value = "2160h", value_parser = parse_duration)]
+    pub cert_expiry: std::time::Duration,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("invalid duration {s:?}: {e} (e.g. 2160h, 30m)"))?;
+    if d < std::time::Duration::from_secs(10) {
+        return Err(format!(
+            "{s} is too short for a certificate lifetime: use at least 10s"
+        ));
+    }
+    Ok(d)
+}
+
+#[derive(Args)]
+pub struct JoinArgs {
+    #[arg(long)]
+    pub token: String,
+    #[arg(long, default_value = "")]
+    pub advertise_addr: String,
+    #[arg(long, default_value = "0.0.0.0:2377")]
+    pub listen_addr: String,
+    /// A manager's address, HOST[:PORT].
+    pub remote: String,
+}
+
+#[derive(Args)]
+pub struct JoinTokenArgs {
+    /// Print only the token.
+    #[arg(short, long)]
+    pub quiet: bool,
+    /// Replace the token; the old one stops working.
+    #[arg(long)]
+    pub rotate: bool,
+    #[arg(value_parser = ["worker", "manager"])]
+    pub role: String,
+}
+
+#[derive(Args)]
+pub struct LeaveArgs {
+    #[arg(short, long)]
+    pub force: bool,
+}
+
+#[derive(Args)]
+pub struct InfoArgs {
+    #[arg(short, long)]
+    pub format: Option<String>,
+}
+
+#[derive(Subcommand)]
+pub enum NodeCmd {
+    /// List nodes.
+    #[command(alias = "list")]
+    Ls {
+        #[arg(short, long)]
+        filter: Vec<String>,
+        #[arg(long)]
+        format: Option<String>,
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Show nodes as JSON.
+    Inspect {
+        #[arg(required = true)]
+        nodes: Vec<String>,
+    },
+    /// Remove nodes from the cluster.
+    #[command(alias = "remove")]
+    Rm {
+        #[arg(short, long)]
+        force: bool,
+        #[arg(required = true)]
+        nodes: Vec<String>,
+    },
+    /// Make nodes managers.
+    Promote {
+        #[arg(required = true)]
+        nodes: Vec<String>,
+    },
+    /// Make managers workers.
+    Demote {
+        #[arg(required = true)]
+        nodes: Vec<String>,
+    },
+    /// Change a node's availability or labels.
+    Update {
+        #[arg(long, value_parser = ["active", "pause", "drain"])]
+        availability: Option<String>,
+        #[arg(long = "label-add")]
+        label_add: Vec<String>,
+        #[arg(long = "label-rm")]
+        label_rm: Vec<String>,
+        node: String,
+    },
+}

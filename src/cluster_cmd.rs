@@ -1,0 +1,140 @@
+//! init, join, join-token, leave, info.
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use mesh_proto::*;
+use serde_json::json;
+
+use crate::cli::{InfoArgs, InitArgs, JoinArgs, JoinTokenArgs, LeaveArgs};
+use crate::client::{connect, status};
+
+pub async fn init(host: &str, a: InitArgs) -> Result<ExitCode> {
+    let mut c = connect(host).await?;
+    let r = c
+        .init(InitRequest {
+            advertise_addr: a.advertise_addr,
+            listen_addr: a.listen_addr,
+            cert_expiry_secs: a.cert_expiry.as_secs(),
+            force_new_cluster: false,
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    println!(
+        "Cluster initialized: current node ({}) is now a manager.\n",
+        r.node_id
+    );
+    println!("To add a worker to this cluster, run the following command:\n");
+    println!(
+        "    mesh join --token {} {}\n",
+        r.worker_token, r.advertise_addr
+    );
+    println!(
+        "To add a manager to this cluster, run 'mesh join-token manager' and follow the instructions."
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn join(host: &str, a: JoinArgs) -> Result<ExitCode> {
+    let mut c = connect(host).await?;
+    let r = c
+        .join(JoinRequest {
+            token: a.token,
+            remote_addr: a.remote,
+            advertise_addr: a.advertise_addr,
+            listen_addr: a.listen_addr,
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    println!("This node joined a cluster as a {}.", r.role);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn join_token(host: &str, a: JoinTokenArgs) -> Result<ExitCode> {
+    let mut c = connect(host).await?;
+    let r = c
+        .join_token(JoinTokenRequest {
+            role: a.role.clone(),
+            rotate: a.rotate,
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    if a.quiet {
+        println!("{}", r.token);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if a.rotate {
+        println!("Successfully rotated {} join token.\n", a.role);
+    }
+    println!(
+        "To add a {} to this cluster, run the following command:\n",
+        a.role
+    );
+    println!("    mesh join --token {} {}\n", r.token, r.manager_addr);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn leave(host: &str, a: LeaveArgs) -> Result<ExitCode> {
+    let mut c = connect(host).await?;
+    c.leave(LeaveRequest { force: a.force })
+        .await
+        .map_err(status)?;
+    println!("Node left the cluster.");
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn info(host: &str, a: InfoArgs) -> Result<ExitCode> {
+    let mut c = connect(host).await?;
+    let i = c.info(Empty {}).await.map_err(status)?.into_inner();
+    let managers: Vec<_> = i
+        .managers
+        .iter()
+        .map(|m| json!({"NodeID": m.node_id, "Addr": m.addr}))
+        .collect();
+    if a.format.as_deref() == Some("json") {
+        let v = json!({
+            "Name": i.hostname,
+            "Swarm": {
+                "NodeID": i.node_id,
+                "NodeAddr": i.node_addr,
+                "LocalNodeState": i.local_node_state,
+                "ControlAvailable": i.control_available,
+                "Error": i.error,
+                "RemoteManagers": managers,
+                "Nodes": i.nodes,
+                "Managers": i.managers.len(),
+                "Cluster": {"ID": i.cluster_id},
+                "LeaderID": i.leader_id,
+                "CertNotAfter": i.cert_not_after,
+            }
+        });
+        println!("{v}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("Name: {}", i.hostname);
+    println!("Cluster: {}", i.local_node_state);
+    if !i.error.is_empty() {
+        println!(" Error: {}", i.error);
+    }
+    if i.node_id.is_empty() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(" NodeID: {}", i.node_id);
+    println!(" Is Manager: {}", i.control_available);
+    println!(" ClusterID: {}", i.cluster_id);
+    println!(" Leader: {}", i.leader_id);
+    println!(" Managers: {}", i.managers.len());
+    if i.control_available {
+        println!(" Nodes: {}", i.nodes);
+    }
+    println!(" Node Address: {}", i.node_addr);
+    println!(" Manager Addresses:");
+    for m in &i.managers {
+        println!("  {}", m.addr);
+    }
+    println!(" Certificate Expiry: {}", i.cert_not_after);
+    Ok(ExitCode::SUCCESS)
+}

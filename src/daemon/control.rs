@@ -1,0 +1,379 @@
+//! The Control API the CLI calls over the daemon's unix socket. Cluster-wide
+//! calls need the manager role; writes go through Raft (forwarded to the
+//! leader when this manager follows).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mesh_common::{pki, token};
+use mesh_manager::manager::{Manager, ManagerError, now};
+use mesh_manager::state::{Command, CommandResult, Node};
+use mesh_proto::control_server::Control;
+use mesh_proto::*;
+use tonic::{Request, Response, Status};
+
+use super::Daemon;
+use super::lifecycle::{InitParams, JoinParams, NOT_IN_CLUSTER};
+
+pub struct ControlService {
+    d: Arc<Daemon>,
+}
+
+impl ControlService {
+    pub fn new(d: Arc<Daemon>) -> Self {
+        Self { d }
+    }
+
+    /// The manager role, or Docker's refusal for workers.
+    fn manager(&self) -> Result<Arc<Manager>, Status> {
+        if let Some(m) = self.d.manager() {
+            return Ok(m);
+        }
+        if self
+            .d
+            .config
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+        {
+            Err(Status::failed_precondition(
+                "this node is not a manager: worker nodes can't view or modify cluster state; run this command on a manager node, or promote this node with `mesh node promote`",
+            ))
+        } else {
+            Err(Status::failed_precondition(NOT_IN_CLUSTER))
+        }
+    }
+}
+
+fn err(e: anyhow::Error) -> Status {
+    Status::failed_precondition(format!("{e:#}"))
+}
+
+fn mgr_err(e: ManagerError) -> Status {
+    match e {
+        ManagerError::NoQuorum(..) | ManagerError::NoLeader(_) => {
+            Status::unavailable(e.to_string())
+        }
+        other => Status::failed_precondition(other.to_string()),
+    }
+}
+
+/// Finds a node by ID, unique ID prefix, or hostname, as Docker does.
+pub fn resolve_node(
+    nodes: &BTreeMap<String, Node>,
+    r: &str,
+    self_id: &str,
+) -> Result<Node, Status> {
+    let r = if r == "self" { self_id } else { r };
+    if let Some(n) = nodes.get(r) {
+        return Ok(n.clone());
+    }
+    let by_name: Vec<&Node> = nodes.values().filter(|n| n.hostname == r).collect();
+    let by_prefix: Vec<&Node> = nodes
+        .values()
+        .filter(|n| !r.is_empty() && n.id.starts_with(r))
+        .collect();
+    match (by_name.as_slice(), by_prefix.as_slice()) {
+        ([n], _) | ([], [n]) => Ok((*n).clone()),
+        ([], []) => Err(Status::not_found(format!(
+            "node {r} not found; see `mesh node ls`"
+        ))),
+        _ => Err(Status::failed_precondition(format!(
+            "node reference {r:?} is ambiguous: it matches several nodes; use the node ID"
+        ))),
+    }
+}
+
+fn to_pb(mgr: &Manager, n: &Node) -> mesh_proto::Node {
+    let leader = mgr.raft.metrics().borrow().current_leader;
+    let is_manager = n.role == "manager";
+    mesh_proto::Node {
+        id: n.id.clone(),
+        hostname: n.hostname.clone(),
+        role: n.role.clone(),
+        availability: n.availability.clone(),
+        labels: n.labels.clone().into_iter().collect(),
+        addr: n.addr.clone(),
+        state: n.state.clone(),
+        manager_addr: if is_manager {
+            n.manager_addr.clone()
+        } else {
+            String::new()
+        },
+        leader: is_manager && leader == Some(n.raft_id),
+        reachability: if !is_manager {
+            String::new()
+        } else if n.state == "ready" || leader == Some(n.raft_id) {
+            "reachable".into()
+        } else {
+            "unreachable".into()
+        },
+        created_at: n.created_at.clone(),
+        updated_at: n.updated_at.clone(),
+        version: n.version,
+        os: n.os.clone(),
+        architecture: n.architecture.clone(),
+        message: String::new(),
+        tls_not_after: String::new(),
+    }
+}
+
+fn secs_to_rfc3339(t: std::time::SystemTime) -> String {
+    time::OffsetDateTime::from(t)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+#[tonic::async_trait]
+impl Control for ControlService {
+    async fn init(&self, req: Request<InitRequest>) -> Result<Response<InitResponse>, Status> {
+        let r = req.into_inner();
+        let cert_expiry = match r.cert_expiry_secs {
+            0 => mesh_manager::ca::DEFAULT_CERT_EXPIRY,
+            s => Duration::from_secs(s),
+        };
+        let (node_id, addr) = self
+            .d
+            .init(InitParams {
+                advertise_addr: r.advertise_addr,
+                listen_addr: r.listen_addr,
+                cert_expiry,
+            })
+            .await
+            .map_err(err)?;
+        let (worker_token, manager_token) = self
+            .manager()?
+            .read(|s| {
+                s.cluster
+                    .as_ref()
+                    .map(|c| (c.worker_token.clone(), c.manager_token.clone()))
+            })
+            .unwrap_or_default();
+        Ok(Response::new(InitResponse {
+            node_id,
+            worker_token,
+            manager_token,
+            advertise_addr: addr,
+        }))
+    }
+
+    async fn join(&self, req: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
+        let r = req.into_inner();
+        let (node_id, role) = self
+            .d
+            .join(JoinParams {
+                token: r.token,
+                remote: r.remote_addr,
+                advertise_addr: r.advertise_addr,
+                listen_addr: r.listen_addr,
+            })
+            .await
+            .map_err(err)?;
+        Ok(Response::new(JoinResponse { node_id, role }))
+    }
+
+    async fn leave(&self, req: Request<LeaveRequest>) -> Result<Response<Empty>, Status> {
+        self.d.leave(req.into_inner().force).await.map_err(err)?;
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn info(&self, _req: Request<Empty>) -> Result<Response<InfoResponse>, Status> {
+        let config = self
+            .d
+            .config
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let error = self
+            .d
+            .error
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let mut info = InfoResponse {
+            hostname: super::lifecycle::hostname(),
+            error: error.clone(),
+            ..Default::default()
+        };
+        let Some(config) = config else {
+            info.local_node_state = if error.is_empty() {
+                "inactive"
+            } else {
+                "error"
+            }
+            .into();
+            return Ok(Response::new(info));
+        };
+        info.node_id = config.node_id.clone();
+        info.node_addr = config.advertise_addr.clone();
+        info.cluster_id = config.cluster_id.clone();
+        let status = self
+            .d
+            .session_status
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(st) = status {
+            let st = st.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            info.local_node_state = if st.connected { "active" } else { "pending" }.into();
+            info.error = st.last_error.clone();
+            info.leader_id = st.leader_id.clone();
+            info.managers = st.managers.clone();
+            info.cert_not_after = st.cert_not_after.map(secs_to_rfc3339).unwrap_or_default();
+        }
+        if let Some(mgr) = self.d.manager() {
+            info.control_available = true;
+            info.nodes = mgr.read(|s| s.nodes.len() as u64);
+            if let Some(l) = mgr.leader_node_id() {
+                info.leader_id = l;
+            }
+            info.managers = mesh_manager::cluster_service::managers_of(&mgr);
+        }
+        Ok(Response::new(info))
+    }
+
+    async fn join_token(
+        &self,
+        req: Request<JoinTokenRequest>,
+    ) -> Result<Response<JoinTokenResponse>, Status> {
+        let mgr = self.manager()?;
+        let r = req.into_inner();
+        if r.role != "worker" && r.role != "manager" {
+            return Err(Status::invalid_argument(format!(
+                "unknown role {:?}: use worker or manager",
+                r.role
+            )));
+        }
+        if r.rotate {
+            let ca = mgr
+                .read(|s| s.cluster.as_ref().map(|c| c.ca_cert_pem.clone()))
+                .ok_or_else(|| Status::failed_precondition("no cluster state"))?;
+            let der = pki::pem_to_der(&ca).map_err(|e| Status::internal(e.to_string()))?;
+            let cmd = Command::RotateToken {
+                role: r.role.clone(),
+                token: token::generate(&der),
+            };
+            mgr.write(cmd).await.map_err(mgr_err)?;
+        }
+        let token = mgr
+            .read(|s| {
+                s.cluster.as_ref().map(|c| {
+                    if r.role == "worker" {
+                        c.worker_token.clone()
+                    } else {
+                        c.manager_token.clone()
+                    }
+                })
+            })
+            .ok_or_else(|| Status::failed_precondition("no cluster state"))?;
+        let manager_addr = self
+            .d
+            .config
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|c| c.cluster_addr.clone())
+            .unwrap_or_default();
+        Ok(Response::new(JoinTokenResponse {
+            token,
+            manager_addr,
+        }))
+    }
+
+    async fn node_list(&self, _req: Request<Empty>) -> Result<Response<NodeList>, Status> {
+        let mgr = self.manager()?;
+        let nodes = mgr.read(|s| s.nodes.values().cloned().collect::<Vec<_>>());
+        Ok(Response::new(NodeList {
+            nodes: nodes.iter().map(|n| to_pb(&mgr, n)).collect(),
+        }))
+    }
+
+    async fn node_update(
+        &self,
+        req: Request<NodeUpdateRequest>,
+    ) -> Result<Response<mesh_proto::Node>, Status> {
+        let mgr = self.manager()?;
+        let r = req.into_inner();
+        let node = mgr.read(|s| resolve_node(&s.nodes, &r.node, &mgr.node_id))?;
+        if !r.availability.is_empty()
+            && !["active", "pause", "drain"].contains(&r.availability.as_str())
+        {
+            return Err(Status::invalid_argument(format!(
+                "invalid availability {:?}: use active, pause or drain",
+                r.availability
+            )));
+        }
+        let mut role = None;
+        if !r.role.is_empty() && r.role != node.role {
+            match r.role.as_str() {
+                "manager" => role = Some("manager".to_string()),
+                "worker" => {
+                    let managers =
+                        mgr.read(|s| s.nodes.values().filter(|n| n.role == "manager").count());
+                    if managers <= 1 {
+                        return Err(Status::failed_precondition(format!(
+                            "cannot demote node {}: it is the last manager of the cluster; promote another node first",
+                            node.id
+                        )));
+                    }
+                    // Leave Raft first, so the voters never count a worker.
+                    let req = JoinRaftRequest {
+                        node_id: node.id.clone(),
+                        addr: String::new(),
+                        remove: true,
+                    };
+                    mgr.membership_call(req).await.map_err(mgr_err)?;
+                    role = Some("worker".to_string());
+                }
+                other => return Err(Status::invalid_argument(format!("unknown role {other:?}"))),
+            }
+        }
+        for k in r.label_add.keys() {
+            if k.is_empty() {
+                return Err(Status::invalid_argument(
+                    "a label needs a key: use --label-add KEY=VALUE",
+                ));
+            }
+        }
+        let cmd = Command::UpdateNode {
+            id: node.id.clone(),
+            availability: (!r.availability.is_empty()).then_some(r.availability),
+            role,
+            label_add: r.label_add.into_iter().collect(),
+            label_rm: r.label_rm,
+            at: now(),
+        };
+        // The write may have gone through another manager; read the result
+        // from what it returned.
+        match mgr.write(cmd).await.map_err(mgr_err)? {
+            CommandResult::Node(n) => Ok(Response::new(to_pb(&mgr, &n))),
+            _ => Err(Status::internal("unexpected result")),
+        }
+    }
+
+    async fn node_remove(
+        &self,
+        req: Request<NodeRemoveRequest>,
+    ) -> Result<Response<Empty>, Status> {
+        let mgr = self.manager()?;
+        let r = req.into_inner();
+        let node = mgr.read(|s| resolve_node(&s.nodes, &r.node, &mgr.node_id))?;
+        if node.role == "manager" {
+            return Err(Status::failed_precondition(format!(
+                "node {} is a cluster manager and a member of Raft; demote it with `mesh node demote` before removing it",
+                node.id
+            )));
+        }
+        if node.state == "ready" && !r.force {
+            return Err(Status::failed_precondition(format!(
+                "node {} is not down and can't be removed; stop its daemon first, or use --force",
+                node.id
+            )));
+        }
+        mgr.write(Command::RemoveNode { id: node.id })
+            .await
+            .map_err(mgr_err)?;
+        Ok(Response::new(Empty {}))
+    }
+}

@@ -1,0 +1,516 @@
+//! Joining, leaving and changing roles. Each operation either completes or
+//! undoes what it did, so a failure leaves the node as it was.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use mesh_common::pki::{self, CertAuthority, Role};
+use mesh_common::tls::{self, ReloadableIdentity};
+use mesh_common::{id, token};
+use mesh_manager::manager::{Manager, now};
+use mesh_manager::network::Peers;
+use mesh_manager::state::{ClusterInfo, Command, Node};
+use mesh_proto::cluster_client::ClusterClient;
+use mesh_proto::{Empty, JoinRaftRequest, NodeJoinRequest};
+use mesh_worker::session::Session;
+use mesh_worker::state_dir::{Certs, NodeConfig};
+use tracing::{info, warn};
+
+use super::{Daemon, Membership};
+
+pub const DEFAULT_PORT: u16 = 2377;
+
+/// What `init` needs beyond the defaults.
+pub struct InitParams {
+    pub advertise_addr: String,
+    pub listen_addr: String,
+    pub cert_expiry: Duration,
+}
+
+pub struct JoinParams {
+    pub token: String,
+    pub remote: String,
+    pub advertise_addr: String,
+    pub listen_addr: String,
+}
+
+pub const NOT_IN_CLUSTER: &str =
+    "this node is not part of a cluster: run `mesh init` or `mesh join` first";
+pub const ALREADY_IN_CLUSTER: &str = "this node is already part of a cluster; use `mesh leave` to leave it before joining or creating another";
+
+/// Adds the default port to "HOST" and checks the shape of "HOST:PORT".
+pub fn with_port(addr: &str, default_port: u16) -> Result<String> {
+    if addr.parse::<SocketAddr>().is_ok() {
+        return Ok(addr.to_string());
+    }
+    if let Ok(ip) = addr.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, default_port).to_string());
+    }
+    if let Some((host, port)) = addr.rsplit_once(':')
+        && !host.is_empty()
+        && port.parse::<u16>().is_ok()
+    {
+        return Ok(addr.to_string());
+    }
+    bail!("invalid address {addr:?}: expected IP or IP:PORT")
+}
+
+/// The local address the kernel would use to reach `remote`: a UDP connect
+/// picks a route and sends nothing.
+fn local_addr_towards(remote: &str) -> Option<IpAddr> {
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    sock.connect(remote).ok()?;
+    sock.local_addr().ok().map(|a| a.ip())
+}
+
+/// This node's hostname (per UTS namespace, so each lab node has its own).
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+/// Resolves the advertised IP and the cluster port other nodes dial.
+fn addresses(
+    advertise: &str,
+    listen: &str,
+    towards: Option<&str>,
+) -> Result<(String, String, String)> {
+    let listen = with_port(
+        if listen.is_empty() { "0.0.0.0" } else { listen },
+        DEFAULT_PORT,
+    )
+    .context("--listen-addr")?;
+    let listen_port = listen
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse::<u16>().ok())
+        .unwrap_or(DEFAULT_PORT);
+    let (ip, port) = if advertise.is_empty() {
+        let ip = towards
+            .and_then(local_addr_towards)
+            .or_else(|| local_addr_towards("192.0.2.1:9"))
+            .ok_or_else(|| anyhow!("could not choose an IP address to advertise since this system has no route; specify one with --advertise-addr"))?;
+        (ip, listen_port)
+    } else {
+        let sa: SocketAddr = with_port(advertise, listen_port)
+            .context("--advertise-addr")?
+            .parse()
+            .map_err(|_| {
+                anyhow!("--advertise-addr must be an IP address (or IP:PORT), got {advertise:?}")
+            })?;
+        (sa.ip(), sa.port())
+    };
+    Ok((
+        ip.to_string(),
+        listen,
+        SocketAddr::new(ip, port).to_string(),
+    ))
+}
+
+impl Daemon {
+    /// On start: pick up the membership the state dir holds.
+    pub(super) async fn resume(&self) -> Result<()> {
+        let Some(config) = self.state_dir.load_config()? else {
+            return Ok(());
+        };
+        let certs = self.state_dir.load_certs()?;
+        let mut m = self.membership.lock().await;
+        info!(node = %config.node_id, role = %config.role, "resuming cluster membership");
+        let identity = ReloadableIdentity::new(&certs.cert, &certs.key)?;
+        m.identity = Some(identity);
+        m.certs = Some(certs);
+        m.config = Some(config.clone());
+        if config.role == "manager" {
+            self.start_manager_role(&mut m, None).await?;
+        }
+        self.start_session(&mut m)?;
+        self.publish(&m);
+        Ok(())
+    }
+
+    /// Makes the lock-free copies match the membership.
+    fn publish(&self, m: &Membership) {
+        *self.config.write().unwrap_or_else(|e| e.into_inner()) = m.config.clone();
+        *self
+            .session_status
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = m.session.as_ref().map(|s| s.status.clone());
+    }
+
+    fn start_session(&self, m: &mut Membership) -> Result<()> {
+        let (Some(config), Some(certs), Some(identity)) = (&m.config, &m.certs, &m.identity) else {
+            bail!("no membership to start a session for");
+        };
+        let session = Session::spawn(
+            self.state_dir.clone(),
+            config.clone(),
+            certs.clone(),
+            identity.clone(),
+            self.events.clone(),
+        )?;
+        m.session = Some(session);
+        Ok(())
+    }
+
+    /// Starts Raft and the cluster port. With `bootstrap`, this manager
+    /// becomes the single voter of a new cluster.
+    async fn start_manager_role(
+        &self,
+        m: &mut Membership,
+        bootstrap: Option<&str>,
+    ) -> Result<Arc<Manager>> {
+        let (Some(config), Some(certs), Some(identity)) = (&m.config, &m.certs, &m.identity) else {
+            bail!("no membership to start a manager for");
+        };
+        let listener = tokio::net::TcpListener::bind(&config.listen_addr)
+            .await
+            .with_context(|| format!("cannot listen on {} for the cluster port (in use? choose another with --listen-addr)", config.listen_addr))?;
+        let client_tls = tls::client_config(&certs.ca, Some(identity.clone()))?;
+        let server_tls = tls::server_config(&certs.ca, identity.clone())?;
+        let mgr = Manager::start(
+            &self.state_dir.raft_dir(),
+            &config.node_id,
+            Peers::new(client_tls),
+        )
+        .await?;
+        if let Some(addr) = bootstrap
+            && let Err(e) = mgr.bootstrap(addr).await
+        {
+            mgr.shutdown().await;
+            return Err(e.into());
+        }
+        m.server = Some(mesh_manager::server::serve(
+            listener,
+            server_tls,
+            mgr.clone(),
+        ));
+        *self.manager.write().unwrap_or_else(|e| e.into_inner()) = Some(mgr.clone());
+        Ok(mgr)
+    }
+
+    async fn stop_manager_role(&self, m: &mut Membership) {
+        let mgr = self
+            .manager
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(s) = m.server.take() {
+            s.stop().await;
+        }
+        if let Some(mgr) = mgr {
+            mgr.shutdown().await;
+        }
+    }
+
+    /// Stops everything this membership runs (the state dir is untouched).
+    pub(super) async fn teardown(&self, m: &mut Membership) {
+        if let Some(s) = m.session.take() {
+            s.stop().await;
+        }
+        self.stop_manager_role(m).await;
+        *m = Membership::default();
+        self.publish(m);
+    }
+
+    pub(super) async fn stop_all(&self) {
+        let mut m = self.membership.lock().await;
+        if let Some(s) = m.session.take() {
+            s.stop().await;
+        }
+        self.stop_manager_role(&mut m).await;
+    }
+
+    pub(super) async fn init(&self, p: InitParams) -> Result<(String, String)> {
+        let mut m = self.membership.lock().await;
+        if m.config.is_some() {
+            bail!(ALREADY_IN_CLUSTER);
+        }
+        let (ip, listen, cluster_addr) = addresses(&p.advertise_addr, &p.listen_addr, None)?;
+        let cluster_id = id::new_id();
+        let node_id = id::new_id();
+        let ca = CertAuthority::generate(&cluster_id)?;
+        let (key, csr) = pki::new_key_and_csr()?;
+        let cert = ca.sign_node(&csr, &node_id, Role::Manager, &cluster_id, p.cert_expiry)?;
+        let ca_der = pki::pem_to_der(&ca.cert_pem)?;
+        let certs = Certs {
+            ca: ca.cert_pem.clone(),
+            cert,
+            key,
+        };
+        let config = NodeConfig {
+            node_id: node_id.clone(),
+            cluster_id: cluster_id.clone(),
+            role: "manager".into(),
+            advertise_addr: ip.clone(),
+            listen_addr: listen,
+            cluster_addr: cluster_addr.clone(),
+            managers: vec![cluster_addr.clone()],
+        };
+        let result = async {
+            self.state_dir.wipe_cluster()?;
+            self.state_dir.save_certs(&certs)?;
+            m.identity = Some(ReloadableIdentity::new(&certs.cert, &certs.key)?);
+            m.certs = Some(certs.clone());
+            m.config = Some(config.clone());
+            let mgr = self.start_manager_role(&mut m, Some(&cluster_addr)).await?;
+            let at = now();
+            let cluster = ClusterInfo {
+                id: cluster_id.clone(),
+                created_at: at.clone(),
+                ca_cert_pem: ca.cert_pem.clone(),
+                ca_key_pem: ca.key_pem.clone(),
+                worker_token: token::generate(&ca_der),
+                manager_token: token::generate(&ca_der),
+                cert_expiry_secs: p.cert_expiry.as_secs(),
+            };
+            let node = Node {
+                id: node_id.clone(),
+                raft_id: mgr.raft_id,
+                hostname: hostname(),
+                role: "manager".into(),
+                availability: "active".into(),
+                addr: ip.clone(),
+                manager_addr: cluster_addr.clone(),
+                state: "unknown".into(),
+                created_at: at.clone(),
+                updated_at: at,
+                os: std::env::consts::OS.into(),
+                architecture: std::env::consts::ARCH.into(),
+                ..Default::default()
+            };
+            mgr.write(Command::Init { cluster, node }).await?;
+            self.state_dir.save_config(&config)?;
+            self.start_session(&mut m)?;
+            anyhow::Ok(())
+        }
+        .await;
+        if let Err(e) = result {
+            self.undo(&mut m).await;
+            return Err(e);
+        }
+        self.error
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        self.publish(&m);
+        info!(node = %node_id, cluster = %cluster_id, "cluster initialized");
+        Ok((node_id, cluster_addr))
+    }
+
+    /// Undoes a failed init or join.
+    async fn undo(&self, m: &mut Membership) {
+        self.teardown(m).await;
+        if let Err(e) = self.state_dir.wipe_cluster() {
+            warn!("cleaning up after a failed join: {e}");
+        }
+    }
+
+    pub(super) async fn join(&self, p: JoinParams) -> Result<(String, String)> {
+        let mut m = self.membership.lock().await;
+        if m.config.is_some() {
+            bail!(ALREADY_IN_CLUSTER);
+        }
+        let presented = token::parse(&p.token)?;
+        let remote = with_port(&p.remote, DEFAULT_PORT)?;
+        let (ip, listen, cluster_addr) =
+            addresses(&p.advertise_addr, &p.listen_addr, Some(&remote))?;
+
+        // Fetch the CA without trusting it yet, and pin it by the token's digest
+        // before any secret is sent.
+        let unverified = tls::connect(
+            &remote,
+            tls::unverified_client_config(),
+            tls::MANAGER_SERVER_NAME,
+            Duration::from_secs(5),
+        )
+        .await?;
+        let ca_pem = ClusterClient::new(unverified)
+            .get_ca(Empty {})
+            .await
+            .map_err(|s| anyhow!("manager at {remote}: {}", s.message()))?
+            .into_inner()
+            .ca_cert_pem;
+        let digest = token::ca_digest(&pki::pem_to_der(&ca_pem)?);
+        if digest != presented.ca_digest {
+            bail!(
+                "the manager at {remote} presented a CA certificate that does not match the join token's digest: check the token, or you are not talking to the cluster you think"
+            );
+        }
+        let pinned = tls::connect(
+            &remote,
+            tls::client_config(&ca_pem, None)?,
+            tls::MANAGER_SERVER_NAME,
+            Duration::from_secs(5),
+        )
+        .await?;
+        let (key, csr) = pki::new_key_and_csr()?;
+        let mut req = tonic::Request::new(NodeJoinRequest {
+            token: p.token.clone(),
+            csr_pem: csr,
+            advertise_addr: ip.clone(),
+            manager_addr: cluster_addr.clone(),
+            hostname: hostname(),
+            os: std::env::consts::OS.into(),
+            architecture: std::env::consts::ARCH.into(),
+        });
+        req.set_timeout(Duration::from_secs(15));
+        let reply = ClusterClient::new(pinned)
+            .join(req)
+            .await
+            .map_err(|s| anyhow!("{}", s.message()))?
+            .into_inner();
+        let certs = Certs {
+            ca: ca_pem,
+            cert: reply.cert_pem,
+            key,
+        };
+        let mut managers: Vec<String> = reply.managers.iter().map(|m| m.addr.clone()).collect();
+        if managers.is_empty() {
+            managers.push(remote.clone());
+        }
+        let config = NodeConfig {
+            node_id: reply.node_id.clone(),
+            cluster_id: reply.cluster_id.clone(),
+            role: reply.role.clone(),
+            advertise_addr: ip,
+            listen_addr: listen,
+            cluster_addr: cluster_addr.clone(),
+            managers,
+        };
+        let result = async {
+            self.state_dir.wipe_cluster()?;
+            self.state_dir.save_certs(&certs)?;
+            m.identity = Some(ReloadableIdentity::new(&certs.cert, &certs.key)?);
+            m.certs = Some(certs.clone());
+            m.config = Some(config.clone());
+            if reply.role == "manager" {
+                let mgr = self.start_manager_role(&mut m, None).await?;
+                join_raft(&mgr, &config).await?;
+            }
+            self.state_dir.save_config(&config)?;
+            self.start_session(&mut m)?;
+            anyhow::Ok(())
+        }
+        .await;
+        if let Err(e) = result {
+            self.undo(&mut m).await;
+            return Err(e);
+        }
+        self.error
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        self.publish(&m);
+        info!(node = %reply.node_id, role = %reply.role, "joined the cluster");
+        Ok((reply.node_id, reply.role))
+    }
+
+    pub(super) async fn leave(&self, force: bool) -> Result<()> {
+        let mut m = self.membership.lock().await;
+        let Some(config) = m.config.clone() else {
+            bail!(NOT_IN_CLUSTER);
+        };
+        if config.role == "manager" && !force {
+            let managers = self.manager().map(|mgr| mgr.voters().len()).unwrap_or(1);
+            bail!(
+                "this node is a manager (one of {managers}); leaving may cost the cluster its quorum. Demote it first with `mesh node demote`, or use `mesh leave --force` to ignore this"
+            );
+        }
+        if config.role == "manager"
+            && let Some(mgr) = self.manager()
+            && mgr.voters().len() > 1
+        {
+            // Best effort: take ourselves out of Raft so the others keep
+            // their quorum arithmetic right.
+            let req = JoinRaftRequest {
+                node_id: config.node_id.clone(),
+                addr: String::new(),
+                remove: true,
+            };
+            if let Err(e) = mgr.membership_call(req).await {
+                warn!("could not leave Raft cleanly: {e}");
+            }
+        }
+        self.teardown(&mut m).await;
+        self.state_dir.wipe_cluster()?;
+        info!("left the cluster");
+        Ok(())
+    }
+
+    /// Applies a role the session saw in the cluster state (promote/demote).
+    pub(super) async fn switch_role(&self, role: Role) -> Result<()> {
+        let mut m = self.membership.lock().await;
+        let Some(mut config) = m.config.clone() else {
+            return Ok(());
+        };
+        // The session renewed the certificate on disk; reload it.
+        m.certs = Some(self.state_dir.load_certs()?);
+        config.role = role.as_str().into();
+        m.config = Some(config.clone());
+        match role {
+            Role::Manager if self.manager().is_none() => {
+                info!("promoted: starting the manager role");
+                let _ = std::fs::remove_dir_all(self.state_dir.raft_dir());
+                let mgr = self.start_manager_role(&mut m, None).await?;
+                join_raft(&mgr, &config).await?;
+            }
+            Role::Worker if self.manager().is_some() => {
+                info!("demoted: stopping the manager role");
+                self.stop_manager_role(&mut m).await;
+                let _ = std::fs::remove_dir_all(self.state_dir.raft_dir());
+            }
+            _ => {}
+        }
+        self.publish(&m);
+        Ok(())
+    }
+}
+
+/// Asks the leader to make this new manager a Raft voter, following
+/// redirects from followers.
+async fn join_raft(mgr: &Manager, config: &NodeConfig) -> Result<()> {
+    let req = JoinRaftRequest {
+        node_id: config.node_id.clone(),
+        addr: config.cluster_addr.clone(),
+        remove: false,
+    };
+    let mut targets: Vec<String> = config
+        .managers
+        .iter()
+        .filter(|a| **a != config.cluster_addr)
+        .cloned()
+        .collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut i = 0;
+    let mut last = String::from("no other manager known");
+    while tokio::time::Instant::now() < deadline && !targets.is_empty() {
+        let addr = targets[i % targets.len()].clone();
+        i += 1;
+        let channel = mgr.peers.channel(&addr)?;
+        let mut r = tonic::Request::new(req.clone());
+        r.set_timeout(Duration::from_secs(20));
+        match ClusterClient::new(channel).join_raft(r).await {
+            Ok(_) => return Ok(()),
+            Err(s) => {
+                last = format!("{addr}: {}", s.message());
+                if let Some(leader) = s
+                    .metadata()
+                    .get("mesh-leader")
+                    .and_then(|v| v.to_str().ok())
+                    && !leader.is_empty()
+                    && leader != config.cluster_addr
+                {
+                    if !targets.iter().any(|t| t == leader) {
+                        targets.push(leader.to_string());
+                    }
+                    i = targets.iter().position(|t| t == leader).unwrap_or(0);
+                    continue;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    bail!("could not join the managers' Raft group: {last}")
+}

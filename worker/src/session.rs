@@ -1,0 +1,336 @@
+//! The node's session with the managers.
+//!
+//! Every `period` the node sends a heartbeat to the manager it believes leads;
+//! a follower answers with the leader's address and the node moves there, an
+//! unreachable manager makes it try the next one it knows. Heartbeat answers
+//! carry the node's role as the cluster sees it: a change (promote/demote)
+//! makes the node renew its certificate, so the role inside the certificate
+//! follows, and then tells the daemon to start or stop its manager role.
+//! Certificates are also renewed once half their lifetime has passed.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use mesh_common::pki::{self, Role};
+use mesh_common::tls::{self, ReloadableIdentity};
+use mesh_proto::cluster_client::ClusterClient;
+use mesh_proto::{HeartbeatRequest, RenewCertRequest};
+use tokio::sync::{mpsc, watch};
+use tonic::transport::Channel;
+use tracing::{debug, info, warn};
+
+use crate::state_dir::{Certs, NodeConfig, StateDir};
+
+const CALL_TIMEOUT: Duration = Duration::from_millis(1500);
+const RETRY_AFTER_ERROR: Duration = Duration::from_millis(150);
+
+enum Beat {
+    Ok,
+    Redirected,
+    Failed,
+    Removed,
+}
+
+/// What the daemon must act on.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SessionEvent {
+    /// The node's certificate now carries this role.
+    RoleChanged(Role),
+    /// The cluster removed this node; its certificate is refused.
+    Removed(String),
+}
+
+/// What `mesh info` shows about the session.
+#[derive(Debug, Clone, Default)]
+pub struct SessionStatus {
+    pub connected: bool,
+    pub manager: String,
+    pub leader_id: String,
+    pub managers: Vec<mesh_proto::RemoteManager>,
+    pub last_error: String,
+    pub cert_not_after: Option<SystemTime>,
+}
+
+pub struct Session {
+    state_dir: StateDir,
+    config: NodeConfig,
+    certs: Certs,
+    identity: ReloadableIdentity,
+    tls: Arc<rustls::ClientConfig>,
+    channels: HashMap<String, Channel>,
+    /// Index into `config.managers` of the manager to try next.
+    next: usize,
+    leader: Option<String>,
+    period: Duration,
+    status: Arc<Mutex<SessionStatus>>,
+    events: mpsc::Sender<SessionEvent>,
+}
+
+pub struct SessionHandle {
+    pub status: Arc<Mutex<SessionStatus>>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SessionHandle {
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error(transparent)]
+    Pki(#[from] pki::PkiError),
+}
+
+impl Session {
+    /// Starts the heartbeat loop. `identity` is the node's TLS identity, shared
+    /// with its server (if a manager) so renewal updates both.
+    pub fn spawn(
+        state_dir: StateDir,
+        config: NodeConfig,
+        certs: Certs,
+        identity: ReloadableIdentity,
+        events: mpsc::Sender<SessionEvent>,
+    ) -> Result<SessionHandle, SessionError> {
+        let tls = tls::client_config(&certs.ca, Some(identity.clone()))?;
+        let status = Arc::new(Mutex::new(SessionStatus {
+            cert_not_after: pki::identity_from_pem(&certs.cert)
+                .ok()
+                .map(|i| i.not_after),
+            ..Default::default()
+        }));
+        let (stop, stop_rx) = watch::channel(false);
+        let session = Session {
+            state_dir,
+            config,
+            certs,
+            identity,
+            tls,
+            channels: HashMap::new(),
+            next: 0,
+            leader: None,
+            period: Duration::from_millis(500),
+            status: status.clone(),
+            events,
+        };
+        let task = tokio::spawn(session.run(stop_rx));
+        Ok(SessionHandle { status, stop, task })
+    }
+
+    async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        loop {
+            let wait = match self.beat().await {
+                Beat::Removed => return,
+                Beat::Ok => {
+                    if let Err(e) = self.renew_if_due().await {
+                        warn!("certificate renewal failed, will retry: {e}");
+                    }
+                    self.period
+                }
+                // Re-home fast after a leader change: the managers are
+                // waiting to hear from us before calling us down.
+                Beat::Redirected => Duration::ZERO,
+                Beat::Failed => RETRY_AFTER_ERROR,
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
+    fn channel(&mut self, addr: &str) -> Result<Channel, tls::TlsError> {
+        if let Some(c) = self.channels.get(addr) {
+            return Ok(c.clone());
+        }
+        let c = tls::channel(
+            addr,
+            self.tls.clone(),
+            tls::MANAGER_SERVER_NAME,
+            Duration::from_millis(500),
+        )?;
+        self.channels.insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+
+    fn pick_manager(&mut self) -> Option<String> {
+        if let Some(l) = &self.leader {
+            return Some(l.clone());
+        }
+        if self.config.managers.is_empty() {
+            return None;
+        }
+        let addr = self.config.managers[self.next % self.config.managers.len()].clone();
+        self.next += 1;
+        Some(addr)
+    }
+
+    fn set_error(&self, msg: String) {
+        let mut st = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        st.connected = false;
+        st.last_error = msg;
+    }
+
+    /// One heartbeat.
+    async fn beat(&mut self) -> Beat {
+        let Some(addr) = self.pick_manager() else {
+            self.set_error("no manager known".into());
+            return Beat::Failed;
+        };
+        let channel = match self.channel(&addr) {
+            Ok(c) => c,
+            Err(e) => {
+                self.set_error(e.to_string());
+                return Beat::Failed;
+            }
+        };
+        let mut req = tonic::Request::new(HeartbeatRequest {
+            addr: self.config.advertise_addr.clone(),
+            hostname: String::new(),
+            tls_not_after: String::new(),
+        });
+        req.set_timeout(CALL_TIMEOUT);
+        let reply = ClusterClient::new(channel).heartbeat(req).await;
+        let reply = match reply {
+            Ok(r) => r.into_inner(),
+            Err(s) => {
+                self.leader = None;
+                match s.code() {
+                    tonic::Code::FailedPrecondition => {
+                        // A follower: it says where the leader is.
+                        if let Some(l) = s
+                            .metadata()
+                            .get("mesh-leader")
+                            .and_then(|v| v.to_str().ok())
+                        {
+                            if !l.is_empty() && l != addr {
+                                debug!("{addr} is not the leader; moving to {l}");
+                                self.leader = Some(l.to_string());
+                                self.set_error(format!("{addr}: {}", s.message()));
+                                return Beat::Redirected;
+                            }
+                        }
+                        self.set_error(format!("{addr}: {}", s.message()));
+                    }
+                    tonic::Code::PermissionDenied if s.message().contains("removed") => {
+                        warn!("{}", s.message());
+                        self.set_error(s.message().to_string());
+                        let _ = self
+                            .events
+                            .send(SessionEvent::Removed(s.message().to_string()))
+                            .await;
+                        return Beat::Removed;
+                    }
+                    _ => self.set_error(format!("{addr}: {}", s.message())),
+                }
+                return Beat::Failed;
+            }
+        };
+        self.leader = Some(addr.clone());
+        if reply.period_ms > 0 {
+            self.period = Duration::from_millis(u64::from(reply.period_ms));
+        }
+        let managers: Vec<String> = reply.managers.iter().map(|m| m.addr.clone()).collect();
+        if !managers.is_empty() && managers != self.config.managers {
+            self.config.managers = managers;
+            if let Err(e) = self.state_dir.save_config(&self.config) {
+                warn!("cannot save manager list: {e}");
+            }
+        }
+        {
+            let mut st = self.status.lock().unwrap_or_else(|e| e.into_inner());
+            st.connected = true;
+            st.manager = addr;
+            st.leader_id = reply.leader_id.clone();
+            st.managers = reply.managers.clone();
+            st.last_error.clear();
+        }
+        if reply.role != self.config.role {
+            info!(
+                "the cluster says this node is now a {}; renewing its certificate",
+                reply.role
+            );
+            match self.renew().await {
+                Ok(role) if role.as_str() == reply.role => {
+                    self.config.role = reply.role.clone();
+                    if let Err(e) = self.state_dir.save_config(&self.config) {
+                        warn!("cannot save role: {e}");
+                    }
+                    let _ = self.events.send(SessionEvent::RoleChanged(role)).await;
+                }
+                Ok(_) => {}
+                Err(e) => warn!("renewal for role change failed, will retry: {e}"),
+            }
+        }
+        Beat::Ok
+    }
+
+    async fn renew_if_due(&mut self) -> Result<(), String> {
+        let Ok(id) = pki::identity_from_pem(&self.certs.cert) else {
+            return Ok(());
+        };
+        let life = id
+            .not_after
+            .duration_since(id.not_before)
+            .unwrap_or_default();
+        let age = SystemTime::now()
+            .duration_since(id.not_before)
+            .unwrap_or_default();
+        if age < life / 2 {
+            return Ok(());
+        }
+        info!("certificate is past half its lifetime; renewing");
+        self.renew().await.map(|_| ())
+    }
+
+    /// Asks a manager for a new certificate for a new key; the manager
+    /// decides the role. Saves and swaps it in without a restart.
+    async fn renew(&mut self) -> Result<Role, String> {
+        let addr = self
+            .leader
+            .clone()
+            .or_else(|| self.config.managers.first().cloned());
+        let Some(addr) = addr else {
+            return Err("no manager known".into());
+        };
+        let (key, csr) = pki::new_key_and_csr().map_err(|e| e.to_string())?;
+        let channel = self.channel(&addr).map_err(|e| e.to_string())?;
+        let mut req = tonic::Request::new(RenewCertRequest { csr_pem: csr });
+        req.set_timeout(CALL_TIMEOUT * 2);
+        let reply = ClusterClient::new(channel)
+            .renew_cert(req)
+            .await
+            .map_err(|s| format!("{addr}: {}", s.message()))?
+            .into_inner();
+        let id = pki::identity_from_pem(&reply.cert_pem).map_err(|e| e.to_string())?;
+        let certs = Certs {
+            ca: self.certs.ca.clone(),
+            cert: reply.cert_pem,
+            key,
+        };
+        self.state_dir
+            .save_certs(&certs)
+            .map_err(|e| e.to_string())?;
+        self.identity
+            .set(&certs.cert, &certs.key)
+            .map_err(|e| e.to_string())?;
+        self.certs = certs;
+        // New handshakes must present the new certificate.
+        self.channels.clear();
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .cert_not_after = Some(id.not_after);
+        info!(
+            "node certificate renewed; role {}, valid until {:?}",
+            id.role, id.not_after
+        );
+        Ok(id.role)
+    }
+}

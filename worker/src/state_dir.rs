@@ -1,0 +1,221 @@
+//! The node's state directory (default /var/lib/mesh).
+//!
+//! ```text
+//! node.json          identity: node and cluster IDs, role, addresses, managers
+//! certs/ca.pem       the cluster root CA (pinned at join)
+//! certs/node.pem     this node's certificate (renewed in place)
+//! certs/node.key     this node's private key; never leaves the node
+//! raft/              the Raft store, managers only
+//! ```
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateDirError {
+    #[error("cannot {what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is damaged ({source}); move it away and join the cluster again")]
+    Corrupt {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+}
+
+/// What a node remembers about its cluster membership.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct NodeConfig {
+    pub node_id: String,
+    pub cluster_id: String,
+    pub role: String,
+    /// Underlay IP other nodes reach this one at.
+    pub advertise_addr: String,
+    /// ADDR:PORT the cluster port listens on (managers).
+    pub listen_addr: String,
+    /// ADDR:PORT other nodes use to reach this node's cluster port.
+    pub cluster_addr: String,
+    /// Managers' cluster ports, refreshed from every heartbeat, so that a
+    /// restarted node finds the cluster even if its first manager is gone.
+    pub managers: Vec<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct StateDir {
+    root: PathBuf,
+}
+
+/// Certificates and key, PEM-encoded.
+#[derive(Clone, Debug)]
+pub struct Certs {
+    pub ca: String,
+    pub cert: String,
+    pub key: String,
+}
+
+impl StateDir {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn raft_dir(&self) -> PathBuf {
+        self.root.join("raft")
+    }
+
+    fn certs_dir(&self) -> PathBuf {
+        self.root.join("certs")
+    }
+
+    pub fn create(&self) -> Result<(), StateDirError> {
+        fs::create_dir_all(&self.root).map_err(|source| StateDirError::Io {
+            what: "create",
+            path: self.root.clone(),
+            source,
+        })
+    }
+
+    pub fn load_config(&self) -> Result<Option<NodeConfig>, StateDirError> {
+        let path = self.root.join("node.json");
+        let data = match fs::read(&path) {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(StateDirError::Io {
+                    what: "read",
+                    path,
+                    source,
+                });
+            }
+        };
+        serde_json::from_slice(&data)
+            .map(Some)
+            .map_err(|source| StateDirError::Corrupt { path, source })
+    }
+
+    /// Written last when joining: its presence means "member of a cluster".
+    pub fn save_config(&self, config: &NodeConfig) -> Result<(), StateDirError> {
+        let data = serde_json::to_vec_pretty(config).map_err(|source| StateDirError::Corrupt {
+            path: self.root.join("node.json"),
+            source,
+        })?;
+        write_atomic(&self.root.join("node.json"), &data, 0o644)
+    }
+
+    pub fn save_certs(&self, certs: &Certs) -> Result<(), StateDirError> {
+        let dir = self.certs_dir();
+        fs::create_dir_all(&dir).map_err(|source| StateDirError::Io {
+            what: "create",
+            path: dir.clone(),
+            source,
+        })?;
+        write_atomic(&dir.join("ca.pem"), certs.ca.as_bytes(), 0o644)?;
+        write_atomic(&dir.join("node.key"), certs.key.as_bytes(), 0o600)?;
+        write_atomic(&dir.join("node.pem"), certs.cert.as_bytes(), 0o644)
+    }
+
+    pub fn load_certs(&self) -> Result<Certs, StateDirError> {
+        let dir = self.certs_dir();
+        let read = |name: &str| {
+            let path = dir.join(name);
+            fs::read_to_string(&path).map_err(|source| StateDirError::Io {
+                what: "read",
+                path,
+                source,
+            })
+        };
+        Ok(Certs {
+            ca: read("ca.pem")?,
+            cert: read("node.pem")?,
+            key: read("node.key")?,
+        })
+    }
+
+    /// Forgets the cluster: identity, certificates and Raft data. Keeps going
+    /// past failures and reports the first.
+    pub fn wipe_cluster(&self) -> Result<(), StateDirError> {
+        let mut first = None;
+        for (path, dir) in [
+            (self.root.join("node.json"), false),
+            (self.certs_dir(), true),
+            (self.raft_dir(), true),
+        ] {
+            let r = if dir {
+                fs::remove_dir_all(&path)
+            } else {
+                fs::remove_file(&path)
+            };
+            if let Err(source) = r
+                && source.kind() != std::io::ErrorKind::NotFound
+                && first.is_none()
+            {
+                first = Some(StateDirError::Io {
+                    what: "remove",
+                    path,
+                    source,
+                });
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+}
+
+fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), StateDirError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let io = |what, source| StateDirError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(|e| io("write", e))?;
+    f.write_all(data).map_err(|e| io("write", e))?;
+    f.sync_all().map_err(|e| io("sync", e))?;
+    fs::rename(&tmp, path).map_err(|e| io("rename", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_round_trip_and_wipe() {
+        let dir = std::env::temp_dir().join(format!("mesh-sd-{}", std::process::id()));
+        let sd = StateDir::new(&dir);
+        sd.create().expect("create");
+        assert_eq!(sd.load_config().expect("load"), None);
+        let cfg = NodeConfig {
+            node_id: "n1".into(),
+            managers: vec!["1.2.3.4:2377".into()],
+            ..Default::default()
+        };
+        sd.save_config(&cfg).expect("save");
+        sd.save_certs(&Certs {
+            ca: "a".into(),
+            cert: "b".into(),
+            key: "c".into(),
+        })
+        .expect("certs");
+        assert_eq!(sd.load_config().expect("load"), Some(cfg));
+        assert_eq!(sd.load_certs().expect("certs").key, "c");
+        sd.wipe_cluster().expect("wipe");
+        assert_eq!(sd.load_config().expect("load"), None);
+        assert!(sd.load_certs().is_err());
+        let _ = fs::remove_dir_all(&dir);
+    }
+}
