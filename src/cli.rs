@@ -35,6 +35,9 @@ pub enum Cmd {
     /// Manage nodes.
     #[command(subcommand)]
     Node(NodeCmd),
+    /// Multi-node labs of network namespaces on this machine.
+    #[command(subcommand)]
+    Lab(mesh_lab::LabCommand),
 }
 
 #[derive(Args)]

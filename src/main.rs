@@ -67,5 +67,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Leave(a) => cluster_cmd::leave(&host, a).await,
         Cmd::Info(a) => cluster_cmd::info(&host, a).await,
         Cmd::Node(c) => node_cmd::run(&host, c).await,
+        Cmd::Lab(c) => {
+            // The lab drives this same binary for its daemons and commands.
+            let exe = std::env::current_exe()?;
+            tokio::task::spawn_blocking(move || mesh_lab::run(c, &exe)).await??;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }

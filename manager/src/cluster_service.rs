@@ -36,7 +36,7 @@ impl ClusterService {
             }
             if s.removed.contains(&who.node_id) {
                 return Err(Status::permission_denied(format!(
-                    "node {} was removed from the cluster; run `mesh leave --force` and join again",
+                    "node {} was removed from the cluster; it must join again with `mesh join`",
                     who.node_id
                 )));
             }

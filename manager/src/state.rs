@@ -76,7 +76,7 @@ pub enum Command {
 pub enum CommandResult {
     #[default]
     Ok,
-    Node(Node),
+    Node(Box<Node>),
     /// Refused by the state machine; the message is shown to the user.
     Refused(String),
 }
@@ -102,7 +102,7 @@ impl ClusterState {
                 let mut node = node.clone();
                 node.version = index;
                 self.nodes.insert(node.id.clone(), node.clone());
-                CommandResult::Node(node)
+                CommandResult::Node(Box::new(node))
             }
             Command::AddNode { node } => {
                 if self.removed.contains(&node.id) {
@@ -111,7 +111,7 @@ impl ClusterState {
                 let mut node = node.clone();
                 node.version = index;
                 self.nodes.insert(node.id.clone(), node.clone());
-                CommandResult::Node(node)
+                CommandResult::Node(Box::new(node))
             }
             Command::UpdateNode {
                 id,
@@ -138,7 +138,7 @@ impl ClusterState {
                 }
                 node.updated_at = at.clone();
                 node.version = index;
-                CommandResult::Node(node.clone())
+                CommandResult::Node(Box::new(node.clone()))
             }
             Command::SetNodeState {
                 id,
@@ -155,7 +155,7 @@ impl ClusterState {
                 }
                 node.updated_at = at.clone();
                 node.version = index;
-                CommandResult::Node(node.clone())
+                CommandResult::Node(Box::new(node.clone()))
             }
             Command::RemoveNode { id } => {
                 if self.nodes.remove(id).is_none() {
@@ -176,5 +176,166 @@ impl ClusterState {
                 CommandResult::Ok
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(id: &str) -> Node {
+        Node {
+            id: id.into(),
+            role: "worker".into(),
+            availability: "active".into(),
+            state: "unknown".into(),
+            ..Default::default()
+        }
+    }
+
+    fn init(s: &mut ClusterState) {
+        let cluster = ClusterInfo {
+            id: "c".into(),
+            worker_token: "w".into(),
+            manager_token: "m".into(),
+            ..Default::default()
+        };
+        let mut first = node("m1");
+        first.role = "manager".into();
+        assert!(matches!(
+            s.apply(
+                1,
+                &Command::Init {
+                    cluster,
+                    node: first
+                }
+            ),
+            CommandResult::Node(_)
+        ));
+    }
+
+    #[test]
+    fn init_only_once() {
+        let mut s = ClusterState::default();
+        init(&mut s);
+        let again = Command::Init {
+            cluster: ClusterInfo::default(),
+            node: node("x"),
+        };
+        assert!(matches!(s.apply(2, &again), CommandResult::Refused(_)));
+        assert_eq!(s.nodes.len(), 1);
+        assert_eq!(s.cluster.as_ref().map(|c| c.id.as_str()), Some("c"));
+    }
+
+    #[test]
+    fn update_labels_role_and_version() {
+        let mut s = ClusterState::default();
+        init(&mut s);
+        s.apply(2, &Command::AddNode { node: node("w1") });
+        let cmd = Command::UpdateNode {
+            id: "w1".into(),
+            availability: Some("drain".into()),
+            role: None,
+            label_add: [
+                ("a".to_string(), "1".to_string()),
+                ("b".to_string(), "2".to_string()),
+            ]
+            .into(),
+            label_rm: vec![],
+            at: "t".into(),
+        };
+        s.apply(3, &cmd);
+        let rm = Command::UpdateNode {
+            id: "w1".into(),
+            availability: None,
+            role: Some("manager".into()),
+            label_add: Default::default(),
+            label_rm: vec!["a".into()],
+            at: "t2".into(),
+        };
+        let CommandResult::Node(n) = s.apply(4, &rm) else {
+            panic!("update refused")
+        };
+        assert_eq!(n.availability, "drain");
+        assert_eq!(n.role, "manager");
+        assert_eq!(n.labels.len(), 1);
+        assert_eq!(n.labels.get("b").map(String::as_str), Some("2"));
+        assert_eq!(n.version, 4);
+        assert_eq!(n.updated_at, "t2");
+    }
+
+    #[test]
+    fn removed_nodes_stay_out() {
+        let mut s = ClusterState::default();
+        init(&mut s);
+        s.apply(2, &Command::AddNode { node: node("w1") });
+        assert_eq!(
+            s.apply(3, &Command::RemoveNode { id: "w1".into() }),
+            CommandResult::Ok
+        );
+        assert!(s.removed.contains("w1"));
+        assert!(matches!(
+            s.apply(4, &Command::AddNode { node: node("w1") }),
+            CommandResult::Refused(_)
+        ));
+        assert!(matches!(
+            s.apply(5, &Command::RemoveNode { id: "w1".into() }),
+            CommandResult::Refused(_)
+        ));
+        let st = Command::SetNodeState {
+            id: "w1".into(),
+            state: "ready".into(),
+            addr: None,
+            at: "t".into(),
+        };
+        assert!(matches!(s.apply(6, &st), CommandResult::Refused(_)));
+    }
+
+    #[test]
+    fn token_rotation() {
+        let mut s = ClusterState::default();
+        let rot = Command::RotateToken {
+            role: "worker".into(),
+            token: "new".into(),
+        };
+        assert!(matches!(s.apply(1, &rot), CommandResult::Refused(_)));
+        init(&mut s);
+        assert_eq!(s.apply(2, &rot), CommandResult::Ok);
+        assert_eq!(
+            s.cluster.as_ref().map(|c| c.worker_token.as_str()),
+            Some("new")
+        );
+        assert_eq!(
+            s.cluster.as_ref().map(|c| c.manager_token.as_str()),
+            Some("m")
+        );
+        let bad = Command::RotateToken {
+            role: "boss".into(),
+            token: "x".into(),
+        };
+        assert!(matches!(s.apply(3, &bad), CommandResult::Refused(_)));
+    }
+
+    #[test]
+    fn apply_is_deterministic() {
+        let cmds = vec![
+            Command::AddNode { node: node("a") },
+            Command::SetNodeState {
+                id: "a".into(),
+                state: "ready".into(),
+                addr: Some("10.0.0.1".into()),
+                at: "t".into(),
+            },
+            Command::RemoveNode { id: "a".into() },
+        ];
+        let run = || {
+            let mut s = ClusterState::default();
+            init(&mut s);
+            for (i, c) in cmds.iter().enumerate() {
+                s.apply(i as u64 + 2, c);
+            }
+            serde_json::to_string(&s).unwrap_or_default()
+        };
+        assert_eq!(run(), run());
     }
 }

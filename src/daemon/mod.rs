@@ -9,8 +9,6 @@
 mod control;
 mod lifecycle;
 
-pub use lifecycle::DEFAULT_PORT;
-
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 

@@ -1,0 +1,110 @@
+//! Shared helpers of the end-to-end tests: labs with unique names, the mesh
+//! binary under test, polling, and JSON output parsing.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use mesh_lab::{Lab, UpSpec};
+use serde_json::Value;
+
+pub fn mesh_bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_mesh"))
+}
+
+/// A lab name unique to this test run (and short enough for interface names).
+pub fn lab_name(tag: &str) -> String {
+    format!("{tag}{}", std::process::id() % 100_000)
+}
+
+/// Brings up a lab, cleaning leftovers of an earlier crashed run first.
+pub fn up(tag: &str, nodes: usize, managers: usize, init_args: &[&str]) -> Result<Lab> {
+    let name = lab_name(tag);
+    let _ = mesh_lab::cleanup_stale(&name);
+    let mut spec = UpSpec::new(&name, nodes, managers);
+    spec.init_args = init_args.iter().map(|s| s.to_string()).collect();
+    Lab::up(&spec, mesh_bin()).with_context(|| format!("lab {name} did not come up"))
+}
+
+/// Parses `--format json` output: one JSON object per line.
+pub fn json_lines(text: &str) -> Result<Vec<Value>> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).with_context(|| format!("not JSON: {l}")))
+        .collect()
+}
+
+pub fn node_ls(lab: &Lab, node: &str) -> Result<Vec<Value>> {
+    json_lines(&lab.mesh_ok(node, &["node", "ls", "--format", "json"])?)
+}
+
+/// Hostname of the node `ls` calls Leader, if any.
+pub fn leader(lab: &Lab, via: &str) -> Option<String> {
+    let nodes = node_ls(lab, via).ok()?;
+    nodes
+        .iter()
+        .find(|n| n["ManagerStatus"] == "Leader")
+        .and_then(|n| n["Hostname"].as_str().map(String::from))
+}
+
+pub fn status_of(nodes: &[Value], hostname: &str) -> Option<String> {
+    nodes
+        .iter()
+        .find(|n| n["Hostname"] == hostname)
+        .and_then(|n| n["Status"].as_str().map(String::from))
+}
+
+/// Polls `f` until it returns Some, or fails after `limit` with `what`.
+pub fn wait_for<T>(
+    what: &str,
+    limit: Duration,
+    mut f: impl FnMut() -> Option<T>,
+) -> Result<(T, Duration)> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Ok((v, start.elapsed()));
+        }
+        if start.elapsed() > limit {
+            bail!("timed out after {limit:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Runs mesh on a node and returns (exit code, stdout, stderr).
+pub fn mesh(lab: &Lab, node: &str, args: &[&str]) -> Result<(i32, String, String)> {
+    let out = lab.mesh(node, args)?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// Asserts that a command is refused: non-zero exit, one line on stderr
+/// containing `needle`.
+pub fn refused(lab: &Lab, node: &str, args: &[&str], needle: &str) -> Result<String> {
+    let (code, _out, err) = mesh(lab, node, args)?;
+    if code == 0 {
+        bail!(
+            "`mesh {}` on {node} succeeded; expected a refusal containing {needle:?}",
+            args.join(" ")
+        );
+    }
+    let err = err.trim().to_string();
+    if !err.contains(needle) {
+        bail!(
+            "`mesh {}` on {node}: stderr {err:?} lacks {needle:?}",
+            args.join(" ")
+        );
+    }
+    if err.lines().count() != 1 {
+        bail!(
+            "`mesh {}` on {node}: error is not one line: {err:?}",
+            args.join(" ")
+        );
+    }
+    Ok(err)
+}
