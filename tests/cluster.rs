@@ -379,6 +379,22 @@ fn bad_input_is_refused_cleanly() -> Result<()> {
         &lab,
         "node3",
         &["join", "--token", &wt, "192.168.254.254:1"],
+        "no route",
+    )?;
+    // Routable, but nobody answers there.
+    let wt = lab
+        .mesh_ok("node1", &["join-token", "-q", "worker"])?
+        .trim()
+        .to_string();
+    let prefix = node1_ip
+        .rsplit_once('.')
+        .map(|(n, _)| n.to_string())
+        .unwrap_or_default();
+    let nobody = format!("{prefix}.250:2377");
+    refused(
+        &lab,
+        "node3",
+        &["join", "--token", &wt, &nobody],
         "cannot reach manager",
     )?;
     gone_after(&lab)?;

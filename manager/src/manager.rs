@@ -23,6 +23,7 @@ use crate::store::{self, StateMachineStore};
 pub const HEARTBEAT_PERIOD: Duration = Duration::from_millis(500);
 pub const NODE_DOWN_AFTER: Duration = Duration::from_secs(2);
 const NEW_LEADER_GRACE: Duration = Duration::from_millis(1500);
+const PREVIOUS_LEADER_GRACE: Duration = Duration::from_millis(800);
 /// How long a write may wait for a quorum before the user is told why not.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -174,25 +175,39 @@ impl Manager {
             .map(|n| n.addr.clone())
     }
 
-    /// A short account of which managers are up, for error messages.
+    /// A short account of which managers are up, for error messages. Only
+    /// the leader knows (from heartbeats); a follower knows there is none.
     fn quorum_note(&self) -> String {
-        let m = self.raft.metrics().borrow().clone();
-        let voters: Vec<u64> = m.membership_config.membership().voter_ids().collect();
+        let voters = self.voters();
+        let needed = voters.len() / 2 + 1;
+        if !self.is_leader() {
+            return format!(
+                "no leader is elected; {needed} of {} managers are needed",
+                voters.len()
+            );
+        }
+        let seen = self
+            .last_seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let up = self.read(|s| {
             voters
                 .iter()
                 .filter(|v| {
                     **v == self.raft_id
-                        || s.nodes
-                            .values()
-                            .any(|n| n.raft_id == **v && n.state == "ready")
+                        || s.nodes.values().any(|n| {
+                            n.raft_id == **v
+                                && seen
+                                    .get(&n.id)
+                                    .is_some_and(|t| t.elapsed() < NODE_DOWN_AFTER)
+                        })
                 })
                 .count()
         });
         format!(
-            "{up} of {} managers seem up, {} needed",
-            voters.len(),
-            voters.len() / 2 + 1
+            "{up} of {} managers are heard from, {needed} needed",
+            voters.len()
         )
     }
 
@@ -358,6 +373,8 @@ enum Retry {
 /// While this manager leads, marks nodes whose heartbeats stopped as down.
 async fn monitor(mgr: std::sync::Weak<Manager>, mut stop: watch::Receiver<bool>) {
     let mut was_leader = false;
+    // The leader seen before this manager took over: most likely dead.
+    let mut previous_leader: Option<u64> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     loop {
         tokio::select! {
@@ -366,6 +383,14 @@ async fn monitor(mgr: std::sync::Weak<Manager>, mut stop: watch::Receiver<bool>)
         }
         let Some(mgr) = mgr.upgrade() else { return };
         let leader = mgr.is_leader();
+        if !leader {
+            previous_leader = mgr
+                .raft
+                .metrics()
+                .borrow()
+                .current_leader
+                .or(previous_leader);
+        }
         if leader && !was_leader {
             // A new leader gives every node a grace period: nodes re-home
             // within a few hundred ms of an election (see the worker's
@@ -374,10 +399,26 @@ async fn monitor(mgr: std::sync::Weak<Manager>, mut stop: watch::Receiver<bool>)
                 .checked_sub(NODE_DOWN_AFTER - NEW_LEADER_GRACE)
                 .unwrap_or_else(Instant::now);
             let ids: Vec<String> = mgr.read(|s| s.nodes.keys().cloned().collect());
+            let prev = previous_leader.filter(|p| *p != mgr.raft_id).and_then(|p| {
+                mgr.read(|s| {
+                    s.nodes
+                        .values()
+                        .find(|n| n.raft_id == p)
+                        .map(|n| n.id.clone())
+                })
+            });
             let mut seen = mgr.last_seen.lock().unwrap_or_else(|e| e.into_inner());
             seen.clear();
             for id in ids {
                 seen.insert(id, now);
+            }
+            // If the old leader is alive it heartbeats within one period; if
+            // not, calling it down early is what the user wants to see.
+            if let Some(prev) = prev {
+                let t = Instant::now()
+                    .checked_sub(NODE_DOWN_AFTER - PREVIOUS_LEADER_GRACE)
+                    .unwrap_or_else(Instant::now);
+                seen.insert(prev, t);
             }
         }
         was_leader = leader;

@@ -88,10 +88,16 @@ fn addresses(
         .and_then(|(_, p)| p.parse::<u16>().ok())
         .unwrap_or(DEFAULT_PORT);
     let (ip, port) = if advertise.is_empty() {
-        let ip = towards
-            .and_then(local_addr_towards)
-            .or_else(|| local_addr_towards("192.0.2.1:9"))
-            .ok_or_else(|| anyhow!("could not choose an IP address to advertise since this system has no route; specify one with --advertise-addr"))?;
+        let ip = match towards {
+            // The address this node uses to reach the manager is the one
+            // the cluster can reach it at.
+            Some(remote) => local_addr_towards(remote).ok_or_else(|| {
+                anyhow!("cannot reach manager at {remote}: this node has no route to it; check the address")
+            })?,
+            None => local_addr_towards("192.0.2.1:9").ok_or_else(|| {
+                anyhow!("could not choose an IP address to advertise since this system has no default route; specify one with --advertise-addr")
+            })?,
+        };
         (ip, listen_port)
     } else {
         let sa: SocketAddr = with_port(advertise, listen_port)
