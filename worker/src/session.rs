@@ -208,13 +208,13 @@ impl Session {
                             .metadata()
                             .get("mesh-leader")
                             .and_then(|v| v.to_str().ok())
+                            && !l.is_empty()
+                            && l != addr
                         {
-                            if !l.is_empty() && l != addr {
-                                debug!("{addr} is not the leader; moving to {l}");
-                                self.leader = Some(l.to_string());
-                                self.set_error(format!("{addr}: {}", s.message()));
-                                return Beat::Redirected;
-                            }
+                            debug!("{addr} is not the leader; moving to {l}");
+                            self.leader = Some(l.to_string());
+                            self.set_error(format!("{addr}: {}", s.message()));
+                            return Beat::Redirected;
                         }
                         self.set_error(format!("{addr}: {}", s.message()));
                     }
