@@ -318,7 +318,7 @@ mod tests {
 
     #[test]
     fn apply_is_deterministic() {
-        let cmds = vec![
+        let cmds = [
             Command::AddNode { node: node("a") },
             Command::SetNodeState {
                 id: "a".into(),
