@@ -35,6 +35,9 @@ pub enum Cmd {
     /// Manage nodes.
     #[command(subcommand)]
     Node(NodeCmd),
+    /// Manage networks.
+    #[command(subcommand)]
+    Network(NetworkCmd),
     /// Multi-node labs of network namespaces on this machine.
     #[command(subcommand)]
     Lab(mesh_lab::LabCommand),
@@ -59,6 +62,15 @@ pub struct InitArgs {
     /// Validity of node certificates (e.g. 2160h, 30m).
     #[arg(long, default_value = "2160h", value_parser = parse_duration)]
     pub cert_expiry: std::time::Duration,
+    /// Address pool cluster subnets are carved from (repeatable; default 10.0.0.0/8).
+    #[arg(long = "default-addr-pool")]
+    pub default_addr_pool: Vec<String>,
+    /// Prefix length of the subnets carved from the pools.
+    #[arg(long = "default-addr-pool-mask-length", default_value_t = 24)]
+    pub default_addr_pool_mask_length: u32,
+    /// UDP port for VXLAN traffic between nodes.
+    #[arg(long = "data-path-port", default_value_t = 4789)]
+    pub data_path_port: u32,
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -152,5 +164,66 @@ pub enum NodeCmd {
         #[arg(long = "label-rm")]
         label_rm: Vec<String>,
         node: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum NetworkCmd {
+    /// Create a network.
+    Create {
+        /// Driver: overlay (cluster-wide); local drivers come later.
+        #[arg(short = 'd', long, default_value = "bridge")]
+        driver: String,
+        #[arg(long, default_value = "")]
+        subnet: String,
+        #[arg(long, default_value = "")]
+        gateway: String,
+        #[arg(long = "ip-range", default_value = "")]
+        ip_range: String,
+        /// Standalone sandboxes (`mesh run`) may attach.
+        #[arg(long)]
+        attachable: bool,
+        /// No egress to outside the network.
+        #[arg(long)]
+        internal: bool,
+        /// The routing-mesh network (one per cluster).
+        #[arg(long)]
+        ingress: bool,
+        /// Driver options: encrypted, mtu=N.
+        #[arg(short = 'o', long = "opt")]
+        opt: Vec<String>,
+        #[arg(long)]
+        label: Vec<String>,
+        name: String,
+    },
+    /// List networks.
+    #[command(alias = "list")]
+    Ls {
+        #[arg(short, long)]
+        filter: Vec<String>,
+        #[arg(long)]
+        format: Option<String>,
+        #[arg(short, long)]
+        quiet: bool,
+        /// Show full IDs.
+        #[arg(long)]
+        no_trunc: bool,
+    },
+    /// Show networks as JSON.
+    Inspect {
+        #[arg(required = true)]
+        networks: Vec<String>,
+    },
+    /// Remove networks.
+    #[command(alias = "remove")]
+    Rm {
+        #[arg(required = true)]
+        networks: Vec<String>,
+    },
+    /// Remove all unused networks.
+    Prune {
+        /// Do not ask for confirmation (there is no prompt; kept for Docker's flag).
+        #[arg(short, long)]
+        force: bool,
     },
 }

@@ -17,6 +17,9 @@ pub async fn init(host: &str, a: InitArgs) -> Result<ExitCode> {
             listen_addr: a.listen_addr,
             cert_expiry_secs: a.cert_expiry.as_secs(),
             force_new_cluster: false,
+            default_addr_pool: a.default_addr_pool,
+            default_addr_pool_mask_length: a.default_addr_pool_mask_length,
+            data_path_port: a.data_path_port,
         })
         .await
         .map_err(status)?

@@ -6,6 +6,7 @@ mod cli;
 mod client;
 mod cluster_cmd;
 mod daemon;
+mod network_cmd;
 mod node_cmd;
 mod table;
 
@@ -67,6 +68,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Leave(a) => cluster_cmd::leave(&host, a).await,
         Cmd::Info(a) => cluster_cmd::info(&host, a).await,
         Cmd::Node(c) => node_cmd::run(&host, c).await,
+        Cmd::Network(c) => network_cmd::run(&host, c).await,
         Cmd::Lab(c) => {
             // The lab drives this same binary for its daemons and commands.
             let exe = std::env::current_exe()?;

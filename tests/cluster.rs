@@ -397,6 +397,33 @@ fn bad_input_is_refused_cleanly() -> Result<()> {
         &["join", "--token", &wt, &nobody],
         "cannot reach manager",
     )?;
+    // Bad network defaults at init: nothing is created.
+    for (args, needle) in [
+        (&["--default-addr-pool", "10.0.0.0/33"][..], "address pool"),
+        (
+            &[
+                "--default-addr-pool",
+                "10.20.0.0/20",
+                "--default-addr-pool-mask-length",
+                "16",
+            ][..],
+            "shorter than pool",
+        ),
+        (
+            &[
+                "--default-addr-pool",
+                "10.0.0.0/8",
+                "--default-addr-pool",
+                "10.1.0.0/16",
+            ][..],
+            "overlaps",
+        ),
+        (&["--data-path-port", "80"][..], "between 1024 and 49151"),
+    ] {
+        let mut full = vec!["init", "--advertise-addr", "192.168.254.1"];
+        full.extend_from_slice(args);
+        refused(&lab, "node3", &full, needle)?;
+    }
     gone_after(&lab)?;
     ensure!(
         node_ls(&lab, "node1")?.len() == before,

@@ -10,6 +10,7 @@
 //! No sockets are opened and no files are read here.
 
 pub mod id;
+pub mod ipam;
 pub mod pki;
 pub mod tls;
 pub mod token;

@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use mesh_common::ipam;
 use serde::{Deserialize, Serialize};
 
 /// Cluster-wide configuration fixed at `mesh init` (tokens rotate).
@@ -18,6 +19,43 @@ pub struct ClusterInfo {
     pub worker_token: String,
     pub manager_token: String,
     pub cert_expiry_secs: u64,
+    /// Pools cluster subnets are carved from (`--default-addr-pool`).
+    #[serde(default)]
+    pub address_pools: Vec<String>,
+    /// Prefix length of carved subnets (`--default-addr-pool-mask-length`).
+    #[serde(default)]
+    pub pool_mask_len: u8,
+    /// UDP port of VXLAN traffic (`--data-path-port`).
+    #[serde(default)]
+    pub data_path_port: u16,
+}
+
+/// What a user asks for in `mesh network create`. Addresses are kept as the
+/// user typed them and checked in `apply`, so every manager decides alike.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct NetworkSpec {
+    pub name: String,
+    pub driver: String,
+    pub subnet: Option<String>,
+    pub gateway: Option<String>,
+    pub ip_range: Option<String>,
+    pub attachable: bool,
+    pub internal: bool,
+    pub ingress: bool,
+    pub options: BTreeMap<String, String>,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A cluster network with its allocations.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Network {
+    pub id: String,
+    pub spec: NetworkSpec,
+    pub subnet: String,
+    pub gateway: String,
+    pub vni: u32,
+    pub created_at: String,
+    pub version: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -45,6 +83,9 @@ pub enum Command {
     Init {
         cluster: ClusterInfo,
         node: Node,
+        /// ID for the `ingress` network created with the cluster.
+        #[serde(default)]
+        ingress: Option<String>,
     },
     AddNode {
         node: Node,
@@ -70,6 +111,15 @@ pub enum Command {
         role: String,
         token: String,
     },
+    /// `id` is chosen by the proposer, so a retried create is recognised.
+    CreateNetwork {
+        id: String,
+        spec: NetworkSpec,
+        at: String,
+    },
+    RemoveNetwork {
+        id: String,
+    },
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -77,6 +127,7 @@ pub enum CommandResult {
     #[default]
     Ok,
     Node(Box<Node>),
+    Network(Box<Network>),
     /// Refused by the state machine; the message is shown to the user.
     Refused(String),
 }
@@ -87,6 +138,8 @@ pub struct ClusterState {
     pub nodes: BTreeMap<String, Node>,
     /// IDs of removed nodes: their certificates are refused from then on.
     pub removed: BTreeSet<String>,
+    #[serde(default)]
+    pub networks: BTreeMap<String, Network>,
 }
 
 impl ClusterState {
@@ -94,11 +147,31 @@ impl ClusterState {
     /// the objects' version as Swarm uses its Raft index.
     pub fn apply(&mut self, index: u64, cmd: &Command) -> CommandResult {
         match cmd {
-            Command::Init { cluster, node } => {
+            Command::Init {
+                cluster,
+                node,
+                ingress,
+            } => {
                 if self.cluster.is_some() {
                     return CommandResult::Refused("the cluster is already initialized".into());
                 }
                 self.cluster = Some(cluster.clone());
+                if let Some(ingress) = ingress {
+                    // Swarm's ingress: 10.0.0.0/24, outside any pool logic.
+                    let spec = NetworkSpec {
+                        name: "ingress".into(),
+                        driver: "overlay".into(),
+                        subnet: Some(INGRESS_SUBNET.into()),
+                        ingress: true,
+                        ..Default::default()
+                    };
+                    if let CommandResult::Refused(why) =
+                        self.create_network(index, ingress, &spec, &cluster.created_at)
+                    {
+                        self.cluster = None;
+                        return CommandResult::Refused(why);
+                    }
+                }
                 let mut node = node.clone();
                 node.version = index;
                 self.nodes.insert(node.id.clone(), node.clone());
@@ -175,8 +248,137 @@ impl ClusterState {
                 }
                 CommandResult::Ok
             }
+            Command::CreateNetwork { id, spec, at } => self.create_network(index, id, spec, at),
+            Command::RemoveNetwork { id } => {
+                let Some(net) = self.networks.get(id) else {
+                    return CommandResult::Refused(format!("network {id} not found"));
+                };
+                let users = self.network_users(id);
+                if !users.is_empty() {
+                    return CommandResult::Refused(format!(
+                        "network {} is in use by {}; remove those first",
+                        net.spec.name,
+                        users.join(", ")
+                    ));
+                }
+                self.networks.remove(id);
+                CommandResult::Ok
+            }
         }
     }
+
+    /// Who uses a network: sandboxes and services, once those exist.
+    pub fn network_users(&self, _id: &str) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// Checks a spec and allocates its subnet and VNI. Everything is
+    /// decided from the replicated state, so allocations never collide.
+    fn create_network(
+        &mut self,
+        index: u64,
+        id: &str,
+        spec: &NetworkSpec,
+        at: &str,
+    ) -> CommandResult {
+        if let Some(existing) = self.networks.get(id) {
+            // A retried proposal that was committed the first time.
+            return if existing.spec == *spec {
+                CommandResult::Network(Box::new(existing.clone()))
+            } else {
+                CommandResult::Refused(format!("network ID {id} is taken"))
+            };
+        }
+        match self.allocate_network(spec) {
+            Ok((subnet, gateway, vni)) => {
+                let net = Network {
+                    id: id.to_string(),
+                    spec: spec.clone(),
+                    subnet: subnet.to_string(),
+                    gateway: gateway.to_string(),
+                    vni,
+                    created_at: at.to_string(),
+                    version: index,
+                };
+                self.networks.insert(id.to_string(), net.clone());
+                CommandResult::Network(Box::new(net))
+            }
+            Err(why) => CommandResult::Refused(why),
+        }
+    }
+
+    fn allocate_network(
+        &self,
+        spec: &NetworkSpec,
+    ) -> Result<(ipam::Ipv4Net, std::net::Ipv4Addr, u32), String> {
+        if self.networks.values().any(|n| n.spec.name == spec.name) {
+            return Err(format!("network with name {} already exists", spec.name));
+        }
+        if spec.ingress
+            && let Some(other) = self.networks.values().find(|n| n.spec.ingress)
+        {
+            return Err(format!(
+                "an ingress network already exists ({}); a cluster has one, remove it first",
+                other.spec.name
+            ));
+        }
+        let used: Vec<(&str, ipam::Ipv4Net)> = self
+            .networks
+            .values()
+            .filter_map(|n| n.subnet.parse().ok().map(|s| (n.spec.name.as_str(), s)))
+            .collect();
+        let subnet = match &spec.subnet {
+            Some(s) => {
+                let subnet = ipam::parse_subnet(s).map_err(|e| e.to_string())?;
+                ipam::check_overlap(&subnet, used.iter().map(|(n, s)| (*n, s)))
+                    .map_err(|e| e.to_string())?;
+                subnet
+            }
+            None => {
+                let cluster = self
+                    .cluster
+                    .as_ref()
+                    .ok_or("the cluster is not initialized")?;
+                let pools = cluster
+                    .address_pools
+                    .iter()
+                    .map(|p| ipam::parse_pool(p))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| e.to_string())?;
+                let pools = if pools.is_empty() {
+                    vec![default_pool()]
+                } else {
+                    pools
+                };
+                let mask = if cluster.pool_mask_len == 0 {
+                    DEFAULT_MASK_LEN
+                } else {
+                    cluster.pool_mask_len
+                };
+                let taken: Vec<ipam::Ipv4Net> = used.iter().map(|(_, s)| *s).collect();
+                ipam::carve(&pools, mask, &taken).map_err(|e| e.to_string())?
+            }
+        };
+        let gateway = match &spec.gateway {
+            Some(g) => ipam::parse_gateway(g, &subnet).map_err(|e| e.to_string())?,
+            None => ipam::default_gateway(&subnet),
+        };
+        if let Some(r) = &spec.ip_range {
+            ipam::parse_ip_range(r, &subnet).map_err(|e| e.to_string())?;
+        }
+        let vnis: BTreeSet<u32> = self.networks.values().map(|n| n.vni).collect();
+        let vni = ipam::next_vni(&vnis).map_err(|e| e.to_string())?;
+        Ok((subnet, gateway, vni))
+    }
+}
+
+pub const INGRESS_SUBNET: &str = "10.0.0.0/24";
+pub const DEFAULT_POOL: &str = "10.0.0.0/8";
+pub const DEFAULT_MASK_LEN: u8 = 24;
+pub const DEFAULT_DATA_PATH_PORT: u16 = 4789;
+
+fn default_pool() -> ipam::Ipv4Net {
+    ipam::Ipv4Net::new(std::net::Ipv4Addr::new(10, 0, 0, 0), 8).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -207,7 +409,8 @@ mod tests {
                 1,
                 &Command::Init {
                     cluster,
-                    node: first
+                    node: first,
+                    ingress: Some("ing".into()),
                 }
             ),
             CommandResult::Node(_)
@@ -221,6 +424,7 @@ mod tests {
         let again = Command::Init {
             cluster: ClusterInfo::default(),
             node: node("x"),
+            ingress: None,
         };
         assert!(matches!(s.apply(2, &again), CommandResult::Refused(_)));
         assert_eq!(s.nodes.len(), 1);
@@ -337,5 +541,116 @@ mod tests {
             serde_json::to_string(&s).unwrap_or_default()
         };
         assert_eq!(run(), run());
+    }
+
+    fn create(
+        s: &mut ClusterState,
+        index: u64,
+        id: &str,
+        name: &str,
+        subnet: Option<&str>,
+    ) -> CommandResult {
+        let spec = NetworkSpec {
+            name: name.into(),
+            driver: "overlay".into(),
+            subnet: subnet.map(String::from),
+            ..Default::default()
+        };
+        s.apply(
+            index,
+            &Command::CreateNetwork {
+                id: id.into(),
+                spec,
+                at: "t".into(),
+            },
+        )
+    }
+
+    #[test]
+    fn networks_allocate_and_free() {
+        let mut s = ClusterState::default();
+        init(&mut s);
+        let ingress = s.networks.get("ing").expect("ingress made at init");
+        assert_eq!(
+            (ingress.subnet.as_str(), ingress.vni, ingress.spec.ingress),
+            ("10.0.0.0/24", 4096, true)
+        );
+        let CommandResult::Network(a) = create(&mut s, 2, "a", "front", None) else {
+            panic!("create refused")
+        };
+        assert_eq!(
+            (a.subnet.as_str(), a.gateway.as_str(), a.vni),
+            ("10.0.1.0/24", "10.0.1.1", 4097)
+        );
+        // A retried proposal returns the same network, allocating nothing.
+        assert_eq!(
+            create(&mut s, 3, "a", "front", None),
+            CommandResult::Network(a.clone())
+        );
+        assert_eq!(s.networks.len(), 2);
+        assert!(
+            matches!(create(&mut s, 4, "b", "front", None), CommandResult::Refused(m) if m.contains("already exists"))
+        );
+        assert!(
+            matches!(create(&mut s, 5, "c", "x", Some("10.0.1.128/25")), CommandResult::Refused(m) if m.contains("overlaps"))
+        );
+        assert_eq!(s.networks.len(), 2, "refused creates allocate nothing");
+        assert_eq!(
+            s.apply(6, &Command::RemoveNetwork { id: "a".into() }),
+            CommandResult::Ok
+        );
+        let CommandResult::Network(d) = create(&mut s, 7, "d", "again", None) else {
+            panic!("create refused")
+        };
+        assert_eq!(
+            (d.subnet.as_str(), d.vni),
+            ("10.0.1.0/24", 4097),
+            "freed subnet and VNI are reused"
+        );
+        let spec = NetworkSpec {
+            name: "ing2".into(),
+            driver: "overlay".into(),
+            ingress: true,
+            ..Default::default()
+        };
+        let second = s.apply(
+            8,
+            &Command::CreateNetwork {
+                id: "e".into(),
+                spec,
+                at: "t".into(),
+            },
+        );
+        assert!(
+            matches!(second, CommandResult::Refused(m) if m.contains("ingress network already exists"))
+        );
+    }
+
+    #[test]
+    fn pools_from_cluster_config() {
+        let mut s = ClusterState::default();
+        let cluster = ClusterInfo {
+            id: "c".into(),
+            address_pools: vec!["10.20.0.0/20".into()],
+            pool_mask_len: 24,
+            ..Default::default()
+        };
+        s.apply(
+            1,
+            &Command::Init {
+                cluster,
+                node: node("m"),
+                ingress: None,
+            },
+        );
+        for i in 0..16 {
+            assert!(matches!(
+                create(&mut s, 2 + i, &format!("n{i}"), &format!("n{i}"), None),
+                CommandResult::Network(_)
+            ));
+        }
+        assert!(
+            matches!(create(&mut s, 20, "x", "x", None), CommandResult::Refused(m) if m.contains("10.20.0.0/20"))
+        );
     }
 }

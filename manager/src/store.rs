@@ -745,6 +745,7 @@ mod tests {
                         ..Default::default()
                     },
                     node: node("n1"),
+                    ingress: None,
                 },
             ),
             normal(4, Command::AddNode { node: node("n2") }),

@@ -139,6 +139,9 @@ impl Control for ControlService {
                 advertise_addr: r.advertise_addr,
                 listen_addr: r.listen_addr,
                 cert_expiry,
+                pools: r.default_addr_pool,
+                mask_len: r.default_addr_pool_mask_length,
+                data_path_port: r.data_path_port,
             })
             .await
             .map_err(err)?;
@@ -375,5 +378,63 @@ impl Control for ControlService {
             .await
             .map_err(mgr_err)?;
         Ok(Response::new(Empty {}))
+    }
+
+    async fn network_create(
+        &self,
+        req: Request<NetworkCreateRequest>,
+    ) -> Result<Response<mesh_proto::Network>, Status> {
+        let mgr = self.manager()?;
+        let spec = super::networks::spec_from(req.into_inner())?;
+        let cmd = Command::CreateNetwork {
+            id: mesh_common::id::new_id(),
+            spec,
+            at: now(),
+        };
+        match mgr.write(cmd).await.map_err(mgr_err)? {
+            CommandResult::Network(n) => Ok(Response::new(super::networks::to_pb(&n))),
+            _ => Err(Status::internal("unexpected result")),
+        }
+    }
+
+    async fn network_list(&self, _req: Request<Empty>) -> Result<Response<NetworkList>, Status> {
+        let mgr = self.manager()?;
+        let networks = mgr.read(|s| s.networks.values().map(super::networks::to_pb).collect());
+        Ok(Response::new(NetworkList { networks }))
+    }
+
+    async fn network_remove(
+        &self,
+        req: Request<NetworkRef>,
+    ) -> Result<Response<mesh_proto::Network>, Status> {
+        let mgr = self.manager()?;
+        let r = req.into_inner();
+        let net = mgr.read(|s| super::networks::resolve(s, &r.network))?;
+        mgr.write(Command::RemoveNetwork { id: net.id.clone() })
+            .await
+            .map_err(mgr_err)?;
+        Ok(Response::new(super::networks::to_pb(&net)))
+    }
+
+    async fn network_prune(&self, _req: Request<Empty>) -> Result<Response<NetworkList>, Status> {
+        let mgr = self.manager()?;
+        // Unused networks; ingress belongs to the cluster and stays.
+        let unused: Vec<mesh_manager::state::Network> = mgr.read(|s| {
+            s.networks
+                .values()
+                .filter(|n| !n.spec.ingress && s.network_users(&n.id).is_empty())
+                .cloned()
+                .collect()
+        });
+        let mut removed = Vec::new();
+        for n in unused {
+            match mgr.write(Command::RemoveNetwork { id: n.id.clone() }).await {
+                Ok(_) => removed.push(super::networks::to_pb(&n)),
+                // Someone started using it meanwhile: keep it.
+                Err(ManagerError::Refused(_)) => {}
+                Err(e) => return Err(mgr_err(e)),
+            }
+        }
+        Ok(Response::new(NetworkList { networks: removed }))
     }
 }

@@ -8,6 +8,7 @@
 
 mod control;
 mod lifecycle;
+mod networks;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};

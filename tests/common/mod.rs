@@ -108,3 +108,27 @@ pub fn refused(lab: &Lab, node: &str, args: &[&str], needle: &str) -> Result<Str
     }
     Ok(err)
 }
+
+/// A Control API client on a node's unix socket (reachable from the host:
+/// the socket lives in the filesystem, not in the node's network namespace).
+pub async fn control(
+    lab: &Lab,
+    node: &str,
+) -> Result<mesh_proto::control_client::ControlClient<tonic::transport::Channel>> {
+    let path = lab.node(node)?.socket.clone();
+    let ch = tonic::transport::Endpoint::from_static("http://mesh.sock")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let p = path.clone();
+            async move {
+                tokio::net::UnixStream::connect(p)
+                    .await
+                    .map(hyper_util::rt::TokioIo::new)
+            }
+        }))
+        .await?;
+    Ok(mesh_proto::control_client::ControlClient::new(ch))
+}
+
+pub fn network_ls(lab: &Lab, node: &str) -> Result<Vec<Value>> {
+    json_lines(&lab.mesh_ok(node, &["network", "ls", "--format", "json"])?)
+}

@@ -1,0 +1,197 @@
+//! Network requests from the CLI: checks what can be checked before Raft
+//! (names, drivers, options, flag combinations), then proposes the create or
+//! remove; subnets and VNIs are allocated inside the state machine.
+
+use std::collections::BTreeMap;
+
+use mesh_manager::state::{self, Network, NetworkSpec};
+use tonic::Status;
+
+pub const VXLAN_OPTION: &str = "com.docker.network.driver.overlay.vxlanid_list";
+const MTU_OPTIONS: [&str; 2] = ["mtu", "com.docker.network.driver.mtu"];
+
+/// Docker's rule for names: a letter or digit, then letters, digits, `_.-`.
+fn valid_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+}
+
+#[allow(clippy::result_large_err)]
+pub fn spec_from(r: mesh_proto::NetworkCreateRequest) -> Result<NetworkSpec, Status> {
+    let bad = |m: String| Err(Status::invalid_argument(m));
+    if !valid_name(&r.name) {
+        return bad(format!(
+            "invalid network name {:?}: use letters, digits, '_', '.' and '-', starting with a letter or digit",
+            r.name
+        ));
+    }
+    let driver = if r.driver.is_empty() {
+        "bridge".to_string()
+    } else {
+        r.driver.clone()
+    };
+    match driver.as_str() {
+        "overlay" => {}
+        "bridge" | "macvlan" | "host" | "none" => {
+            return bad(format!(
+                "local networks (-d {driver}) are not supported yet; create a cluster network with -d overlay"
+            ));
+        }
+        other => return bad(format!("unknown network driver {other:?}: use -d overlay")),
+    }
+    let mut options = BTreeMap::new();
+    for (k, v) in r.options {
+        match k.as_str() {
+            "encrypted" => {
+                if !v.is_empty() && v != "true" {
+                    return bad(format!(
+                        "invalid value {v:?} for option encrypted: use --opt encrypted"
+                    ));
+                }
+                options.insert(k, String::new());
+            }
+            k2 if MTU_OPTIONS.contains(&k2) => match v.parse::<u32>() {
+                Ok(mtu) if (576..=9000).contains(&mtu) => {
+                    options.insert("mtu".into(), mtu.to_string());
+                }
+                _ => {
+                    return bad(format!(
+                        "invalid mtu {v:?}: use --opt mtu=N with N between 576 and 9000"
+                    ));
+                }
+            },
+            _ => {
+                return bad(format!(
+                    "unknown option {k:?} for the overlay driver: use --opt encrypted or --opt mtu=N"
+                ));
+            }
+        }
+    }
+    if r.subnet.is_empty() && (!r.gateway.is_empty() || !r.ip_range.is_empty()) {
+        return bad("--gateway and --ip-range need --subnet".into());
+    }
+    if r.ingress && r.attachable {
+        return bad("an ingress network cannot be attachable; drop --attachable".into());
+    }
+    if r.ingress && r.internal {
+        return bad("an ingress network cannot be internal; drop --internal".into());
+    }
+    let opt = |s: String| (!s.is_empty()).then_some(s);
+    Ok(NetworkSpec {
+        name: r.name,
+        driver,
+        subnet: opt(r.subnet),
+        gateway: opt(r.gateway),
+        ip_range: opt(r.ip_range),
+        attachable: r.attachable,
+        internal: r.internal,
+        ingress: r.ingress,
+        options,
+        labels: r.labels.into_iter().collect(),
+    })
+}
+
+/// Finds a network by full ID, then exact name, then unique ID prefix.
+#[allow(clippy::result_large_err)]
+pub fn resolve(s: &state::ClusterState, r: &str) -> Result<Network, Status> {
+    if let Some(n) = s.networks.get(r) {
+        return Ok(n.clone());
+    }
+    if let Some(n) = s.networks.values().find(|n| n.spec.name == r) {
+        return Ok(n.clone());
+    }
+    let by_prefix: Vec<&Network> = s
+        .networks
+        .values()
+        .filter(|n| !r.is_empty() && n.id.starts_with(r))
+        .collect();
+    match by_prefix.as_slice() {
+        [n] => Ok((*n).clone()),
+        [] => Err(Status::not_found(format!(
+            "network {r} not found; see `mesh network ls`"
+        ))),
+        _ => Err(Status::failed_precondition(format!(
+            "network reference {r:?} is ambiguous: it matches several networks; use more of the ID"
+        ))),
+    }
+}
+
+pub fn to_pb(n: &Network) -> mesh_proto::Network {
+    let mut options: std::collections::HashMap<String, String> =
+        n.spec.options.clone().into_iter().collect();
+    options.insert(VXLAN_OPTION.into(), n.vni.to_string());
+    mesh_proto::Network {
+        id: n.id.clone(),
+        name: n.spec.name.clone(),
+        driver: n.spec.driver.clone(),
+        scope: "swarm".into(),
+        subnet: n.subnet.clone(),
+        gateway: n.gateway.clone(),
+        ip_range: n.spec.ip_range.clone().unwrap_or_default(),
+        vni: n.vni,
+        attachable: n.spec.attachable,
+        internal: n.spec.internal,
+        ingress: n.spec.ingress,
+        options,
+        labels: n.spec.labels.clone().into_iter().collect(),
+        created_at: n.created_at.clone(),
+        version: n.version,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(name: &str) -> mesh_proto::NetworkCreateRequest {
+        mesh_proto::NetworkCreateRequest {
+            name: name.into(),
+            driver: "overlay".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn names() {
+        assert!(valid_name("front-end_1.x"));
+        assert!(!valid_name(""));
+        assert!(!valid_name("-x"));
+        assert!(!valid_name("a b"));
+        assert!(spec_from(req("bad name")).is_err());
+    }
+
+    #[test]
+    fn drivers_and_options() {
+        let mut r = req("n");
+        r.driver = String::new();
+        assert!(spec_from(r).is_err_and(|e| e.message().contains("not supported yet")));
+        let mut r = req("n");
+        r.driver = "vlan".into();
+        assert!(spec_from(r).is_err_and(|e| e.message().contains("unknown network driver")));
+        let mut r = req("n");
+        r.options.insert("encrypted".into(), String::new());
+        r.options
+            .insert("com.docker.network.driver.mtu".into(), "1400".into());
+        let spec = spec_from(r).expect("valid");
+        assert_eq!(spec.options.get("mtu").map(String::as_str), Some("1400"));
+        assert!(spec.options.contains_key("encrypted"));
+        let mut r = req("n");
+        r.options.insert("mtu".into(), "70000".into());
+        assert!(spec_from(r).is_err());
+        let mut r = req("n");
+        r.options.insert("colour".into(), "blue".into());
+        assert!(spec_from(r).is_err_and(|e| e.message().contains("unknown option")));
+    }
+
+    #[test]
+    fn flag_combinations() {
+        let mut r = req("n");
+        r.gateway = "10.1.0.1".into();
+        assert!(spec_from(r).is_err_and(|e| e.message().contains("need --subnet")));
+        let mut r = req("n");
+        r.ingress = true;
+        r.attachable = true;
+        assert!(spec_from(r).is_err());
+    }
+}
