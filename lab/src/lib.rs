@@ -1,1 +1,37 @@
-//! placeholder
+//! Multi-host labs on one machine: N network namespaces on one underlay
+//! bridge, each running its own `mesh daemon`, formed into a cluster.
+//!
+//! This crate owns `mesh lab` (the README's "run it" command) and the
+//! [`Lab`] API that every end-to-end test uses. It owns only what it makes:
+//! namespaces named `mlab-<LAB>-*`, the links inside them, the daemons it
+//! starts, and `/run/mesh-lab/<LAB>/`. It must not touch the host's own
+//! network namespace (no links, routes or addresses there), so lab traffic
+//! cannot leave the lab. It drives the `mesh` binary only through its
+//! command line, like a user would.
+//!
+//! ```no_run
+//! use mesh_lab::{Lab, UpSpec};
+//! # fn main() -> Result<(), mesh_lab::LabError> {
+//! mesh_lab::cleanup_stale("e2e-ping")?;
+//! let lab = Lab::up(&UpSpec::new("e2e-ping", 3, 1), std::path::Path::new("target/debug/mesh"))?;
+//! let ip = lab.node("node2")?.ip.to_string();
+//! lab.exec_ok("node1", &["ping", "-c1", &ip])?;
+//! println!("{}", lab.mesh_ok("node1", &["node", "ls"])?);
+//! # Ok(()) } // dropping `lab` tears it down
+//! ```
+
+mod cli;
+mod error;
+mod lab;
+mod names;
+mod sys;
+
+pub use cli::{Format, LabCommand, run};
+pub use error::{LabError, Result};
+pub use lab::{
+    CLUSTER_PORT, LAB_ROOT, Lab, LabListing, LabNode, LabStatus, NodeRow, Role, UNDERLAY_BRIDGE,
+    UpSpec, cleanup_stale, down, lab_dir, list, parse_node_ls,
+};
+pub use names::{
+    MAX_LAB_NAME, MAX_NODES, node_name, node_netns, underlay_netns, validate_lab_name,
+};

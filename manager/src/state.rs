@@ -78,6 +78,9 @@ pub struct Node {
     pub architecture: String,
 }
 
+/// Commands are made once per write and then serialized into the log, so
+/// the size of the largest variant costs nothing worth boxing for.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub enum Command {
     Init {
