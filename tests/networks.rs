@@ -150,8 +150,8 @@ fn concurrent_creates_never_collide() -> Result<()> {
         "{inspect}"
     );
     ensure!(
-        inspect[0]["Options"]["com.docker.network.driver.overlay.vxlanid_list"]
-            == ls777["VNI"].to_string(),
+        inspect[0]["Options"]["com.docker.network.driver.overlay.vxlanid_list"].as_str()
+            == Some(ls777["VNI"].to_string().as_str()),
         "{inspect}"
     );
     lab.down()?;
