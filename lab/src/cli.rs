@@ -1,0 +1,437 @@
+//! `mesh lab ...`: the command-line face of the harness. Parsing and printing
+//! only; the work is in [`crate::lab`].
+
+use std::io::Write;
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::error::{LabError, Result};
+use crate::lab::{self, Lab, LabListing, UNDERLAY_BRIDGE, UpSpec};
+use crate::sys;
+
+/// Output format of `mesh lab ls`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+}
+
+/// `mesh lab` subcommands.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum LabCommand {
+    /// Create a lab: N network namespaces on one underlay bridge, one `mesh daemon` each, formed into a cluster
+    Up {
+        /// Number of nodes
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// How many of them are managers (node1..nodeM)
+        #[arg(long, default_value_t = 1)]
+        managers: usize,
+        /// Lab name: up to 12 of a-z, 0-9, '-'
+        #[arg(long, default_value = "lab")]
+        name: String,
+        /// Extra argument for `mesh init` (repeat it: --init-arg=--cert-expiry --init-arg=1m)
+        #[arg(long = "init-arg", value_name = "ARG", allow_hyphen_values = true)]
+        init_args: Vec<String>,
+        /// Extra argument for every `mesh daemon` (repeatable)
+        #[arg(long = "daemon-arg", value_name = "ARG", allow_hyphen_values = true)]
+        daemon_args: Vec<String>,
+        /// Seconds to wait for every node to be Ready
+        #[arg(long, value_name = "SECONDS", default_value_t = 90)]
+        timeout: u64,
+    },
+    /// List labs, their nodes and whether each daemon runs
+    Ls {
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Run a command inside a node (its network and hostname), with MESH_HOST set to its daemon
+    Exec {
+        lab: String,
+        /// node2, or just 2
+        node: String,
+        /// Command and arguments (after `--`)
+        #[arg(
+            required = true,
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "CMD"
+        )]
+        cmd: Vec<String>,
+    },
+    /// SIGKILL a node's daemon (a crash; its workloads and kernel state stay)
+    Kill { lab: String, node: String },
+    /// Start a node's daemon again on the same state dir and socket
+    Start { lab: String, node: String },
+    /// Cut a node's underlay link (as if its cable were pulled)
+    Cut { lab: String, node: String },
+    /// Restore a node's underlay link
+    Heal { lab: String, node: String },
+    /// Remove a lab: daemons, processes, namespaces, links and files (also after a crash)
+    Down { lab: String },
+}
+
+/// Runs one `mesh lab` command. `mesh_bin` is the `mesh` binary that daemons
+/// and `mesh` commands in nodes are started from (normally the running one).
+///
+/// `exec` exits the process with the command's exit status when it is not 0.
+pub fn run(cmd: LabCommand, mesh_bin: &Path) -> Result<()> {
+    dispatch(cmd, mesh_bin).map_err(LabError::into_one_line)
+}
+
+fn dispatch(cmd: LabCommand, mesh_bin: &Path) -> Result<()> {
+    match cmd {
+        LabCommand::Up {
+            nodes,
+            managers,
+            name,
+            init_args,
+            daemon_args,
+            timeout,
+        } => {
+            let spec = UpSpec {
+                name,
+                nodes,
+                managers,
+                init_args,
+                daemon_args,
+                ready_timeout: Duration::from_secs(timeout),
+                progress: true,
+                ..UpSpec::default()
+            };
+            sys::catch_interrupts()?;
+            let lab = Lab::up(&spec, mesh_bin)?;
+            print_up(&lab);
+            lab.keep();
+            Ok(())
+        }
+        LabCommand::Ls { format } => {
+            let labs = lab::list()?;
+            match format {
+                Format::Table => print_ls_table(&labs),
+                Format::Json => {
+                    for l in &labs {
+                        println!("{}", listing_json(l));
+                    }
+                }
+            }
+            Ok(())
+        }
+        LabCommand::Exec { lab, node, cmd } => {
+            let lab = Lab::open(&lab, mesh_bin)?;
+            let (program, args) = cmd
+                .split_first()
+                .ok_or_else(|| LabError::InvalidSpec("exec needs a command to run".into()))?;
+            let mut c = lab.command(&node, program)?;
+            c.args(args);
+            let status = match c.status() {
+                Ok(status) => status,
+                Err(e) => {
+                    // As a shell does: 127 when there is no such command, 126 when it cannot run.
+                    eprintln!("mesh lab exec: {program}: {e}");
+                    let code = match e.kind() {
+                        std::io::ErrorKind::NotFound => 127,
+                        _ => 126,
+                    };
+                    std::process::exit(code);
+                }
+            };
+            if !status.success() {
+                let _ = std::io::stdout().flush();
+                std::process::exit(sys::shell_code(status));
+            }
+            Ok(())
+        }
+        LabCommand::Kill { lab, node } => {
+            let mut lab = Lab::open(&lab, mesh_bin)?;
+            let pid = lab.node(&node)?.pid;
+            let name = lab.node(&node)?.name.clone();
+            if lab.kill(&node)? {
+                println!("{name}: daemon killed (pid {})", pid.unwrap_or_default());
+            } else {
+                println!("{name}: daemon was not running");
+            }
+            Ok(())
+        }
+        LabCommand::Start { lab, node } => {
+            let mut lab = Lab::open(&lab, mesh_bin)?;
+            lab.start(&node)?;
+            let n = lab.node(&node)?;
+            println!(
+                "{}: daemon running (pid {})",
+                n.name,
+                n.pid.unwrap_or_default()
+            );
+            Ok(())
+        }
+        LabCommand::Cut { lab, node } => {
+            let mut lab = Lab::open(&lab, mesh_bin)?;
+            lab.cut(&node)?;
+            println!("{}: underlay link cut", lab.node(&node)?.name);
+            Ok(())
+        }
+        LabCommand::Heal { lab, node } => {
+            let mut lab = Lab::open(&lab, mesh_bin)?;
+            lab.heal(&node)?;
+            println!("{}: underlay link restored", lab.node(&node)?.name);
+            Ok(())
+        }
+        LabCommand::Down { lab } => {
+            lab::down(&lab)?;
+            println!("lab {lab} removed");
+            Ok(())
+        }
+    }
+}
+
+/// Prints rows with columns padded to their widest cell.
+fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let last = cells.len().saturating_sub(1);
+        let mut s = String::new();
+        for (i, (c, w)) in cells.iter().zip(&widths).enumerate() {
+            if i == last {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{c:<w$}   "));
+            }
+        }
+        println!("{}", s.trim_end());
+    };
+    line(header.to_vec());
+    for r in rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+}
+
+fn print_up(lab: &Lab) {
+    let rows: Vec<Vec<String>> = lab
+        .nodes
+        .iter()
+        .map(|n| {
+            vec![
+                n.name.clone(),
+                n.role.to_string(),
+                n.ip.to_string(),
+                n.socket.display().to_string(),
+                n.pid.map(|p| p.to_string()).unwrap_or_default(),
+            ]
+        })
+        .collect();
+    print_table(&["NODE", "ROLE", "ADDRESS", "SOCKET", "PID"], &rows);
+    let name = &lab.name;
+    let last = lab.nodes.last().map(|n| n.name.as_str()).unwrap_or("node1");
+    let first_ip = lab
+        .nodes
+        .first()
+        .map(|n| n.ip.to_string())
+        .unwrap_or_default();
+    println!();
+    println!(
+        "lab {name} is up: {} nodes on {} (bridge {UNDERLAY_BRIDGE} in netns {})",
+        lab.nodes.len(),
+        lab.subnet(),
+        lab.underlay_netns
+    );
+    println!("  mesh lab exec {name} node1 -- mesh node ls");
+    println!("  mesh lab exec {name} {last} -- ping -c1 {first_ip}");
+    println!("  logs: {}/<node>/daemon.log", lab.dir.display());
+    println!("  mesh lab down {name}");
+}
+
+fn print_ls_table(labs: &[LabListing]) {
+    let mut rows = Vec::new();
+    let mut stale = Vec::new();
+    let mut incomplete = Vec::new();
+    for l in labs {
+        match &l.lab {
+            Some(lab) => {
+                let status = match lab.status {
+                    lab::LabStatus::Ready => "ready",
+                    lab::LabStatus::Creating => {
+                        incomplete.push(lab.name.clone());
+                        "incomplete"
+                    }
+                };
+                for n in &lab.nodes {
+                    rows.push(vec![
+                        lab.name.clone(),
+                        status.into(),
+                        n.name.clone(),
+                        n.role.to_string(),
+                        n.ip.to_string(),
+                        n.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                        if n.running() { "running" } else { "dead" }.into(),
+                        if n.cut { "cut" } else { "up" }.into(),
+                        n.socket.display().to_string(),
+                    ]);
+                }
+            }
+            None => {
+                rows.push(vec![
+                    l.name.clone(),
+                    "stale".into(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    l.stale_netns.join(","),
+                ]);
+                stale.push(l.name.clone());
+            }
+        }
+    }
+    print_table(
+        &[
+            "LAB", "STATUS", "NODE", "ROLE", "ADDRESS", "PID", "DAEMON", "LINK", "SOCKET",
+        ],
+        &rows,
+    );
+    for s in incomplete {
+        eprintln!(
+            "lab {s} is incomplete: its `up` is still running or was interrupted (then `mesh lab down {s}`)"
+        );
+    }
+    for s in stale {
+        eprintln!("lab {s} is a leftover of a crashed run: remove it with `mesh lab down {s}`");
+    }
+}
+
+fn listing_json(l: &LabListing) -> serde_json::Value {
+    match &l.lab {
+        Some(lab) => json!({
+            "Name": lab.name,
+            "Status": match lab.status {
+                lab::LabStatus::Ready => "ready",
+                lab::LabStatus::Creating => "incomplete",
+            },
+            "Subnet": lab.subnet(),
+            "UnderlayNetns": lab.underlay_netns,
+            "Dir": lab.dir,
+            "Nodes": lab.nodes.iter().map(|n| json!({
+                "Name": n.name,
+                "Role": n.role,
+                "Address": n.ip,
+                "Netns": n.netns,
+                "Socket": n.socket,
+                "StateDir": n.state_dir,
+                "Log": n.log,
+                "Pid": n.pid,
+                "Running": n.running(),
+                "Link": if n.cut { "cut" } else { "up" },
+                "ID": n.id,
+            })).collect::<Vec<_>>(),
+        }),
+        None => json!({
+            "Name": l.name,
+            "Status": "stale",
+            "Problem": l.problem,
+            "StaleNetns": l.stale_netns,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, clap::Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        lab: LabCommand,
+    }
+
+    fn parse(args: &[&str]) -> LabCommand {
+        let mut argv = vec!["lab"];
+        argv.extend(args);
+        match Cli::try_parse_from(argv) {
+            Ok(c) => c.lab,
+            Err(e) => panic!("{args:?}: {e}"),
+        }
+    }
+
+    #[test]
+    fn up_defaults_and_init_args() {
+        match parse(&["up"]) {
+            LabCommand::Up {
+                nodes,
+                managers,
+                name,
+                init_args,
+                ..
+            } => {
+                assert_eq!((nodes, managers, name.as_str()), (3, 1, "lab"));
+                assert!(init_args.is_empty());
+            }
+            other => panic!("{other:?}"),
+        }
+        match parse(&[
+            "up",
+            "--nodes",
+            "5",
+            "--managers",
+            "3",
+            "--name",
+            "t1",
+            "--init-arg=--cert-expiry",
+            "--init-arg",
+            "1m",
+        ]) {
+            LabCommand::Up {
+                nodes,
+                managers,
+                init_args,
+                ..
+            } => {
+                assert_eq!((nodes, managers), (5, 3));
+                assert_eq!(init_args, ["--cert-expiry", "1m"]);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn exec_takes_the_rest() {
+        match parse(&[
+            "exec", "t1", "node1", "--", "mesh", "node", "ls", "--format", "json",
+        ]) {
+            LabCommand::Exec { lab, node, cmd } => {
+                assert_eq!((lab.as_str(), node.as_str()), ("t1", "node1"));
+                assert_eq!(cmd, ["mesh", "node", "ls", "--format", "json"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        match parse(&["exec", "t1", "2", "ping", "-c1", "192.168.1.11"]) {
+            LabCommand::Exec { cmd, .. } => assert_eq!(cmd, ["ping", "-c1", "192.168.1.11"]),
+            other => panic!("{other:?}"),
+        }
+        assert!(Cli::try_parse_from(["lab", "exec", "t1", "node1"]).is_err());
+    }
+
+    #[test]
+    fn ls_format() {
+        assert!(matches!(
+            parse(&["ls", "--format", "json"]),
+            LabCommand::Ls {
+                format: Format::Json
+            }
+        ));
+        assert!(matches!(
+            parse(&["ls"]),
+            LabCommand::Ls {
+                format: Format::Table
+            }
+        ));
+    }
+}

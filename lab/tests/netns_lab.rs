@@ -1,0 +1,358 @@
+//! The harness on real namespaces, with a stand-in `mesh` shell script so it
+//! is tested on its own: layout, underlay reachability, hostnames, exit
+//! codes, kill/start, cut/heal, and that nothing is left behind. Needs root.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use mesh_lab::{Lab, LabError, UpSpec};
+
+/// Answers just enough of the mesh CLI for `up`: the daemon touches its
+/// socket path and sleeps; init/join record `hostname role` in the lab dir;
+/// `node ls` prints them as Docker-style JSON lines.
+const FAKE_MESH: &str = r#"#!/bin/sh
+host="${MESH_HOST#unix://}"
+if [ "$1" = "-H" ]; then host="${2#unix://}"; shift 2; fi
+labdir="$(dirname "$(dirname "$host")")"
+cmd="$1"; shift
+case "$cmd" in
+daemon)
+    [ -n "$FAKE_DAEMON_FAILS" ] && { echo "fake failure: cannot bind socket" >&2; exit 1; }
+    while [ $# -gt 0 ]; do [ "$1" = --socket ] && sock="$2"; shift; done
+    echo "fake daemon on $(hostname)"
+    # A "sandbox": its own netns, in the daemon's session, outliving a crash.
+    unshare --net sleep @SANDBOX@ &
+    : > "$sock"
+    exec sleep 100000 ;;
+info) [ -e "$host" ] ;;
+init) echo "$(hostname) Leader" >> "$labdir/fake-nodes" ;;
+join)
+    role=""
+    case "$2" in *manager*) role=Reachable ;; esac
+    echo "$(hostname) $role" >> "$labdir/fake-nodes" ;;
+join-token) echo "SWMTKN-1-fake-$2" ;;
+node)
+    while read -r h r; do
+        printf '{"ID":"id-%s","Hostname":"%s","Status":"Ready","Availability":"Active","ManagerStatus":"%s"}\n' "$h" "$h" "$r"
+    done < "$labdir/fake-nodes" ;;
+*) echo "fake mesh: unknown command $cmd" >&2; exit 2 ;;
+esac
+"#;
+
+fn root() -> bool {
+    let ok = nix::unistd::geteuid().is_root();
+    if !ok {
+        eprintln!("SKIPPED: lab tests need root (network namespaces)");
+    }
+    ok
+}
+
+/// A unique lab name per test and process.
+fn lab_name(tag: &str) -> String {
+    format!("lt{}{tag}", std::process::id() % 100_000)
+}
+
+/// The fake binary in a temp dir that is removed on drop.
+struct Fake(PathBuf);
+
+impl Fake {
+    fn bin(&self) -> PathBuf {
+        self.0.join("mesh")
+    }
+}
+
+impl Drop for Fake {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn fake_mesh(tag: &str, daemon_fails: bool) -> Fake {
+    let dir = std::env::temp_dir().join(format!("mesh-lab-test-{}-{tag}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("mesh");
+    let script = FAKE_MESH.replace("@SANDBOX@", &sandbox_secs(tag).to_string());
+    let script = if daemon_fails {
+        script.replace("[ -n \"$FAKE_DAEMON_FAILS\" ]", "true")
+    } else {
+        script
+    };
+    std::fs::write(&path, script).expect("write fake mesh");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    Fake(dir)
+}
+
+/// The sleep time that marks the fake sandboxes of one test.
+fn sandbox_secs(tag: &str) -> u64 {
+    200_000 + u64::from(std::process::id() % 10_000) * 10 + u64::from(tag.as_bytes()[0] % 10)
+}
+
+/// Live fake sandboxes of one test.
+fn sandboxes(tag: &str) -> usize {
+    let want = format!("sleep\0{}\0", sandbox_secs(tag));
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+                .filter(|c| c == want.as_bytes())
+                .count()
+        })
+        .unwrap_or_default()
+}
+
+fn namespaces_of(name: &str) -> Vec<String> {
+    let prefix = format!("mlab-{name}-");
+    std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| n.starts_with(&prefix))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn assert_gone(name: &str) {
+    assert_eq!(namespaces_of(name), Vec::<String>::new(), "namespaces left");
+    assert!(!mesh_lab::lab_dir(name).exists(), "lab dir left");
+}
+
+fn ping(lab: &Lab, from: &str, to: &str) -> bool {
+    let ip = lab.node(to).expect("node").ip.to_string();
+    lab.exec(from, &["ping", "-c1", "-W1", &ip])
+        .expect("ping runs")
+        .status
+        .success()
+}
+
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn lab_lifecycle() {
+    if !root() {
+        return;
+    }
+    let name = lab_name("a");
+    let fake = fake_mesh("a", false);
+    let bin = fake.bin();
+    mesh_lab::cleanup_stale(&name).expect("cleanup");
+
+    let mut lab = Lab::up(&UpSpec::new(&name, 3, 2), &bin).expect("lab up");
+    assert_eq!(lab.nodes.len(), 3);
+    let mut ns = namespaces_of(&name);
+    ns.sort();
+    assert_eq!(
+        ns,
+        [
+            format!("mlab-{name}-node1"),
+            format!("mlab-{name}-node2"),
+            format!("mlab-{name}-node3"),
+            format!("mlab-{name}-ul"),
+        ]
+    );
+    assert!(lab.nodes.iter().all(|n| n.running()));
+    assert_eq!(lab.nodes[1].id.as_deref(), Some("id-node2"));
+    assert!(matches!(
+        Lab::up(&UpSpec::new(&name, 1, 1), &bin),
+        Err(LabError::Exists(_))
+    ));
+
+    // Each node has its own hostname and MESH_HOST, and exit codes come through.
+    assert_eq!(
+        lab.exec_ok("node2", &["hostname"])
+            .expect("hostname")
+            .trim(),
+        "node2"
+    );
+    assert_eq!(
+        lab.exec_ok("3", &["hostname"]).expect("hostname").trim(),
+        "node3"
+    );
+    let host = lab
+        .exec_ok("node1", &["sh", "-c", "echo $MESH_HOST"])
+        .expect("env");
+    assert_eq!(host.trim(), lab.nodes[0].host());
+    let out = lab.exec("node1", &["sh", "-c", "exit 7"]).expect("sh");
+    assert_eq!(out.status.code(), Some(7));
+    assert!(matches!(
+        lab.exec("node9", &["true"]),
+        Err(LabError::NoSuchNode { .. })
+    ));
+
+    // The underlay connects every node; nothing else is reachable.
+    for (a, b) in [("node1", "node2"), ("node2", "node3"), ("node3", "node1")] {
+        assert!(ping(&lab, a, b), "{a} -> {b}");
+    }
+    let routes = lab
+        .exec_ok("node1", &["ip", "-4", "route"])
+        .expect("routes");
+    assert!(
+        !routes.contains("default"),
+        "no way out of the lab: {routes}"
+    );
+
+    // cut / heal
+    lab.cut("node3").expect("cut");
+    assert!(!ping(&lab, "node1", "node3"));
+    lab.heal("node3").expect("heal");
+    eventually("node3 reachable after heal", || {
+        ping(&lab, "node1", "node3")
+    });
+
+    // kill / start; another "invocation" sees the new pid.
+    let old = lab.node("node2").expect("node2").pid;
+    assert!(lab.kill("node2").expect("kill"));
+    assert!(!lab.node("node2").expect("node2").running());
+    assert!(!lab.kill("node2").expect("second kill"));
+    assert_eq!(
+        lab.exec_ok("node2", &["hostname"])
+            .expect("hostname")
+            .trim(),
+        "node2"
+    );
+    lab.start("node2").expect("start");
+    assert!(lab.node("node2").expect("node2").running());
+    assert!(matches!(
+        lab.start("node2"),
+        Err(LabError::AlreadyRunning { .. })
+    ));
+    let other = Lab::open(&name, &bin).expect("open");
+    assert_ne!(other.node("node2").expect("node2").pid, old);
+    assert_eq!(
+        other.node("node2").expect("node2").pid,
+        lab.node("node2").expect("node2").pid
+    );
+    drop(other);
+    assert!(
+        mesh_lab::list()
+            .expect("ls")
+            .iter()
+            .any(|l| l.name == name && l.lab.is_some())
+    );
+
+    // One sandbox per daemon started, including the one that was killed.
+    eventually("4 sandboxes", || sandboxes("a") == 4);
+
+    let pids: Vec<i32> = lab.nodes.iter().filter_map(|n| n.pid).collect();
+    lab.down().expect("down");
+    assert_eq!(
+        sandboxes("a"),
+        0,
+        "down left sandboxes of its daemons running"
+    );
+    assert_gone(&name);
+    for pid in pids {
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "daemon {pid} survived"
+        );
+    }
+    assert!(matches!(mesh_lab::down(&name), Err(LabError::NotFound(_))));
+}
+
+#[test]
+fn failed_up_leaves_nothing() {
+    if !root() {
+        return;
+    }
+    let name = lab_name("b");
+    let fake = fake_mesh("b", true);
+    let bin = fake.bin();
+    mesh_lab::cleanup_stale(&name).expect("cleanup");
+    let err = Lab::up(&UpSpec::new(&name, 2, 1), &bin).expect_err("daemon fails");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("daemon.log") && msg.contains("fake failure"),
+        "{msg}"
+    );
+    assert_gone(&name);
+}
+
+#[test]
+fn down_removes_crash_leftovers() {
+    if !root() {
+        return;
+    }
+    let name = lab_name("c");
+    mesh_lab::cleanup_stale(&name).expect("cleanup");
+    // What a crashed `up` can leave: namespaces, and a process inside one.
+    for ns in [format!("mlab-{name}-ul"), format!("mlab-{name}-node1")] {
+        let ok = std::process::Command::new("ip")
+            .args(["netns", "add", &ns])
+            .status()
+            .expect("ip");
+        assert!(ok.success());
+    }
+    let mut sleeper = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &format!("mlab-{name}-node1"),
+            "sleep",
+            "1000",
+        ])
+        .spawn()
+        .expect("sleep in netns");
+    // Wait until it is inside: a process still entering is not found by anyone.
+    let inside = std::fs::metadata(format!("/run/netns/mlab-{name}-node1")).map(|m| m.ino());
+    eventually("sleeper inside node1's namespace", || {
+        std::fs::metadata(format!("/proc/{}/ns/net", sleeper.id()))
+            .map(|m| m.ino())
+            .ok()
+            == inside.as_ref().ok().copied()
+    });
+    let listed = mesh_lab::list().expect("ls");
+    let entry = listed
+        .iter()
+        .find(|l| l.name == name)
+        .expect("stale lab listed");
+    assert!(entry.lab.is_none() && entry.stale_netns.len() == 2);
+
+    let result = mesh_lab::down(&name);
+    let killed = {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match sleeper.try_wait() {
+                Ok(Some(_)) => break true,
+                _ if Instant::now() >= deadline => break false,
+                _ => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    };
+    if !killed {
+        let _ = sleeper.kill();
+        let _ = sleeper.wait();
+    }
+    result.expect("down of leftovers");
+    assert!(killed, "down left a process running in the lab's namespace");
+    assert_gone(&name);
+    assert!(!mesh_lab::cleanup_stale(&name).expect("nothing left"));
+}
+
+#[test]
+fn dropped_lab_is_torn_down() {
+    if !root() {
+        return;
+    }
+    let name = lab_name("d");
+    let fake = fake_mesh("d", false);
+    let bin = fake.bin();
+    mesh_lab::cleanup_stale(&name).expect("cleanup");
+    {
+        let lab = Lab::up(&UpSpec::new(&name, 1, 1), &bin).expect("lab up");
+        assert_eq!(
+            lab.mesh_ok("node1", &["join-token", "-q", "worker"])
+                .expect("mesh")
+                .trim(),
+            "SWMTKN-1-fake-worker"
+        );
+    }
+    assert_gone(&name);
+}
