@@ -3,6 +3,9 @@
 //! - committed writes per second and p50/p99 latency of 1,000 sequential
 //!   node-label updates through the control API, sent to the leader and to a
 //!   follower (which forwards to the leader);
+//! - network creates: p50/p99 latency of 1,000 sequential creates through
+//!   a follower, and creates per second with 24 concurrent clients spread
+//!   over the three managers;
 //! - leader failover: kill -9 of the leader → first write accepted, and →
 //!   the dead leader shown Down.
 //!
@@ -60,6 +63,65 @@ async fn writes(lab: &Lab, via: &str, target: &str) -> anyhow::Result<(f64, Dura
     ))
 }
 
+fn create_req(name: String) -> mesh_proto::NetworkCreateRequest {
+    mesh_proto::NetworkCreateRequest {
+        name,
+        driver: "overlay".into(),
+        ..Default::default()
+    }
+}
+
+async fn network_creates(lab: &Lab, via: &str) -> anyhow::Result<(f64, Duration, Duration)> {
+    let mut c = client(lab, via).await?;
+    let mut lat = Vec::with_capacity(WRITES);
+    let start = Instant::now();
+    for i in 0..WRITES {
+        let t = Instant::now();
+        c.network_create(create_req(format!("seq{i}"))).await?;
+        lat.push(t.elapsed());
+    }
+    let total = start.elapsed();
+    lat.sort();
+    Ok((
+        WRITES as f64 / total.as_secs_f64(),
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99),
+    ))
+}
+
+async fn concurrent_creates(lab: &Lab) -> anyhow::Result<(f64, Duration, Duration)> {
+    let mut clients = Vec::new();
+    for n in ["node1", "node2", "node3"] {
+        clients.push(client(lab, n).await?);
+    }
+    let streams = 24;
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for k in 0..streams {
+        let mut c = clients[k % clients.len()].clone();
+        tasks.spawn(async move {
+            let mut lat = Vec::new();
+            for i in (k..WRITES).step_by(streams) {
+                let t = Instant::now();
+                c.network_create(create_req(format!("con{i}"))).await?;
+                lat.push(t.elapsed());
+            }
+            anyhow::Ok(lat)
+        });
+    }
+    let mut lat = Vec::with_capacity(WRITES);
+    while let Some(r) = tasks.join_next().await {
+        lat.extend(r??);
+    }
+    let total = start.elapsed();
+    lat.sort();
+    Ok((
+        WRITES as f64 / total.as_secs_f64(),
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99),
+    ))
+}
+
 fn leader(lab: &Lab, via: &str) -> Option<String> {
     let out = lab.mesh_ok(via, &["node", "ls", "--format", "json"]).ok()?;
     out.lines()
@@ -97,6 +159,19 @@ fn main() -> anyhow::Result<()> {
             p99.as_secs_f64() * 1e3
         );
     }
+
+    let (rate, p50, p99) = rt.block_on(network_creates(&lab, follower))?;
+    println!(
+        "{WRITES} sequential network creates via follower: {rate:.0} creates/s, p50 {:.2} ms, p99 {:.2} ms",
+        p50.as_secs_f64() * 1e3,
+        p99.as_secs_f64() * 1e3
+    );
+    let (rate, p50, p99) = rt.block_on(concurrent_creates(&lab))?;
+    println!(
+        "{WRITES} network creates from 24 concurrent clients over 3 managers: {rate:.0} creates/s, p50 {:.2} ms, p99 {:.2} ms",
+        p50.as_secs_f64() * 1e3,
+        p99.as_secs_f64() * 1e3
+    );
 
     lab.kill(&lead)?;
     let t = Instant::now();
