@@ -3,9 +3,8 @@
 use std::path::PathBuf;
 
 use anyhow::{Result, anyhow};
-use hyper_util::rt::TokioIo;
 use mesh_proto::control_client::ControlClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 pub const DEFAULT_HOST: &str = "unix:///run/mesh/mesh.sock";
 
@@ -15,14 +14,7 @@ pub async fn connect(host: &str) -> Result<ControlClient<Channel>> {
         .strip_prefix("unix://")
         .ok_or_else(|| anyhow!("unsupported host {host:?}: use unix:///path/to/mesh.sock"))?
         .into();
-    let p = path.clone();
-    let channel = Endpoint::from_static("http://mesh.sock")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let p = p.clone();
-            async move { tokio::net::UnixStream::connect(p).await.map(TokioIo::new) }
-        }))
-        .await
-        .map_err(|_| {
+    let channel = mesh_common::transport::unix_channel(&path).await.map_err(|_| {
             anyhow!(
                 "cannot connect to the mesh daemon at unix://{}: is `mesh daemon` running? (set -H or MESH_HOST to use another socket)",
                 path.display()

@@ -5,7 +5,8 @@
 //! - `pki`: the cluster CA, node certificates and CSRs (rcgen), and reading
 //!   node ID / role back out of a certificate;
 //! - `tls`: rustls configurations for mutual TLS with a certificate that can be
-//!   swapped at run time (renewal without restart), and tonic glue for them.
+//!   swapped at run time (renewal without restart), and tonic glue for them;
+//! - `transport`: the daemon's unix control socket as a tonic channel.
 //!
 //! No sockets are opened and no files are read here.
 
@@ -14,3 +15,4 @@ pub mod ipam;
 pub mod pki;
 pub mod tls;
 pub mod token;
+pub mod transport;

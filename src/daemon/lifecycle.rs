@@ -301,11 +301,7 @@ impl Daemon {
             managers: vec![cluster_addr.clone()],
         };
         let result = async {
-            self.state_dir.wipe_cluster()?;
-            self.state_dir.save_certs(&certs)?;
-            m.identity = Some(ReloadableIdentity::new(&certs.cert, &certs.key)?);
-            m.certs = Some(certs.clone());
-            m.config = Some(config.clone());
+            self.begin_membership(&mut m, &certs, &config)?;
             let mgr = self.start_manager_role(&mut m, Some(&cluster_addr)).await?;
             let at = now();
             let cluster = ClusterInfo {
@@ -341,22 +337,56 @@ impl Daemon {
                 ingress: Some(id::new_id()),
             })
             .await?;
-            self.state_dir.save_config(&config)?;
-            self.start_session(&mut m)?;
             anyhow::Ok(())
         }
         .await;
+        self.finish_membership(&mut m, &config, result).await?;
+        info!(node = %node_id, cluster = %cluster_id, "cluster initialized");
+        Ok((node_id, cluster_addr))
+    }
+
+    /// First step of init and join: forget any old membership and take the
+    /// new certificates.
+    fn begin_membership(
+        &self,
+        m: &mut Membership,
+        certs: &Certs,
+        config: &NodeConfig,
+    ) -> Result<()> {
+        self.state_dir.wipe_cluster()?;
+        self.state_dir.save_certs(certs)?;
+        m.identity = Some(ReloadableIdentity::new(&certs.cert, &certs.key)?);
+        m.certs = Some(certs.clone());
+        m.config = Some(config.clone());
+        Ok(())
+    }
+
+    /// Last step of init and join: node.json is written only once everything
+    /// else worked (its presence means "member"); on failure, undo it all.
+    async fn finish_membership(
+        &self,
+        m: &mut Membership,
+        config: &NodeConfig,
+        started: Result<()>,
+    ) -> Result<()> {
+        let result = match started {
+            Ok(()) => self
+                .state_dir
+                .save_config(config)
+                .map_err(anyhow::Error::from)
+                .and_then(|()| self.start_session(m)),
+            Err(e) => Err(e),
+        };
         if let Err(e) = result {
-            self.undo(&mut m).await;
+            self.undo(m).await;
             return Err(e);
         }
         self.error
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .clear();
-        self.publish(&m);
-        info!(node = %node_id, cluster = %cluster_id, "cluster initialized");
-        Ok((node_id, cluster_addr))
+        self.publish(m);
+        Ok(())
     }
 
     /// Undoes a failed init or join.
@@ -440,29 +470,15 @@ impl Daemon {
             managers,
         };
         let result = async {
-            self.state_dir.wipe_cluster()?;
-            self.state_dir.save_certs(&certs)?;
-            m.identity = Some(ReloadableIdentity::new(&certs.cert, &certs.key)?);
-            m.certs = Some(certs.clone());
-            m.config = Some(config.clone());
+            self.begin_membership(&mut m, &certs, &config)?;
             if reply.role == "manager" {
                 let mgr = self.start_manager_role(&mut m, None).await?;
                 join_raft(&mgr, &config).await?;
             }
-            self.state_dir.save_config(&config)?;
-            self.start_session(&mut m)?;
             anyhow::Ok(())
         }
         .await;
-        if let Err(e) = result {
-            self.undo(&mut m).await;
-            return Err(e);
-        }
-        self.error
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
-        self.publish(&m);
+        self.finish_membership(&mut m, &config, result).await?;
         info!(node = %reply.node_id, role = %reply.role, "joined the cluster");
         Ok((reply.node_id, reply.role))
     }

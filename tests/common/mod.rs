@@ -115,17 +115,7 @@ pub async fn control(
     lab: &Lab,
     node: &str,
 ) -> Result<mesh_proto::control_client::ControlClient<tonic::transport::Channel>> {
-    let path = lab.node(node)?.socket.clone();
-    let ch = tonic::transport::Endpoint::from_static("http://mesh.sock")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let p = path.clone();
-            async move {
-                tokio::net::UnixStream::connect(p)
-                    .await
-                    .map(hyper_util::rt::TokioIo::new)
-            }
-        }))
-        .await?;
+    let ch = mesh_common::transport::unix_channel(&lab.node(node)?.socket).await?;
     Ok(mesh_proto::control_client::ControlClient::new(ch))
 }
 
