@@ -49,6 +49,9 @@ pub struct DaemonArgs {
     pub state_dir: PathBuf,
     #[arg(long, default_value = "/run/mesh/mesh.sock")]
     pub socket: PathBuf,
+    /// Raft log entries between snapshots (managers).
+    #[arg(long, default_value_t = mesh_manager::manager::SNAPSHOT_EVERY, value_parser = clap::value_parser!(u64).range(10..))]
+    pub raft_snapshot_every: u64,
 }
 
 #[derive(Args)]

@@ -58,6 +58,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             daemon::run(daemon::DaemonOptions {
                 state_dir: a.state_dir,
                 socket: a.socket,
+                snapshot_every: a.raft_snapshot_every,
             })
             .await?;
             Ok(ExitCode::SUCCESS)

@@ -272,6 +272,68 @@ fn promote_and_demote() -> Result<()> {
     Ok(())
 }
 
+/// With snapshots every 50 entries, managers added later catch up from a
+/// snapshot (the early log is gone), and all of them restart from their
+/// snapshot plus the log after it.
+#[test]
+fn managers_catch_up_from_snapshots() -> Result<()> {
+    let mut lab = up_with("sn", 3, 1, &[], &["--raft-snapshot-every", "50"])?;
+    for i in 0..300 {
+        lab.mesh_ok(
+            "node1",
+            &[
+                "node",
+                "update",
+                "--label-add",
+                &format!("k{}=v{i}", i % 7),
+                "node1",
+            ],
+        )?;
+    }
+    let raft_files = std::fs::read_dir(lab.node("node1")?.state_dir.join("raft"))?.count();
+    ensure!(raft_files > 0, "no Raft store on disk");
+    let want = lab.mesh_ok("node1", &["node", "inspect", "node1"])?;
+    lab.mesh_ok("node1", &["node", "promote", "node2", "node3"])?;
+    for n in ["node2", "node3"] {
+        wait_for(&format!("{n} to catch up"), Duration::from_secs(30), || {
+            let got = lab.mesh_ok(n, &["node", "inspect", "node1"]).ok()?;
+            (got.contains("\"k6\": \"v299\"") || got.contains("\"k6\": \"v293\"")).then_some(())
+        })?;
+    }
+    for n in ["node1", "node2", "node3"] {
+        lab.kill(n)?;
+    }
+    for n in ["node1", "node2", "node3"] {
+        lab.start(n)?;
+    }
+    wait_for(
+        "a leader after a full restart",
+        Duration::from_secs(30),
+        || leader(&lab, "node2"),
+    )?;
+    let labels = |s: &str| -> Option<serde_json::Value> {
+        let v: serde_json::Value = serde_json::from_str(s).ok()?;
+        Some(v[0]["Spec"]["Labels"].clone())
+    };
+    let want = labels(&want).context("labels")?;
+    for n in ["node1", "node2", "node3"] {
+        wait_for(
+            &format!("{n} to reload its state"),
+            Duration::from_secs(30),
+            || {
+                let got = lab.mesh_ok(n, &["node", "inspect", "node1"]).ok()?;
+                (labels(&got)? == want).then_some(())
+            },
+        )?;
+    }
+    lab.mesh_ok(
+        "node3",
+        &["node", "update", "--label-add", "after=restart", "node1"],
+    )?;
+    lab.down()?;
+    Ok(())
+}
+
 /// Certificates with a short lifetime renew themselves before expiring;
 /// the cluster stays connected past the first certificates' expiry.
 #[test]

@@ -130,11 +130,9 @@ impl cluster_server::Cluster for ClusterService {
         let at = now();
         let node = Node {
             id: node_id.clone(),
-            raft_id: if role == Role::Manager {
-                id::raft_id(&node_id)
-            } else {
-                0
-            },
+            // Every node has its Raft ID from the start, so a promotion
+            // needs no new allocation.
+            raft_id: id::raft_id(&node_id),
             hostname: r.hostname,
             role: role.as_str().into(),
             availability: "active".into(),

@@ -62,15 +62,20 @@ pub struct Manager {
     stop: watch::Sender<bool>,
 }
 
-fn raft_config() -> Result<Arc<openraft::Config>, ManagerError> {
+/// Default number of log entries between snapshots.
+pub const SNAPSHOT_EVERY: u64 = 5000;
+
+fn raft_config(snapshot_every: u64) -> Result<Arc<openraft::Config>, ManagerError> {
     let config = openraft::Config {
         cluster_name: "mesh".into(),
         heartbeat_interval: 150,
         election_timeout_min: 600,
         election_timeout_max: 1000,
         // Keep a bounded log: snapshot every 5,000 entries.
-        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(5000),
-        max_in_snapshot_log_to_keep: 1000,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(snapshot_every),
+        // Keep some log after a snapshot so a briefly absent follower
+        // catches up from entries rather than a whole snapshot.
+        max_in_snapshot_log_to_keep: snapshot_every.min(1000),
         ..Default::default()
     };
     config
@@ -88,12 +93,23 @@ pub fn now() -> String {
 impl Manager {
     /// Opens the Raft store in `dir` and starts the Raft instance. A fresh
     /// store stays a pristine learner until `bootstrap` or a leader adds it.
-    pub async fn start(dir: &Path, node_id: &str, peers: Peers) -> Result<Arc<Self>, ManagerError> {
+    pub async fn start(
+        dir: &Path,
+        node_id: &str,
+        peers: Peers,
+        snapshot_every: u64,
+    ) -> Result<Arc<Self>, ManagerError> {
         let (log, sm) = store::open(dir)?;
         let raft_id = mesh_common::id::raft_id(node_id);
-        let raft = Raft::new(raft_id, raft_config()?, peers.clone(), log, sm.clone())
-            .await
-            .map_err(|e| ManagerError::Start(e.to_string()))?;
+        let raft = Raft::new(
+            raft_id,
+            raft_config(snapshot_every)?,
+            peers.clone(),
+            log,
+            sm.clone(),
+        )
+        .await
+        .map_err(|e| ManagerError::Start(e.to_string()))?;
         let (stop, _) = watch::channel(false);
         let mgr = Arc::new(Self {
             node_id: node_id.to_string(),

@@ -61,7 +61,7 @@ pub struct Network {
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct Node {
     pub id: String,
-    /// Raft ID of a manager (derived from the node ID); 0 for workers.
+    /// Raft ID, derived from the node ID (used once the node manages).
     pub raft_id: u64,
     pub hostname: String,
     pub role: String,
@@ -205,6 +205,9 @@ impl ClusterState {
                 }
                 if let Some(r) = role {
                     node.role = r.clone();
+                    if node.raft_id == 0 {
+                        node.raft_id = mesh_common::id::raft_id(&node.id);
+                    }
                 }
                 for k in label_rm {
                     node.labels.remove(k);
@@ -465,6 +468,11 @@ mod tests {
         };
         assert_eq!(n.availability, "drain");
         assert_eq!(n.role, "manager");
+        assert_eq!(
+            n.raft_id,
+            mesh_common::id::raft_id("w1"),
+            "a promoted node gets its Raft ID"
+        );
         assert_eq!(n.labels.len(), 1);
         assert_eq!(n.labels.get("b").map(String::as_str), Some("2"));
         assert_eq!(n.version, 4);

@@ -224,6 +224,7 @@ impl Daemon {
             &self.state_dir.raft_dir(),
             &config.node_id,
             Peers::new(client_tls),
+            self.snapshot_every,
         )
         .await?;
         if let Some(addr) = bootstrap

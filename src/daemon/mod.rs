@@ -37,6 +37,8 @@ struct Membership {
 
 pub struct Daemon {
     state_dir: StateDir,
+    /// Raft log entries between snapshots (`--raft-snapshot-every`).
+    snapshot_every: u64,
     membership: tokio::sync::Mutex<Membership>,
     /// The manager role, if this node has it; read without the membership
     /// lock so queries never wait behind a join or a role change.
@@ -52,6 +54,7 @@ pub struct Daemon {
 pub struct DaemonOptions {
     pub state_dir: PathBuf,
     pub socket: PathBuf,
+    pub snapshot_every: u64,
 }
 
 pub async fn run(opts: DaemonOptions) -> Result<()> {
@@ -61,6 +64,7 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
     let (events, mut events_rx) = mpsc::channel(16);
     let daemon = Arc::new(Daemon {
         state_dir,
+        snapshot_every: opts.snapshot_every,
         membership: Default::default(),
         manager: RwLock::new(None),
         session_status: RwLock::new(None),

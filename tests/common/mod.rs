@@ -20,10 +20,22 @@ pub fn lab_name(tag: &str) -> String {
 
 /// Brings up a lab, cleaning leftovers of an earlier crashed run first.
 pub fn up(tag: &str, nodes: usize, managers: usize, init_args: &[&str]) -> Result<Lab> {
+    up_with(tag, nodes, managers, init_args, &[])
+}
+
+/// `up` with extra `mesh daemon` arguments for every node.
+pub fn up_with(
+    tag: &str,
+    nodes: usize,
+    managers: usize,
+    init_args: &[&str],
+    daemon_args: &[&str],
+) -> Result<Lab> {
     let name = lab_name(tag);
     let _ = mesh_lab::cleanup_stale(&name);
     let mut spec = UpSpec::new(&name, nodes, managers);
     spec.init_args = init_args.iter().map(|s| s.to_string()).collect();
+    spec.daemon_args = daemon_args.iter().map(|s| s.to_string()).collect();
     Lab::up(&spec, mesh_bin()).with_context(|| format!("lab {name} did not come up"))
 }
 
