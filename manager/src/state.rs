@@ -46,6 +46,22 @@ pub struct NetworkSpec {
     pub labels: BTreeMap<String, String>,
 }
 
+/// A sandbox's attachment to a cluster network: the address and MAC the
+/// managers gave it, and the node it lives on (where its traffic goes).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Endpoint {
+    pub id: String,
+    pub network_id: String,
+    pub node_id: String,
+    /// The sandbox's name (standalone) or task name (service).
+    pub sandbox: String,
+    pub sandbox_id: String,
+    pub ip: String,
+    pub mac: String,
+    pub aliases: Vec<String>,
+    pub created_at: String,
+}
+
 /// A cluster network with its allocations.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct Network {
@@ -123,6 +139,22 @@ pub enum Command {
     RemoveNetwork {
         id: String,
     },
+    /// Attaches a sandbox on `node_id` to a network; the address is chosen
+    /// in `apply`. `id` is the proposer's, so a retry is recognised.
+    CreateEndpoint {
+        id: String,
+        network_id: String,
+        node_id: String,
+        sandbox: String,
+        sandbox_id: String,
+        aliases: Vec<String>,
+        /// Standalone sandboxes may only join attachable networks.
+        standalone: bool,
+        at: String,
+    },
+    RemoveEndpoint {
+        id: String,
+    },
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -131,6 +163,7 @@ pub enum CommandResult {
     Ok,
     Node(Box<Node>),
     Network(Box<Network>),
+    Endpoint(Box<Endpoint>),
     /// Refused by the state machine; the message is shown to the user.
     Refused(String),
 }
@@ -143,6 +176,8 @@ pub struct ClusterState {
     pub removed: BTreeSet<String>,
     #[serde(default)]
     pub networks: BTreeMap<String, Network>,
+    #[serde(default)]
+    pub endpoints: BTreeMap<String, Endpoint>,
 }
 
 impl ClusterState {
@@ -240,6 +275,8 @@ impl ClusterState {
                 if self.nodes.remove(id).is_none() {
                     return CommandResult::Refused(format!("node {id} not found"));
                 }
+                // Its sandboxes are gone with it.
+                self.endpoints.retain(|_, e| e.node_id != *id);
                 self.removed.insert(id.clone());
                 CommandResult::Ok
             }
@@ -255,6 +292,66 @@ impl ClusterState {
                 CommandResult::Ok
             }
             Command::CreateNetwork { id, spec, at } => self.create_network(index, id, spec, at),
+            Command::CreateEndpoint {
+                id,
+                network_id,
+                node_id,
+                sandbox,
+                sandbox_id,
+                aliases,
+                standalone,
+                at,
+            } => {
+                if let Some(e) = self.endpoints.get(id) {
+                    return CommandResult::Endpoint(Box::new(e.clone()));
+                }
+                let Some(net) = self.networks.get(network_id) else {
+                    return CommandResult::Refused(format!("network {network_id} not found"));
+                };
+                if *standalone && !net.spec.attachable {
+                    return CommandResult::Refused(format!(
+                        "network {} is not manually attachable: create it with --attachable to use it with `mesh run`",
+                        net.spec.name
+                    ));
+                }
+                if !self.nodes.contains_key(node_id) {
+                    return CommandResult::Refused(format!("node {node_id} not found"));
+                }
+                if self
+                    .endpoints
+                    .values()
+                    .any(|e| e.network_id == *network_id && e.sandbox_id == *sandbox_id)
+                {
+                    return CommandResult::Refused(format!(
+                        "{sandbox} is already connected to network {}",
+                        net.spec.name
+                    ));
+                }
+                match self.allocate_address(net) {
+                    Ok(ip) => {
+                        let ep = Endpoint {
+                            id: id.clone(),
+                            network_id: network_id.clone(),
+                            node_id: node_id.clone(),
+                            sandbox: sandbox.clone(),
+                            sandbox_id: sandbox_id.clone(),
+                            ip: ip.to_string(),
+                            mac: mac_for(ip),
+                            aliases: aliases.clone(),
+                            created_at: at.clone(),
+                        };
+                        self.endpoints.insert(id.clone(), ep.clone());
+                        CommandResult::Endpoint(Box::new(ep))
+                    }
+                    Err(why) => CommandResult::Refused(why),
+                }
+            }
+            Command::RemoveEndpoint { id } => {
+                if self.endpoints.remove(id).is_none() {
+                    return CommandResult::Refused(format!("endpoint {id} not found"));
+                }
+                CommandResult::Ok
+            }
             Command::RemoveNetwork { id } => {
                 let Some(net) = self.networks.get(id) else {
                     return CommandResult::Refused(format!("network {id} not found"));
@@ -273,9 +370,42 @@ impl ClusterState {
         }
     }
 
-    /// Who uses a network: sandboxes and services, once those exist.
-    pub fn network_users(&self, _id: &str) -> Vec<String> {
-        Vec::new()
+    /// Who uses a network, for refusals that name them.
+    pub fn network_users(&self, id: &str) -> Vec<String> {
+        self.endpoints
+            .values()
+            .filter(|e| e.network_id == id)
+            .map(|e| {
+                let host = self
+                    .nodes
+                    .get(&e.node_id)
+                    .map_or(e.node_id.as_str(), |n| n.hostname.as_str());
+                format!("{} on {host}", e.sandbox)
+            })
+            .collect()
+    }
+
+    /// Next free address of a network (within --ip-range if given).
+    fn allocate_address(&self, net: &Network) -> Result<std::net::Ipv4Addr, String> {
+        let subnet: ipam::Ipv4Net = net
+            .subnet
+            .parse()
+            .map_err(|_| format!("bad subnet {}", net.subnet))?;
+        let gateway: std::net::Ipv4Addr = net
+            .gateway
+            .parse()
+            .map_err(|_| format!("bad gateway {}", net.gateway))?;
+        let range = match &net.spec.ip_range {
+            Some(r) => Some(ipam::parse_ip_range(r, &subnet).map_err(|e| e.to_string())?),
+            None => None,
+        };
+        let used: BTreeSet<std::net::Ipv4Addr> = self
+            .endpoints
+            .values()
+            .filter(|e| e.network_id == net.id)
+            .filter_map(|e| e.ip.parse().ok())
+            .collect();
+        ipam::next_host(&subnet, range.as_ref(), gateway, &used).map_err(|e| e.to_string())
     }
 
     /// Checks a spec and allocates its subnet and VNI. Everything is
@@ -376,6 +506,13 @@ impl ClusterState {
         let vni = ipam::next_vni(&vnis).map_err(|e| e.to_string())?;
         Ok((subnet, gateway, vni))
     }
+}
+
+/// Docker's MAC for an address: 02:42 followed by the IPv4 octets, so a MAC
+/// never needs allocating and a peer's MAC follows from its address.
+pub fn mac_for(ip: std::net::Ipv4Addr) -> String {
+    let o = ip.octets();
+    format!("02:42:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3])
 }
 
 pub const INGRESS_SUBNET: &str = "10.0.0.0/24";
@@ -662,6 +799,102 @@ mod tests {
         }
         assert!(
             matches!(create(&mut s, 20, "x", "x", None), CommandResult::Refused(m) if m.contains("10.20.0.0/20"))
+        );
+    }
+
+    fn attach(
+        s: &mut ClusterState,
+        index: u64,
+        id: &str,
+        net: &str,
+        sandbox: &str,
+        standalone: bool,
+    ) -> CommandResult {
+        s.apply(
+            index,
+            &Command::CreateEndpoint {
+                id: id.into(),
+                network_id: net.into(),
+                node_id: "m1".into(),
+                sandbox: sandbox.into(),
+                sandbox_id: format!("sb-{sandbox}"),
+                aliases: vec![],
+                standalone,
+                at: "t".into(),
+            },
+        )
+    }
+
+    #[test]
+    fn endpoints_allocate_addresses_and_hold_networks() {
+        let mut s = ClusterState::default();
+        init(&mut s);
+        let spec = NetworkSpec {
+            name: "app".into(),
+            driver: "overlay".into(),
+            subnet: Some("10.9.0.0/24".into()),
+            ip_range: Some("10.9.0.128/25".into()),
+            attachable: true,
+            ..Default::default()
+        };
+        s.apply(
+            2,
+            &Command::CreateNetwork {
+                id: "app".into(),
+                spec,
+                at: "t".into(),
+            },
+        );
+        let CommandResult::Endpoint(a) = attach(&mut s, 3, "e1", "app", "web", true) else {
+            panic!("refused")
+        };
+        assert_eq!(
+            (a.ip.as_str(), a.mac.as_str()),
+            ("10.9.0.128", "02:42:0a:09:00:80")
+        );
+        let CommandResult::Endpoint(b) = attach(&mut s, 4, "e2", "app", "db", true) else {
+            panic!("refused")
+        };
+        assert_eq!(b.ip, "10.9.0.129");
+        // Retried proposal: same endpoint, nothing new.
+        assert!(
+            matches!(attach(&mut s, 5, "e2", "app", "db", true), CommandResult::Endpoint(e) if e.ip == "10.9.0.129")
+        );
+        assert!(
+            matches!(attach(&mut s, 6, "e3", "app", "db", true), CommandResult::Refused(m) if m.contains("already connected"))
+        );
+        // Standalone sandboxes need --attachable.
+        assert!(
+            matches!(attach(&mut s, 7, "e4", "ing", "x", true), CommandResult::Refused(m) if m.contains("not manually attachable"))
+        );
+        let rm = s.apply(8, &Command::RemoveNetwork { id: "app".into() });
+        assert!(
+            matches!(rm, CommandResult::Refused(m) if m.contains("web on ") && m.contains("db on "))
+        );
+        assert_eq!(
+            s.apply(9, &Command::RemoveEndpoint { id: "e1".into() }),
+            CommandResult::Ok
+        );
+        let CommandResult::Endpoint(c) = attach(&mut s, 10, "e5", "app", "cache", true) else {
+            panic!("refused")
+        };
+        assert_eq!(c.ip, "10.9.0.128", "a freed address is reused");
+        s.apply(11, &Command::AddNode { node: node("w9") });
+        let ep = Command::CreateEndpoint {
+            id: "e6".into(),
+            network_id: "app".into(),
+            node_id: "w9".into(),
+            sandbox: "t".into(),
+            sandbox_id: "sb-t".into(),
+            aliases: vec![],
+            standalone: true,
+            at: "t".into(),
+        };
+        s.apply(12, &ep);
+        s.apply(13, &Command::RemoveNode { id: "w9".into() });
+        assert!(
+            !s.endpoints.contains_key("e6"),
+            "a removed node's endpoints go with it"
         );
     }
 }
