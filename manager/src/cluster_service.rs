@@ -12,8 +12,9 @@ use mesh_proto::*;
 use tonic::{Request, Response, Status};
 use tracing::info;
 
+use crate::dispatcher;
 use crate::manager::{HEARTBEAT_PERIOD, Manager, ManagerError, now};
-use crate::state::{Command, Node};
+use crate::state::{Command, CommandResult, Node};
 
 pub struct ClusterService {
     mgr: Arc<Manager>,
@@ -250,6 +251,95 @@ impl cluster_server::Cluster for ClusterService {
             .map_err(to_status)?;
         info!(node = %node.id, addr = %r.addr, "manager joined Raft");
         Ok(Response::new(Empty {}))
+    }
+
+    type AssignmentsStream = tokio_stream::wrappers::ReceiverStream<Result<NodeView, Status>>;
+
+    async fn assignments(
+        &self,
+        req: Request<Empty>,
+    ) -> Result<Response<Self::AssignmentsStream>, Status> {
+        let (_, node) = self.member(&req)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let mgr = self.mgr.clone();
+        tokio::spawn(async move {
+            let mut applied = mgr.sm.subscribe();
+            let mut last: Option<NodeView> = None;
+            loop {
+                let generation = *applied.borrow_and_update();
+                let view = mgr.read(|s| dispatcher::view_for(s, &node.id, generation));
+                if last
+                    .as_ref()
+                    .is_none_or(|l| !dispatcher::same_content(l, &view))
+                {
+                    if tx.send(Ok(view.clone())).await.is_err() {
+                        return; // the node hung up
+                    }
+                    last = Some(view);
+                }
+                tokio::select! {
+                    r = applied.changed() => if r.is_err() { return },
+                    _ = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
+    }
+
+    async fn attach(&self, req: Request<AttachRequest>) -> Result<Response<EndpointInfo>, Status> {
+        let (_, node) = self.member(&req)?;
+        let r = req.into_inner();
+        let net = self
+            .mgr
+            .read(|s| s.find_network(&r.network).cloned())
+            .map_err(Status::not_found)?;
+        let cmd = Command::CreateEndpoint {
+            id: if r.endpoint_id.is_empty() {
+                id::new_id()
+            } else {
+                r.endpoint_id
+            },
+            network_id: net.id.clone(),
+            node_id: node.id.clone(),
+            sandbox: r.sandbox,
+            sandbox_id: r.sandbox_id,
+            aliases: r.aliases,
+            standalone: true,
+            at: now(),
+        };
+        match self.mgr.write(cmd).await.map_err(to_status)? {
+            CommandResult::Endpoint(e) => Ok(Response::new(
+                self.mgr.read(|s| dispatcher::endpoint_info(s, &e)),
+            )),
+            _ => Err(Status::internal("unexpected result")),
+        }
+    }
+
+    async fn detach(&self, req: Request<DetachRequest>) -> Result<Response<Empty>, Status> {
+        let (_, node) = self.member(&req)?;
+        let r = req.into_inner();
+        let owner = self
+            .mgr
+            .read(|s| s.endpoints.get(&r.endpoint_id).map(|e| e.node_id.clone()));
+        match owner {
+            None => return Ok(Response::new(Empty {})), // already gone: detach is idempotent
+            Some(o) if o != node.id => {
+                return Err(Status::permission_denied(
+                    "a node can only detach its own sandboxes",
+                ));
+            }
+            Some(_) => {}
+        }
+        match self
+            .mgr
+            .write(Command::RemoveEndpoint { id: r.endpoint_id })
+            .await
+        {
+            Ok(_) | Err(ManagerError::Refused(_)) => Ok(Response::new(Empty {})),
+            Err(e) => Err(to_status(e)),
+        }
     }
 }
 

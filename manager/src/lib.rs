@@ -15,6 +15,7 @@ use std::io::Cursor;
 
 pub mod ca;
 pub mod cluster_service;
+pub mod dispatcher;
 pub mod manager;
 pub mod network;
 pub mod server;

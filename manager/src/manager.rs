@@ -59,6 +59,10 @@ pub struct Manager {
     /// new leader starts everyone afresh so it never marks nodes down for
     /// heartbeats that went to its predecessor.
     last_seen: Mutex<HashMap<String, Instant>>,
+    /// Generation of its node view each node says it has applied to the
+    /// kernel: how the managers know, rather than guess, that a change has
+    /// reached every node.
+    applied: Mutex<HashMap<String, u64>>,
     stop: watch::Sender<bool>,
 }
 
@@ -118,6 +122,7 @@ impl Manager {
             sm,
             peers,
             last_seen: Mutex::default(),
+            applied: Mutex::default(),
             stop,
         });
         tokio::spawn(monitor(Arc::downgrade(&mgr), mgr.stop.subscribe()));
@@ -298,11 +303,20 @@ impl Manager {
     }
 
     /// Records a heartbeat and marks the node Ready again if it was not.
-    pub async fn heartbeat(&self, node: &Node, addr: &str) -> Result<(), ManagerError> {
+    pub async fn heartbeat(
+        &self,
+        node: &Node,
+        addr: &str,
+        applied: u64,
+    ) -> Result<(), ManagerError> {
         self.last_seen
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(node.id.clone(), Instant::now());
+        self.applied
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(node.id.clone(), applied);
         if node.state != "ready" || (!addr.is_empty() && node.addr != addr) {
             info!(node = %node.id, "node is ready");
             self.write(Command::SetNodeState {
@@ -314,6 +328,16 @@ impl Manager {
             .await?;
         }
         Ok(())
+    }
+
+    /// The node view generation `node_id` last reported as applied.
+    pub fn applied_generation(&self, node_id: &str) -> u64 {
+        self.applied
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(node_id)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Adds a manager to the Raft voters: as a learner first (it catches up

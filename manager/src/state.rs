@@ -370,6 +370,29 @@ impl ClusterState {
         }
     }
 
+    /// Finds a network by full ID, then exact name, then unique ID prefix,
+    /// as Docker resolves references.
+    pub fn find_network(&self, r: &str) -> Result<&Network, String> {
+        if let Some(n) = self.networks.get(r) {
+            return Ok(n);
+        }
+        if let Some(n) = self.networks.values().find(|n| n.spec.name == r) {
+            return Ok(n);
+        }
+        let by_prefix: Vec<&Network> = self
+            .networks
+            .values()
+            .filter(|n| !r.is_empty() && n.id.starts_with(r))
+            .collect();
+        match by_prefix.as_slice() {
+            [n] => Ok(n),
+            [] => Err(format!("network {r} not found; see `mesh network ls`")),
+            _ => Err(format!(
+                "network reference {r:?} is ambiguous: it matches several networks; use more of the ID"
+            )),
+        }
+    }
+
     /// Who uses a network, for refusals that name them.
     pub fn network_users(&self, id: &str) -> Vec<String> {
         self.endpoints

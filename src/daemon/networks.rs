@@ -92,29 +92,16 @@ pub fn spec_from(r: mesh_proto::NetworkCreateRequest) -> Result<NetworkSpec, Sta
     })
 }
 
-/// Finds a network by full ID, then exact name, then unique ID prefix.
+/// Finds a network as Docker resolves references (ID, name, ID prefix).
 #[allow(clippy::result_large_err)]
 pub fn resolve(s: &state::ClusterState, r: &str) -> Result<Network, Status> {
-    if let Some(n) = s.networks.get(r) {
-        return Ok(n.clone());
-    }
-    if let Some(n) = s.networks.values().find(|n| n.spec.name == r) {
-        return Ok(n.clone());
-    }
-    let by_prefix: Vec<&Network> = s
-        .networks
-        .values()
-        .filter(|n| !r.is_empty() && n.id.starts_with(r))
-        .collect();
-    match by_prefix.as_slice() {
-        [n] => Ok((*n).clone()),
-        [] => Err(Status::not_found(format!(
-            "network {r} not found; see `mesh network ls`"
-        ))),
-        _ => Err(Status::failed_precondition(format!(
-            "network reference {r:?} is ambiguous: it matches several networks; use more of the ID"
-        ))),
-    }
+    s.find_network(r).cloned().map_err(|m| {
+        if m.contains("not found") {
+            Status::not_found(m)
+        } else {
+            Status::failed_precondition(m)
+        }
+    })
 }
 
 pub fn to_pb(n: &Network) -> mesh_proto::Network {

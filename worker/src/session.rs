@@ -65,10 +65,14 @@ pub struct Session {
     period: Duration,
     status: Arc<Mutex<SessionStatus>>,
     events: mpsc::Sender<SessionEvent>,
+    /// Generation of the last node view applied to the kernel, reported to
+    /// the managers with each heartbeat (set by the data-path agent).
+    applied: Arc<std::sync::atomic::AtomicU64>,
 }
 
 pub struct SessionHandle {
     pub status: Arc<Mutex<SessionStatus>>,
+    pub applied: Arc<std::sync::atomic::AtomicU64>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -106,6 +110,7 @@ impl Session {
             ..Default::default()
         }));
         let (stop, stop_rx) = watch::channel(false);
+        let applied = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let session = Session {
             state_dir,
             config,
@@ -118,9 +123,15 @@ impl Session {
             period: Duration::from_millis(500),
             status: status.clone(),
             events,
+            applied: applied.clone(),
         };
         let task = tokio::spawn(session.run(stop_rx));
-        Ok(SessionHandle { status, stop, task })
+        Ok(SessionHandle {
+            status,
+            applied,
+            stop,
+            task,
+        })
     }
 
     async fn run(mut self, mut stop: watch::Receiver<bool>) {
@@ -194,6 +205,7 @@ impl Session {
             addr: self.config.advertise_addr.clone(),
             hostname: String::new(),
             tls_not_after: String::new(),
+            applied_generation: self.applied.load(std::sync::atomic::Ordering::Relaxed),
         });
         req.set_timeout(CALL_TIMEOUT);
         let reply = ClusterClient::new(channel).heartbeat(req).await;

@@ -1,0 +1,187 @@
+//! What each node must have in its kernel, derived from the cluster state.
+//! A node sees only the networks it has sandboxes on, and for each, every
+//! endpoint on other nodes (its FDB and neighbour entries): this is what
+//! keeps the push small as clusters grow.
+
+use mesh_proto::{EndpointInfo, NetworkAssignment, NodeView, PeerEntry};
+
+use crate::state::{ClusterState, DEFAULT_DATA_PATH_PORT, Endpoint, Network};
+
+pub fn endpoint_info(s: &ClusterState, e: &Endpoint) -> EndpointInfo {
+    let net = s.networks.get(&e.network_id);
+    EndpointInfo {
+        id: e.id.clone(),
+        network_id: e.network_id.clone(),
+        network_name: net.map(|n| n.spec.name.clone()).unwrap_or_default(),
+        node_id: e.node_id.clone(),
+        sandbox: e.sandbox.clone(),
+        sandbox_id: e.sandbox_id.clone(),
+        ip: e.ip.clone(),
+        prefix: net
+            .and_then(|n| n.subnet.split_once('/'))
+            .and_then(|(_, p)| p.parse().ok())
+            .unwrap_or(24),
+        mac: e.mac.clone(),
+        gateway: net.map(|n| n.gateway.clone()).unwrap_or_default(),
+        aliases: e.aliases.clone(),
+    }
+}
+
+fn assignment(s: &ClusterState, net: &Network, node_id: &str) -> NetworkAssignment {
+    let mut local = Vec::new();
+    let mut peers = Vec::new();
+    for e in s.endpoints.values().filter(|e| e.network_id == net.id) {
+        if e.node_id == node_id {
+            local.push(endpoint_info(s, e));
+        } else if let Some(n) = s.nodes.get(&e.node_id) {
+            peers.push(PeerEntry {
+                ip: e.ip.clone(),
+                mac: e.mac.clone(),
+                node_addr: n.addr.clone(),
+                name: e.sandbox.clone(),
+            });
+        }
+    }
+    NetworkAssignment {
+        id: net.id.clone(),
+        name: net.spec.name.clone(),
+        vni: net.vni,
+        subnet: net.subnet.clone(),
+        gateway: net.gateway.clone(),
+        mtu: net
+            .spec
+            .options
+            .get("mtu")
+            .and_then(|m| m.parse().ok())
+            .unwrap_or(0),
+        internal: net.spec.internal,
+        encrypted: net.spec.options.contains_key("encrypted"),
+        local,
+        peers,
+    }
+}
+
+/// The view of one node at Raft index `generation`.
+pub fn view_for(s: &ClusterState, node_id: &str, generation: u64) -> NodeView {
+    let networks = s
+        .networks
+        .values()
+        .filter(|n| {
+            s.endpoints
+                .values()
+                .any(|e| e.network_id == n.id && e.node_id == node_id)
+        })
+        .map(|n| assignment(s, n, node_id))
+        .collect();
+    NodeView {
+        generation,
+        data_path_port: s
+            .cluster
+            .as_ref()
+            .map(|c| c.data_path_port)
+            .filter(|p| *p != 0)
+            .unwrap_or(DEFAULT_DATA_PATH_PORT)
+            .into(),
+        networks,
+    }
+}
+
+/// Two views ask the same of the kernel (generations aside).
+pub fn same_content(a: &NodeView, b: &NodeView) -> bool {
+    a.data_path_port == b.data_path_port && a.networks == b.networks
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{ClusterInfo, Command, NetworkSpec, Node};
+
+    fn node(id: &str, addr: &str) -> Node {
+        Node {
+            id: id.into(),
+            addr: addr.into(),
+            role: "worker".into(),
+            ..Default::default()
+        }
+    }
+
+    fn attach(s: &mut ClusterState, i: u64, id: &str, net: &str, node: &str) {
+        let cmd = Command::CreateEndpoint {
+            id: id.into(),
+            network_id: net.into(),
+            node_id: node.into(),
+            sandbox: format!("sb-{id}"),
+            sandbox_id: id.into(),
+            aliases: vec![],
+            standalone: true,
+            at: "t".into(),
+        };
+        s.apply(i, &cmd);
+    }
+
+    #[test]
+    fn nodes_see_only_their_networks_and_remote_peers() {
+        let mut s = ClusterState::default();
+        let cluster = ClusterInfo {
+            id: "c".into(),
+            data_path_port: 7777,
+            ..Default::default()
+        };
+        s.apply(
+            1,
+            &Command::Init {
+                cluster,
+                node: node("a", "192.168.1.1"),
+                ingress: None,
+            },
+        );
+        s.apply(
+            2,
+            &Command::AddNode {
+                node: node("b", "192.168.1.2"),
+            },
+        );
+        s.apply(
+            3,
+            &Command::AddNode {
+                node: node("c", "192.168.1.3"),
+            },
+        );
+        for (i, name) in ["red", "blue"].iter().enumerate() {
+            let spec = NetworkSpec {
+                name: name.to_string(),
+                driver: "overlay".into(),
+                attachable: true,
+                ..Default::default()
+            };
+            s.apply(
+                4 + i as u64,
+                &Command::CreateNetwork {
+                    id: name.to_string(),
+                    spec,
+                    at: "t".into(),
+                },
+            );
+        }
+        attach(&mut s, 10, "a1", "red", "a");
+        attach(&mut s, 11, "b1", "red", "b");
+        attach(&mut s, 12, "c1", "blue", "c");
+        let va = view_for(&s, "a", 12);
+        assert_eq!(va.data_path_port, 7777);
+        assert_eq!(va.networks.len(), 1, "a needs only red");
+        let red = &va.networks[0];
+        assert_eq!((red.local.len(), red.peers.len()), (1, 1));
+        assert_eq!(red.peers[0].node_addr, "192.168.1.2");
+        assert_eq!(red.local[0].prefix, 24);
+        let vc = view_for(&s, "c", 12);
+        assert_eq!(vc.networks.len(), 1);
+        assert!(vc.networks[0].peers.is_empty(), "nobody else is on blue");
+        assert!(view_for(&s, "nobody", 12).networks.is_empty());
+        assert!(same_content(&va, &view_for(&s, "a", 99)));
+        attach(&mut s, 13, "b2", "red", "b");
+        assert!(
+            !same_content(&va, &view_for(&s, "a", 13)),
+            "a new peer changes a's view"
+        );
+    }
+}
