@@ -38,6 +38,30 @@ pub enum Cmd {
     /// Manage networks.
     #[command(subcommand)]
     Network(NetworkCmd),
+    /// Start a sandbox: CMD in its own network, mount and UTS namespaces.
+    Run(RunArgs),
+    /// List this node's sandboxes.
+    Ps {
+        #[arg(short, long)]
+        all: bool,
+        #[arg(long)]
+        format: Option<String>,
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Run a command inside a sandbox.
+    Exec {
+        sandbox: String,
+        #[arg(trailing_var_arg = true, required = true, allow_hyphen_values = true)]
+        cmd: Vec<String>,
+    },
+    /// Remove sandboxes.
+    Rm {
+        #[arg(short, long)]
+        force: bool,
+        #[arg(required = true)]
+        sandboxes: Vec<String>,
+    },
     /// Multi-node labs of network namespaces on this machine.
     #[command(subcommand)]
     Lab(mesh_lab::LabCommand),
@@ -229,4 +253,21 @@ pub enum NetworkCmd {
         #[arg(short, long)]
         force: bool,
     },
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    #[arg(long, default_value = "")]
+    pub name: String,
+    #[arg(long)]
+    pub network: Vec<String>,
+    #[arg(long = "network-alias")]
+    pub network_alias: Vec<String>,
+    #[arg(short, long)]
+    pub env: Vec<String>,
+    /// Run in the background and print the sandbox ID.
+    #[arg(short, long)]
+    pub detach: bool,
+    #[arg(trailing_var_arg = true, required = true, allow_hyphen_values = true)]
+    pub cmd: Vec<String>,
 }

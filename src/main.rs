@@ -8,6 +8,7 @@ mod cluster_cmd;
 mod daemon;
 mod network_cmd;
 mod node_cmd;
+mod sandbox_cmd;
 mod table;
 
 use std::process::ExitCode;
@@ -70,6 +71,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Info(a) => cluster_cmd::info(&host, a).await,
         Cmd::Node(c) => node_cmd::run(&host, c).await,
         Cmd::Network(c) => network_cmd::run(&host, c).await,
+        Cmd::Run(a) => sandbox_cmd::run(&host, a).await,
+        Cmd::Ps { all, format, quiet } => sandbox_cmd::ps(&host, all, format, quiet).await,
+        Cmd::Exec { sandbox, cmd } => sandbox_cmd::exec(&host, &sandbox, cmd).await,
+        Cmd::Rm { force, sandboxes } => sandbox_cmd::rm(&host, force, sandboxes).await,
         Cmd::Lab(c) => {
             // The lab drives this same binary for its daemons and commands.
             let exe = std::env::current_exe()?;

@@ -24,6 +24,13 @@ pub fn endpoint_info(s: &ClusterState, e: &Endpoint) -> EndpointInfo {
         mac: e.mac.clone(),
         gateway: net.map(|n| n.gateway.clone()).unwrap_or_default(),
         aliases: e.aliases.clone(),
+        vni: net.map(|n| n.vni).unwrap_or_default(),
+        mtu: net
+            .and_then(|n| n.spec.options.get("mtu"))
+            .and_then(|m| m.parse().ok())
+            .unwrap_or(0),
+        internal: net.is_some_and(|n| n.spec.internal),
+        data_path_port: data_path_port(s),
     }
 }
 
@@ -75,15 +82,18 @@ pub fn view_for(s: &ClusterState, node_id: &str, generation: u64) -> NodeView {
         .collect();
     NodeView {
         generation,
-        data_path_port: s
-            .cluster
-            .as_ref()
-            .map(|c| c.data_path_port)
-            .filter(|p| *p != 0)
-            .unwrap_or(DEFAULT_DATA_PATH_PORT)
-            .into(),
+        data_path_port: data_path_port(s),
         networks,
     }
+}
+
+fn data_path_port(s: &ClusterState) -> u32 {
+    s.cluster
+        .as_ref()
+        .map(|c| c.data_path_port)
+        .filter(|p| *p != 0)
+        .unwrap_or(DEFAULT_DATA_PATH_PORT)
+        .into()
 }
 
 /// Two views ask the same of the kernel (generations aside).

@@ -437,4 +437,76 @@ impl Control for ControlService {
         }
         Ok(Response::new(NetworkList { networks: removed }))
     }
+
+    async fn sandbox_run(
+        &self,
+        req: Request<RunRequest>,
+    ) -> Result<Response<mesh_proto::Sandbox>, Status> {
+        let r = req.into_inner();
+        let spec = mesh_worker::sandboxes::RunSpec {
+            name: r.name,
+            networks: r.networks,
+            aliases: r.aliases,
+            cmd: r.cmd,
+            env: r.env.into_iter().collect(),
+        };
+        let rec = self
+            .d
+            .sandboxes
+            .run(spec, &self.d.datapath(), self.d.managers_link().as_ref())
+            .await
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        Ok(Response::new(super::sandboxes::to_pb(
+            &rec,
+            &self.d.state_dir,
+        )))
+    }
+
+    async fn sandbox_list(&self, _req: Request<Empty>) -> Result<Response<SandboxList>, Status> {
+        let sandboxes = self
+            .d
+            .sandboxes
+            .list()
+            .iter()
+            .map(|r| super::sandboxes::to_pb(r, &self.d.state_dir))
+            .collect();
+        Ok(Response::new(SandboxList { sandboxes }))
+    }
+
+    async fn sandbox_inspect(
+        &self,
+        req: Request<SandboxRef>,
+    ) -> Result<Response<mesh_proto::Sandbox>, Status> {
+        let rec = self
+            .d
+            .sandboxes
+            .find(&req.into_inner().sandbox)
+            .map_err(|e| Status::not_found(e.to_string()))?;
+        Ok(Response::new(super::sandboxes::to_pb(
+            &rec,
+            &self.d.state_dir,
+        )))
+    }
+
+    async fn sandbox_remove(
+        &self,
+        req: Request<SandboxRemoveRequest>,
+    ) -> Result<Response<mesh_proto::Sandbox>, Status> {
+        let r = req.into_inner();
+        let rec = self
+            .d
+            .sandboxes
+            .remove(
+                &r.sandbox,
+                r.force,
+                &self.d.datapath(),
+                self.d.managers_link().as_ref(),
+            )
+            .await
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        Ok(Response::new(super::sandboxes::to_pb(
+            &rec,
+            &self.d.state_dir,
+        )))
+    }
 }

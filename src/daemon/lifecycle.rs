@@ -14,6 +14,8 @@ use mesh_manager::network::Peers;
 use mesh_manager::state::{ClusterInfo, Command, Node};
 use mesh_proto::cluster_client::ClusterClient;
 use mesh_proto::{Empty, JoinRaftRequest, NodeJoinRequest};
+use mesh_worker::managers::Managers;
+use mesh_worker::sandboxes::DataPath;
 use mesh_worker::session::Session;
 use mesh_worker::state_dir::{Certs, NodeConfig};
 use tracing::{info, warn};
@@ -176,7 +178,7 @@ impl Daemon {
         if config.role == "manager" {
             self.start_manager_role(&mut m, None).await?;
         }
-        self.start_session(&mut m)?;
+        self.start_session(&mut m).await?;
         self.publish(&m);
         Ok(())
     }
@@ -190,7 +192,7 @@ impl Daemon {
             .unwrap_or_else(|e| e.into_inner()) = m.session.as_ref().map(|s| s.status.clone());
     }
 
-    fn start_session(&self, m: &mut Membership) -> Result<()> {
+    async fn start_session(&self, m: &mut Membership) -> Result<()> {
         let (Some(config), Some(certs), Some(identity)) = (&m.config, &m.certs, &m.identity) else {
             bail!("no membership to start a session for");
         };
@@ -201,6 +203,30 @@ impl Daemon {
             identity.clone(),
             self.events.clone(),
         )?;
+        // The data path follows the node's view from the managers.
+        let managers = Managers::new(&certs.ca, identity.clone(), config.managers.clone())?;
+        let local_ip: std::net::Ipv4Addr = config
+            .advertise_addr
+            .parse()
+            .with_context(|| format!("advertise address {} is not IPv4", config.advertise_addr))?;
+        let dp = DataPath {
+            prefix: self.prefix.clone(),
+            local_ip,
+            port: mesh_manager::state::DEFAULT_DATA_PATH_PORT,
+            overlay_mtu: mesh_worker::sandboxes::overlay_mtu_for(local_ip).await,
+        };
+        m.agent = Some(mesh_worker::agent::spawn(
+            managers.clone(),
+            dp.clone(),
+            self.sandboxes.clone(),
+            session.applied.clone(),
+        ));
+        m.managers = Some(managers.clone());
+        *self.datapath.write().unwrap_or_else(|e| e.into_inner()) = Some(dp);
+        *self
+            .managers_link
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Some(managers);
         m.session = Some(session);
         Ok(())
     }
@@ -261,6 +287,14 @@ impl Daemon {
         if let Some(s) = m.session.take() {
             s.stop().await;
         }
+        if let Some(a) = m.agent.take() {
+            a.stop().await;
+        }
+        *self.datapath.write().unwrap_or_else(|e| e.into_inner()) = None;
+        *self
+            .managers_link
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = None;
         self.stop_manager_role(m).await;
         *m = Membership::default();
         self.publish(m);
@@ -270,6 +304,9 @@ impl Daemon {
         let mut m = self.membership.lock().await;
         if let Some(s) = m.session.take() {
             s.stop().await;
+        }
+        if let Some(a) = m.agent.take() {
+            a.stop().await;
         }
         self.stop_manager_role(&mut m).await;
     }
@@ -371,11 +408,10 @@ impl Daemon {
         started: Result<()>,
     ) -> Result<()> {
         let result = match started {
-            Ok(()) => self
-                .state_dir
-                .save_config(config)
-                .map_err(anyhow::Error::from)
-                .and_then(|()| self.start_session(m)),
+            Ok(()) => match self.state_dir.save_config(config) {
+                Ok(()) => self.start_session(m).await,
+                Err(e) => Err(e.into()),
+            },
             Err(e) => Err(e),
         };
         if let Err(e) = result {

@@ -9,6 +9,7 @@
 mod control;
 mod lifecycle;
 mod networks;
+mod sandboxes;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
@@ -33,6 +34,9 @@ struct Membership {
     identity: Option<ReloadableIdentity>,
     session: Option<SessionHandle>,
     server: Option<ServerHandle>,
+    /// Keeps the kernel in step with this node's view from the managers.
+    agent: Option<mesh_worker::agent::AgentHandle>,
+    managers: Option<mesh_worker::managers::Managers>,
 }
 
 pub struct Daemon {
@@ -48,6 +52,12 @@ pub struct Daemon {
     config: RwLock<Option<NodeConfig>>,
     /// Why this node is not in a cluster any more (e.g. it was removed).
     error: RwLock<String>,
+    sandboxes: Arc<mesh_worker::sandboxes::Sandboxes>,
+    /// Namespace prefix unique to this daemon's state dir.
+    prefix: String,
+    /// Data-path settings while the node is in a cluster.
+    datapath: RwLock<Option<mesh_worker::sandboxes::DataPath>>,
+    managers_link: RwLock<Option<mesh_worker::managers::Managers>>,
     events: mpsc::Sender<SessionEvent>,
 }
 
@@ -62,7 +72,15 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
     state_dir.create()?;
     let listener = bind_socket(&opts.socket).await?;
     let (events, mut events_rx) = mpsc::channel(16);
+    let prefix = state_dir.instance_prefix()?;
+    let sandboxes = Arc::new(mesh_worker::sandboxes::Sandboxes::load(
+        state_dir.sandboxes_dir(),
+    )?);
     let daemon = Arc::new(Daemon {
+        sandboxes,
+        prefix,
+        datapath: RwLock::new(None),
+        managers_link: RwLock::new(None),
         state_dir,
         snapshot_every: opts.snapshot_every,
         membership: Default::default(),
@@ -133,6 +151,27 @@ async fn bind_socket(path: &std::path::Path) -> Result<UnixListener> {
 }
 
 impl Daemon {
+    /// Data-path settings: the cluster's once joined, a local default before.
+    fn datapath(&self) -> mesh_worker::sandboxes::DataPath {
+        self.datapath
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or(mesh_worker::sandboxes::DataPath {
+                prefix: self.prefix.clone(),
+                local_ip: std::net::Ipv4Addr::UNSPECIFIED,
+                port: mesh_manager::state::DEFAULT_DATA_PATH_PORT,
+                overlay_mtu: 1450,
+            })
+    }
+
+    fn managers_link(&self) -> Option<mesh_worker::managers::Managers> {
+        self.managers_link
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     fn manager(&self) -> Option<Arc<Manager>> {
         self.manager
             .read()

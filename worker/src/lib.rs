@@ -8,5 +8,13 @@
 //!
 //! It must not touch Raft or cluster state: it only asks managers.
 
+pub mod agent;
+pub mod egress;
+pub mod link;
+pub mod managers;
+pub mod netns;
+pub mod overlay;
+pub mod sandbox;
+pub mod sandboxes;
 pub mod session;
 pub mod state_dir;

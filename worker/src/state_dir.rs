@@ -68,6 +68,27 @@ impl StateDir {
         &self.root
     }
 
+    /// Where the records of this node's sandboxes live.
+    pub fn sandboxes_dir(&self) -> PathBuf {
+        self.root.join("sandboxes")
+    }
+
+    /// A short ID of this daemon's state dir, made once: it prefixes every
+    /// namespace the daemon creates, so nodes sharing one /run/netns (a lab
+    /// on one machine) never collide, and a restarted daemon finds its own.
+    pub fn instance_prefix(&self) -> Result<String, StateDirError> {
+        let path = self.root.join("instance");
+        if let Ok(s) = fs::read_to_string(&path) {
+            let s = s.trim();
+            if !s.is_empty() {
+                return Ok(format!("mesh{s}"));
+            }
+        }
+        let id: String = mesh_common::id::new_id().chars().take(6).collect();
+        write_atomic(&path, id.as_bytes(), 0o644)?;
+        Ok(format!("mesh{id}"))
+    }
+
     pub fn raft_dir(&self) -> PathBuf {
         self.root.join("raft")
     }

@@ -1,0 +1,902 @@
+//! The kernel side of the overlay driver, modelled on Docker's: per network a
+//! namespace holding bridge `br0` (with the gateway address) and `vxlan0`
+//! (static FDB and ARP entries, no learning, no flooding, no multicast), and
+//! per sandbox a veth pair from `br0` to the sandbox.
+//!
+//! Every function is a reconciliation step: it takes the desired state,
+//! compares it with what the kernel has and fixes the difference, so calling
+//! it again is harmless and a restart or a hand-deleted device heals on the
+//! next call. The agent calls [`ensure_network`] then [`sync_peers`] for each
+//! network it needs (a recreated `vxlan0` starts with an empty FDB), and
+//! [`attach`] for each sandbox on it.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::os::fd::AsFd;
+
+use ipnet::Ipv4Net;
+use nix::errno::Errno;
+use tracing::{debug, info, warn};
+
+use crate::link::{FdbEntry, Mac, NeighEntry, Netlink, VxlanConfig, fmt_mac};
+use crate::netns;
+pub use crate::netns::NetError;
+
+/// The bridge of a network's namespace, holding the gateway address.
+pub const BRIDGE: &str = "br0";
+/// The VXLAN device of a network's namespace.
+pub const VXLAN: &str = "vxlan0";
+/// Largest VNI: the field is 24 bits.
+pub const MAX_VNI: u32 = 0x00ff_ffff;
+
+/// Which node the driver works for: the prefix of the namespaces it owns,
+/// and the namespace that is the node's own (where the underlay address is
+/// and so where VXLAN sockets must live). `ns: None` is the process's own
+/// namespace, the normal case; tests run several fake nodes in one kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Node {
+    pub prefix: String,
+    pub ns: Option<String>,
+}
+
+impl Node {
+    /// A node whose underlay is this process's namespace.
+    pub fn host(prefix: impl Into<String>) -> Self {
+        Node {
+            prefix: prefix.into(),
+            ns: None,
+        }
+    }
+
+    /// A node whose underlay is the named namespace (a fake host).
+    pub fn in_ns(prefix: impl Into<String>, ns: impl Into<String>) -> Self {
+        Node {
+            prefix: prefix.into(),
+            ns: Some(ns.into()),
+        }
+    }
+
+    fn ns(&self) -> Option<&str> {
+        self.ns.as_deref()
+    }
+}
+
+/// One overlay network as this node must have it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OverlaySpec {
+    pub vni: u32,
+    pub subnet: Ipv4Net,
+    pub gateway: Ipv4Addr,
+    /// MTU of the bridge, the VXLAN and the veths (underlay MTU minus 50).
+    pub mtu: u32,
+    /// This node's underlay address: the source of encapsulated packets.
+    pub local_ip: Ipv4Addr,
+    /// Data-path UDP port (4789 by default, `--data-path-port`).
+    pub port: u16,
+}
+
+/// A remote endpoint on the network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Peer {
+    /// The endpoint's overlay address.
+    pub ip: Ipv4Addr,
+    pub mac: Mac,
+    /// Underlay address of the node the endpoint runs on.
+    pub node_ip: Ipv4Addr,
+}
+
+/// A sandbox's connection to a network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attachment {
+    /// Named namespace of the sandbox (under /run/netns).
+    pub sandbox_ns: String,
+    /// Interface name inside the sandbox, e.g. `eth0`.
+    pub ifname: String,
+    pub ip: Ipv4Addr,
+    pub prefix: u8,
+    pub mac: Mac,
+    pub mtu: u32,
+    /// Whether the sandbox's default route goes via this network's gateway.
+    pub default_route: bool,
+}
+
+/// What [`sync_peers`] changed; all zero when the kernel already matched.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SyncReport {
+    pub fdb_added: usize,
+    pub fdb_updated: usize,
+    pub fdb_removed: usize,
+    pub neigh_added: usize,
+    pub neigh_updated: usize,
+    pub neigh_removed: usize,
+}
+
+impl SyncReport {
+    /// Entries added, fixed or removed: drift that was repaired.
+    pub fn changed(&self) -> usize {
+        self.fdb_added
+            + self.fdb_updated
+            + self.fdb_removed
+            + self.neigh_added
+            + self.neigh_updated
+            + self.neigh_removed
+    }
+}
+
+/// Name of the namespace of network `vni` on a node.
+pub fn network_ns_name(prefix: &str, vni: u32) -> String {
+    format!("{prefix}-ov-{vni}")
+}
+
+/// Docker's MAC for an endpoint: 02:42 (locally administered) followed by
+/// the IPv4 address, so MACs never collide within a subnet and need no
+/// allocator.
+pub fn mac_for(ip: Ipv4Addr) -> Mac {
+    let [a, b, c, d] = ip.octets();
+    [0x02, 0x42, a, b, c, d]
+}
+
+/// FNV-1a: a stable hash (std's may change between releases) for names
+/// that must be the same after an upgrade.
+fn fnv1a(parts: &[&[u8]]) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for part in parts {
+        for b in *part {
+            h ^= u32::from(*b);
+            h = h.wrapping_mul(0x0100_0193);
+        }
+        // Separator, so ("ab", "c") and ("a", "bc") differ.
+        h ^= 0xff;
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h
+}
+
+/// Names of an attachment's veth: the end on `br0` (in the network's
+/// namespace) and the temporary name of the sandbox end before it is
+/// renamed. Derived, not stored, so a restarted agent finds them; at most 15
+/// characters (IFNAMSIZ).
+fn veth_names(vni: u32, a: &Attachment) -> (String, String) {
+    let h = fnv1a(&[
+        &vni.to_be_bytes(),
+        a.sandbox_ns.as_bytes(),
+        a.ifname.as_bytes(),
+    ]);
+    (format!("veth{h:08x}"), format!("vtmp{h:08x}"))
+}
+
+/// Alias written on the `br0` end of a veth: whose it is, so a hash
+/// collision is reported instead of tearing down another sandbox's link.
+fn veth_owner(a: &Attachment) -> String {
+    format!("mesh {}/{}", a.sandbox_ns, a.ifname)
+}
+
+/// Name of a VXLAN while it is still in the node's namespace, unique per
+/// node prefix and VNI.
+fn temp_vxlan_name(prefix: &str, vni: u32) -> String {
+    format!("vx{vni:06x}{:05x}", fnv1a(&[prefix.as_bytes()]) & 0xf_ffff)
+}
+
+fn validate_spec(spec: &OverlaySpec) -> Result<(), NetError> {
+    let what = |msg: String| {
+        Err(NetError::Invalid(format!(
+            "overlay network VNI {}: {msg}",
+            spec.vni
+        )))
+    };
+    if spec.vni == 0 || spec.vni > MAX_VNI {
+        return what(format!("VNI must be between 1 and {MAX_VNI}"));
+    }
+    if !spec.subnet.contains(&spec.gateway) {
+        return what(format!(
+            "gateway {} is outside subnet {}",
+            spec.gateway, spec.subnet
+        ));
+    }
+    if !(68..=65535).contains(&spec.mtu) {
+        return what(format!("MTU {} is outside 68-65535", spec.mtu));
+    }
+    if spec.port == 0 {
+        return what("data-path port must not be 0".into());
+    }
+    Ok(())
+}
+
+fn validate_attachment(a: &Attachment) -> Result<(), NetError> {
+    let bad = |msg: String| {
+        Err(NetError::Invalid(format!(
+            "attachment of sandbox {} ({}): {msg}",
+            a.sandbox_ns, a.ifname
+        )))
+    };
+    if crate::link::check_ifname(&a.ifname).is_err() {
+        return bad("interface name must be 1-15 characters without '/', ':' or spaces".into());
+    }
+    if a.prefix > 32 {
+        return bad(format!("prefix length {} is over 32", a.prefix));
+    }
+    if a.mac[0] & 1 != 0 {
+        return bad(format!("MAC {} is a multicast address", fmt_mac(&a.mac)));
+    }
+    if !(68..=65535).contains(&a.mtu) {
+        return bad(format!("MTU {} is outside 68-65535", a.mtu));
+    }
+    Ok(())
+}
+
+/// Opens the network's namespace, which [`ensure_network`] must have made.
+async fn open_network(prefix: &str, vni: u32) -> Result<(String, Netlink), NetError> {
+    let ns = network_ns_name(prefix, vni);
+    if !netns::exists(&ns) {
+        return Err(NetError::NoNamespace(ns));
+    }
+    let nl = Netlink::open(Some(&ns)).await?;
+    Ok((ns, nl))
+}
+
+/// Ensures, for one network on this node, a namespace holding bridge `br0`
+/// (gateway address, MTU, up) and `vxlan0` (created in the node's namespace
+/// so its UDP socket lives on the underlay, then moved in, enslaved to
+/// `br0`, up). Idempotent; repairs a missing or changed piece. A recreated
+/// `vxlan0` has no FDB entries: call [`sync_peers`] after this.
+pub async fn ensure_network(node: &Node, spec: &OverlaySpec) -> Result<(), NetError> {
+    validate_spec(spec)?;
+    let ns = network_ns_name(&node.prefix, spec.vni);
+    netns::create(&ns)?;
+    let net = Netlink::open(Some(&ns)).await?;
+    ensure_bridge(&net, spec).await?;
+    ensure_vxlan(node, &net, &ns, spec).await
+}
+
+async fn ensure_bridge(net: &Netlink, spec: &OverlaySpec) -> Result<(), NetError> {
+    let existing = net.link(BRIDGE).await?;
+    let link = match existing {
+        Some(l) if l.kind.as_deref() == Some("bridge") => l,
+        other => {
+            if other.is_some() {
+                warn!(ns = net.ns(), "{BRIDGE} is not a bridge; recreating it");
+                net.delete(BRIDGE).await?;
+            } else {
+                debug!(ns = net.ns(), "creating {BRIDGE}");
+            }
+            net.create_bridge(BRIDGE, spec.mtu).await?;
+            net.link(BRIDGE).await?.ok_or_else(|| NetError::NoDevice {
+                dev: BRIDGE.into(),
+                ns: net.ns().into(),
+                hint: "it vanished right after being created; is another agent managing this namespace?",
+            })?
+        }
+    };
+    if link.mtu != spec.mtu {
+        net.set_mtu(BRIDGE, spec.mtu).await?;
+    }
+    net.ensure_only_address_v4(BRIDGE, spec.gateway, spec.subnet.prefix_len())
+        .await?;
+    if !link.up {
+        net.set_up(BRIDGE).await?;
+    }
+    Ok(())
+}
+
+async fn ensure_vxlan(
+    node: &Node,
+    net: &Netlink,
+    ns: &str,
+    spec: &OverlaySpec,
+) -> Result<(), NetError> {
+    let want = VxlanConfig {
+        name: VXLAN.into(),
+        vni: spec.vni,
+        local: spec.local_ip,
+        port: spec.port,
+        mtu: spec.mtu,
+    };
+    let existing = net.link(VXLAN).await?;
+    let usable = existing.as_ref().is_some_and(|l| {
+        l.kind.as_deref() == Some("vxlan") && l.vxlan.as_ref().is_some_and(|v| want.matches(v))
+    });
+    if !usable {
+        if existing.is_some() {
+            info!(
+                ns,
+                vni = spec.vni,
+                "{VXLAN} settings differ from the network's; recreating it"
+            );
+            net.delete(VXLAN).await?;
+        } else {
+            info!(ns, vni = spec.vni, "creating {VXLAN}");
+        }
+        create_vxlan_in_node(node, net, ns, &want).await?;
+    }
+    let br = net
+        .require(BRIDGE, "the bridge vanished while setting up the network")
+        .await?;
+    let link = net.link(VXLAN).await?.ok_or_else(|| NetError::NoDevice {
+        dev: VXLAN.into(),
+        ns: ns.into(),
+        hint: "it vanished right after being created; is another agent managing this namespace?",
+    })?;
+    if link.mtu != spec.mtu {
+        net.set_mtu(VXLAN, spec.mtu).await?;
+    }
+    if link.master != Some(br) {
+        net.set_master(VXLAN, BRIDGE).await?;
+    }
+    if !link.up {
+        net.set_up(VXLAN).await?;
+    }
+    Ok(())
+}
+
+/// Creates the VXLAN under a temporary name in the node's namespace, moves
+/// it into the network's namespace and names it `vxlan0` there.
+async fn create_vxlan_in_node(
+    node: &Node,
+    net: &Netlink,
+    ns: &str,
+    want: &VxlanConfig,
+) -> Result<(), NetError> {
+    let host = Netlink::open(node.ns()).await?;
+    let tmp = temp_vxlan_name(&node.prefix, want.vni);
+    // A leftover from a create interrupted before the move.
+    host.delete(&tmp).await?;
+    let cfg = VxlanConfig {
+        name: tmp.clone(),
+        ..want.clone()
+    };
+    if let Err(e) = host.create_vxlan(&cfg).await {
+        if e.errno() == Some(Errno::EEXIST) {
+            return Err(NetError::Conflict(format!(
+                "{e}: VNI {} on UDP port {} is probably used by another VXLAN device in namespace {} (see `ip -d link show type vxlan`); remove it or use another VNI",
+                want.vni,
+                want.port,
+                host.ns()
+            )));
+        }
+        return Err(e);
+    }
+    let moved = match netns::open(ns) {
+        Ok(fd) => host.move_to_ns(&tmp, fd.as_fd(), ns).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = moved {
+        let _ = host.delete(&tmp).await;
+        return Err(e);
+    }
+    if let Err(e) = net.rename(&tmp, VXLAN).await {
+        let _ = net.delete(&tmp).await;
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Desired FDB (MAC → node) and neighbour (IP → MAC) tables from the peers.
+/// A MAC or IP listed twice keeps its last entry, with a warning: the peer
+/// table is the managers' and a duplicate there is their bug to see.
+fn desired_tables(peers: &[Peer]) -> (BTreeMap<Mac, Ipv4Addr>, BTreeMap<Ipv4Addr, Mac>) {
+    let mut fdb = BTreeMap::new();
+    let mut neigh = BTreeMap::new();
+    for p in peers {
+        if let Some(old) = fdb.insert(p.mac, p.node_ip)
+            && old != p.node_ip
+        {
+            warn!(mac = %fmt_mac(&p.mac), "peer MAC listed on two nodes ({old}, {}); using the last", p.node_ip);
+        }
+        if let Some(old) = neigh.insert(p.ip, p.mac)
+            && old != p.mac
+        {
+            warn!(ip = %p.ip, "peer IP listed with two MACs; using the last");
+        }
+    }
+    (fdb, neigh)
+}
+
+/// The changes that make a table match: entries to add or replace (with
+/// whether it is a fix of an existing one) and entries to remove.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct FdbPlan {
+    set: Vec<(Mac, Ipv4Addr, bool)>,
+    remove: Vec<(Mac, Option<Ipv4Addr>)>,
+}
+
+/// Compares the VXLAN's own FDB entries with the desired ones. An entry
+/// counts as correct only if it is permanent and its MAC has exactly the one
+/// desired remote.
+fn plan_fdb(desired: &BTreeMap<Mac, Ipv4Addr>, current: &[FdbEntry]) -> FdbPlan {
+    let mut by_mac: BTreeMap<Mac, Vec<&FdbEntry>> = BTreeMap::new();
+    for e in current.iter().filter(|e| e.own) {
+        by_mac.entry(e.mac).or_default().push(e);
+    }
+    let mut plan = FdbPlan::default();
+    for (mac, entries) in &by_mac {
+        match desired.get(mac) {
+            None => plan.remove.extend(entries.iter().map(|e| (*mac, e.dst))),
+            Some(want) => {
+                let exact =
+                    entries.len() == 1 && entries[0].dst == Some(*want) && entries[0].permanent;
+                if !exact {
+                    // One entry is fixed in place by the replace (no window
+                    // without it); extra remotes must go first.
+                    if entries.len() > 1 {
+                        plan.remove.extend(
+                            entries
+                                .iter()
+                                .filter(|e| e.dst != Some(*want))
+                                .map(|e| (*mac, e.dst)),
+                        );
+                    }
+                    plan.set.push((*mac, *want, true));
+                }
+            }
+        }
+    }
+    for (mac, want) in desired {
+        if !by_mac.contains_key(mac) {
+            plan.set.push((*mac, *want, false));
+        }
+    }
+    plan
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+struct NeighPlan {
+    set: Vec<(Ipv4Addr, Mac, bool)>,
+    remove: Vec<Ipv4Addr>,
+}
+
+fn plan_neigh(desired: &BTreeMap<Ipv4Addr, Mac>, current: &[NeighEntry]) -> NeighPlan {
+    let mut plan = NeighPlan::default();
+    let mut seen = BTreeMap::new();
+    for e in current {
+        seen.insert(e.ip, e);
+    }
+    for (ip, e) in &seen {
+        match desired.get(ip) {
+            None => plan.remove.push(*ip),
+            Some(mac) if e.mac == Some(*mac) && e.permanent => {}
+            Some(mac) => plan.set.push((*ip, *mac, true)),
+        }
+    }
+    for (ip, mac) in desired {
+        if !seen.contains_key(ip) {
+            plan.set.push((*ip, *mac, false));
+        }
+    }
+    plan
+}
+
+/// Makes the static FDB (MAC → node) and neighbour (IP → MAC) entries on
+/// `vxlan0` exactly `peers`: adds missing ones, fixes wrong ones, removes
+/// stale ones and leaves correct ones untouched (no flapping, no window
+/// without an entry). Returns what changed, for drift-repair logs.
+pub async fn sync_peers(node: &Node, vni: u32, peers: &[Peer]) -> Result<SyncReport, NetError> {
+    let (_ns, net) = open_network(&node.prefix, vni).await?;
+    let (fdb_want, neigh_want) = desired_tables(peers);
+    let mut report = SyncReport::default();
+
+    let fdb = plan_fdb(&fdb_want, &net.fdb_entries(VXLAN).await?);
+    for (mac, dst) in &fdb.remove {
+        net.fdb_del(VXLAN, *mac, *dst).await?;
+    }
+    report.fdb_removed = fdb
+        .remove
+        .iter()
+        .filter(|(m, _)| !fdb_want.contains_key(m))
+        .count();
+    for (mac, dst, fix) in &fdb.set {
+        net.fdb_replace(VXLAN, *mac, *dst).await?;
+        if *fix {
+            report.fdb_updated += 1;
+        } else {
+            report.fdb_added += 1;
+        }
+    }
+
+    let neigh = plan_neigh(&neigh_want, &net.neighbours_v4(VXLAN).await?);
+    for ip in &neigh.remove {
+        net.neigh_del(VXLAN, *ip).await?;
+    }
+    report.neigh_removed = neigh.remove.len();
+    for (ip, mac, fix) in &neigh.set {
+        net.neigh_replace(VXLAN, *ip, *mac).await?;
+        if *fix {
+            report.neigh_updated += 1;
+        } else {
+            report.neigh_added += 1;
+        }
+    }
+    if report.changed() > 0 {
+        info!(vni, ?report, "peer entries repaired");
+    }
+    Ok(report)
+}
+
+/// The peers the kernel has now: FDB and neighbour entries of `vxlan0`
+/// joined on the MAC (an entry without its other half is left out). Sorted
+/// by IP.
+pub async fn peers_in_kernel(node: &Node, vni: u32) -> Result<Vec<Peer>, NetError> {
+    let (_ns, net) = open_network(&node.prefix, vni).await?;
+    let fdb: BTreeMap<Mac, Ipv4Addr> = net
+        .fdb_entries(VXLAN)
+        .await?
+        .into_iter()
+        .filter(|e| e.own)
+        .filter_map(|e| Some((e.mac, e.dst?)))
+        .collect();
+    let mut peers: Vec<Peer> = net
+        .neighbours_v4(VXLAN)
+        .await?
+        .into_iter()
+        .filter_map(|n| {
+            let mac = n.mac?;
+            Some(Peer {
+                ip: n.ip,
+                mac,
+                node_ip: *fdb.get(&mac)?,
+            })
+        })
+        .collect();
+    peers.sort();
+    Ok(peers)
+}
+
+/// Connects a sandbox: a veth pair with one end on `br0` in the network's
+/// namespace and the other in the sandbox named `ifname`, with its MAC,
+/// IP/prefix and MTU, up, and (if `default_route`) the default route via the
+/// gateway. The pair is created with each end directly in its namespace, so
+/// nothing touches the node's namespace. Idempotent: fixes a changed setting
+/// in place, recreates a broken pair.
+pub async fn attach(node: &Node, spec: &OverlaySpec, a: &Attachment) -> Result<(), NetError> {
+    validate_spec(spec)?;
+    validate_attachment(a)?;
+    let (ns, net) = open_network(&node.prefix, spec.vni).await?;
+    net.require(
+        BRIDGE,
+        "the network is not set up on this node: ensure_network must succeed first",
+    )
+    .await?;
+    let sb = Netlink::open(Some(&a.sandbox_ns)).await?;
+    let (outer, tmp) = veth_names(spec.vni, a);
+    let owner = veth_owner(a);
+
+    let host_end = net.link(&outer).await?;
+    let inner = sb.link(&a.ifname).await?;
+    // No alias: our own create interrupted before it labelled the device.
+    if let Some(other) = host_end.as_ref().and_then(|h| h.alias.as_deref())
+        && other != owner
+    {
+        return Err(NetError::Conflict(format!(
+            "device {outer} in namespace {ns} belongs to {other:?}, not to {owner:?} (a name hash collision); detach one of them"
+        )));
+    }
+    let paired = match (&host_end, &inner) {
+        (Some(h), Some(i)) => {
+            i.kind.as_deref() == Some("veth") && h.link == Some(i.index) && i.link == Some(h.index)
+        }
+        _ => false,
+    };
+    if !paired {
+        if host_end.is_some() {
+            // Our end without its sandbox end (e.g. still named `tmp` after an
+            // interrupted attach): start over; deleting one end removes both.
+            info!(ns, dev = %outer, sandbox = %a.sandbox_ns, "veth pair incomplete; recreating it");
+            net.delete(&outer).await?;
+        }
+        if let Some(i) = &inner {
+            return Err(NetError::Conflict(format!(
+                "interface {} (index {}) already exists in namespace {} and is not this network's (VNI {}); detach what owns it or choose another interface name",
+                a.ifname, i.index, a.sandbox_ns, spec.vni
+            )));
+        }
+        create_pair(&net, &sb, a, &outer, &tmp, &owner).await?;
+    }
+    configure_ends(&net, &sb, spec, a, &outer).await?;
+    debug!(ns, sandbox = %a.sandbox_ns, ifname = %a.ifname, ip = %a.ip, "attached");
+    Ok(())
+}
+
+async fn create_pair(
+    net: &Netlink,
+    sb: &Netlink,
+    a: &Attachment,
+    outer: &str,
+    tmp: &str,
+    owner: &str,
+) -> Result<(), NetError> {
+    // A stray temporary end in the sandbox (its pair gone) would block the
+    // create; it cannot be anyone else's since the name carries our hash.
+    sb.delete(tmp).await?;
+    let sb_fd = netns::open(&a.sandbox_ns)?;
+    net.create_veth(outer, tmp, a.mtu, Some(sb_fd.as_fd()))
+        .await?;
+    let named = async {
+        net.set_alias(outer, owner).await?;
+        sb.set_mac(tmp, a.mac).await?;
+        sb.rename(tmp, &a.ifname).await
+    };
+    if let Err(e) = named.await {
+        let _ = net.delete(outer).await;
+        return Err(e);
+    }
+    Ok(())
+}
+
+async fn configure_ends(
+    net: &Netlink,
+    sb: &Netlink,
+    spec: &OverlaySpec,
+    a: &Attachment,
+    outer: &str,
+) -> Result<(), NetError> {
+    let missing = |dev: &str, ns: &str| NetError::NoDevice {
+        dev: dev.into(),
+        ns: ns.into(),
+        hint: "it vanished while attaching; the next attach recreates it",
+    };
+    let o = net
+        .link(outer)
+        .await?
+        .ok_or_else(|| missing(outer, net.ns()))?;
+    let br = net
+        .require(BRIDGE, "the bridge vanished while attaching")
+        .await?;
+    if o.mtu != a.mtu {
+        net.set_mtu(outer, a.mtu).await?;
+    }
+    if o.master != Some(br) {
+        net.set_master(outer, BRIDGE).await?;
+    }
+    if !o.up {
+        net.set_up(outer).await?;
+    }
+
+    let i = sb
+        .link(&a.ifname)
+        .await?
+        .ok_or_else(|| missing(&a.ifname, sb.ns()))?;
+    let mut up = i.up;
+    if i.mac != Some(a.mac) {
+        if up {
+            sb.set_down(&a.ifname).await?;
+            up = false;
+        }
+        sb.set_mac(&a.ifname, a.mac).await?;
+    }
+    if i.mtu != a.mtu {
+        sb.set_mtu(&a.ifname, a.mtu).await?;
+    }
+    sb.ensure_only_address_v4(&a.ifname, a.ip, a.prefix).await?;
+    if !up {
+        sb.set_up(&a.ifname).await?;
+    }
+    // After "up": the gateway is reachable only once the connected route of
+    // the interface's subnet exists.
+    if a.default_route {
+        sb.replace_default_route(spec.gateway, &a.ifname).await?;
+    }
+    Ok(())
+}
+
+/// Disconnects a sandbox: deletes its veth pair (both ends go together, and
+/// with the sandbox end its address and routes). Absent is fine, and so is a
+/// network that is already gone.
+pub async fn detach(node: &Node, vni: u32, a: &Attachment) -> Result<(), NetError> {
+    let ns = network_ns_name(&node.prefix, vni);
+    if !netns::exists(&ns) {
+        return Ok(());
+    }
+    let net = Netlink::open(Some(&ns)).await?;
+    let (outer, _) = veth_names(vni, a);
+    if let Some(l) = net.link(&outer).await?
+        && l.alias
+            .as_ref()
+            .is_some_and(|other| *other != veth_owner(a))
+    {
+        warn!(ns, dev = %outer, alias = ?l.alias, "not deleting a veth that belongs to another attachment");
+        return Ok(());
+    }
+    if net.delete(&outer).await? {
+        debug!(ns, sandbox = %a.sandbox_ns, ifname = %a.ifname, "detached");
+    }
+    Ok(())
+}
+
+/// Removes the network's namespace and everything in it. `vxlan0` is
+/// deleted first and explicitly: the kernel destroys a namespace's devices
+/// only once nothing refers to it any more, and until then the VNI stays
+/// taken on the node. Keeps going past failures and reports the first.
+pub async fn remove_network(node: &Node, vni: u32) -> Result<(), NetError> {
+    let ns = network_ns_name(&node.prefix, vni);
+    let mut first_err = None;
+    if netns::exists(&ns) {
+        match Netlink::open(Some(&ns)).await {
+            Ok(net) => {
+                if let Err(e) = net.delete(VXLAN).await {
+                    warn!(ns, error = %e, "cannot delete {VXLAN}; removing the namespace anyway");
+                    first_err.get_or_insert(e);
+                }
+            }
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    // A VXLAN left in the node's namespace by an interrupted create.
+    match Netlink::open(node.ns()).await {
+        Ok(host) => {
+            if let Err(e) = host.delete(&temp_vxlan_name(&node.prefix, vni)).await {
+                first_err.get_or_insert(e);
+            }
+        }
+        Err(e) => {
+            first_err.get_or_insert(e);
+        }
+    }
+    if let Err(e) = netns::delete(&ns) {
+        first_err.get_or_insert(e);
+    }
+    info!(ns, vni, "removed network");
+    first_err.map_or(Ok(()), Err)
+}
+
+/// VNIs of the networks this node has in the kernel (from the namespace
+/// names), so a restarted agent can remove those no longer wanted.
+pub fn networks_in_kernel(node: &Node) -> Result<Vec<u32>, NetError> {
+    let lead = format!("{}-ov-", node.prefix);
+    Ok(netns::list_with_prefix(&lead)?
+        .iter()
+        .filter_map(|n| n.strip_prefix(&lead)?.parse().ok())
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const N1: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+    const N2: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
+
+    fn fdb(mac: Mac, dst: Ipv4Addr) -> FdbEntry {
+        FdbEntry {
+            mac,
+            dst: Some(dst),
+            own: true,
+            permanent: true,
+        }
+    }
+
+    #[test]
+    fn mac_is_derived_from_the_ip_like_docker() {
+        assert_eq!(
+            mac_for(Ipv4Addr::new(10, 0, 0, 2)),
+            [0x02, 0x42, 10, 0, 0, 2]
+        );
+    }
+
+    #[test]
+    fn generated_names_fit_ifnamsiz_and_are_stable() {
+        let a = Attachment {
+            sandbox_ns: "a-very-long-sandbox-namespace-name".into(),
+            ifname: "eth0".into(),
+            ip: Ipv4Addr::new(10, 0, 0, 2),
+            prefix: 24,
+            mac: mac_for(Ipv4Addr::new(10, 0, 0, 2)),
+            mtu: 1450,
+            default_route: false,
+        };
+        let (outer, tmp) = veth_names(MAX_VNI, &a);
+        assert!(outer.len() <= 15 && tmp.len() <= 15);
+        assert_eq!(veth_names(MAX_VNI, &a), (outer.clone(), tmp));
+        let b = Attachment {
+            ifname: "eth1".into(),
+            ..a.clone()
+        };
+        assert_ne!(veth_names(MAX_VNI, &b).0, outer);
+        assert_ne!(veth_names(4096, &a).0, outer);
+        assert!(temp_vxlan_name("some-node-prefix", MAX_VNI).len() <= 15);
+        assert_eq!(network_ns_name("mesh", 4097), "mesh-ov-4097");
+    }
+
+    #[test]
+    fn spec_validation_explains_the_problem() {
+        let mut spec = OverlaySpec {
+            vni: 4097,
+            subnet: "10.0.0.0/24".parse().expect("valid"),
+            gateway: Ipv4Addr::new(10, 0, 1, 1),
+            mtu: 1450,
+            local_ip: N1,
+            port: 4789,
+        };
+        let err = validate_spec(&spec)
+            .expect_err("gateway outside")
+            .to_string();
+        assert!(
+            err.contains("gateway 10.0.1.1 is outside subnet 10.0.0.0/24"),
+            "{err}"
+        );
+        spec.gateway = Ipv4Addr::new(10, 0, 0, 1);
+        assert!(validate_spec(&spec).is_ok());
+        spec.vni = MAX_VNI + 1;
+        assert!(validate_spec(&spec).is_err());
+    }
+
+    #[test]
+    fn fdb_plan_adds_fixes_removes_and_leaves_correct_entries() {
+        let (m1, m2, m3) = (
+            [2, 0x42, 0, 0, 0, 1],
+            [2, 0x42, 0, 0, 0, 2],
+            [2, 0x42, 0, 0, 0, 3],
+        );
+        let desired = BTreeMap::from([(m1, N1), (m2, N2)]);
+        // m1 correct, m2 points at the wrong node, m3 stale, and a bridge
+        // (not self) entry that is not ours to touch.
+        let current = vec![
+            fdb(m1, N1),
+            fdb(m2, N1),
+            fdb(m3, N2),
+            FdbEntry {
+                mac: [2, 0, 0, 0, 0, 9],
+                dst: None,
+                own: false,
+                permanent: true,
+            },
+        ];
+        let plan = plan_fdb(&desired, &current);
+        assert_eq!(plan.set, vec![(m2, N2, true)]);
+        assert_eq!(plan.remove, vec![(m3, Some(N2))]);
+        // Two remotes for one MAC: the wrong one goes.
+        let plan = plan_fdb(&desired, &[fdb(m1, N1), fdb(m1, N2), fdb(m2, N2)]);
+        assert_eq!(plan.remove, vec![(m1, Some(N2))]);
+        assert_eq!(plan.set, vec![(m1, N1, true)]);
+        // Nothing to do once the kernel matches.
+        let plan = plan_fdb(&desired, &[fdb(m1, N1), fdb(m2, N2)]);
+        assert_eq!(plan, FdbPlan::default());
+        // Missing entry is added.
+        let plan = plan_fdb(&desired, &[fdb(m1, N1)]);
+        assert_eq!(plan.set, vec![(m2, N2, false)]);
+    }
+
+    #[test]
+    fn neighbour_plan_replaces_non_permanent_entries() {
+        let ip = Ipv4Addr::new(10, 0, 0, 3);
+        let mac = mac_for(ip);
+        let desired = BTreeMap::from([(ip, mac)]);
+        let learned = NeighEntry {
+            ip,
+            mac: Some(mac),
+            permanent: false,
+        };
+        assert_eq!(
+            plan_neigh(&desired, std::slice::from_ref(&learned)).set,
+            vec![(ip, mac, true)]
+        );
+        let ok = NeighEntry {
+            permanent: true,
+            ..learned
+        };
+        assert_eq!(plan_neigh(&desired, &[ok]), NeighPlan::default());
+        let stale = NeighEntry {
+            ip: Ipv4Addr::new(10, 0, 0, 9),
+            mac: None,
+            permanent: false,
+        };
+        assert_eq!(
+            plan_neigh(&desired, &[stale]).remove,
+            vec![Ipv4Addr::new(10, 0, 0, 9)]
+        );
+    }
+
+    #[test]
+    fn duplicate_peers_keep_the_last() {
+        let ip = Ipv4Addr::new(10, 0, 0, 3);
+        let p = Peer {
+            ip,
+            mac: mac_for(ip),
+            node_ip: N1,
+        };
+        let q = Peer { node_ip: N2, ..p };
+        let (fdb, neigh) = desired_tables(&[p, q]);
+        assert_eq!(fdb.get(&p.mac), Some(&N2));
+        assert_eq!(neigh.len(), 1);
+    }
+}

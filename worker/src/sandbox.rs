@@ -1,0 +1,811 @@
+//! Workload sandboxes: a named network namespace plus processes that run in
+//! it with their own mount and UTS namespaces.
+//!
+//! The network namespace is a file under `/run/netns` (as `ip netns add`
+//! makes), so links can be moved into it and `ip -n NAME` can inspect it
+//! whether or not a process runs there. The mount namespace exists only so
+//! that the sandbox sees its own `/etc/hosts` and `/etc/resolv.conf` (bind
+//! mounts from its state dir); the UTS namespace gives it its own hostname.
+//! There is no image and no root filesystem switch: commands come from the
+//! host's filesystem.
+//!
+//! The daemon never changes namespace itself: every namespace step runs in
+//! the forked child between `fork` and `exec` (`Command::pre_exec`), where
+//! only raw system calls on data prepared before the fork are made.
+
+use std::collections::BTreeMap;
+use std::ffi::{CStr, CString, OsStr, OsString};
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::Mutex;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::mount::{MntFlags, MsFlags};
+use nix::sched::CloneFlags;
+use nix::sys::signal::{self, Signal};
+use nix::sys::wait::{self, Id, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use tracing::{debug, info, warn};
+
+/// Where named network namespaces live, as iproute2 keeps them.
+pub const NETNS_DIR: &str = "/run/netns";
+
+/// PATH given to sandbox processes when neither the spec nor the daemon has
+/// one: the usual system directories.
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The kernel refuses longer hostnames (HOST_NAME_MAX).
+const HOSTNAME_MAX: usize = 64;
+
+/// What a sandbox is made of; see [`start`].
+#[derive(Debug, Clone)]
+pub struct SandboxSpec {
+    /// User-visible name; also the sandbox's hostname (cut to 64 bytes, the
+    /// kernel's limit).
+    pub name: String,
+    /// Named network namespace (under /run/netns) made by [`create_netns`].
+    pub netns: String,
+    /// Command and arguments; `cmd[0]` is looked up in PATH on the host.
+    pub cmd: Vec<String>,
+    /// Environment added to PATH and HOSTNAME (and overriding them).
+    pub env: Vec<(String, String)>,
+    /// Content of the sandbox's /etc/hosts.
+    pub hosts: String,
+    /// Content of the sandbox's /etc/resolv.conf.
+    pub resolv_conf: String,
+    /// Per-sandbox state dir: `hosts`, `resolv.conf` and `output.log` live here.
+    pub dir: PathBuf,
+}
+
+/// Why a sandbox operation failed; each message says what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("cannot start sandbox {sandbox}: no command given")]
+    EmptyCommand { sandbox: String },
+    #[error("cannot start sandbox {sandbox}: command {command:?} not found in PATH")]
+    CommandNotFound { sandbox: String, command: String },
+    #[error("cannot exec in sandbox process {pid}: command {command:?} not found in PATH")]
+    ExecNotFound { pid: u32, command: String },
+    #[error("cannot exec in sandbox process {pid}: no command given")]
+    ExecEmpty { pid: u32 },
+    #[error(
+        "invalid network namespace name {0:?}: use 1 to 64 letters, digits, '.', '-' or '_' (not \".\" or \"..\")"
+    )]
+    InvalidNetnsName(String),
+    #[error("network namespace {0:?} does not exist ({NETNS_DIR}/{0} is missing); create it first")]
+    NetnsMissing(String),
+    #[error("{path} exists but is not a network namespace; remove it or pick another name")]
+    NotANetns { path: PathBuf },
+    #[error("cannot start sandbox {sandbox}: {what} {}: {source}", path.display())]
+    StateDir {
+        sandbox: String,
+        what: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("cannot start sandbox {sandbox}: {step} failed: {source}")]
+    Setup {
+        sandbox: String,
+        step: &'static str,
+        source: io::Error,
+    },
+    #[error("cannot start sandbox {sandbox}: running {command:?} failed: {source}")]
+    Spawn {
+        sandbox: String,
+        command: String,
+        source: io::Error,
+    },
+    #[error("cannot exec in sandbox process {pid}: {step} failed: {source}")]
+    Exec {
+        pid: u32,
+        step: &'static str,
+        source: io::Error,
+    },
+    #[error("sandbox process {0} is not running")]
+    NotRunning(u32),
+    #[error("refusing to signal pid {0}: not a sandbox process id")]
+    InvalidPid(u32),
+    #[error("cannot signal sandbox process group {pid}: {source}")]
+    Signal { pid: u32, source: Errno },
+    #[error("sandbox process {pid} did not exit {waited:?} after SIGKILL")]
+    Unkillable { pid: u32, waited: Duration },
+    #[error("`{command}` failed: {reason}")]
+    Tool { command: String, reason: String },
+    #[error("cannot remove network namespace {name:?}: {source}")]
+    Delete { name: String, source: io::Error },
+}
+
+/// Exit codes of sandbox processes this daemon has already reaped, so that
+/// [`wait_exit`] still answers after [`stop`] or a previous call collected
+/// the zombie.
+static REAPED: Mutex<BTreeMap<u32, i32>> = Mutex::new(BTreeMap::new());
+
+fn reaped() -> std::sync::MutexGuard<'static, BTreeMap<u32, i32>> {
+    // A panic while holding this lock cannot leave the map inconsistent.
+    REAPED.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Path of a named network namespace.
+pub fn netns_path(name: &str) -> PathBuf {
+    Path::new(NETNS_DIR).join(name)
+}
+
+/// Namespace names become file names and `ip` arguments: keep them plain.
+fn check_netns_name(name: &str) -> Result<(), SandboxError> {
+    let plain = name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
+    if name.is_empty() || name.len() > 64 || !plain || name == "." || name == ".." {
+        return Err(SandboxError::InvalidNetnsName(name.to_owned()));
+    }
+    Ok(())
+}
+
+/// True when `path` has a namespace mounted on it (nsfs), false when it is a
+/// plain file (an interrupted create) or missing.
+fn is_netns(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path)
+        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::NSFS_MAGIC)
+}
+
+/// Runs `ip ARGS`, turning a failure into an error that carries its stderr.
+fn ip(args: &[&str]) -> Result<(), SandboxError> {
+    let command = format!("ip {}", args.join(" "));
+    let out = Command::new("ip")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| SandboxError::Tool {
+            command: command.clone(),
+            reason: format!("{e} (is iproute2 installed?)"),
+        })?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+        let reason = if stderr.is_empty() {
+            out.status.to_string()
+        } else {
+            stderr
+        };
+        return Err(SandboxError::Tool { command, reason });
+    }
+    Ok(())
+}
+
+/// Creates the named network namespace `name` (like `ip netns add`) with
+/// `lo` up. Idempotent: an existing namespace is kept, and a leftover plain
+/// file from an interrupted create is replaced.
+pub fn create_netns(name: &str) -> Result<(), SandboxError> {
+    check_netns_name(name)?;
+    let path = netns_path(name);
+    if !is_netns(&path) {
+        match fs::symlink_metadata(&path) {
+            Ok(meta) if meta.is_file() && meta.len() == 0 => {
+                debug!(netns = name, "removing leftover namespace file");
+                fs::remove_file(&path).map_err(|source| SandboxError::Delete {
+                    name: name.to_owned(),
+                    source,
+                })?;
+            }
+            Ok(_) => return Err(SandboxError::NotANetns { path }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(SandboxError::Delete {
+                    name: name.to_owned(),
+                    source,
+                });
+            }
+        }
+        // iproute2 also makes /run/netns a shared mount point, so that a
+        // later delete reaches every mount namespace that copied it.
+        ip(&["netns", "add", name])?;
+        info!(netns = name, "created network namespace");
+    }
+    if let Err(e) = ip(&["-n", name, "link", "set", "lo", "up"]) {
+        // Nothing half-made: a namespace without loopback is useless.
+        let _ = delete_netns(name);
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Deletes the named network namespace (like `ip netns delete`); fine if it
+/// does not exist. The kernel frees it, and its links, once no process is in
+/// it any more.
+pub fn delete_netns(name: &str) -> Result<(), SandboxError> {
+    check_netns_name(name)?;
+    let path = netns_path(name);
+    match nix::mount::umount2(&path, MntFlags::MNT_DETACH) {
+        // EINVAL: not a mount point (a leftover file); ENOENT: absent.
+        Ok(()) | Err(Errno::EINVAL) | Err(Errno::ENOENT) => {}
+        Err(e) => {
+            return Err(SandboxError::Delete {
+                name: name.to_owned(),
+                source: e.into(),
+            });
+        }
+    }
+    match fs::remove_file(&path) {
+        Ok(()) => {
+            info!(netns = name, "deleted network namespace");
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(SandboxError::Delete {
+            name: name.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// Finds `command` the way a shell would: as given when it holds a '/',
+/// else in the first PATH directory with an executable file of that name.
+fn find_program(command: &str, path_var: &OsStr) -> Option<PathBuf> {
+    fn executable(p: &Path) -> bool {
+        fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    }
+    if command.is_empty() {
+        return None;
+    }
+    if command.contains('/') {
+        let p = PathBuf::from(command);
+        return executable(&p).then_some(p);
+    }
+    std::env::split_paths(path_var)
+        .filter(|dir| !dir.as_os_str().is_empty())
+        .map(|dir| dir.join(command))
+        .find(|p| executable(p))
+}
+
+/// The PATH a sandbox process gets: the one in its env, else the daemon's,
+/// else the usual system directories. The same PATH is used to find cmd[0]
+/// so that what the user sees in the sandbox matches what was started.
+fn sandbox_path(env: &[(String, String)]) -> OsString {
+    env.iter()
+        .rev()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| OsString::from(v))
+        .or_else(|| std::env::var_os("PATH"))
+        .unwrap_or_else(|| DEFAULT_PATH.into())
+}
+
+/// Mount points at or under /run/netns in the daemon's mount namespace,
+/// deepest first.
+///
+/// A sandbox's private mount namespace starts as a copy of the daemon's, and
+/// a copied nsfs mount keeps its network namespace alive: without removing
+/// these copies, deleting any named namespace would leave it (and its links)
+/// alive for as long as a sandbox started earlier runs.
+fn netns_mounts() -> Vec<CString> {
+    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    let mut mounts: Vec<CString> = info
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(unescape_mountinfo)
+        .filter(|m| {
+            m.as_bytes() == NETNS_DIR.as_bytes() || m.as_bytes().starts_with(b"/run/netns/")
+        })
+        .collect();
+    mounts.sort_by_key(|m| std::cmp::Reverse(m.as_bytes().len()));
+    mounts.dedup();
+    mounts
+}
+
+/// mountinfo writes space, tab, newline and backslash as `\ooo`.
+fn unescape_mountinfo(field: &str) -> CString {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && i + 4 <= bytes.len() {
+            let oct = &bytes[i + 1..i + 4];
+            if oct.iter().all(|d| (b'0'..=b'7').contains(d)) {
+                let value = oct.iter().fold(0u32, |v, d| v * 8 + u32::from(d - b'0'));
+                if let Ok(b) = u8::try_from(value) {
+                    out.push(b);
+                    i += 4;
+                    continue;
+                }
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    out.retain(|&b| b != 0);
+    CString::new(out).unwrap_or_default()
+}
+
+/// Lets a forked child say which namespace step failed: `std` only carries
+/// the errno back from `pre_exec`, so the child writes the step's number to
+/// this pipe before returning the error.
+struct StepPipe {
+    read: OwnedFd,
+    write: OwnedFd,
+}
+
+impl StepPipe {
+    fn new() -> io::Result<Self> {
+        let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
+        Ok(Self { read, write })
+    }
+
+    /// Reads the failed step's number; `None` when the child failed after
+    /// its setup (at exec).
+    fn failed_step(&self) -> Option<u8> {
+        let mut b = [0u8; 1];
+        match nix::unistd::read(&self.read, &mut b) {
+            Ok(1) => Some(b[0]),
+            _ => None,
+        }
+    }
+}
+
+/// Runs in the forked child: records `step` and turns `errno` into the error
+/// that makes `spawn` fail.
+fn child_fail(report_fd: i32, step: u8, errno: Errno) -> io::Error {
+    // SAFETY: write(2) on a pipe fd that stays open for the life of the
+    // child; the buffer is one byte on the stack. It is async-signal-safe.
+    unsafe {
+        libc::write(report_fd, (&step as *const u8).cast(), 1);
+    }
+    io::Error::from_raw_os_error(errno as i32)
+}
+
+/// Steps of sandbox setup, in the order the child runs them.
+const START_STEPS: [&str; 7] = [
+    "starting a new session (setsid)",
+    "entering the network namespace",
+    "creating the mount and UTS namespaces",
+    "making mounts private",
+    "setting the hostname",
+    "bind-mounting hosts over /etc/hosts",
+    "bind-mounting resolv.conf over /etc/resolv.conf",
+];
+
+/// Cuts `name` to the kernel's hostname limit on a character boundary.
+fn hostname_for(name: &str) -> &str {
+    if name.len() <= HOSTNAME_MAX {
+        return name;
+    }
+    let mut end = HOSTNAME_MAX;
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    warn!(
+        sandbox = name,
+        "sandbox name is longer than a hostname may be; cut to 64 bytes"
+    );
+    &name[..end]
+}
+
+fn path_cstring(p: &Path) -> Result<CString, io::Error> {
+    CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
+}
+
+/// Starts `cmd[0]` (looked up in PATH on the host filesystem) inside the
+/// sandbox and returns its pid.
+///
+/// In the child, before exec: `setsid` (its own process group, so [`stop`]
+/// reaches the whole tree), enter the network namespace, unshare mount and
+/// UTS namespaces, make every mount private (nothing leaks back to the
+/// host), drop the copied /run/netns mounts, set the hostname, and
+/// bind-mount `dir/hosts` and `dir/resolv.conf` over /etc. stdout and stderr
+/// are appended to `dir/output.log`; stdin is /dev/null; the working
+/// directory is `/`. The environment is PATH, HOSTNAME and `spec.env`.
+///
+/// The daemon is the parent: [`wait_exit`] reports a command that exits at
+/// once. `hosts` and `resolv.conf` are written in place (never renamed),
+/// so a later rewrite of the same files reaches the running sandbox.
+pub fn start(spec: &SandboxSpec) -> Result<u32, SandboxError> {
+    let sandbox = spec.name.clone();
+    let Some(command) = spec.cmd.first() else {
+        return Err(SandboxError::EmptyCommand { sandbox });
+    };
+    check_netns_name(&spec.netns)?;
+    let netns = netns_path(&spec.netns);
+    if !is_netns(&netns) {
+        return Err(SandboxError::NetnsMissing(spec.netns.clone()));
+    }
+    let path_var = sandbox_path(&spec.env);
+    let program =
+        find_program(command, &path_var).ok_or_else(|| SandboxError::CommandNotFound {
+            sandbox: sandbox.clone(),
+            command: command.clone(),
+        })?;
+
+    let state = |what: &'static str, path: &Path| {
+        let sandbox = sandbox.clone();
+        let path = path.to_owned();
+        move |source| SandboxError::StateDir {
+            sandbox,
+            what,
+            path,
+            source,
+        }
+    };
+    fs::create_dir_all(&spec.dir).map_err(state("creating state dir", &spec.dir))?;
+    let hosts = spec.dir.join("hosts");
+    let resolv = spec.dir.join("resolv.conf");
+    let log = spec.dir.join("output.log");
+    fs::write(&hosts, &spec.hosts).map_err(state("writing", &hosts))?;
+    fs::write(&resolv, &spec.resolv_conf).map_err(state("writing", &resolv))?;
+    let out = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .map_err(state("opening", &log))?;
+    let err = out.try_clone().map_err(state("opening", &log))?;
+    let netns_fd: OwnedFd = File::open(&netns)
+        .map_err(|source| SandboxError::Setup {
+            sandbox: sandbox.clone(),
+            step: "opening the network namespace",
+            source,
+        })?
+        .into();
+
+    // Everything the child needs is allocated here, before the fork.
+    let hosts_c = path_cstring(&hosts).map_err(state("using", &hosts))?;
+    let resolv_c = path_cstring(&resolv).map_err(state("using", &resolv))?;
+    let hostname = hostname_for(&spec.name).as_bytes().to_vec();
+    let detach = netns_mounts();
+    let steps = StepPipe::new().map_err(|source| SandboxError::Setup {
+        sandbox: sandbox.clone(),
+        step: "creating a pipe",
+        source,
+    })?;
+    let report = steps.write.as_raw_fd();
+
+    let mut cmd = Command::new(&program);
+    cmd.args(&spec.cmd[1..])
+        .env_clear()
+        .env("PATH", &path_var)
+        .env("HOSTNAME", OsStr::from_bytes(&hostname))
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err);
+    // SAFETY: the closure runs in the forked child of a possibly
+    // multi-threaded process, so it only makes system calls (setsid, setns,
+    // unshare, mount, umount2, sethostname, write) on data allocated before
+    // the fork; it takes no locks and does not allocate (nix passes &CStr
+    // paths through without copying; io::Error from an errno is not boxed).
+    unsafe {
+        cmd.pre_exec(move || {
+            let none: Option<&CStr> = None;
+            nix::unistd::setsid().map_err(|e| child_fail(report, 0, e))?;
+            nix::sched::setns(&netns_fd, CloneFlags::CLONE_NEWNET)
+                .map_err(|e| child_fail(report, 1, e))?;
+            nix::sched::unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWUTS)
+                .map_err(|e| child_fail(report, 2, e))?;
+            // Private before anything else: an unmount or bind in a mount
+            // namespace that still shares propagation would reach the host.
+            nix::mount::mount(
+                none,
+                c"/",
+                none,
+                MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+                none,
+            )
+            .map_err(|e| child_fail(report, 3, e))?;
+            for m in &detach {
+                // Best effort: a copy we cannot drop only delays a delete.
+                let _ = nix::mount::umount2(m.as_c_str(), MntFlags::MNT_DETACH);
+            }
+            nix::unistd::sethostname(OsStr::from_bytes(&hostname))
+                .map_err(|e| child_fail(report, 4, e))?;
+            nix::mount::mount(
+                Some(hosts_c.as_c_str()),
+                c"/etc/hosts",
+                none,
+                MsFlags::MS_BIND,
+                none,
+            )
+            .map_err(|e| child_fail(report, 5, e))?;
+            nix::mount::mount(
+                Some(resolv_c.as_c_str()),
+                c"/etc/resolv.conf",
+                none,
+                MsFlags::MS_BIND,
+                none,
+            )
+            .map_err(|e| child_fail(report, 6, e))?;
+            Ok(())
+        });
+    }
+    let spawned = cmd.spawn();
+    // Closes our copies of the namespace fd and the log file. The step pipe
+    // is non-blocking, so reading it never waits on a concurrent fork that
+    // still holds its write end.
+    drop(cmd);
+    let child = match spawned {
+        Ok(child) => child,
+        Err(source) => {
+            return Err(match steps.failed_step() {
+                Some(i) => SandboxError::Setup {
+                    sandbox,
+                    step: START_STEPS.get(usize::from(i)).copied().unwrap_or("setup"),
+                    source,
+                },
+                None => SandboxError::Spawn {
+                    sandbox,
+                    command: program.display().to_string(),
+                    source,
+                },
+            });
+        }
+    };
+    let pid = child.id();
+    // A pid is reused only after its previous owner was reaped: forget that
+    // owner's exit code.
+    reaped().remove(&pid);
+    info!(sandbox = %spec.name, netns = %spec.netns, pid, program = %program.display(), "started sandbox");
+    Ok(pid)
+}
+
+/// Steps of joining a sandbox, in the order the child runs them.
+const EXEC_STEPS: [&str; 3] = [
+    "joining the network namespace",
+    "joining the UTS namespace",
+    "joining the mount namespace",
+];
+
+/// Runs `argv` inside the running sandbox whose process is `pid`, as `mesh
+/// exec` does: the child joins the sandbox's network, UTS and mount
+/// namespaces (via /proc/PID/ns) before exec, inherits the caller's stdio
+/// and starts in `/`. Blocks until it exits and returns its status.
+///
+/// The environment is PATH (from `env`, else the daemon's) plus `env`;
+/// pass HOSTNAME in `env` if the command needs it.
+pub fn exec(
+    pid: u32,
+    argv: &[String],
+    env: &[(String, String)],
+) -> Result<ExitStatus, SandboxError> {
+    let Some(command) = argv.first() else {
+        return Err(SandboxError::ExecEmpty { pid });
+    };
+    if pid <= 1 {
+        return Err(SandboxError::InvalidPid(pid));
+    }
+    let open_ns = |kind: &str| -> Result<OwnedFd, SandboxError> {
+        match File::open(format!("/proc/{pid}/ns/{kind}")) {
+            Ok(f) => Ok(f.into()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(SandboxError::NotRunning(pid)),
+            Err(source) => Err(SandboxError::Exec {
+                pid,
+                step: "opening the sandbox's namespaces",
+                source,
+            }),
+        }
+    };
+    let net = open_ns("net")?;
+    let uts = open_ns("uts")?;
+    let mnt = open_ns("mnt")?;
+    let path_var = sandbox_path(env);
+    // The sandbox sees the host's filesystem, so the host lookup holds there.
+    let program = find_program(command, &path_var).ok_or_else(|| SandboxError::ExecNotFound {
+        pid,
+        command: command.clone(),
+    })?;
+    let steps = StepPipe::new().map_err(|source| SandboxError::Exec {
+        pid,
+        step: "creating a pipe",
+        source,
+    })?;
+    let report = steps.write.as_raw_fd();
+
+    let mut cmd = Command::new(&program);
+    cmd.args(&argv[1..])
+        .env_clear()
+        .env("PATH", &path_var)
+        .envs(env.iter().map(|(k, v)| (k, v)));
+    // SAFETY: runs in the forked child; only setns(2) and write(2) on fds
+    // opened before the fork, no allocation, no locks.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sched::setns(&net, CloneFlags::CLONE_NEWNET)
+                .map_err(|e| child_fail(report, 0, e))?;
+            nix::sched::setns(&uts, CloneFlags::CLONE_NEWUTS)
+                .map_err(|e| child_fail(report, 1, e))?;
+            // Last: joining a mount namespace also moves the root and the
+            // working directory to the sandbox's `/`.
+            nix::sched::setns(&mnt, CloneFlags::CLONE_NEWNS)
+                .map_err(|e| child_fail(report, 2, e))?;
+            Ok(())
+        });
+    }
+    let result = cmd.status();
+    drop(cmd);
+    result.map_err(|source| SandboxError::Exec {
+        pid,
+        step: steps
+            .failed_step()
+            .and_then(|i| EXEC_STEPS.get(usize::from(i)).copied())
+            .unwrap_or("running the command"),
+        source,
+    })
+}
+
+/// Docker's convention: the exit code, or 128 + the signal number.
+fn exit_code(status: WaitStatus) -> Option<i32> {
+    match status {
+        WaitStatus::Exited(_, code) => Some(code),
+        WaitStatus::Signaled(_, sig, _) => Some(128 + sig as i32),
+        _ => None,
+    }
+}
+
+/// What the daemon knows about a sandbox process without blocking.
+enum Probe {
+    Running,
+    Exited(i32),
+    /// Not a child of this process (e.g. started before a daemon restart).
+    Foreign,
+}
+
+/// Reaps `pid` if it is our child and has exited, remembering its code.
+fn reap(pid: Pid) -> Probe {
+    if let Some(code) = reaped().get(&(pid.as_raw() as u32)) {
+        return Probe::Exited(*code);
+    }
+    match wait::waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+        Ok(WaitStatus::StillAlive) => Probe::Running,
+        Ok(status) => match exit_code(status) {
+            Some(code) => {
+                reaped().insert(pid.as_raw() as u32, code);
+                Probe::Exited(code)
+            }
+            // Stopped or continued: still there.
+            None => Probe::Running,
+        },
+        Err(_) => Probe::Foreign,
+    }
+}
+
+/// A process that is not our child: running unless gone or a zombie.
+fn foreign_alive(pid: Pid) -> bool {
+    if signal::kill(pid, None::<Signal>).is_err() {
+        return false;
+    }
+    // /proc/PID/stat: "pid (comm) S ..."; comm may hold spaces or ')'.
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_none_or(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+fn checked_pid(pid: u32) -> Result<Pid, SandboxError> {
+    // 0 and 1 would make killpg hit our own group or init; our own pid
+    // would hit the daemon.
+    match i32::try_from(pid) {
+        Ok(raw) if raw > 1 && pid != std::process::id() => Ok(Pid::from_raw(raw)),
+        _ => Err(SandboxError::InvalidPid(pid)),
+    }
+}
+
+/// The exit code of a sandbox process this daemon started, once it has
+/// exited (a signal death reads as 128 + signal, as in Docker); `None` while
+/// it runs, or when the process is not a child of this daemon (then only
+/// [`alive`] can tell). Never blocks.
+pub fn wait_exit(pid: u32) -> Option<i32> {
+    let pid = checked_pid(pid).ok()?;
+    match reap(pid) {
+        Probe::Exited(code) => Some(code),
+        Probe::Running | Probe::Foreign => None,
+    }
+}
+
+/// Whether the sandbox process `pid` is still running. Does not reap it, so
+/// [`wait_exit`] can still read its exit code.
+pub fn alive(pid: u32) -> bool {
+    let Ok(pid) = checked_pid(pid) else {
+        return false;
+    };
+    if reaped().contains_key(&(pid.as_raw() as u32)) {
+        return false;
+    }
+    let peek = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+    match wait::waitid(Id::Pid(pid), peek) {
+        Ok(WaitStatus::StillAlive) => true,
+        Ok(status) => exit_code(status).is_none(),
+        Err(_) => foreign_alive(pid),
+    }
+}
+
+/// Stops a sandbox: SIGTERM to its process group, SIGKILL to the group once
+/// the leader has exited or `grace` has passed (so nothing it left behind
+/// keeps running), then reaps the leader if the daemon is its parent.
+/// Stopping a process that is already gone is not an error.
+pub fn stop(pid: u32, grace: Duration) -> Result<(), SandboxError> {
+    let leader = checked_pid(pid)?;
+    let signal_group = |sig: Signal| match signal::killpg(leader, sig) {
+        Ok(()) | Err(Errno::ESRCH) => Ok(()),
+        Err(source) => Err(SandboxError::Signal { pid, source }),
+    };
+    let running = |leader: Pid| match reap(leader) {
+        Probe::Running => true,
+        Probe::Exited(_) => false,
+        Probe::Foreign => foreign_alive(leader),
+    };
+    signal_group(Signal::SIGTERM)?;
+    let deadline = Instant::now() + grace;
+    while running(leader) && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+    signal_group(Signal::SIGKILL)?;
+    // SIGKILL cannot be caught, but a process stuck in the kernel (D state)
+    // takes its time: wait a bounded while rather than hang the daemon.
+    let waited = Duration::from_secs(5);
+    let deadline = Instant::now() + waited;
+    while running(leader) {
+        if Instant::now() >= deadline {
+            return Err(SandboxError::Unkillable { pid, waited });
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    info!(pid, "stopped sandbox");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn netns_names_are_plain() {
+        assert!(check_netns_name("t1-host_a.b").is_ok());
+        for bad in ["", ".", "..", "a/b", "a b", &"x".repeat(65)] {
+            assert!(check_netns_name(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn hostname_is_cut_on_a_char_boundary() {
+        assert_eq!(hostname_for("web.1.abc"), "web.1.abc");
+        let long = format!("{}é", "a".repeat(63));
+        assert_eq!(hostname_for(&long), "a".repeat(63));
+    }
+
+    #[test]
+    fn mountinfo_escapes_are_decoded() {
+        assert_eq!(
+            unescape_mountinfo(r"/run/netns/a\040b").as_bytes(),
+            b"/run/netns/a b"
+        );
+        assert_eq!(unescape_mountinfo(r"/x\").as_bytes(), b"/x\\");
+    }
+
+    #[test]
+    fn programs_are_found_in_path_or_by_path() {
+        let path = OsString::from("/nonexistent:/bin:/usr/bin");
+        assert!(find_program("sh", &path).is_some());
+        assert!(find_program("/bin/sh", &OsString::new()).is_some());
+        assert!(find_program("no-such-command-here", &path).is_none());
+        assert!(find_program("", &path).is_none());
+    }
+
+    #[test]
+    fn exit_codes_follow_docker() {
+        let pid = Pid::from_raw(42);
+        assert_eq!(exit_code(WaitStatus::Exited(pid, 3)), Some(3));
+        assert_eq!(
+            exit_code(WaitStatus::Signaled(pid, Signal::SIGKILL, false)),
+            Some(137)
+        );
+    }
+}

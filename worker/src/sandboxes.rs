@@ -1,0 +1,520 @@
+//! The sandboxes of this node: records on disk (so a restarted daemon knows
+//! them), and the steps of `run` and `rm`. `run` asks the managers for an
+//! endpoint per network, wires the kernel (overlay veth, egress veth),
+//! writes /etc/hosts and resolv.conf, and starts the process; any failure
+//! undoes every step already taken, so nothing is left half-made.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use mesh_proto::cluster_client::ClusterClient;
+use mesh_proto::{AttachRequest, DetachRequest, EndpointInfo};
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::managers::Managers;
+use crate::{egress, overlay, sandbox};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxesError {
+    #[error("{0}")]
+    Refused(String),
+    #[error(transparent)]
+    Sandbox(#[from] sandbox::SandboxError),
+    #[error(transparent)]
+    Net(#[from] crate::netns::NetError),
+    #[error(transparent)]
+    Egress(#[from] egress::EgressError),
+    #[error("{0}")]
+    Manager(String),
+    #[error("cannot {what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// One network attachment of a sandbox.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Attachment {
+    pub network: String,
+    pub network_id: String,
+    pub endpoint_id: String,
+    pub ifname: String,
+    pub ip: Ipv4Addr,
+    pub prefix: u8,
+    pub mac: String,
+    pub gateway: Ipv4Addr,
+    pub vni: u32,
+    pub mtu: u32,
+    pub internal: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Record {
+    pub id: String,
+    pub name: String,
+    pub netns: String,
+    pub pid: u32,
+    pub cmd: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub networks: Vec<Attachment>,
+    /// Address on mesh_gwbridge, if the sandbox has egress.
+    pub egress_ip: Option<Ipv4Addr>,
+    pub created_at: String,
+    #[serde(default)]
+    pub exit_code: Option<i32>,
+}
+
+/// Node-wide data-path settings the sandboxes are wired with.
+#[derive(Clone, Debug)]
+pub struct DataPath {
+    /// Prefix of every namespace this daemon makes (unique per node).
+    pub prefix: String,
+    pub local_ip: Ipv4Addr,
+    pub port: u16,
+    /// MTU for overlays without --opt mtu: the underlay's, minus VXLAN's 50.
+    pub overlay_mtu: u32,
+}
+
+/// MTU of the interface holding `ip` (the underlay), minus VXLAN's 50 bytes
+/// of headers; 1450 if it cannot be found.
+pub async fn overlay_mtu_for(ip: Ipv4Addr) -> u32 {
+    let Ok(nl) = crate::link::Netlink::open(None).await else {
+        return 1450;
+    };
+    let Ok(links) = nl.links().await else {
+        return 1450;
+    };
+    for l in links {
+        if nl
+            .addresses_v4(&l.name)
+            .await
+            .is_ok_and(|a| a.iter().any(|(a, _)| *a == ip))
+        {
+            return l.mtu.saturating_sub(50).max(576);
+        }
+    }
+    1450
+}
+
+impl DataPath {
+    /// The overlay driver's view of this node: its namespace prefix, and
+    /// the daemon's own namespace as the underlay.
+    pub fn node(&self) -> overlay::Node {
+        overlay::Node::host(self.prefix.clone())
+    }
+}
+
+pub struct RunSpec {
+    pub name: String,
+    pub networks: Vec<String>,
+    pub aliases: Vec<String>,
+    pub cmd: Vec<String>,
+    pub env: Vec<(String, String)>,
+}
+
+pub struct Sandboxes {
+    dir: PathBuf,
+    records: Mutex<BTreeMap<String, Record>>,
+}
+
+const EGRESS_SUBNET: (Ipv4Addr, u8) = (Ipv4Addr::new(172, 18, 0, 0), 16);
+
+fn valid_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && name.len() <= 63
+        && chars.all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+}
+
+impl Sandboxes {
+    /// Loads the records a previous run of the daemon left.
+    pub fn load(dir: PathBuf) -> Result<Self, SandboxesError> {
+        let mut records = BTreeMap::new();
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                let path = e.path().join("sandbox.json");
+                match std::fs::read(&path).map(|d| serde_json::from_slice::<Record>(&d)) {
+                    Ok(Ok(r)) => {
+                        records.insert(r.id.clone(), r);
+                    }
+                    Ok(Err(err)) => warn!("ignoring damaged {}: {err}", path.display()),
+                    Err(_) => {}
+                }
+            }
+        }
+        Ok(Self {
+            dir,
+            records: Mutex::new(records),
+        })
+    }
+
+    fn save(&self, r: &Record) -> Result<(), SandboxesError> {
+        let dir = self.dir.join(&r.id);
+        let io = |what, source| SandboxesError::Io {
+            what,
+            path: dir.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&dir).map_err(|e| io("create", e))?;
+        let data = serde_json::to_vec_pretty(r).unwrap_or_default();
+        let tmp = dir.join("sandbox.json.tmp");
+        std::fs::write(&tmp, data).map_err(|e| io("write", e))?;
+        std::fs::rename(&tmp, dir.join("sandbox.json")).map_err(|e| io("rename", e))?;
+        Ok(())
+    }
+
+    /// Every record, with exit state refreshed.
+    pub fn list(&self) -> Vec<Record> {
+        let mut recs = self.records.lock().unwrap_or_else(|e| e.into_inner());
+        for r in recs.values_mut() {
+            if r.exit_code.is_none() && !sandbox::alive(r.pid) {
+                r.exit_code = Some(sandbox::wait_exit(r.pid).unwrap_or(-1));
+            }
+        }
+        recs.values().cloned().collect()
+    }
+
+    /// By name, ID, or unique ID prefix.
+    pub fn find(&self, r: &str) -> Result<Record, SandboxesError> {
+        let all = self.list();
+        if let Some(x) = all.iter().find(|x| x.name == r || x.id == r) {
+            return Ok(x.clone());
+        }
+        let by_prefix: Vec<&Record> = all
+            .iter()
+            .filter(|x| !r.is_empty() && x.id.starts_with(r))
+            .collect();
+        match by_prefix.as_slice() {
+            [x] => Ok((*x).clone()),
+            [] => Err(SandboxesError::Refused(format!("no such sandbox: {r}"))),
+            _ => Err(SandboxesError::Refused(format!(
+                "sandbox reference {r:?} is ambiguous; use more of the ID"
+            ))),
+        }
+    }
+
+    fn next_egress_ip(&self) -> Ipv4Addr {
+        let used: std::collections::BTreeSet<Ipv4Addr> = self
+            .records
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter_map(|r| r.egress_ip)
+            .collect();
+        let base = u32::from(EGRESS_SUBNET.0);
+        (2..(1u32 << (32 - EGRESS_SUBNET.1)) - 1)
+            .map(|i| Ipv4Addr::from(base + i))
+            .find(|ip| !used.contains(ip))
+            .unwrap_or(Ipv4Addr::new(172, 18, 255, 254))
+    }
+
+    /// `mesh run`: everything or nothing.
+    pub async fn run(
+        &self,
+        spec: RunSpec,
+        dp: &DataPath,
+        managers: Option<&Managers>,
+    ) -> Result<Record, SandboxesError> {
+        let id = mesh_common::id::new_id();
+        let name = if spec.name.is_empty() {
+            format!("sandbox-{}", &id[..8])
+        } else {
+            spec.name.clone()
+        };
+        if !valid_name(&name) {
+            return Err(SandboxesError::Refused(format!(
+                "invalid sandbox name {name:?}: use letters, digits, '_', '.' and '-', starting with a letter or digit"
+            )));
+        }
+        if self.list().iter().any(|r| r.name == name) {
+            return Err(SandboxesError::Refused(format!(
+                "the name {name:?} is already in use by a sandbox on this node; remove it with `mesh rm {name}` or choose another"
+            )));
+        }
+        if spec.cmd.is_empty() {
+            return Err(SandboxesError::Refused(
+                "no command given: mesh run [OPTIONS] -- CMD [ARG...]".into(),
+            ));
+        }
+        let mut dedup = spec.networks.clone();
+        dedup.sort();
+        dedup.dedup();
+        if dedup.len() != spec.networks.len() {
+            return Err(SandboxesError::Refused("a network is given twice".into()));
+        }
+        let mut rec = Record {
+            id: id.clone(),
+            name: name.clone(),
+            netns: format!("{}-sb-{}", dp.prefix, &id[..12]),
+            pid: 0,
+            cmd: spec.cmd.clone(),
+            env: spec.env.clone(),
+            networks: Vec::new(),
+            egress_ip: None,
+            created_at: String::new(),
+            exit_code: None,
+        };
+        match self.build(&mut rec, &spec, dp, managers).await {
+            Ok(()) => {
+                self.save(&rec)?;
+                self.records
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(rec.id.clone(), rec.clone());
+                info!(sandbox = %rec.name, pid = rec.pid, "sandbox started");
+                Ok(rec)
+            }
+            Err(e) => {
+                self.teardown(&rec, dp, managers).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn build(
+        &self,
+        rec: &mut Record,
+        spec: &RunSpec,
+        dp: &DataPath,
+        managers: Option<&Managers>,
+    ) -> Result<(), SandboxesError> {
+        // Endpoints first: the managers refuse what is wrong (unknown or
+        // non-attachable network) before the kernel is touched.
+        for (i, net) in spec.networks.iter().enumerate() {
+            let Some(m) = managers else {
+                return Err(SandboxesError::Refused(format!(
+                    "network {net} not found: this node is not part of a cluster"
+                )));
+            };
+            let endpoint_id = mesh_common::id::new_id();
+            let req = AttachRequest {
+                network: net.clone(),
+                sandbox: rec.name.clone(),
+                sandbox_id: rec.id.clone(),
+                aliases: spec.aliases.clone(),
+                endpoint_id: endpoint_id.clone(),
+            };
+            let info: EndpointInfo = m
+                .call(|ch| {
+                    let req = req.clone();
+                    async move {
+                        ClusterClient::new(ch)
+                            .attach(req)
+                            .await
+                            .map(|r| r.into_inner())
+                    }
+                })
+                .await
+                .map_err(|s| SandboxesError::Manager(s.message().to_string()))?;
+            rec.networks.push(attachment(&info, i, dp)?);
+        }
+        sandbox::create_netns(&rec.netns)?;
+        for a in &rec.networks {
+            let ospec = overlay_spec(a, dp);
+            overlay::ensure_network(&dp.node(), &ospec).await?;
+            overlay::attach(&dp.node(), &ospec, &overlay_attachment(rec, a)).await?;
+        }
+        // Egress like docker_gwbridge, unless every network is --internal.
+        if rec.networks.is_empty() || rec.networks.iter().any(|a| !a.internal) {
+            let ip = self.next_egress_ip();
+            egress::ensure_gwbridge(None, &format!("{}/{}", EGRESS_SUBNET.0, EGRESS_SUBNET.1))?;
+            egress::attach(None, &rec.netns, ip, EGRESS_SUBNET.1, true)?;
+            rec.egress_ip = Some(ip);
+        }
+        let dir = self.dir.join(&rec.id);
+        std::fs::create_dir_all(&dir).map_err(|source| SandboxesError::Io {
+            what: "create",
+            path: dir.clone(),
+            source,
+        })?;
+        rec.created_at = now();
+        rec.pid = sandbox::start(&sandbox::SandboxSpec {
+            name: rec.name.clone(),
+            netns: rec.netns.clone(),
+            cmd: rec.cmd.clone(),
+            env: rec.env.clone(),
+            hosts: hosts_file(rec),
+            resolv_conf: resolv_conf(),
+            dir,
+        })?;
+        Ok(())
+    }
+
+    /// Undoes whatever exists of a sandbox; keeps going past failures.
+    async fn teardown(
+        &self,
+        rec: &Record,
+        dp: &DataPath,
+        managers: Option<&Managers>,
+    ) -> Vec<String> {
+        let mut errors = Vec::new();
+        if rec.pid != 0
+            && let Err(e) = sandbox::stop(rec.pid, Duration::from_secs(5))
+        {
+            errors.push(e.to_string());
+        }
+        for a in &rec.networks {
+            if let Err(e) = overlay::detach(&dp.node(), a.vni, &overlay_attachment(rec, a)).await {
+                errors.push(e.to_string());
+            }
+        }
+        if rec.egress_ip.is_some()
+            && let Err(e) = egress::detach(None, &rec.netns)
+        {
+            errors.push(e.to_string());
+        }
+        if let Err(e) = sandbox::delete_netns(&rec.netns) {
+            errors.push(e.to_string());
+        }
+        if let Some(m) = managers {
+            for a in &rec.networks {
+                let req = DetachRequest {
+                    endpoint_id: a.endpoint_id.clone(),
+                };
+                let r = m
+                    .call(|ch| {
+                        let req = req.clone();
+                        async move { ClusterClient::new(ch).detach(req).await.map(|_| ()) }
+                    })
+                    .await;
+                if let Err(s) = r {
+                    errors.push(format!("detach from {}: {}", a.network, s.message()));
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(self.dir.join(&rec.id));
+        for e in &errors {
+            warn!(sandbox = %rec.name, "teardown: {e}");
+        }
+        errors
+    }
+
+    /// `mesh rm`: a running sandbox needs `force`.
+    pub async fn remove(
+        &self,
+        r: &str,
+        force: bool,
+        dp: &DataPath,
+        managers: Option<&Managers>,
+    ) -> Result<Record, SandboxesError> {
+        let rec = self.find(r)?;
+        if rec.exit_code.is_none() && !force {
+            return Err(SandboxesError::Refused(format!(
+                "sandbox {} is running: stop it first or use `mesh rm -f {}`",
+                rec.name, rec.name
+            )));
+        }
+        let errors = self.teardown(&rec, dp, managers).await;
+        self.records
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&rec.id);
+        if !errors.is_empty() {
+            return Err(SandboxesError::Refused(format!(
+                "removed {} with errors: {}",
+                rec.name,
+                errors.join("; ")
+            )));
+        }
+        Ok(rec)
+    }
+}
+
+fn attachment(
+    info: &EndpointInfo,
+    index: usize,
+    dp: &DataPath,
+) -> Result<Attachment, SandboxesError> {
+    let bad = |what: &str| {
+        SandboxesError::Manager(format!(
+            "the managers sent a bad {what} for network {}",
+            info.network_name
+        ))
+    };
+    Ok(Attachment {
+        network: info.network_name.clone(),
+        network_id: info.network_id.clone(),
+        endpoint_id: info.id.clone(),
+        ifname: format!("eth{index}"),
+        ip: info.ip.parse().map_err(|_| bad("address"))?,
+        prefix: u8::try_from(info.prefix).map_err(|_| bad("prefix"))?,
+        mac: info.mac.clone(),
+        gateway: info.gateway.parse().map_err(|_| bad("gateway"))?,
+        vni: info.vni,
+        mtu: if info.mtu == 0 {
+            dp.overlay_mtu
+        } else {
+            info.mtu
+        },
+        internal: info.internal,
+    })
+}
+
+pub fn overlay_spec(a: &Attachment, dp: &DataPath) -> overlay::OverlaySpec {
+    overlay::OverlaySpec {
+        vni: a.vni,
+        subnet: ipnet::Ipv4Net::new(a.ip, a.prefix)
+            .map(|n| n.trunc())
+            .unwrap_or_default(),
+        gateway: a.gateway,
+        mtu: a.mtu,
+        local_ip: dp.local_ip,
+        port: dp.port,
+    }
+}
+
+pub fn overlay_attachment(rec: &Record, a: &Attachment) -> overlay::Attachment {
+    overlay::Attachment {
+        sandbox_ns: rec.netns.clone(),
+        ifname: a.ifname.clone(),
+        ip: a.ip,
+        prefix: a.prefix,
+        mac: parse_mac(&a.mac).unwrap_or_else(|| overlay::mac_for(a.ip)),
+        mtu: a.mtu,
+        // The gwbridge provides the default route, as in Docker.
+        default_route: false,
+    }
+}
+
+fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let parts: Vec<u8> = s
+        .split(':')
+        .filter_map(|p| u8::from_str_radix(p, 16).ok())
+        .collect();
+    parts.try_into().ok()
+}
+
+/// /etc/hosts as Docker writes it: localhost, then the sandbox's own name on
+/// its first address.
+fn hosts_file(rec: &Record) -> String {
+    let mut s = String::from(
+        "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\nfe00::0\tip6-localnet\nff00::0\tip6-mcastprefix\nff02::1\tip6-allnodes\nff02::2\tip6-allrouters\n",
+    );
+    if let Some(a) = rec.networks.first() {
+        s.push_str(&format!("{}\t{}\n", a.ip, rec.name));
+    } else if let Some(ip) = rec.egress_ip {
+        s.push_str(&format!("{ip}\t{}\n", rec.name));
+    }
+    s
+}
+
+/// The host's resolvers, minus loopback ones a sandbox cannot reach.
+fn resolv_conf() -> String {
+    let host = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    host.lines()
+        .filter(|l| !(l.starts_with("nameserver") && (l.contains(" 127.") || l.contains(" ::1"))))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+fn now() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
