@@ -214,6 +214,7 @@ impl Daemon {
             local_ip,
             port: mesh_manager::state::DEFAULT_DATA_PATH_PORT,
             overlay_mtu: mesh_worker::sandboxes::overlay_mtu_for(local_ip).await,
+            kernel: self.kernel.clone(),
         };
         m.agent = Some(mesh_worker::agent::spawn(
             managers.clone(),

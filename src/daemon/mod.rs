@@ -58,6 +58,8 @@ pub struct Daemon {
     /// Data-path settings while the node is in a cluster.
     datapath: RwLock<Option<mesh_worker::sandboxes::DataPath>>,
     managers_link: RwLock<Option<mesh_worker::managers::Managers>>,
+    /// Serialises kernel changes (see `DataPath::kernel`).
+    kernel: Arc<tokio::sync::Mutex<()>>,
     events: mpsc::Sender<SessionEvent>,
 }
 
@@ -81,6 +83,7 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
         prefix,
         datapath: RwLock::new(None),
         managers_link: RwLock::new(None),
+        kernel: Arc::default(),
         state_dir,
         snapshot_every: opts.snapshot_every,
         membership: Default::default(),
@@ -162,6 +165,7 @@ impl Daemon {
                 local_ip: std::net::Ipv4Addr::UNSPECIFIED,
                 port: mesh_manager::state::DEFAULT_DATA_PATH_PORT,
                 overlay_mtu: 1450,
+                kernel: self.kernel.clone(),
             })
     }
 

@@ -134,3 +134,37 @@ pub async fn control(
 pub fn network_ls(lab: &Lab, node: &str) -> Result<Vec<Value>> {
     json_lines(&lab.mesh_ok(node, &["network", "ls", "--format", "json"])?)
 }
+
+/// `mesh ps --format json` of a node.
+pub fn ps(lab: &Lab, node: &str) -> Result<Vec<Value>> {
+    json_lines(&lab.mesh_ok(node, &["ps", "-a", "--format", "json"])?)
+}
+
+/// The overlay address of a sandbox (first network).
+pub fn sandbox_ip(lab: &Lab, node: &str, name: &str) -> Result<String> {
+    let list = ps(lab, node)?;
+    let s = list
+        .iter()
+        .find(|s| s["Names"] == name)
+        .with_context(|| format!("no sandbox {name} on {node}"))?;
+    let ips = s["IPs"].as_str().unwrap_or_default();
+    Ok(ips.split(',').next().unwrap_or_default().to_string())
+}
+
+/// The namespace prefix of a node's daemon (from its state dir).
+pub fn ns_prefix(lab: &Lab, node: &str) -> Result<String> {
+    let id = std::fs::read_to_string(lab.node(node)?.state_dir.join("instance"))?;
+    Ok(format!("mesh{}", id.trim()))
+}
+
+/// Named namespaces starting with `prefix`.
+pub fn netns_with_prefix(prefix: &str) -> Vec<String> {
+    std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| n.starts_with(prefix))
+                .collect()
+        })
+        .unwrap_or_default()
+}

@@ -122,6 +122,7 @@ pub async fn reconcile(
     sandboxes: &Sandboxes,
     view: &NodeView,
 ) -> Result<usize, crate::netns::NetError> {
+    let _kernel = dp.kernel.lock().await;
     let mut repairs = 0;
     let dp = DataPath {
         port: u16::try_from(view.data_path_port).unwrap_or(dp.port),

@@ -79,6 +79,9 @@ pub struct DataPath {
     pub port: u16,
     /// MTU for overlays without --opt mtu: the underlay's, minus VXLAN's 50.
     pub overlay_mtu: u32,
+    /// Held while changing the kernel: the agent's reconcile passes and a
+    /// sandbox's wiring must not interleave (both create the same VXLAN).
+    pub kernel: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 /// MTU of the interface holding `ip` (the underlay), minus VXLAN's 50 bytes
@@ -314,6 +317,7 @@ impl Sandboxes {
                 .map_err(|s| SandboxesError::Manager(s.message().to_string()))?;
             rec.networks.push(attachment(&info, i, dp)?);
         }
+        let _kernel = dp.kernel.lock().await;
         sandbox::create_netns(&rec.netns)?;
         for a in &rec.networks {
             let ospec = overlay_spec(a, dp);
@@ -354,6 +358,7 @@ impl Sandboxes {
         managers: Option<&Managers>,
     ) -> Vec<String> {
         let mut errors = Vec::new();
+        let kernel = dp.kernel.lock().await;
         if rec.pid != 0
             && let Err(e) = sandbox::stop(rec.pid, Duration::from_secs(5))
         {
@@ -372,6 +377,7 @@ impl Sandboxes {
         if let Err(e) = sandbox::delete_netns(&rec.netns) {
             errors.push(e.to_string());
         }
+        drop(kernel);
         if let Some(m) = managers {
             for a in &rec.networks {
                 let req = DetachRequest {
