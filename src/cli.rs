@@ -247,6 +247,20 @@ pub enum NetworkCmd {
         #[arg(required = true)]
         networks: Vec<String>,
     },
+    /// Connect a running sandbox to a network.
+    Connect {
+        #[arg(long)]
+        alias: Vec<String>,
+        network: String,
+        sandbox: String,
+    },
+    /// Disconnect a sandbox from a network.
+    Disconnect {
+        #[arg(short, long)]
+        force: bool,
+        network: String,
+        sandbox: String,
+    },
     /// Remove all unused networks.
     Prune {
         /// Do not ask for confirmation (there is no prompt; kept for Docker's flag).

@@ -43,10 +43,12 @@ pub fn inspect_json(n: &Network) -> serde_json::Value {
         "Ingress": n.ingress,
         "ConfigFrom": {"Network": ""},
         "ConfigOnly": false,
-        "Containers": {},
+        "Containers": n.containers.iter().map(|c| (c.sandbox_id.clone(), json!({
+            "Name": c.name, "EndpointID": c.endpoint_id, "MacAddress": c.mac, "IPv4Address": c.ipv4, "IPv6Address": "",
+        }))).collect::<serde_json::Map<String, serde_json::Value>>(),
         "Options": n.options,
         "Labels": n.labels,
-        "Peers": [],
+        "Peers": n.peers.iter().map(|p| json!({"Name": p.name, "IP": p.ip})).collect::<Vec<_>>(),
     })
 }
 
@@ -207,6 +209,32 @@ pub async fn run(host: &str, cmd: NetworkCmd) -> Result<ExitCode> {
             if failed {
                 return Ok(ExitCode::FAILURE);
             }
+        }
+        NetworkCmd::Connect {
+            alias,
+            network,
+            sandbox,
+        } => {
+            c.network_connect(ConnectRequest {
+                network,
+                sandbox,
+                aliases: alias,
+            })
+            .await
+            .map_err(status)?;
+        }
+        NetworkCmd::Disconnect {
+            force: _,
+            network,
+            sandbox,
+        } => {
+            c.network_disconnect(ConnectRequest {
+                network,
+                sandbox,
+                aliases: vec![],
+            })
+            .await
+            .map_err(status)?;
         }
         NetworkCmd::Prune { force: _ } => {
             let removed = c

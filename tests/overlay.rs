@@ -311,3 +311,99 @@ fn data_path_heals_and_cleans_up() -> Result<()> {
     lab.down()?;
     Ok(())
 }
+
+/// Interfaces added and removed at run time; inspect shows Containers and
+/// Peers; the MTU follows the underlay (minus 50) unless --opt mtu says.
+#[test]
+fn connect_disconnect_inspect_and_mtu() -> Result<()> {
+    let lab = up("oc", 2, 1, &[])?;
+    lab.mesh_ok(
+        "node1",
+        &["network", "create", "-d", "overlay", "--attachable", "a1"],
+    )?;
+    lab.mesh_ok(
+        "node1",
+        &[
+            "network",
+            "create",
+            "-d",
+            "overlay",
+            "--attachable",
+            "--opt",
+            "mtu=1400",
+            "a2",
+        ],
+    )?;
+    run(&lab, "node2", "s1", "a1", &["sleep", "600"])?;
+    run(&lab, "node1", "s0", "a2", &["sleep", "600"])?;
+    let s0 = sandbox_ip(&lab, "node1", "s0")?;
+    let mtu = |node: &str, sb: &str, ifname: &str| -> Result<String> {
+        let o = sh(&lab, node, sb, &format!("cat /sys/class/net/{ifname}/mtu"))?;
+        Ok(String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let m = mtu("node2", "s1", "eth0")?;
+    ensure!(m == "1450", "underlay 1500 - 50 expected, got {m}");
+    ensure!(
+        mtu("node1", "s0", "eth0")? == "1400",
+        "--opt mtu=1400 expected"
+    );
+    ensure!(
+        !sh(&lab, "node2", "s1", &format!("ping -c1 -W1 {s0}"))?
+            .status
+            .success(),
+        "a1 reached a2"
+    );
+
+    lab.mesh_ok("node2", &["network", "connect", "a2", "s1"])?;
+    refused(
+        &lab,
+        "node2",
+        &["network", "connect", "a2", "s1"],
+        "already connected",
+    )?;
+    let addrs =
+        String::from_utf8_lossy(&sh(&lab, "node2", "s1", "ip -br addr")?.stdout).into_owned();
+    ensure!(
+        addrs.contains("eth1") && addrs.contains("10.0.2."),
+        "{addrs}"
+    );
+    wait_for(
+        "s1 to reach s0 over the connected network",
+        Duration::from_secs(10),
+        || {
+            sh(&lab, "node2", "s1", &format!("ping -c1 -W1 {s0}"))
+                .ok()
+                .filter(|o| o.status.success())
+        },
+    )?;
+    let inspect: serde_json::Value =
+        serde_json::from_str(&lab.mesh_ok("node1", &["network", "inspect", "a2"])?)?;
+    let containers = inspect[0]["Containers"].as_object().context("Containers")?;
+    ensure!(
+        containers
+            .values()
+            .any(|c| c["Name"] == "s0" && c["IPv4Address"] == format!("{s0}/24")),
+        "{inspect}"
+    );
+    let peers = inspect[0]["Peers"].as_array().context("Peers")?;
+    ensure!(peers.len() == 2, "both nodes have a2 now: {inspect}");
+
+    lab.mesh_ok("node2", &["network", "disconnect", "a2", "s1"])?;
+    refused(
+        &lab,
+        "node2",
+        &["network", "disconnect", "a2", "s1"],
+        "not connected",
+    )?;
+    let addrs =
+        String::from_utf8_lossy(&sh(&lab, "node2", "s1", "ip -br addr")?.stdout).into_owned();
+    ensure!(!addrs.contains("eth1"), "{addrs}");
+    let inspect: serde_json::Value =
+        serde_json::from_str(&lab.mesh_ok("node1", &["network", "inspect", "a2"])?)?;
+    ensure!(
+        inspect[0]["Peers"].as_array().map(Vec::len) == Some(1),
+        "{inspect}"
+    );
+    lab.down()?;
+    Ok(())
+}

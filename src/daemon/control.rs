@@ -392,14 +392,21 @@ impl Control for ControlService {
             at: now(),
         };
         match mgr.write(cmd).await.map_err(mgr_err)? {
-            CommandResult::Network(n) => Ok(Response::new(super::networks::to_pb(&n))),
+            CommandResult::Network(n) => Ok(Response::new(
+                mgr.read(|s| super::networks::to_pb(s, &n, &mgr.node_id)),
+            )),
             _ => Err(Status::internal("unexpected result")),
         }
     }
 
     async fn network_list(&self, _req: Request<Empty>) -> Result<Response<NetworkList>, Status> {
         let mgr = self.manager()?;
-        let networks = mgr.read(|s| s.networks.values().map(super::networks::to_pb).collect());
+        let networks = mgr.read(|s| {
+            s.networks
+                .values()
+                .map(|n| super::networks::to_pb(s, n, &mgr.node_id))
+                .collect()
+        });
         Ok(Response::new(NetworkList { networks }))
     }
 
@@ -413,7 +420,9 @@ impl Control for ControlService {
         mgr.write(Command::RemoveNetwork { id: net.id.clone() })
             .await
             .map_err(mgr_err)?;
-        Ok(Response::new(super::networks::to_pb(&net)))
+        Ok(Response::new(
+            mgr.read(|s| super::networks::to_pb(s, &net, &mgr.node_id)),
+        ))
     }
 
     async fn network_prune(&self, _req: Request<Empty>) -> Result<Response<NetworkList>, Status> {
@@ -429,7 +438,7 @@ impl Control for ControlService {
         let mut removed = Vec::new();
         for n in unused {
             match mgr.write(Command::RemoveNetwork { id: n.id.clone() }).await {
-                Ok(_) => removed.push(super::networks::to_pb(&n)),
+                Ok(_) => removed.push(mgr.read(|s| super::networks::to_pb(s, &n, &mgr.node_id))),
                 // Someone started using it meanwhile: keep it.
                 Err(ManagerError::Refused(_)) => {}
                 Err(e) => return Err(mgr_err(e)),
@@ -499,6 +508,51 @@ impl Control for ControlService {
             .remove(
                 &r.sandbox,
                 r.force,
+                &self.d.datapath(),
+                self.d.managers_link().as_ref(),
+            )
+            .await
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        Ok(Response::new(super::sandboxes::to_pb(
+            &rec,
+            &self.d.state_dir,
+        )))
+    }
+
+    async fn network_connect(
+        &self,
+        req: Request<ConnectRequest>,
+    ) -> Result<Response<mesh_proto::Sandbox>, Status> {
+        let r = req.into_inner();
+        let rec = self
+            .d
+            .sandboxes
+            .connect(
+                &r.sandbox,
+                &r.network,
+                r.aliases,
+                &self.d.datapath(),
+                self.d.managers_link().as_ref(),
+            )
+            .await
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        Ok(Response::new(super::sandboxes::to_pb(
+            &rec,
+            &self.d.state_dir,
+        )))
+    }
+
+    async fn network_disconnect(
+        &self,
+        req: Request<ConnectRequest>,
+    ) -> Result<Response<mesh_proto::Sandbox>, Status> {
+        let r = req.into_inner();
+        let rec = self
+            .d
+            .sandboxes
+            .disconnect(
+                &r.sandbox,
+                &r.network,
                 &self.d.datapath(),
                 self.d.managers_link().as_ref(),
             )

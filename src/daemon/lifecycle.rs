@@ -216,6 +216,7 @@ impl Daemon {
             overlay_mtu: mesh_worker::sandboxes::overlay_mtu_for(local_ip).await,
             kernel: self.kernel.clone(),
         };
+        info!(local = %dp.local_ip, overlay_mtu = dp.overlay_mtu, "data path settings");
         m.agent = Some(mesh_worker::agent::spawn(
             managers.clone(),
             dp.clone(),

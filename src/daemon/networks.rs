@@ -104,7 +104,39 @@ pub fn resolve(s: &state::ClusterState, r: &str) -> Result<Network, Status> {
     })
 }
 
-pub fn to_pb(n: &Network) -> mesh_proto::Network {
+/// `self_id` is the node answering: its sandboxes are the "Containers".
+pub fn to_pb(s: &state::ClusterState, n: &Network, self_id: &str) -> mesh_proto::Network {
+    let prefix = n.subnet.split_once('/').map(|(_, p)| p).unwrap_or("24");
+    let mut containers = Vec::new();
+    let mut peer_nodes = std::collections::BTreeSet::new();
+    for e in s.endpoints.values().filter(|e| e.network_id == n.id) {
+        peer_nodes.insert(e.node_id.clone());
+        if e.node_id == self_id {
+            containers.push(mesh_proto::NetworkContainer {
+                sandbox_id: e.sandbox_id.clone(),
+                name: e.sandbox.clone(),
+                endpoint_id: e.id.clone(),
+                mac: e.mac.clone(),
+                ipv4: format!("{}/{prefix}", e.ip),
+            });
+        }
+    }
+    let peers = peer_nodes
+        .iter()
+        .filter_map(|id| s.nodes.get(id))
+        .map(|node| mesh_proto::NetworkPeer {
+            name: node.hostname.clone(),
+            ip: node.addr.clone(),
+        })
+        .collect();
+    mesh_proto::Network {
+        containers,
+        peers,
+        ..pb_spec(n)
+    }
+}
+
+fn pb_spec(n: &Network) -> mesh_proto::Network {
     let mut options: std::collections::HashMap<String, String> =
         n.spec.options.clone().into_iter().collect();
     options.insert(VXLAN_OPTION.into(), n.vni.to_string());
@@ -124,6 +156,7 @@ pub fn to_pb(n: &Network) -> mesh_proto::Network {
         labels: n.spec.labels.clone().into_iter().collect(),
         created_at: n.created_at.clone(),
         version: n.version,
+        ..Default::default()
     }
 }
 

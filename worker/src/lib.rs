@@ -11,6 +11,7 @@
 pub mod agent;
 pub mod egress;
 pub mod link;
+pub mod local;
 pub mod managers;
 pub mod netns;
 pub mod overlay;

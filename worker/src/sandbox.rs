@@ -362,7 +362,7 @@ fn child_fail(report_fd: i32, step: u8, errno: Errno) -> io::Error {
 }
 
 /// Steps of sandbox setup, in the order the child runs them.
-const START_STEPS: [&str; 7] = [
+const START_STEPS: [&str; 8] = [
     "starting a new session (setsid)",
     "entering the network namespace",
     "creating the mount and UTS namespaces",
@@ -370,6 +370,7 @@ const START_STEPS: [&str; 7] = [
     "setting the hostname",
     "bind-mounting hosts over /etc/hosts",
     "bind-mounting resolv.conf over /etc/resolv.conf",
+    "mounting a sysfs of the sandbox's network namespace on /sys",
 ];
 
 /// Cuts `name` to the kernel's hostname limit on a character boundary.
@@ -521,6 +522,18 @@ pub fn start(spec: &SandboxSpec) -> Result<u32, SandboxError> {
                 none,
             )
             .map_err(|e| child_fail(report, 6, e))?;
+            // sysfs shows the network namespace of whoever mounted it: the
+            // copied /sys would list the host's interfaces (as `ip netns
+            // exec` knows, it remounts /sys too).
+            let _ = nix::mount::umount2(c"/sys", MntFlags::MNT_DETACH);
+            nix::mount::mount(
+                Some(c"sysfs"),
+                c"/sys",
+                Some(c"sysfs"),
+                MsFlags::empty(),
+                none,
+            )
+            .map_err(|e| child_fail(report, 7, e))?;
             Ok(())
         });
     }

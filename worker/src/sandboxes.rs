@@ -524,3 +524,133 @@ fn now() -> String {
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
 }
+
+impl Sandboxes {
+    /// `mesh network connect`: a new interface in a running sandbox.
+    pub async fn connect(
+        &self,
+        r: &str,
+        network: &str,
+        aliases: Vec<String>,
+        dp: &DataPath,
+        managers: Option<&Managers>,
+    ) -> Result<Record, SandboxesError> {
+        let mut rec = self.find(r)?;
+        if rec.exit_code.is_some() {
+            return Err(SandboxesError::Refused(format!(
+                "sandbox {} is not running",
+                rec.name
+            )));
+        }
+        if rec
+            .networks
+            .iter()
+            .any(|a| a.network == network || a.network_id == network)
+        {
+            return Err(SandboxesError::Refused(format!(
+                "sandbox {} is already connected to network {network}",
+                rec.name
+            )));
+        }
+        let Some(m) = managers else {
+            return Err(SandboxesError::Refused(format!(
+                "network {network} not found: this node is not part of a cluster"
+            )));
+        };
+        let req = AttachRequest {
+            network: network.to_string(),
+            sandbox: rec.name.clone(),
+            sandbox_id: rec.id.clone(),
+            aliases,
+            endpoint_id: mesh_common::id::new_id(),
+        };
+        let info: EndpointInfo = m
+            .call(|ch| {
+                let req = req.clone();
+                async move {
+                    ClusterClient::new(ch)
+                        .attach(req)
+                        .await
+                        .map(|r| r.into_inner())
+                }
+            })
+            .await
+            .map_err(|s| SandboxesError::Manager(s.message().to_string()))?;
+        // The first free ethN.
+        let index = (0..)
+            .find(|i| !rec.networks.iter().any(|a| a.ifname == format!("eth{i}")))
+            .unwrap_or(0);
+        let a = attachment(&info, index, dp)?;
+        let wired = {
+            let _kernel = dp.kernel.lock().await;
+            let spec = overlay_spec(&a, dp);
+            match overlay::ensure_network(&dp.node(), &spec).await {
+                Ok(()) => overlay::attach(&dp.node(), &spec, &overlay_attachment(&rec, &a)).await,
+                Err(e) => Err(e),
+            }
+        };
+        if let Err(e) = wired {
+            // Give the address back: nothing half-made.
+            let detach = DetachRequest {
+                endpoint_id: a.endpoint_id.clone(),
+            };
+            let _ = m
+                .call(|ch| {
+                    let req = detach.clone();
+                    async move { ClusterClient::new(ch).detach(req).await.map(|_| ()) }
+                })
+                .await;
+            return Err(e.into());
+        }
+        rec.networks.push(a);
+        self.save(&rec)?;
+        self.records
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(rec.id.clone(), rec.clone());
+        Ok(rec)
+    }
+
+    /// `mesh network disconnect`: the interface goes, then the endpoint.
+    pub async fn disconnect(
+        &self,
+        r: &str,
+        network: &str,
+        dp: &DataPath,
+        managers: Option<&Managers>,
+    ) -> Result<Record, SandboxesError> {
+        let mut rec = self.find(r)?;
+        let Some(pos) = rec
+            .networks
+            .iter()
+            .position(|a| a.network == network || a.network_id == network)
+        else {
+            return Err(SandboxesError::Refused(format!(
+                "sandbox {} is not connected to network {network}",
+                rec.name
+            )));
+        };
+        let a = rec.networks.remove(pos);
+        {
+            let _kernel = dp.kernel.lock().await;
+            overlay::detach(&dp.node(), a.vni, &overlay_attachment(&rec, &a)).await?;
+        }
+        if let Some(m) = managers {
+            let req = DetachRequest {
+                endpoint_id: a.endpoint_id.clone(),
+            };
+            m.call(|ch| {
+                let req = req.clone();
+                async move { ClusterClient::new(ch).detach(req).await.map(|_| ()) }
+            })
+            .await
+            .map_err(|s| SandboxesError::Manager(s.message().to_string()))?;
+        }
+        self.save(&rec)?;
+        self.records
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(rec.id.clone(), rec.clone());
+        Ok(rec)
+    }
+}

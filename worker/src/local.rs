@@ -1,0 +1,1103 @@
+//! Docker's local network drivers, for standalone sandboxes on one node:
+//!
+//! - `bridge`: a Linux bridge in the node's namespace holding the gateway
+//!   address, one veth per sandbox (one end a port of the bridge, the other
+//!   `ifname` in the sandbox), MASQUERADE for what leaves the node from the
+//!   subnet, and no forwarding between two bridge networks (Docker's
+//!   DOCKER-ISOLATION chains). An `internal` network gets no NAT and nothing
+//!   leaves or enters it through the node;
+//! - `macvlan` (bridge mode): a macvlan device on a parent interface of the
+//!   node, moved into the sandbox; sandboxes on one parent talk to each other
+//!   through the macvlan's internal switch and to the parent's LAN directly;
+//! - `host` and `none` need no kernel code: a `host` sandbox shares the
+//!   node's namespace, a `none` sandbox has only its loopback.
+//!
+//! Like [`crate::overlay`], every function is a reconciliation step: it
+//! compares the desired state with the kernel's and fixes the difference, so
+//! calling it again is harmless and a hand-deleted device heals on the next
+//! call. Devices are labelled with an alias (IFLA_IFALIAS) saying whose they
+//! are, so a name clash with something the operator made is reported instead
+//! of being taken over or torn down.
+//!
+//! The firewall side is one nftables table of our own in the node's
+//! namespace, `ip mesh_local`, rebuilt from the full list of bridge networks
+//! in one atomic batch by [`sync_nat`]; rules we did not make are never
+//! touched. It is separate from `ip mesh_egress` (the gwbridge's) so neither
+//! rebuild can drop the other's rules.
+//!
+//! Addresses of local networks are not replicated: the node picks them with
+//! [`next_address`] from what its own sandboxes use.
+
+use std::borrow::Cow;
+use std::collections::BTreeSet;
+use std::io::{self, Write};
+use std::net::Ipv4Addr;
+use std::os::fd::AsFd;
+use std::process::{Command, Stdio};
+
+use ipnet::Ipv4Net;
+use mesh_common::ipam;
+use netlink_packet_route::link::MacVlanMode;
+use nftables::batch::Batch;
+use nftables::expr::{
+    Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix, SetItem,
+};
+use nftables::schema::{Chain, NfListObject, Rule, Table};
+use nftables::stmt::{Counter, JumpTarget, Match, Operator, Statement};
+use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
+use nix::errno::Errno;
+use rtnetlink::LinkMacVlan;
+use tracing::{debug, info, warn};
+
+use crate::link::{Link, Netlink, check_ifname, fmt_mac};
+use crate::netns::{self, NetError};
+use crate::overlay::{Attachment, Node};
+
+/// Bridge device of the default `bridge` network (Docker's `docker0`).
+pub const DEFAULT_BRIDGE: &str = "mesh0";
+/// Our nftables table (family `ip`) in the node's namespace.
+pub const TABLE: &str = "mesh_local";
+
+/// Alias of a bridge we made, followed by the network's name.
+const BRIDGE_ALIAS: &str = "mesh bridge network ";
+/// Alias of the node end of a sandbox's veth, followed by `sandbox/ifname`.
+const PORT_ALIAS: &str = "mesh bridge port ";
+/// Alias of a sandbox's macvlan, followed by the parent's name.
+const MACVLAN_ALIAS: &str = "mesh macvlan on ";
+
+/// Where the kernel keeps IPv4 forwarding; per network namespace, answered
+/// for the namespace of the thread that opens it.
+const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+
+const POSTROUTING: &str = "postrouting";
+const FORWARD: &str = "forward";
+
+/// One `bridge` network as this node must have it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BridgeSpec {
+    /// The network's name; written in the bridge's alias so an operator
+    /// running `ip -d link` sees which network a bridge serves.
+    pub name: String,
+    /// The Linux bridge device (at most 15 characters): `mbr-` and a short
+    /// ID (see [`bridge_name`]), or [`DEFAULT_BRIDGE`] for the default
+    /// network.
+    pub bridge: String,
+    pub subnet: Ipv4Net,
+    /// Address of the bridge: the sandboxes' next hop.
+    pub gateway: Ipv4Addr,
+    /// MTU of the bridge and the default for its veths.
+    pub mtu: u32,
+    /// `--internal`: no NAT, and nothing is forwarded into or out of the
+    /// network; its sandboxes reach only each other and the gateway.
+    pub internal: bool,
+}
+
+/// Bridge device name for a network ID: `mbr-` and the ID's first 11
+/// characters, which fits IFNAMSIZ and is as unique as Docker's `br-` names.
+pub fn bridge_name(network_id: &str) -> String {
+    let short: String = network_id.chars().take(11).collect();
+    format!("mbr-{short}")
+}
+
+/// IPAM for local networks: the lowest free host address of `subnet`,
+/// skipping the network and broadcast addresses, the gateway and `used`.
+/// `None` when the subnet is full. Local networks are not replicated, so
+/// `used` is whatever this node's sandboxes hold.
+pub fn next_address(
+    subnet: &Ipv4Net,
+    gateway: Ipv4Addr,
+    used: &BTreeSet<Ipv4Addr>,
+) -> Option<Ipv4Addr> {
+    ipam::next_host(subnet, None, gateway, used).ok()
+}
+
+fn bridge_owner(network: &str) -> String {
+    format!("{BRIDGE_ALIAS}{network}")
+}
+
+fn port_owner(a: &Attachment) -> String {
+    format!("{PORT_ALIAS}{}/{}", a.sandbox_ns, a.ifname)
+}
+
+fn macvlan_owner(parent: &str) -> String {
+    format!("{MACVLAN_ALIAS}{parent}")
+}
+
+fn alias_starts(l: &Link, prefix: &str) -> bool {
+    l.alias.as_deref().is_some_and(|a| a.starts_with(prefix))
+}
+
+/// FNV-1a 64, cut to 48 bits: stable across builds (std's hasher is not),
+/// so names derived from it are the same after an upgrade or a restart.
+fn fnv48(parts: &[&str]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for b in part.bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        // Separator, so ("ab", "c") and ("a", "bc") differ.
+        h ^= 0xff;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h & 0xffff_ffff_ffff
+}
+
+/// Names of a bridge attachment's veth: the node end (a port of the bridge)
+/// and the temporary name of the sandbox end before its rename. Derived,
+/// not stored, so a restarted agent finds them; 15 characters.
+fn port_names(bridge: &str, a: &Attachment) -> (String, String) {
+    let h = fnv48(&[bridge, &a.sandbox_ns, &a.ifname]);
+    (format!("mlb{h:012x}"), format!("mlt{h:012x}"))
+}
+
+/// Temporary name of a sandbox's macvlan between its creation in the node's
+/// namespace and its rename inside the sandbox.
+fn macvlan_tmp(a: &Attachment) -> String {
+    let h = fnv48(&["macvlan", &a.sandbox_ns, &a.ifname]);
+    format!("mlm{h:012x}")
+}
+
+fn validate_bridge(spec: &BridgeSpec) -> Result<(), NetError> {
+    let bad = |msg: String| {
+        Err(NetError::Invalid(format!(
+            "bridge network {:?} (device {}): {msg}",
+            spec.name, spec.bridge
+        )))
+    };
+    if check_ifname(&spec.bridge).is_err() {
+        return bad("the bridge name must be 1-15 characters without '/', ':' or spaces".into());
+    }
+    let net = spec.subnet;
+    if net.trunc() != net {
+        return bad(format!(
+            "subnet {net} has host bits set; did you mean {}?",
+            net.trunc()
+        ));
+    }
+    if net.prefix_len() > ipam::MAX_SUBNET_PREFIX {
+        return bad(format!(
+            "subnet {net} is too small: use /{} or shorter",
+            ipam::MAX_SUBNET_PREFIX
+        ));
+    }
+    if !net.contains(&spec.gateway) {
+        return bad(format!("gateway {} is outside subnet {net}", spec.gateway));
+    }
+    if spec.gateway == net.network() || spec.gateway == net.broadcast() {
+        return bad(format!(
+            "gateway {} is the network or broadcast address of {net}",
+            spec.gateway
+        ));
+    }
+    if !(68..=65535).contains(&spec.mtu) {
+        return bad(format!("MTU {} is outside 68-65535", spec.mtu));
+    }
+    Ok(())
+}
+
+fn validate_attachment(a: &Attachment) -> Result<(), NetError> {
+    let bad = |msg: String| {
+        Err(NetError::Invalid(format!(
+            "attachment of sandbox {} ({}): {msg}",
+            a.sandbox_ns, a.ifname
+        )))
+    };
+    if check_ifname(&a.ifname).is_err() {
+        return bad("interface name must be 1-15 characters without '/', ':' or spaces".into());
+    }
+    if !(1..=32).contains(&a.prefix) {
+        return bad(format!("prefix length {} is outside 1-32", a.prefix));
+    }
+    if a.mac[0] & 1 != 0 || a.mac == [0; 6] {
+        return bad(format!(
+            "MAC {} is a multicast or zero address",
+            fmt_mac(&a.mac)
+        ));
+    }
+    if !(68..=65535).contains(&a.mtu) {
+        return bad(format!("MTU {} is outside 68-65535", a.mtu));
+    }
+    Ok(())
+}
+
+/// Turns IPv4 forwarding on in `ns` (`None`: the calling thread's, the
+/// node's for async code). Routing from a bridge to the uplink needs it;
+/// it is left on at removal since other parts of the node may rely on it.
+fn enable_forwarding(ns: Option<&str>) -> Result<(), NetError> {
+    let turn_on = || -> io::Result<bool> {
+        if std::fs::read_to_string(IP_FORWARD)?.trim() == "1" {
+            return Ok(false);
+        }
+        std::fs::write(IP_FORWARD, b"1")?;
+        Ok(true)
+    };
+    // /proc/sys/net answers for the opening thread's namespace, so a
+    // foreign one is entered on a thread of its own.
+    let result = match ns {
+        Some(name) => netns::run_in(name, turn_on)?,
+        None => turn_on(),
+    };
+    match result {
+        Ok(changed) => {
+            if changed {
+                info!(ns = %netns::label(ns), "turned on IPv4 forwarding");
+            }
+            Ok(())
+        }
+        Err(source) => Err(NetError::Namespace {
+            action: "turn on IPv4 forwarding in",
+            name: netns::label(ns),
+            source,
+        }),
+    }
+}
+
+/// Ensures a bridge network on the node: the bridge (labelled as ours),
+/// its MTU, exactly the gateway address, up; and, unless the network is
+/// internal, IPv4 forwarding. The NAT and isolation rules are
+/// [`sync_nat`]'s, which needs every network at once. Idempotent. A device
+/// of that name that is not ours is left alone and reported, with one
+/// exception: a bridge with no label, down, without addresses or ports is
+/// what an interrupted create leaves, and is adopted.
+pub async fn ensure_bridge(node: &Node, spec: &BridgeSpec) -> Result<(), NetError> {
+    validate_bridge(spec)?;
+    let host = Netlink::open(node.ns.as_deref()).await?;
+    let owner = bridge_owner(&spec.name);
+    let link = match host.link(&spec.bridge).await? {
+        Some(l) => claim_bridge(&host, spec, &owner, l).await?,
+        None => {
+            host.create_bridge(&spec.bridge, spec.mtu).await?;
+            host.set_alias(&spec.bridge, &owner).await?;
+            info!(ns = host.ns(), bridge = %spec.bridge, network = %spec.name, "created bridge");
+            host.link(&spec.bridge)
+                .await?
+                .ok_or_else(|| NetError::NoDevice {
+                    dev: spec.bridge.clone(),
+                    ns: host.ns().into(),
+                    hint: "it vanished right after being created; is another agent managing it?",
+                })?
+        }
+    };
+    if link.mtu != spec.mtu {
+        host.set_mtu(&spec.bridge, spec.mtu).await?;
+    }
+    host.ensure_only_address_v4(&spec.bridge, spec.gateway, spec.subnet.prefix_len())
+        .await?;
+    if !link.up {
+        host.set_up(&spec.bridge).await?;
+    }
+    if !spec.internal {
+        enable_forwarding(node.ns.as_deref())?;
+    }
+    Ok(())
+}
+
+/// Decides whether an existing device may serve as the network's bridge.
+async fn claim_bridge(
+    host: &Netlink,
+    spec: &BridgeSpec,
+    owner: &str,
+    l: Link,
+) -> Result<Link, NetError> {
+    if l.kind.as_deref() != Some("bridge") {
+        return Err(NetError::Conflict(format!(
+            "device {} in namespace {} is a {} device, not a bridge, and is not mesh's; remove it or give network {:?} another bridge name",
+            spec.bridge,
+            host.ns(),
+            l.kind.as_deref().unwrap_or("plain"),
+            spec.name
+        )));
+    }
+    match l.alias.as_deref() {
+        Some(a) if a == owner => Ok(l),
+        Some(a) => Err(NetError::Conflict(format!(
+            "bridge {} in namespace {} is labelled {a:?}, not {owner:?}; it belongs to something else, so give network {:?} another bridge name",
+            spec.bridge,
+            host.ns(),
+            spec.name
+        ))),
+        None => {
+            let has_ports = host
+                .links()
+                .await?
+                .iter()
+                .any(|p| p.master == Some(l.index));
+            let has_addresses = !host.addresses_v4(&spec.bridge).await?.is_empty();
+            if l.up || has_ports || has_addresses {
+                return Err(NetError::Conflict(format!(
+                    "bridge {} already exists in namespace {} and is in use by something other than mesh; remove it or give network {:?} another bridge name",
+                    spec.bridge,
+                    host.ns(),
+                    spec.name
+                )));
+            }
+            debug!(ns = host.ns(), bridge = %spec.bridge, "adopting an unlabelled, unused bridge");
+            host.set_alias(&spec.bridge, owner).await?;
+            Ok(l)
+        }
+    }
+}
+
+/// Removes a bridge network's bridge, and our veths on it first (which
+/// takes their sandbox ends along: a removed network leaves no dangling
+/// interface in a sandbox). Absent is fine; a device of that name that is
+/// not ours is left alone with a warning. Keeps going past failures and
+/// reports the first. The nftables side is rebuilt by [`sync_nat`] with
+/// the networks that remain.
+pub async fn remove_bridge(node: &Node, bridge: &str) -> Result<(), NetError> {
+    let host = Netlink::open(node.ns.as_deref()).await?;
+    let Some(br) = host.link(bridge).await? else {
+        return Ok(());
+    };
+    if br.kind.as_deref() != Some("bridge") || !alias_starts(&br, BRIDGE_ALIAS) {
+        warn!(ns = host.ns(), bridge, alias = ?br.alias, "not removing a device that mesh did not make");
+        return Ok(());
+    }
+    let mut first_err = None;
+    for port in host.links().await? {
+        if port.master == Some(br.index)
+            && alias_starts(&port, PORT_ALIAS)
+            && let Err(e) = host.delete(&port.name).await
+        {
+            first_err.get_or_insert(e);
+        }
+    }
+    if let Err(e) = host.delete(bridge).await {
+        first_err.get_or_insert(e);
+    }
+    info!(ns = host.ns(), bridge, "removed bridge network");
+    first_err.map_or(Ok(()), Err)
+}
+
+/// The bridges of ours on the node, by device name, sorted: what a
+/// restarted agent compares with the networks it still wants.
+pub async fn bridges_in_kernel(node: &Node) -> Result<Vec<String>, NetError> {
+    let host = Netlink::open(node.ns.as_deref()).await?;
+    let mut names: Vec<String> = host
+        .links()
+        .await?
+        .into_iter()
+        .filter(|l| l.kind.as_deref() == Some("bridge") && alias_starts(l, BRIDGE_ALIAS))
+        .map(|l| l.name)
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+fn meta_is(key: MetaKey, op: Operator, right: Expression<'static>) -> Statement<'static> {
+    Statement::Match(Match {
+        left: Expression::Named(NamedExpression::Meta(Meta { key })),
+        right,
+        op,
+    })
+}
+
+fn name_expr(name: &str) -> Expression<'static> {
+    Expression::String(Cow::Owned(name.to_owned()))
+}
+
+/// `ip saddr SUBNET`
+fn saddr_in(net: &Ipv4Net) -> Statement<'static> {
+    Statement::Match(Match {
+        left: Expression::Named(NamedExpression::Payload(Payload::PayloadField(
+            PayloadField {
+                protocol: "ip".into(),
+                field: "saddr".into(),
+            },
+        ))),
+        right: Expression::Named(NamedExpression::Prefix(Prefix {
+            addr: Box::new(Expression::String(net.network().to_string().into())),
+            len: u32::from(net.prefix_len()),
+        })),
+        op: Operator::EQ,
+    })
+}
+
+fn counter() -> Statement<'static> {
+    Statement::Counter(Counter::Anonymous(None))
+}
+
+fn jump(chain: String) -> Statement<'static> {
+    Statement::Jump(JumpTarget {
+        target: Cow::Owned(chain),
+    })
+}
+
+fn table() -> NfListObject<'static> {
+    NfListObject::Table(Table {
+        family: NfFamily::IP,
+        name: TABLE.into(),
+        handle: None,
+    })
+}
+
+fn chain(name: String, base: Option<(NfChainType, NfHook, i32)>) -> NfListObject<'static> {
+    let mut c = Chain {
+        family: NfFamily::IP,
+        table: TABLE.into(),
+        name: Cow::Owned(name),
+        ..Chain::default()
+    };
+    if let Some((kind, hook, prio)) = base {
+        c._type = Some(kind);
+        c.hook = Some(hook);
+        c.prio = Some(prio);
+        // Accept: this table only adds NAT and drops between our own
+        // networks; it must not decide the fate of the node's other traffic.
+        c.policy = Some(NfChainPolicy::Accept);
+    }
+    NfListObject::Chain(c)
+}
+
+fn rule(
+    chain: String,
+    expr: Vec<Statement<'static>>,
+    comment: &'static str,
+) -> NfListObject<'static> {
+    NfListObject::Rule(Rule {
+        family: NfFamily::IP,
+        table: TABLE.into(),
+        chain: Cow::Owned(chain),
+        expr: Cow::Owned(expr),
+        comment: Some(comment.into()),
+        ..Rule::default()
+    })
+}
+
+/// Per-network chain of the forward hook: what traffic coming from the
+/// network's bridge may not do.
+fn fwd_chain(bridge: &str) -> String {
+    format!("fwd-{bridge}")
+}
+
+/// Per-network chain of the postrouting hook: the network's NAT.
+fn nat_chain(bridge: &str) -> String {
+    format!("nat-{bridge}")
+}
+
+/// The whole `ip mesh_local` table for these networks as one batch. It
+/// starts with "add table; delete table" so that applying it replaces
+/// whatever an earlier run left, atomically, whether or not the table
+/// existed; with no networks it only removes the table.
+fn nat_batch(nets: &[BridgeSpec]) -> Batch<'static> {
+    let mut b = Batch::new();
+    b.add(table());
+    b.delete(table());
+    if nets.is_empty() {
+        return b;
+    }
+    b.add(table());
+    // srcnat priority, as Docker's and netavark's NAT.
+    b.add(chain(
+        POSTROUTING.into(),
+        Some((NfChainType::NAT, NfHook::Postrouting, 100)),
+    ));
+    b.add(chain(
+        FORWARD.into(),
+        Some((NfChainType::Filter, NfHook::Forward, 0)),
+    ));
+    for net in nets {
+        let br = net.bridge.as_str();
+        let fwd = fwd_chain(br);
+        b.add(chain(fwd.clone(), None));
+        b.add(rule(
+            FORWARD.into(),
+            vec![
+                meta_is(MetaKey::Iifname, Operator::EQ, name_expr(br)),
+                jump(fwd.clone()),
+            ],
+            "traffic routed out of a mesh bridge network",
+        ));
+        if net.internal {
+            b.add(rule(
+                fwd,
+                vec![
+                    meta_is(MetaKey::Oifname, Operator::NEQ, name_expr(br)),
+                    counter(),
+                    Statement::Drop(None),
+                ],
+                "internal network: nothing leaves it",
+            ));
+            b.add(rule(
+                FORWARD.into(),
+                vec![
+                    meta_is(MetaKey::Oifname, Operator::EQ, name_expr(br)),
+                    meta_is(MetaKey::Iifname, Operator::NEQ, name_expr(br)),
+                    counter(),
+                    Statement::Drop(None),
+                ],
+                "internal network: nothing enters it from elsewhere",
+            ));
+            continue;
+        }
+        // Docker's DOCKER-ISOLATION: one bridge network never reaches
+        // another through the node. Drops on the way in to the others are
+        // their own chains' rules.
+        let others: Vec<SetItem<'static>> = nets
+            .iter()
+            .filter(|o| o.bridge != net.bridge)
+            .map(|o| SetItem::Element(name_expr(&o.bridge)))
+            .collect();
+        if !others.is_empty() {
+            b.add(rule(
+                fwd,
+                vec![
+                    meta_is(
+                        MetaKey::Oifname,
+                        Operator::EQ,
+                        Expression::Named(NamedExpression::Set(others)),
+                    ),
+                    counter(),
+                    Statement::Drop(None),
+                ],
+                "isolation between bridge networks",
+            ));
+        }
+        let nat = nat_chain(br);
+        b.add(chain(nat.clone(), None));
+        b.add(rule(
+            POSTROUTING.into(),
+            vec![saddr_in(&net.subnet), jump(nat.clone())],
+            "traffic from a mesh bridge network",
+        ));
+        b.add(rule(
+            nat,
+            vec![
+                meta_is(MetaKey::Oifname, Operator::NEQ, name_expr(br)),
+                counter(),
+                Statement::Masquerade(None),
+            ],
+            "sandbox traffic leaving the node takes the node's address",
+        ));
+    }
+    b
+}
+
+/// Runs `nft -j -f -` with `input` in `ns` and checks its exit status,
+/// keeping its stderr for the error. A command forked from a thread that
+/// entered a namespace runs there, so the daemon itself never moves.
+fn run_nft(ns: Option<&str>, input: &[u8]) -> Result<(), NetError> {
+    let apply = || -> io::Result<()> {
+        let mut child = Command::new("nft")
+            .args(["-j", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot run nft ({e}); install Debian's `nftables` package"),
+                )
+            })?;
+        // nft exiting early breaks the pipe; its stderr then says more than
+        // EPIPE, so a failed status wins over a failed write.
+        let written = match child.stdin.take() {
+            Some(mut pipe) => pipe.write_all(input),
+            None => Ok(()),
+        };
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+            return Err(io::Error::other(format!(
+                "nft -j -f - failed ({}): {stderr}",
+                out.status
+            )));
+        }
+        written
+    };
+    let result = match ns {
+        Some(name) => netns::run_in(name, apply)?,
+        None => apply(),
+    };
+    result.map_err(|source| NetError::Namespace {
+        action: "apply the nftables table `ip mesh_local` in",
+        name: netns::label(ns),
+        source,
+    })
+}
+
+/// Makes the node's `ip mesh_local` table exactly what `nets` (every bridge
+/// network the node has) needs, in one atomic batch: per non-internal
+/// network MASQUERADE for its subnet leaving through any other interface
+/// and a drop of anything forwarded to another of our bridges; per internal
+/// network a drop of anything forwarded out of it or into it. Removing a
+/// network is calling this without it; with none left the table goes.
+/// Blocking (it runs `nft`): async callers use `spawn_blocking`.
+pub fn sync_nat(node: &Node, nets: &[BridgeSpec]) -> Result<(), NetError> {
+    let mut seen = BTreeSet::new();
+    for net in nets {
+        validate_bridge(net)?;
+        if !seen.insert(net.bridge.as_str()) {
+            return Err(NetError::Invalid(format!(
+                "bridge networks: device {} is listed twice; each network needs its own bridge",
+                net.bridge
+            )));
+        }
+    }
+    let ns = node.ns.as_deref();
+    if nets.iter().any(|n| !n.internal) {
+        enable_forwarding(ns)?;
+    }
+    let json =
+        serde_json::to_vec(&nat_batch(nets).to_nftables()).map_err(|e| NetError::Namespace {
+            action: "encode the nftables table `ip mesh_local` for",
+            name: netns::label(ns),
+            source: io::Error::other(e),
+        })?;
+    run_nft(ns, &json)?;
+    debug!(ns = %netns::label(ns), networks = nets.len(), "rebuilt table {TABLE}");
+    Ok(())
+}
+
+/// Connects a sandbox to a bridge network: a veth pair whose node end is a
+/// port of the bridge and whose other end, born directly in the sandbox's
+/// namespace, is renamed `ifname` there, with the MAC, address and MTU, up,
+/// and the default route via the gateway when `default_route`. Idempotent:
+/// fixes a changed setting in place, recreates a broken pair.
+pub async fn attach_bridge(node: &Node, spec: &BridgeSpec, a: &Attachment) -> Result<(), NetError> {
+    validate_bridge(spec)?;
+    validate_attachment(a)?;
+    let net = spec.subnet;
+    if !net.contains(&a.ip)
+        || a.prefix != net.prefix_len()
+        || [net.network(), net.broadcast(), spec.gateway].contains(&a.ip)
+    {
+        return Err(NetError::Invalid(format!(
+            "address {}/{} for sandbox {} on network {:?}: use a host address of {net} other than the gateway {}",
+            a.ip, a.prefix, a.sandbox_ns, spec.name, spec.gateway
+        )));
+    }
+    let host = Netlink::open(node.ns.as_deref()).await?;
+    let owner = bridge_owner(&spec.name);
+    let ready = host.link(&spec.bridge).await?.is_some_and(|l| {
+        l.kind.as_deref() == Some("bridge") && l.alias.as_deref() == Some(owner.as_str())
+    });
+    if !ready {
+        return Err(NetError::NoDevice {
+            dev: spec.bridge.clone(),
+            ns: host.ns().into(),
+            hint: "the bridge network is not set up on this node: ensure_bridge must succeed first",
+        });
+    }
+    let sb = Netlink::open(Some(&a.sandbox_ns)).await?;
+    let (outer, tmp) = port_names(&spec.bridge, a);
+    let owner = port_owner(a);
+
+    let host_end = host.link(&outer).await?;
+    let inner = sb.link(&a.ifname).await?;
+    // No alias: our own create interrupted before it labelled the device.
+    if let Some(other) = host_end.as_ref().and_then(|h| h.alias.as_deref())
+        && other != owner
+    {
+        return Err(NetError::Conflict(format!(
+            "device {outer} in namespace {} belongs to {other:?}, not to {owner:?} (a name hash collision); detach one of them",
+            host.ns()
+        )));
+    }
+    let paired = match (&host_end, &inner) {
+        (Some(h), Some(i)) => {
+            i.kind.as_deref() == Some("veth") && h.link == Some(i.index) && i.link == Some(h.index)
+        }
+        _ => false,
+    };
+    if !paired {
+        if host_end.is_some() {
+            // Our end without its sandbox end: start over; deleting one end
+            // of a veth removes both.
+            info!(ns = host.ns(), dev = %outer, sandbox = %a.sandbox_ns, "veth pair incomplete; recreating it");
+            host.delete(&outer).await?;
+        }
+        if let Some(i) = &inner {
+            return Err(NetError::Conflict(format!(
+                "interface {} (index {}) already exists in namespace {} and is not bridge network {:?}'s; detach what owns it or choose another interface name",
+                a.ifname, i.index, a.sandbox_ns, spec.name
+            )));
+        }
+        create_port(&host, &sb, a, &outer, &tmp, &owner).await?;
+    }
+    configure_port(&host, spec, a, &outer).await?;
+    configure_inner(&sb, a, a.default_route.then_some(spec.gateway)).await?;
+    debug!(bridge = %spec.bridge, sandbox = %a.sandbox_ns, ifname = %a.ifname, ip = %a.ip, "attached to bridge network");
+    Ok(())
+}
+
+async fn create_port(
+    host: &Netlink,
+    sb: &Netlink,
+    a: &Attachment,
+    outer: &str,
+    tmp: &str,
+    owner: &str,
+) -> Result<(), NetError> {
+    // A stray temporary end in the sandbox would block the create; it
+    // cannot be anyone else's since the name carries our hash.
+    sb.delete(tmp).await?;
+    let sb_fd = netns::open(&a.sandbox_ns)?;
+    host.create_veth(outer, tmp, a.mtu, Some(sb_fd.as_fd()))
+        .await?;
+    let named = async {
+        host.set_alias(outer, owner).await?;
+        sb.set_mac(tmp, a.mac).await?;
+        sb.rename(tmp, &a.ifname).await
+    };
+    if let Err(e) = named.await {
+        let _ = host.delete(outer).await;
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// The node end: MTU, on the bridge, up.
+async fn configure_port(
+    host: &Netlink,
+    spec: &BridgeSpec,
+    a: &Attachment,
+    outer: &str,
+) -> Result<(), NetError> {
+    let o = host.link(outer).await?.ok_or_else(|| NetError::NoDevice {
+        dev: outer.into(),
+        ns: host.ns().into(),
+        hint: "it vanished while attaching; the next attach recreates it",
+    })?;
+    let br = host
+        .require(&spec.bridge, "the bridge vanished while attaching")
+        .await?;
+    if o.mtu != a.mtu {
+        host.set_mtu(outer, a.mtu).await?;
+    }
+    if o.master != Some(br) {
+        host.set_master(outer, &spec.bridge).await?;
+    }
+    if !o.up {
+        host.set_up(outer).await?;
+    }
+    Ok(())
+}
+
+/// The sandbox end (a veth or a macvlan): MAC, MTU, exactly the one
+/// address, up, and the default route via `gateway` when given.
+async fn configure_inner(
+    sb: &Netlink,
+    a: &Attachment,
+    gateway: Option<Ipv4Addr>,
+) -> Result<(), NetError> {
+    let i = sb
+        .link(&a.ifname)
+        .await?
+        .ok_or_else(|| NetError::NoDevice {
+            dev: a.ifname.clone(),
+            ns: sb.ns().into(),
+            hint: "it vanished while attaching; the next attach recreates it",
+        })?;
+    let mut up = i.up;
+    if i.mac != Some(a.mac) {
+        // A macvlan refuses a new MAC while up.
+        if up {
+            sb.set_down(&a.ifname).await?;
+            up = false;
+        }
+        sb.set_mac(&a.ifname, a.mac).await?;
+    }
+    if i.mtu != a.mtu {
+        sb.set_mtu(&a.ifname, a.mtu).await?;
+    }
+    sb.ensure_only_address_v4(&a.ifname, a.ip, a.prefix).await?;
+    if !up {
+        sb.set_up(&a.ifname).await?;
+    }
+    // After "up": the gateway is reachable only once the connected route of
+    // the interface's subnet exists.
+    if let Some(gw) = gateway {
+        sb.replace_default_route(gw, &a.ifname).await?;
+    }
+    Ok(())
+}
+
+/// Disconnects a sandbox from a bridge network: deletes its veth pair
+/// (both ends go together, and with the sandbox end its address and
+/// routes). Absent is fine, and so is a sandbox that is already gone.
+pub async fn detach_bridge(node: &Node, spec: &BridgeSpec, a: &Attachment) -> Result<(), NetError> {
+    let host = Netlink::open(node.ns.as_deref()).await?;
+    let (outer, _) = port_names(&spec.bridge, a);
+    if let Some(l) = host.link(&outer).await?
+        && l.alias
+            .as_ref()
+            .is_some_and(|other| *other != port_owner(a))
+    {
+        warn!(ns = host.ns(), dev = %outer, alias = ?l.alias, "not deleting a veth that belongs to another attachment");
+        return Ok(());
+    }
+    if host.delete(&outer).await? {
+        debug!(bridge = %spec.bridge, sandbox = %a.sandbox_ns, ifname = %a.ifname, "detached from bridge network");
+    }
+    Ok(())
+}
+
+fn netlink_error(what: String, ns: &str, e: rtnetlink::Error) -> NetError {
+    let errno = match &e {
+        rtnetlink::Error::NetlinkError(m) => m.code.map(|c| Errno::from_raw(c.get().abs())),
+        _ => None,
+    };
+    let reason = match errno {
+        Some(errno) => errno.desc().to_string(),
+        None => e.to_string(),
+    };
+    NetError::Netlink {
+        what,
+        ns: ns.to_string(),
+        errno,
+        reason,
+    }
+}
+
+/// Connects a sandbox to a macvlan network: a macvlan in bridge mode on
+/// `parent`, created in the node's namespace (where the parent is) and
+/// moved into the sandbox, renamed `ifname` there, with the MAC, address
+/// and MTU, up, and the default route via `gateway` when one is given and
+/// the attachment is the sandbox's default (`default_route`). `parent`
+/// must exist on the node; its state is the operator's and is not changed.
+/// Idempotent: fixes settings in place, recreates a macvlan on the wrong
+/// parent.
+pub async fn attach_macvlan(
+    node: &Node,
+    parent: &str,
+    a: &Attachment,
+    gateway: Option<Ipv4Addr>,
+) -> Result<(), NetError> {
+    validate_attachment(a)?;
+    if let Some(gw) = gateway {
+        let net = Ipv4Net::new(a.ip, a.prefix)
+            .map_err(|e| NetError::Invalid(format!("prefix length {}: {e}", a.prefix)))?
+            .trunc();
+        if !net.contains(&gw) || gw == a.ip {
+            return Err(NetError::Invalid(format!(
+                "gateway {gw} for sandbox {} ({}/{}): it must be another address of {net}",
+                a.sandbox_ns, a.ip, a.prefix
+            )));
+        }
+    }
+    let host = Netlink::open(node.ns.as_deref()).await?;
+    let Some(lower) = host.link(parent).await? else {
+        return Err(NetError::Invalid(format!(
+            "option parent={parent}: macvlan parent interface {parent} does not exist on this node (namespace {}); see `ip link` for its interfaces",
+            host.ns()
+        )));
+    };
+    if a.mtu > lower.mtu {
+        return Err(NetError::Invalid(format!(
+            "MTU {} for sandbox {}: a macvlan cannot exceed its parent {parent}'s MTU {}",
+            a.mtu, a.sandbox_ns, lower.mtu
+        )));
+    }
+    if !lower.up {
+        warn!(
+            ns = host.ns(),
+            parent, "macvlan parent is down: its macvlans have no carrier until it is up"
+        );
+    }
+    let sb = Netlink::open(Some(&a.sandbox_ns)).await?;
+    let owner = macvlan_owner(parent);
+    match sb.link(&a.ifname).await? {
+        Some(i) if i.kind.as_deref() == Some("macvlan") && alias_starts(&i, MACVLAN_ALIAS) => {
+            let right = i.alias.as_deref() == Some(owner.as_str()) && i.link == Some(lower.index);
+            if !right {
+                info!(sandbox = %a.sandbox_ns, ifname = %a.ifname, parent, "macvlan is on another parent; recreating it");
+                sb.delete(&a.ifname).await?;
+                create_macvlan(&host, &sb, lower.index, a, &owner).await?;
+            }
+        }
+        Some(i) => {
+            return Err(NetError::Conflict(format!(
+                "interface {} (index {}) already exists in namespace {} and is not a mesh macvlan; detach what owns it or choose another interface name",
+                a.ifname, i.index, a.sandbox_ns
+            )));
+        }
+        None => create_macvlan(&host, &sb, lower.index, a, &owner).await?,
+    }
+    configure_inner(&sb, a, gateway.filter(|_| a.default_route)).await?;
+    debug!(parent, sandbox = %a.sandbox_ns, ifname = %a.ifname, ip = %a.ip, "attached macvlan");
+    Ok(())
+}
+
+async fn create_macvlan(
+    host: &Netlink,
+    sb: &Netlink,
+    lower: u32,
+    a: &Attachment,
+    owner: &str,
+) -> Result<(), NetError> {
+    let tmp = macvlan_tmp(a);
+    // Leftovers of an interrupted create: before the move, or before the
+    // rename. The hash in the name makes them ours.
+    host.delete(&tmp).await?;
+    sb.delete(&tmp).await?;
+    let sb_fd = netns::open(&a.sandbox_ns)?;
+    let msg = LinkMacVlan::new(&tmp, lower, MacVlanMode::Bridge)
+        .mtu(a.mtu)
+        .address(a.mac.to_vec())
+        .build();
+    host.handle().link().add(msg).execute().await.map_err(|e| {
+        netlink_error(
+            format!(
+                "create macvlan {tmp} for sandbox {} ({})",
+                a.sandbox_ns,
+                fmt_mac(&a.mac)
+            ),
+            host.ns(),
+            e,
+        )
+    })?;
+    if let Err(e) = host.move_to_ns(&tmp, sb_fd.as_fd(), &a.sandbox_ns).await {
+        let _ = host.delete(&tmp).await;
+        return Err(e);
+    }
+    let named = async {
+        sb.set_alias(&tmp, owner).await?;
+        sb.rename(&tmp, &a.ifname).await
+    };
+    if let Err(e) = named.await {
+        let _ = sb.delete(&tmp).await;
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Disconnects a sandbox from a macvlan network: deletes its macvlan (and
+/// with it the address and routes). Absent is fine, and so is a sandbox
+/// that is already gone; an interface of that name that is not a mesh
+/// macvlan is left alone with a warning.
+pub async fn detach_macvlan(a: &Attachment) -> Result<(), NetError> {
+    if !netns::exists(&a.sandbox_ns) {
+        return Ok(());
+    }
+    let sb = Netlink::open(Some(&a.sandbox_ns)).await?;
+    if let Some(l) = sb.link(&a.ifname).await? {
+        if l.kind.as_deref() == Some("macvlan") && alias_starts(&l, MACVLAN_ALIAS) {
+            sb.delete(&a.ifname).await?;
+            debug!(sandbox = %a.sandbox_ns, ifname = %a.ifname, "detached macvlan");
+        } else {
+            warn!(sandbox = %a.sandbox_ns, ifname = %a.ifname, "not deleting an interface that is not a mesh macvlan");
+        }
+    }
+    sb.delete(&macvlan_tmp(a)).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(bridge: &str, subnet: &str, internal: bool) -> BridgeSpec {
+        let subnet: Ipv4Net = subnet.parse().expect("test subnet");
+        BridgeSpec {
+            name: format!("net-{bridge}"),
+            bridge: bridge.into(),
+            subnet,
+            gateway: ipam::default_gateway(&subnet),
+            mtu: 1500,
+            internal,
+        }
+    }
+
+    #[test]
+    fn names_fit_ifnamsiz_and_are_stable() {
+        let a = Attachment {
+            sandbox_ns: "a-very-long-sandbox-namespace-name".into(),
+            ifname: "eth0".into(),
+            ip: Ipv4Addr::new(10, 88, 0, 2),
+            prefix: 24,
+            mac: crate::overlay::mac_for(Ipv4Addr::new(10, 88, 0, 2)),
+            mtu: 1500,
+            default_route: true,
+        };
+        let (outer, tmp) = port_names("mbr-0123456789a", &a);
+        assert_eq!((outer.len(), tmp.len()), (15, 15));
+        assert_eq!(port_names("mbr-0123456789a", &a), (outer.clone(), tmp));
+        assert_ne!(port_names("mesh0", &a).0, outer);
+        assert_eq!(macvlan_tmp(&a).len(), 15);
+        assert_eq!(bridge_name("0123456789abcdef"), "mbr-0123456789a");
+        assert!(check_ifname(&bridge_name("0123456789abcdef")).is_ok());
+    }
+
+    #[test]
+    fn next_address_skips_gateway_and_used() {
+        let net: Ipv4Net = "10.88.0.0/30".parse().expect("subnet");
+        let gw = Ipv4Addr::new(10, 88, 0, 1);
+        let mut used = BTreeSet::new();
+        assert_eq!(
+            next_address(&net, gw, &used),
+            Some(Ipv4Addr::new(10, 88, 0, 2))
+        );
+        used.insert(Ipv4Addr::new(10, 88, 0, 2));
+        assert_eq!(next_address(&net, gw, &used), None);
+    }
+
+    #[test]
+    fn spec_validation_explains_the_problem() {
+        let mut s = spec("mbr-a", "10.88.0.0/24", false);
+        assert!(validate_bridge(&s).is_ok());
+        s.gateway = Ipv4Addr::new(10, 89, 0, 1);
+        let err = validate_bridge(&s).expect_err("outside").to_string();
+        assert!(
+            err.contains("gateway 10.89.0.1 is outside subnet 10.88.0.0/24"),
+            "{err}"
+        );
+        s.gateway = Ipv4Addr::new(10, 88, 0, 255);
+        assert!(validate_bridge(&s).is_err());
+        let s = spec("a-bridge-name-too-long", "10.88.0.0/24", false);
+        assert!(validate_bridge(&s).is_err());
+    }
+
+    #[test]
+    fn batch_masquerades_isolates_and_keeps_internal_in() {
+        let nets = [
+            spec("mbr-a", "10.88.0.0/24", false),
+            spec("mbr-b", "10.89.0.0/24", false),
+            spec("mbr-i", "10.90.0.0/24", true),
+        ];
+        let json = serde_json::to_value(nat_batch(&nets).to_nftables()).expect("json");
+        let cmds = json["nftables"].as_array().expect("array");
+        assert_eq!(cmds[0]["add"]["table"]["name"], TABLE);
+        assert_eq!(cmds[1]["delete"]["table"]["name"], TABLE);
+        assert_eq!(cmds[2]["add"]["table"]["name"], TABLE);
+        let text = json.to_string();
+        // NAT for the two non-internal subnets, none for the internal one.
+        assert_eq!(text.matches("\"masquerade\"").count(), 2, "{text}");
+        assert!(
+            text.contains("10.88.0.0") && text.contains("10.89.0.0"),
+            "{text}"
+        );
+        assert!(!text.contains("10.90.0.0"), "{text}");
+        // A's isolation set names the other bridges, not A.
+        let a_drop = cmds
+            .iter()
+            .find(|c| c["add"]["rule"]["chain"] == "fwd-mbr-a")
+            .expect("rule in fwd-mbr-a");
+        let set = a_drop.to_string();
+        assert!(set.contains("mbr-b") && set.contains("mbr-i"), "{set}");
+        assert!(!set.contains("\"mbr-a\""), "{set}");
+        // Every object is in our table.
+        for c in &cmds[1..] {
+            let obj = c
+                .as_object()
+                .and_then(|o| o.values().next())
+                .expect("command");
+            let inner = obj
+                .as_object()
+                .and_then(|o| o.values().next())
+                .expect("object");
+            let t = inner.get("table").or_else(|| inner.get("name"));
+            assert_eq!(t.and_then(|t| t.as_str()), Some(TABLE), "{c}");
+        }
+    }
+
+    #[test]
+    fn empty_list_only_removes_the_table() {
+        let json = serde_json::to_value(nat_batch(&[]).to_nftables()).expect("json");
+        let cmds = json["nftables"].as_array().expect("array");
+        assert_eq!(cmds.len(), 2);
+        assert_eq!(cmds[1]["delete"]["table"]["name"], TABLE);
+    }
+}
