@@ -275,7 +275,20 @@ fn data_path_heals_and_cleans_up() -> Result<()> {
     // Restart the daemon: the sandbox keeps its connectivity, nothing leaks.
     let links_before = netns_with_prefix(&ns_prefix(&lab, "node1")?);
     lab.kill("node1")?;
+    // What a crash half-way through `mesh run` could leave: it must go.
+    let orphan = format!("{}-sb-orphan0000", ns_prefix(&lab, "node1")?);
+    ensure!(
+        std::process::Command::new("ip")
+            .args(["netns", "add", &orphan])
+            .status()?
+            .success()
+    );
     lab.start("node1")?;
+    wait_for(
+        "the orphaned namespace to be removed",
+        Duration::from_secs(10),
+        || (!netns_with_prefix(&orphan).contains(&orphan)).then_some(()),
+    )?;
     wait_for(
         "ping after a daemon restart",
         Duration::from_secs(10),

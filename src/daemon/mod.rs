@@ -94,6 +94,7 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
         events,
     });
     daemon.resume().await?;
+    daemon.sandboxes.remove_orphans(&daemon.datapath()).await;
 
     let d = daemon.clone();
     tokio::spawn(async move {

@@ -654,3 +654,30 @@ impl Sandboxes {
         Ok(rec)
     }
 }
+
+impl Sandboxes {
+    /// Removes sandbox namespaces (and their egress links) of ours that no
+    /// record names: what a crash between two steps of `run` or `rm` can
+    /// leave. Returns what it removed.
+    pub async fn remove_orphans(&self, dp: &DataPath) -> Vec<String> {
+        let known: std::collections::BTreeSet<String> =
+            self.list().into_iter().map(|r| r.netns).collect();
+        let sb_prefix = format!("{}-sb-", dp.prefix);
+        let Ok(names) = crate::netns::list_with_prefix(&sb_prefix) else {
+            return Vec::new();
+        };
+        let _kernel = dp.kernel.lock().await;
+        let mut removed = Vec::new();
+        for ns in names.into_iter().filter(|n| !known.contains(n)) {
+            let _ = egress::detach(None, &ns);
+            match sandbox::delete_netns(&ns) {
+                Ok(()) => removed.push(ns),
+                Err(e) => warn!("cannot remove orphaned namespace {ns}: {e}"),
+            }
+        }
+        for ns in &removed {
+            info!("removed orphaned sandbox namespace {ns}");
+        }
+        removed
+    }
+}
