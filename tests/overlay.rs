@@ -321,7 +321,40 @@ fn data_path_heals_and_cleans_up() -> Result<()> {
             .is_empty()
             .then_some(())
     })?;
+
+    // Sandboxes still running when the lab goes down go with it.
+    lab.mesh_ok(
+        "node1",
+        &["network", "create", "-d", "overlay", "--attachable", "late"],
+    )?;
+    run(&lab, "node2", "c", "late", &["sleep", "600"])?;
+    let node2_prefix = ns_prefix(&lab, "node2")?;
+    let c_ns = netns_with_prefix(&format!("{node2_prefix}-sb-"))
+        .into_iter()
+        .next()
+        .context("c's namespace")?;
+    let c_pids = std::process::Command::new("ip")
+        .args(["netns", "pids", &c_ns])
+        .output()?;
+    let c_pids = String::from_utf8_lossy(&c_pids.stdout).into_owned();
+    ensure!(!c_pids.trim().is_empty(), "no process in {c_ns}");
+    refused(&lab, "node1", &["network", "rm", "late"], "c on node2")?;
     lab.down()?;
+    ensure!(
+        netns_with_prefix(&node2_prefix).is_empty(),
+        "lab down left node2's namespaces"
+    );
+    for pid in c_pids.split_whitespace() {
+        // A zombie waiting for init to reap it is not running.
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.chars().next());
+        ensure!(
+            matches!(state, None | Some('Z')),
+            "sandbox process {pid} outlived lab down: {stat}"
+        );
+    }
     Ok(())
 }
 

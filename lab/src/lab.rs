@@ -492,6 +492,26 @@ fn reap(children: &mut HashMap<String, Child>) {
     children.retain(|_, c| matches!(c.try_wait(), Ok(None)));
 }
 
+/// Namespaces the lab's daemons made for networks and sandboxes: each
+/// daemon names them with the prefix kept in its state dir (`instance`), and
+/// a sandbox's processes live in them, outside the daemon's session.
+fn daemon_netns(nodes: &[LabNode]) -> Vec<String> {
+    let prefixes: Vec<String> = nodes
+        .iter()
+        .filter_map(|n| fs::read_to_string(n.state_dir.join("instance")).ok())
+        .map(|id| format!("mesh{}-", id.trim()))
+        .filter(|p| p.len() > "mesh-".len())
+        .collect();
+    let Ok(entries) = fs::read_dir(sys::NETNS_DIR) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|ns| prefixes.iter().any(|p| ns.starts_with(p.as_str())))
+        .collect()
+}
+
 fn teardown(name: &str, nodes: &[LabNode], children: &mut HashMap<String, Child>) -> Result<()> {
     let mut problems = Vec::new();
 
@@ -539,6 +559,7 @@ fn teardown(name: &str, nodes: &[LabNode], children: &mut HashMap<String, Child>
     // Then everything else living in the lab's namespaces or the daemons' sessions.
     let mut namespaces: BTreeSet<String> = owned_netns(name).into_iter().collect();
     namespaces.extend(nodes.iter().map(|n| n.netns.clone()));
+    namespaces.extend(daemon_netns(nodes));
     namespaces.insert(names::underlay_netns(name));
     namespaces.retain(|ns| sys::netns_path(ns).exists());
     let mut left = Vec::new();
