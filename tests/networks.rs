@@ -448,7 +448,12 @@ fn network_bad_input() -> Result<()> {
         &["network", "create", "-d", "overlay", "w"],
         "not a manager",
     )?;
-    refused(&lab, "node2", &["network", "ls"], "not a manager")?;
+    // A worker lists its local networks only.
+    let local = json_lines(&lab.mesh_ok("node2", &["network", "ls", "--format", "json"])?)?;
+    ensure!(
+        local.iter().all(|n| n["Scope"] == "local") && local.len() == 3,
+        "{local:?}"
+    );
     refused(&lab, "node1", &["network", "rm", "nosuch"], "not found")?;
     refused(
         &lab,

@@ -453,3 +453,197 @@ fn connect_disconnect_inspect_and_mtu() -> Result<()> {
     lab.down()?;
     Ok(())
 }
+
+/// Docker's local drivers on one node: the default bridge (with NAT to the
+/// underlay), an isolated user bridge, host, none and macvlan.
+#[test]
+fn local_drivers() -> Result<()> {
+    let lab = up("ol", 2, 1, &[])?;
+    let node1_ip = lab.node("node1")?.ip.to_string();
+    lab.mesh_ok(
+        "node2",
+        &["run", "-d", "--name", "b1", "--", "sleep", "600"],
+    )?;
+    lab.mesh_ok(
+        "node2",
+        &["run", "-d", "--name", "b2", "--", "sleep", "600"],
+    )?;
+    let b2 = sandbox_ip(&lab, "node2", "b2")?;
+    ensure!(b2.starts_with("172.17."), "default bridge address {b2}");
+    ensure!(
+        sh(&lab, "node2", "b1", &format!("ping -c1 -W1 {b2}"))?
+            .status
+            .success(),
+        "b1 -> b2 on bridge"
+    );
+    // NAT out of the node: the underlay sees node2's address.
+    ensure!(
+        sh(&lab, "node2", "b1", &format!("ping -c1 -W1 {node1_ip}"))?
+            .status
+            .success(),
+        "bridge egress"
+    );
+
+    lab.mesh_ok("node2", &["network", "create", "priv"])?;
+    lab.mesh_ok(
+        "node2",
+        &[
+            "run",
+            "-d",
+            "--name",
+            "p1",
+            "--network",
+            "priv",
+            "--",
+            "sleep",
+            "600",
+        ],
+    )?;
+    let p1 = sandbox_ip(&lab, "node2", "p1")?;
+    ensure!(p1.starts_with("172.19."), "user bridge address {p1}");
+    ensure!(
+        !sh(&lab, "node2", "p1", &format!("ping -c1 -W1 {b2}"))?
+            .status
+            .success(),
+        "priv reached bridge"
+    );
+    ensure!(
+        !sh(&lab, "node2", "b1", &format!("ping -c1 -W1 {p1}"))?
+            .status
+            .success(),
+        "bridge reached priv"
+    );
+
+    lab.mesh_ok(
+        "node2",
+        &[
+            "run",
+            "-d",
+            "--name",
+            "h1",
+            "--network",
+            "host",
+            "--",
+            "sleep",
+            "600",
+        ],
+    )?;
+    let addrs =
+        String::from_utf8_lossy(&sh(&lab, "node2", "h1", "ip -br addr")?.stdout).into_owned();
+    ensure!(
+        addrs.contains(&lab.node("node2")?.ip.to_string()),
+        "host sandbox sees the node's address: {addrs}"
+    );
+    lab.mesh_ok(
+        "node2",
+        &[
+            "run",
+            "-d",
+            "--name",
+            "n1",
+            "--network",
+            "none",
+            "--",
+            "sleep",
+            "600",
+        ],
+    )?;
+    let addrs =
+        String::from_utf8_lossy(&sh(&lab, "node2", "n1", "ip -br addr")?.stdout).into_owned();
+    ensure!(
+        addrs.lines().count() == 1 && addrs.starts_with("lo"),
+        "none sandbox: {addrs}"
+    );
+
+    let prefix = lab
+        .node("node2")?
+        .ip
+        .to_string()
+        .rsplit_once('.')
+        .map(|(p, _)| p.to_string())
+        .unwrap_or_default();
+    lab.mesh_ok(
+        "node2",
+        &[
+            "network",
+            "create",
+            "-d",
+            "macvlan",
+            "-o",
+            "parent=eth0",
+            "--subnet",
+            &format!("{prefix}.0/24"),
+            "--ip-range",
+            &format!("{prefix}.128/25"),
+            "mv",
+        ],
+    )?;
+    lab.mesh_ok(
+        "node2",
+        &[
+            "run",
+            "-d",
+            "--name",
+            "m1",
+            "--network",
+            "mv",
+            "--",
+            "sleep",
+            "600",
+        ],
+    )?;
+    let m1 = sandbox_ip(&lab, "node2", "m1")?;
+    ensure!(
+        m1.starts_with(&format!("{prefix}.12")) || m1.starts_with(&format!("{prefix}.1")),
+        "macvlan address {m1}"
+    );
+    let (_, _) = wait_for(
+        "macvlan sandbox to reach node1 on the underlay",
+        Duration::from_secs(10),
+        || {
+            sh(&lab, "node2", "m1", &format!("ping -c1 -W1 {node1_ip}"))
+                .ok()
+                .filter(|o| o.status.success())
+        },
+    )?;
+
+    refused(
+        &lab,
+        "node2",
+        &[
+            "network",
+            "create",
+            "-d",
+            "macvlan",
+            "-o",
+            "parent=nope0",
+            "mv2",
+        ],
+        "does not exist",
+    )?;
+    refused(&lab, "node2", &["network", "rm", "bridge"], "pre-defined")?;
+    refused(&lab, "node2", &["network", "rm", "priv"], "in use by p1")?;
+    refused(
+        &lab,
+        "node2",
+        &[
+            "run",
+            "--network",
+            "host",
+            "--network",
+            "priv",
+            "--",
+            "true",
+        ],
+        "cannot be connected",
+    )?;
+    lab.mesh_ok("node2", &["rm", "-f", "p1"])?;
+    lab.mesh_ok("node2", &["network", "rm", "priv"])?;
+    let prefix_ns = ns_prefix(&lab, "node2")?;
+    lab.down()?;
+    ensure!(
+        netns_with_prefix(&prefix_ns).is_empty(),
+        "namespaces left behind"
+    );
+    Ok(())
+}

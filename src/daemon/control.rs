@@ -384,8 +384,27 @@ impl Control for ControlService {
         &self,
         req: Request<NetworkCreateRequest>,
     ) -> Result<Response<mesh_proto::Network>, Status> {
+        let r = req.into_inner();
+        if super::networks::driver_of(&r) != "overlay" {
+            let spec = super::networks::local_spec_from(r)?;
+            let exists =
+                |ifname: &str| std::path::Path::new("/sys/class/net").join(ifname).exists();
+            let net = self
+                .d
+                .sandboxes
+                .local
+                .create(spec, mesh_common::id::new_id(), &now(), exists)
+                .map_err(Status::failed_precondition)?;
+            return Ok(Response::new(super::networks::local_to_pb(&net, &[])));
+        }
         let mgr = self.manager()?;
-        let spec = super::networks::spec_from(req.into_inner())?;
+        let spec = super::networks::spec_from(r)?;
+        if self.d.sandboxes.local.find(&spec.name).is_some() {
+            return Err(Status::failed_precondition(format!(
+                "network with name {} already exists on this node",
+                spec.name
+            )));
+        }
         let cmd = Command::CreateNetwork {
             id: mesh_common::id::new_id(),
             spec,
@@ -400,13 +419,24 @@ impl Control for ControlService {
     }
 
     async fn network_list(&self, _req: Request<Empty>) -> Result<Response<NetworkList>, Status> {
-        let mgr = self.manager()?;
-        let networks = mgr.read(|s| {
-            s.networks
-                .values()
-                .map(|n| super::networks::to_pb(s, n, &mgr.node_id))
-                .collect()
-        });
+        // Local networks everywhere; cluster networks where the state is.
+        let records = self.d.sandboxes.list();
+        let mut networks: Vec<mesh_proto::Network> = self
+            .d
+            .sandboxes
+            .local
+            .list()
+            .iter()
+            .map(|n| super::networks::local_to_pb(n, &records))
+            .collect();
+        if let Some(mgr) = self.d.manager() {
+            networks.extend(mgr.read(|s| {
+                s.networks
+                    .values()
+                    .map(|n| super::networks::to_pb(s, n, &mgr.node_id))
+                    .collect::<Vec<_>>()
+            }));
+        }
         Ok(Response::new(NetworkList { networks }))
     }
 
@@ -414,8 +444,26 @@ impl Control for ControlService {
         &self,
         req: Request<NetworkRef>,
     ) -> Result<Response<mesh_proto::Network>, Status> {
-        let mgr = self.manager()?;
         let r = req.into_inner();
+        if let Some(l) = self.d.sandboxes.local.find(&r.network) {
+            let users: Vec<String> = self
+                .d
+                .sandboxes
+                .list()
+                .iter()
+                .filter(|s| s.networks.iter().any(|a| a.network_id == l.id))
+                .map(|s| s.name.clone())
+                .collect();
+            let removed = self
+                .d
+                .sandboxes
+                .local
+                .remove(&l.id, &users)
+                .map_err(Status::failed_precondition)?;
+            self.d.remove_local_bridge(&removed).await;
+            return Ok(Response::new(super::networks::local_to_pb(&removed, &[])));
+        }
+        let mgr = self.manager()?;
         let net = mgr.read(|s| super::networks::resolve(s, &r.network))?;
         mgr.write(Command::RemoveNetwork { id: net.id.clone() })
             .await
@@ -426,8 +474,31 @@ impl Control for ControlService {
     }
 
     async fn network_prune(&self, _req: Request<Empty>) -> Result<Response<NetworkList>, Status> {
-        let mgr = self.manager()?;
-        // Unused networks; ingress belongs to the cluster and stays.
+        let mut removed = Vec::new();
+        let records = self.d.sandboxes.list();
+        for l in self
+            .d
+            .sandboxes
+            .local
+            .list()
+            .into_iter()
+            .filter(|l| !l.builtin)
+        {
+            if records
+                .iter()
+                .any(|s| s.networks.iter().any(|a| a.network_id == l.id))
+            {
+                continue;
+            }
+            if let Ok(n) = self.d.sandboxes.local.remove(&l.id, &[]) {
+                self.d.remove_local_bridge(&n).await;
+                removed.push(super::networks::local_to_pb(&n, &[]));
+            }
+        }
+        let Some(mgr) = self.d.manager() else {
+            return Ok(Response::new(NetworkList { networks: removed }));
+        };
+        // Unused cluster networks; ingress belongs to the cluster and stays.
         let unused: Vec<mesh_manager::state::Network> = mgr.read(|s| {
             s.networks
                 .values()
@@ -435,7 +506,6 @@ impl Control for ControlService {
                 .cloned()
                 .collect()
         });
-        let mut removed = Vec::new();
         for n in unused {
             match mgr.write(Command::RemoveNetwork { id: n.id.clone() }).await {
                 Ok(_) => removed.push(mgr.read(|s| super::networks::to_pb(s, &n, &mgr.node_id))),

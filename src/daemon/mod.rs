@@ -75,8 +75,13 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
     let listener = bind_socket(&opts.socket).await?;
     let (events, mut events_rx) = mpsc::channel(16);
     let prefix = state_dir.instance_prefix()?;
+    let local = Arc::new(mesh_worker::local_networks::LocalNetworks::load(
+        state_dir.root().join("networks.json"),
+        &mesh_manager::manager::now(),
+    ));
     let sandboxes = Arc::new(mesh_worker::sandboxes::Sandboxes::load(
         state_dir.sandboxes_dir(),
+        local,
     )?);
     let daemon = Arc::new(Daemon {
         sandboxes,
@@ -168,6 +173,29 @@ impl Daemon {
                 overlay_mtu: 1450,
                 kernel: self.kernel.clone(),
             })
+    }
+
+    /// Takes down a removed local bridge network's bridge and NAT rules.
+    async fn remove_local_bridge(&self, net: &mesh_worker::local_networks::LocalNetwork) {
+        let dp = self.datapath();
+        let mtu = dp.overlay_mtu + 50;
+        let Some(spec) = net.bridge_spec(mtu) else {
+            return;
+        };
+        let _kernel = dp.kernel.lock().await;
+        if let Err(e) = mesh_worker::local::remove_bridge(&dp.node(), &spec.bridge).await {
+            warn!("removing bridge {}: {e}", spec.bridge);
+        }
+        let rest: Vec<_> = self
+            .sandboxes
+            .local
+            .list()
+            .iter()
+            .filter_map(|n| n.bridge_spec(mtu))
+            .collect();
+        if let Err(e) = mesh_worker::local::sync_nat(&dp.node(), &rest) {
+            warn!("updating NAT rules: {e}");
+        }
     }
 
     fn managers_link(&self) -> Option<mesh_worker::managers::Managers> {

@@ -26,20 +26,13 @@ pub fn spec_from(r: mesh_proto::NetworkCreateRequest) -> Result<NetworkSpec, Sta
             r.name
         ));
     }
-    let driver = if r.driver.is_empty() {
-        "bridge".to_string()
-    } else {
-        r.driver.clone()
-    };
-    match driver.as_str() {
-        "overlay" => {}
-        "bridge" | "macvlan" | "host" | "none" => {
-            return bad(format!(
-                "local networks (-d {driver}) are not supported yet; create a cluster network with -d overlay"
-            ));
-        }
-        other => return bad(format!("unknown network driver {other:?}: use -d overlay")),
+    if driver_of(&r) != "overlay" {
+        return bad(format!(
+            "{} is a local driver, not a cluster one",
+            driver_of(&r)
+        ));
     }
+    let driver = "overlay".to_string();
     let mut options = BTreeMap::new();
     for (k, v) in r.options {
         match k.as_str() {
@@ -90,6 +83,101 @@ pub fn spec_from(r: mesh_proto::NetworkCreateRequest) -> Result<NetworkSpec, Sta
         options,
         labels: r.labels.into_iter().collect(),
     })
+}
+
+/// The driver a create asks for (Docker's default is a local bridge).
+pub fn driver_of(r: &mesh_proto::NetworkCreateRequest) -> &str {
+    if r.driver.is_empty() {
+        "bridge"
+    } else {
+        r.driver.as_str()
+    }
+}
+
+/// A local (bridge or macvlan) network request, checked.
+#[allow(clippy::result_large_err)]
+pub fn local_spec_from(
+    r: mesh_proto::NetworkCreateRequest,
+) -> Result<mesh_worker::local_networks::LocalSpec, Status> {
+    let bad = |m: String| Err(Status::invalid_argument(m));
+    if !valid_name(&r.name) {
+        return bad(format!(
+            "invalid network name {:?}: use letters, digits, '_', '.' and '-', starting with a letter or digit",
+            r.name
+        ));
+    }
+    let driver = driver_of(&r).to_string();
+    match driver.as_str() {
+        "bridge" | "macvlan" => {}
+        "host" | "none" => {
+            return bad(format!(
+                "only one {driver} network may exist: it is pre-defined on every node"
+            ));
+        }
+        other => {
+            return bad(format!(
+                "unknown network driver {other:?}: use overlay, bridge or macvlan"
+            ));
+        }
+    }
+    if r.ingress {
+        return bad("an ingress network must be -d overlay".into());
+    }
+    if r.subnet.is_empty() && (!r.gateway.is_empty() || !r.ip_range.is_empty()) {
+        return bad("--gateway and --ip-range need --subnet".into());
+    }
+    let opt = |s: String| (!s.is_empty()).then_some(s);
+    Ok(mesh_worker::local_networks::LocalSpec {
+        name: r.name,
+        driver,
+        subnet: opt(r.subnet),
+        gateway: opt(r.gateway),
+        ip_range: opt(r.ip_range),
+        internal: r.internal,
+        options: r.options.into_iter().collect(),
+        labels: r.labels.into_iter().collect(),
+    })
+}
+
+/// A local network as the API shows it; its Containers are this node's
+/// sandboxes on it.
+pub fn local_to_pb(
+    n: &mesh_worker::local_networks::LocalNetwork,
+    sandboxes: &[mesh_worker::sandboxes::Record],
+) -> mesh_proto::Network {
+    let prefix = n.subnet.split_once('/').map(|(_, p)| p).unwrap_or("16");
+    let containers = sandboxes
+        .iter()
+        .filter(|r| r.exit_code.is_none())
+        .flat_map(|r| {
+            r.networks
+                .iter()
+                .filter(|a| a.network_id == n.id)
+                .map(move |a| (r, a))
+        })
+        .map(|(r, a)| mesh_proto::NetworkContainer {
+            sandbox_id: r.id.clone(),
+            name: r.name.clone(),
+            endpoint_id: a.endpoint_id.clone(),
+            mac: a.mac.clone(),
+            ipv4: format!("{}/{prefix}", a.ip),
+        })
+        .collect();
+    mesh_proto::Network {
+        id: n.id.clone(),
+        name: n.name.clone(),
+        driver: n.driver.clone(),
+        scope: "local".into(),
+        subnet: n.subnet.clone(),
+        gateway: n.gateway.clone(),
+        ip_range: n.ip_range.clone().unwrap_or_default(),
+        internal: n.internal,
+        options: n.options.clone().into_iter().collect(),
+        labels: n.labels.clone().into_iter().collect(),
+        created_at: n.created_at.clone(),
+        containers,
+        ..Default::default()
+    }
 }
 
 /// Finds a network as Docker resolves references (ID, name, ID prefix).
@@ -185,10 +273,10 @@ mod tests {
     fn drivers_and_options() {
         let mut r = req("n");
         r.driver = String::new();
-        assert!(spec_from(r).is_err_and(|e| e.message().contains("not supported yet")));
+        assert!(spec_from(r).is_err_and(|e| e.message().contains("local driver")));
         let mut r = req("n");
         r.driver = "vlan".into();
-        assert!(spec_from(r).is_err_and(|e| e.message().contains("unknown network driver")));
+        assert!(local_spec_from(r).is_err_and(|e| e.message().contains("unknown network driver")));
         let mut r = req("n");
         r.options.insert("encrypted".into(), String::new());
         r.options

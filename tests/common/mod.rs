@@ -131,8 +131,10 @@ pub async fn control(
     Ok(mesh_proto::control_client::ControlClient::new(ch))
 }
 
+/// The cluster (swarm-scope) networks a manager lists.
 pub fn network_ls(lab: &Lab, node: &str) -> Result<Vec<Value>> {
-    json_lines(&lab.mesh_ok(node, &["network", "ls", "--format", "json"])?)
+    let all = json_lines(&lab.mesh_ok(node, &["network", "ls", "--format", "json"])?)?;
+    Ok(all.into_iter().filter(|n| n["Scope"] == "swarm").collect())
 }
 
 /// `mesh ps --format json` of a node.

@@ -12,6 +12,7 @@ pub mod agent;
 pub mod egress;
 pub mod link;
 pub mod local;
+pub mod local_networks;
 pub mod managers;
 pub mod netns;
 pub mod overlay;

@@ -386,3 +386,31 @@ mod tests {
         ));
     }
 }
+
+/// Gives the daemon's own network namespace a name under /run/netns (as
+/// `ip netns attach NAME $$` does), so `host` sandboxes can join it the same
+/// way other sandboxes join theirs. Idempotent.
+pub fn attach_current(name: &str) -> Result<(), NetError> {
+    check_name(name)?;
+    let _guard = NS_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let target = path(name);
+    if is_nsfs(&target) {
+        return Ok(());
+    }
+    prepare_dir()?;
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o444)
+        .open(&target)
+        .map_err(|e| NetError::ns("create the mount point of", name, e))?;
+    nix::mount::mount(
+        Some("/proc/self/ns/net"),
+        &target,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(|e| NetError::ns("bind-mount", name, e))
+}

@@ -52,6 +52,19 @@ pub struct Attachment {
     pub vni: u32,
     pub mtu: u32,
     pub internal: bool,
+    /// overlay (cluster) | bridge | macvlan (local).
+    #[serde(default = "overlay_driver")]
+    pub driver: String,
+    /// macvlan parent interface.
+    #[serde(default)]
+    pub parent: Option<String>,
+    /// Whether the sandbox's default route goes out this interface.
+    #[serde(default)]
+    pub default_route: bool,
+}
+
+fn overlay_driver() -> String {
+    "overlay".into()
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -68,6 +81,9 @@ pub struct Record {
     pub created_at: String,
     #[serde(default)]
     pub exit_code: Option<i32>,
+    /// `--network host`: the sandbox shares the node's network namespace.
+    #[serde(default)]
+    pub host_network: bool,
 }
 
 /// Node-wide data-path settings the sandboxes are wired with.
@@ -124,6 +140,8 @@ pub struct RunSpec {
 pub struct Sandboxes {
     dir: PathBuf,
     records: Mutex<BTreeMap<String, Record>>,
+    /// This node's local networks (bridge, macvlan, host, none).
+    pub local: std::sync::Arc<crate::local_networks::LocalNetworks>,
 }
 
 const EGRESS_SUBNET: (Ipv4Addr, u8) = (Ipv4Addr::new(172, 18, 0, 0), 16);
@@ -137,7 +155,10 @@ fn valid_name(name: &str) -> bool {
 
 impl Sandboxes {
     /// Loads the records a previous run of the daemon left.
-    pub fn load(dir: PathBuf) -> Result<Self, SandboxesError> {
+    pub fn load(
+        dir: PathBuf,
+        local: std::sync::Arc<crate::local_networks::LocalNetworks>,
+    ) -> Result<Self, SandboxesError> {
         let mut records = BTreeMap::new();
         if let Ok(entries) = std::fs::read_dir(&dir) {
             for e in entries.flatten() {
@@ -154,6 +175,7 @@ impl Sandboxes {
         Ok(Self {
             dir,
             records: Mutex::new(records),
+            local,
         })
     }
 
@@ -262,6 +284,7 @@ impl Sandboxes {
             egress_ip: None,
             created_at: String::new(),
             exit_code: None,
+            host_network: false,
         };
         match self.build(&mut rec, &spec, dp, managers).await {
             Ok(()) => {
@@ -287,21 +310,47 @@ impl Sandboxes {
         dp: &DataPath,
         managers: Option<&Managers>,
     ) -> Result<(), SandboxesError> {
-        // Endpoints first: the managers refuse what is wrong (unknown or
-        // non-attachable network) before the kernel is touched.
-        for (i, net) in spec.networks.iter().enumerate() {
+        // Docker's default: the local `bridge` network.
+        let requested = if spec.networks.is_empty() {
+            vec!["bridge".to_string()]
+        } else {
+            spec.networks.clone()
+        };
+        let mut none = false;
+        // Endpoints first: the managers (or the local registry) refuse what
+        // is wrong before the kernel is touched.
+        for net in &requested {
+            let index = rec.networks.len();
+            if let Some(l) = self.local.find(net) {
+                match l.driver.as_str() {
+                    "host" | "none" => {
+                        if requested.len() > 1 {
+                            return Err(SandboxesError::Refused(format!(
+                                "a sandbox on the {} network cannot be connected to other networks",
+                                l.name
+                            )));
+                        }
+                        rec.host_network = l.driver == "host";
+                        none = l.driver == "none";
+                    }
+                    _ => {
+                        let a = self.local_attachment(&l, rec, index, dp)?;
+                        rec.networks.push(a);
+                    }
+                }
+                continue;
+            }
             let Some(m) = managers else {
                 return Err(SandboxesError::Refused(format!(
-                    "network {net} not found: this node is not part of a cluster"
+                    "network {net} not found: it is not a local network and this node is not part of a cluster"
                 )));
             };
-            let endpoint_id = mesh_common::id::new_id();
             let req = AttachRequest {
                 network: net.clone(),
                 sandbox: rec.name.clone(),
                 sandbox_id: rec.id.clone(),
                 aliases: spec.aliases.clone(),
-                endpoint_id: endpoint_id.clone(),
+                endpoint_id: mesh_common::id::new_id(),
             };
             let info: EndpointInfo = m
                 .call(|ch| {
@@ -315,17 +364,26 @@ impl Sandboxes {
                 })
                 .await
                 .map_err(|s| SandboxesError::Manager(s.message().to_string()))?;
-            rec.networks.push(attachment(&info, i, dp)?);
+            rec.networks.push(attachment(&info, index, dp)?);
+        }
+        // The first local (bridge/macvlan) network carries the default route.
+        if let Some(a) = rec.networks.iter_mut().find(|a| a.driver != "overlay") {
+            a.default_route = true;
         }
         let _kernel = dp.kernel.lock().await;
-        sandbox::create_netns(&rec.netns)?;
-        for a in &rec.networks {
-            let ospec = overlay_spec(a, dp);
-            overlay::ensure_network(&dp.node(), &ospec).await?;
-            overlay::attach(&dp.node(), &ospec, &overlay_attachment(rec, a)).await?;
+        if rec.host_network {
+            rec.netns = format!("{}-host", dp.prefix);
+            crate::netns::attach_current(&rec.netns)?;
+        } else {
+            sandbox::create_netns(&rec.netns)?;
         }
-        // Egress like docker_gwbridge, unless every network is --internal.
-        if rec.networks.is_empty() || rec.networks.iter().any(|a| !a.internal) {
+        for a in &rec.networks {
+            self.wire(rec, a, dp).await?;
+        }
+        // Egress like docker_gwbridge for overlay-only sandboxes, unless
+        // every network is --internal.
+        let local_route = rec.networks.iter().any(|a| a.driver != "overlay");
+        if !rec.host_network && !none && !local_route && rec.networks.iter().any(|a| !a.internal) {
             let ip = self.next_egress_ip();
             egress::ensure_gwbridge(None, &format!("{}/{}", EGRESS_SUBNET.0, EGRESS_SUBNET.1))?;
             egress::attach(None, &rec.netns, ip, EGRESS_SUBNET.1, true)?;
@@ -365,7 +423,7 @@ impl Sandboxes {
             errors.push(e.to_string());
         }
         for a in &rec.networks {
-            if let Err(e) = overlay::detach(&dp.node(), a.vni, &overlay_attachment(rec, a)).await {
+            if let Err(e) = self.unwire(rec, a, dp).await {
                 errors.push(e.to_string());
             }
         }
@@ -374,12 +432,15 @@ impl Sandboxes {
         {
             errors.push(e.to_string());
         }
-        if let Err(e) = sandbox::delete_netns(&rec.netns) {
+        // The host namespace is shared: only a sandbox's own one goes.
+        if !rec.host_network
+            && let Err(e) = sandbox::delete_netns(&rec.netns)
+        {
             errors.push(e.to_string());
         }
         drop(kernel);
         if let Some(m) = managers {
-            for a in &rec.networks {
+            for a in rec.networks.iter().filter(|a| a.driver == "overlay") {
                 let req = DetachRequest {
                     endpoint_id: a.endpoint_id.clone(),
                 };
@@ -459,6 +520,9 @@ fn attachment(
             info.mtu
         },
         internal: info.internal,
+        driver: overlay_driver(),
+        parent: None,
+        default_route: false,
     })
 }
 
@@ -483,8 +547,9 @@ pub fn overlay_attachment(rec: &Record, a: &Attachment) -> overlay::Attachment {
         prefix: a.prefix,
         mac: parse_mac(&a.mac).unwrap_or_else(|| overlay::mac_for(a.ip)),
         mtu: a.mtu,
-        // The gwbridge provides the default route, as in Docker.
-        default_route: false,
+        // Overlays leave the default route to the gwbridge or a local
+        // network, as in Docker.
+        default_route: a.default_route,
     }
 }
 
@@ -551,6 +616,29 @@ impl Sandboxes {
                 "sandbox {} is already connected to network {network}",
                 rec.name
             )));
+        }
+        if let Some(l) = self.local.find(network) {
+            if matches!(l.driver.as_str(), "host" | "none") || rec.host_network {
+                return Err(SandboxesError::Refused(format!(
+                    "cannot connect {} to {}: host and none networks take a sandbox's whole network stack",
+                    rec.name, l.name
+                )));
+            }
+            let index = (0..)
+                .find(|i| !rec.networks.iter().any(|a| a.ifname == format!("eth{i}")))
+                .unwrap_or(0);
+            let a = self.local_attachment(&l, &rec, index, dp)?;
+            {
+                let _kernel = dp.kernel.lock().await;
+                self.wire(&rec, &a, dp).await?;
+            }
+            rec.networks.push(a);
+            self.save(&rec)?;
+            self.records
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(rec.id.clone(), rec.clone());
+            return Ok(rec);
         }
         let Some(m) = managers else {
             return Err(SandboxesError::Refused(format!(
@@ -633,9 +721,9 @@ impl Sandboxes {
         let a = rec.networks.remove(pos);
         {
             let _kernel = dp.kernel.lock().await;
-            overlay::detach(&dp.node(), a.vni, &overlay_attachment(&rec, &a)).await?;
+            self.unwire(&rec, &a, dp).await?;
         }
-        if let Some(m) = managers {
+        if let Some(m) = managers.filter(|_| a.driver == "overlay") {
             let req = DetachRequest {
                 endpoint_id: a.endpoint_id.clone(),
             };
@@ -679,5 +767,125 @@ impl Sandboxes {
             info!("removed orphaned sandbox namespace {ns}");
         }
         removed
+    }
+}
+
+impl Sandboxes {
+    /// A bridge or macvlan attachment with the next free local address.
+    fn local_attachment(
+        &self,
+        l: &crate::local_networks::LocalNetwork,
+        rec: &Record,
+        index: usize,
+        dp: &DataPath,
+    ) -> Result<Attachment, SandboxesError> {
+        let bad =
+            || SandboxesError::Refused(format!("local network {} is damaged; recreate it", l.name));
+        let subnet: ipnet::Ipv4Net = l.subnet.parse().map_err(|_| bad())?;
+        let gateway: Ipv4Addr = l.gateway.parse().map_err(|_| bad())?;
+        let used: std::collections::BTreeSet<Ipv4Addr> = self
+            .list()
+            .iter()
+            .chain(std::iter::once(rec))
+            .flat_map(|r| r.networks.iter())
+            .filter(|a| a.network_id == l.id)
+            .map(|a| a.ip)
+            .collect();
+        let range = l
+            .ip_range
+            .as_deref()
+            .and_then(|r| mesh_common::ipam::parse_ip_range(r, &subnet).ok());
+        let ip = mesh_common::ipam::next_host(&subnet, range.as_ref(), gateway, &used)
+            .map_err(|e| SandboxesError::Refused(e.to_string()))?;
+        let mac = overlay::mac_for(ip);
+        Ok(Attachment {
+            network: l.name.clone(),
+            network_id: l.id.clone(),
+            endpoint_id: mesh_common::id::new_id(),
+            ifname: format!("eth{index}"),
+            ip,
+            prefix: subnet.prefix_len(),
+            mac: mac
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(":"),
+            gateway,
+            vni: 0,
+            mtu: l
+                .options
+                .get("mtu")
+                .and_then(|m| m.parse().ok())
+                .unwrap_or(dp.overlay_mtu + 50),
+            internal: l.internal,
+            driver: l.driver.clone(),
+            parent: l.options.get("parent").cloned(),
+            default_route: false,
+        })
+    }
+
+    /// Every local bridge network, for the NAT table that covers them all.
+    fn bridge_specs(&self, dp: &DataPath) -> Vec<crate::local::BridgeSpec> {
+        self.local
+            .list()
+            .iter()
+            .filter_map(|n| n.bridge_spec(dp.overlay_mtu + 50))
+            .collect()
+    }
+
+    /// Connects one attachment in the kernel (caller holds `dp.kernel`).
+    pub async fn wire(
+        &self,
+        rec: &Record,
+        a: &Attachment,
+        dp: &DataPath,
+    ) -> Result<(), SandboxesError> {
+        let oa = overlay_attachment(rec, a);
+        match a.driver.as_str() {
+            "bridge" => {
+                let l = self.local.find(&a.network_id).ok_or_else(|| {
+                    SandboxesError::Refused(format!("network {} is gone", a.network))
+                })?;
+                let spec = l.bridge_spec(dp.overlay_mtu + 50).ok_or_else(|| {
+                    SandboxesError::Refused(format!("network {} is damaged", a.network))
+                })?;
+                crate::local::ensure_bridge(&dp.node(), &spec).await?;
+                crate::local::sync_nat(&dp.node(), &self.bridge_specs(dp))?;
+                crate::local::attach_bridge(&dp.node(), &spec, &oa).await?;
+            }
+            "macvlan" => {
+                let parent = a.parent.clone().unwrap_or_default();
+                crate::local::attach_macvlan(&dp.node(), &parent, &oa, Some(a.gateway)).await?;
+            }
+            _ => {
+                let spec = overlay_spec(a, dp);
+                overlay::ensure_network(&dp.node(), &spec).await?;
+                overlay::attach(&dp.node(), &spec, &oa).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn unwire(
+        &self,
+        rec: &Record,
+        a: &Attachment,
+        dp: &DataPath,
+    ) -> Result<(), SandboxesError> {
+        let oa = overlay_attachment(rec, a);
+        match a.driver.as_str() {
+            "bridge" => {
+                if let Some(spec) = self
+                    .local
+                    .find(&a.network_id)
+                    .and_then(|l| l.bridge_spec(dp.overlay_mtu + 50))
+                {
+                    crate::local::detach_bridge(&dp.node(), &spec, &oa).await?;
+                }
+            }
+            "macvlan" => crate::local::detach_macvlan(&oa).await?,
+            _ => overlay::detach(&dp.node(), a.vni, &oa).await?,
+        }
+        Ok(())
     }
 }
