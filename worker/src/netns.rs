@@ -362,31 +362,6 @@ pub async fn handle_in(ns: Option<&str>) -> Result<rtnetlink::Handle, NetError> 
     Ok(handle)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names_that_cannot_be_files_are_refused() {
-        for bad in ["", ".", "..", "a/b", &"x".repeat(256)] {
-            assert!(
-                matches!(check_name(bad), Err(NetError::InvalidName(_))),
-                "{bad:?}"
-            );
-        }
-        assert!(check_name("mesh-ov-4097").is_ok());
-    }
-
-    #[test]
-    fn absent_namespace_is_not_found() {
-        assert!(!exists("mesh-test-never-created"));
-        assert!(matches!(
-            open("mesh-test-never-created"),
-            Err(NetError::NoNamespace(_))
-        ));
-    }
-}
-
 /// Gives the daemon's own network namespace a name under /run/netns (as
 /// `ip netns attach NAME $$` does), so `host` sandboxes can join it the same
 /// way other sandboxes join theirs. Idempotent.
@@ -413,4 +388,29 @@ pub fn attach_current(name: &str) -> Result<(), NetError> {
         None::<&str>,
     )
     .map_err(|e| NetError::ns("bind-mount", name, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_that_cannot_be_files_are_refused() {
+        for bad in ["", ".", "..", "a/b", &"x".repeat(256)] {
+            assert!(
+                matches!(check_name(bad), Err(NetError::InvalidName(_))),
+                "{bad:?}"
+            );
+        }
+        assert!(check_name("mesh-ov-4097").is_ok());
+    }
+
+    #[test]
+    fn absent_namespace_is_not_found() {
+        assert!(!exists("mesh-test-never-created"));
+        assert!(matches!(
+            open("mesh-test-never-created"),
+            Err(NetError::NoNamespace(_))
+        ));
+    }
 }
