@@ -484,6 +484,26 @@ fn local_drivers() -> Result<()> {
         "bridge egress"
     );
 
+    // A sandbox link deleted by hand comes back on the agent's next pass.
+    let b1_id = ps(&lab, "node2")?
+        .iter()
+        .find(|s| s["Names"] == "b1")
+        .and_then(|s| s["ID"].as_str().map(String::from))
+        .context("b1")?;
+    let b1_ns = format!("{}-sb-{}", ns_prefix(&lab, "node2")?, &b1_id[..12]);
+    ensure!(
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &b1_ns, "ip", "link", "del", "eth0"])
+            .status()?
+            .success()
+    );
+    let (_, t) = wait_for("b1's eth0 to be restored", Duration::from_secs(10), || {
+        sh(&lab, "node2", "b1", &format!("ping -c1 -W1 {b2}"))
+            .ok()
+            .filter(|o| o.status.success())
+    })?;
+    println!("bridge link deleted by hand restored after {t:?}");
+
     lab.mesh_ok("node2", &["network", "create", "priv"])?;
     lab.mesh_ok(
         "node2",

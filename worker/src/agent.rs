@@ -168,13 +168,25 @@ pub async fn reconcile(
         repairs += report.changed();
         // Local sandboxes on this network keep their links.
         for rec in records.iter().filter(|r| r.exit_code.is_none()) {
-            for a in rec.networks.iter().filter(|a| a.network_id == net.id) {
+            for a in rec
+                .networks
+                .iter()
+                .filter(|a| a.network_id == net.id && a.driver == "overlay")
+            {
                 overlay::attach(
                     &dp.node(),
                     &overlay_spec(a, &dp),
                     &overlay_attachment(rec, a),
                 )
                 .await?;
+            }
+        }
+    }
+    // Local (bridge, macvlan) attachments heal on the same pass.
+    for rec in records.iter().filter(|r| r.exit_code.is_none()) {
+        for a in rec.networks.iter().filter(|a| a.driver != "overlay") {
+            if let Err(e) = sandboxes.wire(rec, a, &dp).await {
+                warn!(sandbox = %rec.name, network = %a.network, "cannot repair local attachment: {e}");
             }
         }
     }
