@@ -25,6 +25,19 @@ impl ControlService {
         Self { d }
     }
 
+    /// A sandbox operation's result as the API answers it.
+    #[allow(clippy::result_large_err)]
+    fn reply(
+        &self,
+        rec: Result<mesh_worker::sandboxes::Record, mesh_worker::sandboxes::SandboxesError>,
+    ) -> Result<Response<mesh_proto::Sandbox>, Status> {
+        let rec = rec.map_err(|e| Status::failed_precondition(e.to_string()))?;
+        Ok(Response::new(super::sandboxes::to_pb(
+            &rec,
+            &self.d.state_dir,
+        )))
+    }
+
     /// The manager role, or Docker's refusal for workers.
     fn manager(&self) -> Result<Arc<Manager>, Status> {
         if let Some(m) = self.d.manager() {
@@ -533,12 +546,8 @@ impl Control for ControlService {
             .d
             .sandboxes
             .run(spec, &self.d.datapath(), self.d.managers_link().as_ref())
-            .await
-            .map_err(|e| Status::failed_precondition(e.to_string()))?;
-        Ok(Response::new(super::sandboxes::to_pb(
-            &rec,
-            &self.d.state_dir,
-        )))
+            .await;
+        self.reply(rec)
     }
 
     async fn sandbox_list(&self, _req: Request<Empty>) -> Result<Response<SandboxList>, Status> {
@@ -581,12 +590,8 @@ impl Control for ControlService {
                 &self.d.datapath(),
                 self.d.managers_link().as_ref(),
             )
-            .await
-            .map_err(|e| Status::failed_precondition(e.to_string()))?;
-        Ok(Response::new(super::sandboxes::to_pb(
-            &rec,
-            &self.d.state_dir,
-        )))
+            .await;
+        self.reply(rec)
     }
 
     async fn network_connect(
@@ -604,12 +609,8 @@ impl Control for ControlService {
                 &self.d.datapath(),
                 self.d.managers_link().as_ref(),
             )
-            .await
-            .map_err(|e| Status::failed_precondition(e.to_string()))?;
-        Ok(Response::new(super::sandboxes::to_pb(
-            &rec,
-            &self.d.state_dir,
-        )))
+            .await;
+        self.reply(rec)
     }
 
     async fn network_disconnect(
@@ -626,11 +627,7 @@ impl Control for ControlService {
                 &self.d.datapath(),
                 self.d.managers_link().as_ref(),
             )
-            .await
-            .map_err(|e| Status::failed_precondition(e.to_string()))?;
-        Ok(Response::new(super::sandboxes::to_pb(
-            &rec,
-            &self.d.state_dir,
-        )))
+            .await;
+        self.reply(rec)
     }
 }

@@ -352,18 +352,7 @@ impl Sandboxes {
                 aliases: spec.aliases.clone(),
                 endpoint_id: mesh_common::id::new_id(),
             };
-            let info: EndpointInfo = m
-                .call(|ch| {
-                    let req = req.clone();
-                    async move {
-                        ClusterClient::new(ch)
-                            .attach(req)
-                            .await
-                            .map(|r| r.into_inner())
-                    }
-                })
-                .await
-                .map_err(|s| SandboxesError::Manager(s.message().to_string()))?;
+            let info = attach_endpoint(m, req).await?;
             rec.networks.push(attachment(&info, index, dp)?);
         }
         // The first local (bridge/macvlan) network carries the default route.
@@ -441,15 +430,7 @@ impl Sandboxes {
         drop(kernel);
         if let Some(m) = managers {
             for a in rec.networks.iter().filter(|a| a.driver == "overlay") {
-                let req = DetachRequest {
-                    endpoint_id: a.endpoint_id.clone(),
-                };
-                let r = m
-                    .call(|ch| {
-                        let req = req.clone();
-                        async move { ClusterClient::new(ch).detach(req).await.map(|_| ()) }
-                    })
-                    .await;
+                let r = detach_endpoint(m, &a.endpoint_id).await;
                 if let Err(s) = r {
                     errors.push(format!("detach from {}: {}", a.network, s.message()));
                 }
@@ -652,18 +633,7 @@ impl Sandboxes {
             aliases,
             endpoint_id: mesh_common::id::new_id(),
         };
-        let info: EndpointInfo = m
-            .call(|ch| {
-                let req = req.clone();
-                async move {
-                    ClusterClient::new(ch)
-                        .attach(req)
-                        .await
-                        .map(|r| r.into_inner())
-                }
-            })
-            .await
-            .map_err(|s| SandboxesError::Manager(s.message().to_string()))?;
+        let info = attach_endpoint(m, req).await?;
         // The first free ethN.
         let index = (0..)
             .find(|i| !rec.networks.iter().any(|a| a.ifname == format!("eth{i}")))
@@ -679,15 +649,7 @@ impl Sandboxes {
         };
         if let Err(e) = wired {
             // Give the address back: nothing half-made.
-            let detach = DetachRequest {
-                endpoint_id: a.endpoint_id.clone(),
-            };
-            let _ = m
-                .call(|ch| {
-                    let req = detach.clone();
-                    async move { ClusterClient::new(ch).detach(req).await.map(|_| ()) }
-                })
-                .await;
+            let _ = detach_endpoint(m, &a.endpoint_id).await;
             return Err(e.into());
         }
         rec.networks.push(a);
@@ -724,15 +686,9 @@ impl Sandboxes {
             self.unwire(&rec, &a, dp).await?;
         }
         if let Some(m) = managers.filter(|_| a.driver == "overlay") {
-            let req = DetachRequest {
-                endpoint_id: a.endpoint_id.clone(),
-            };
-            m.call(|ch| {
-                let req = req.clone();
-                async move { ClusterClient::new(ch).detach(req).await.map(|_| ()) }
-            })
-            .await
-            .map_err(|s| SandboxesError::Manager(s.message().to_string()))?;
+            detach_endpoint(m, &a.endpoint_id)
+                .await
+                .map_err(|s| SandboxesError::Manager(s.message().to_string()))?;
         }
         self.save(&rec)?;
         self.records
@@ -888,4 +844,31 @@ impl Sandboxes {
         }
         Ok(())
     }
+}
+
+/// Asks the managers for an endpoint on a cluster network.
+async fn attach_endpoint(m: &Managers, req: AttachRequest) -> Result<EndpointInfo, SandboxesError> {
+    m.call(|ch| {
+        let req = req.clone();
+        async move {
+            ClusterClient::new(ch)
+                .attach(req)
+                .await
+                .map(|r| r.into_inner())
+        }
+    })
+    .await
+    .map_err(|s| SandboxesError::Manager(s.message().to_string()))
+}
+
+/// Gives an endpoint back to the managers.
+async fn detach_endpoint(m: &Managers, endpoint_id: &str) -> Result<(), tonic::Status> {
+    let req = DetachRequest {
+        endpoint_id: endpoint_id.to_string(),
+    };
+    m.call(|ch| {
+        let req = req.clone();
+        async move { ClusterClient::new(ch).detach(req).await.map(|_| ()) }
+    })
+    .await
 }
