@@ -460,6 +460,26 @@ fn connect_disconnect_inspect_and_mtu() -> Result<()> {
 fn local_drivers() -> Result<()> {
     let lab = up("ol", 2, 1, &[])?;
     let node1_ip = lab.node("node1")?.ip.to_string();
+    // Attached: the command's output, then its exit code.
+    let out = lab.mesh(
+        "node2",
+        &[
+            "run",
+            "--name",
+            "t1",
+            "--",
+            "sh",
+            "-c",
+            "echo hello from $(hostname); exit 3",
+        ],
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(
+        out.status.code() == Some(3) && text.contains("hello from t1"),
+        "attached run: {:?} {text}",
+        out.status
+    );
+    refused(&lab, "node2", &["exec", "t1", "--", "true"], "not running")?;
     lab.mesh_ok(
         "node2",
         &["run", "-d", "--name", "b1", "--", "sleep", "600"],
