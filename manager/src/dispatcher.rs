@@ -46,6 +46,7 @@ fn assignment(s: &ClusterState, net: &Network, node_id: &str) -> NetworkAssignme
                 mac: e.mac.clone(),
                 node_addr: n.addr.clone(),
                 name: e.sandbox.clone(),
+                aliases: e.aliases.clone(),
             });
         }
     }

@@ -79,9 +79,15 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
         state_dir.root().join("networks.json"),
         &mesh_manager::manager::now(),
     ));
+    let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let dns = mesh_worker::dns::DnsServer::new(
+        mesh_worker::dns::upstreams_from_resolv_conf(&host_resolv),
+        std::time::Duration::from_secs(2),
+    );
     let sandboxes = Arc::new(mesh_worker::sandboxes::Sandboxes::load(
         state_dir.sandboxes_dir(),
         local,
+        dns,
     )?);
     let daemon = Arc::new(Daemon {
         sandboxes,
@@ -100,6 +106,7 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
     });
     daemon.resume().await?;
     daemon.sandboxes.remove_orphans(&daemon.datapath()).await;
+    daemon.sandboxes.serve_dns_all().await;
 
     let d = daemon.clone();
     tokio::spawn(async move {

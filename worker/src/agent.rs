@@ -128,6 +128,7 @@ pub async fn reconcile(
         port: u16::try_from(view.data_path_port).unwrap_or(dp.port),
         ..dp.clone()
     };
+    sandboxes.set_view(view);
     let records = sandboxes.list();
     let mut wanted_vnis = Vec::new();
     for net in &view.networks {

@@ -9,6 +9,7 @@
 //! It must not touch Raft or cluster state: it only asks managers.
 
 pub mod agent;
+pub mod dns;
 pub mod egress;
 pub mod link;
 pub mod local;

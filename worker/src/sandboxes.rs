@@ -142,6 +142,11 @@ pub struct Sandboxes {
     records: Mutex<BTreeMap<String, Record>>,
     /// This node's local networks (bridge, macvlan, host, none).
     pub local: std::sync::Arc<crate::local_networks::LocalNetworks>,
+    /// The embedded DNS server every sandbox asks at 127.0.0.11.
+    pub dns: std::sync::Arc<crate::dns::DnsServer>,
+    /// The managers' last view of this node: the cluster half of the DNS
+    /// records.
+    view: Mutex<Option<mesh_proto::NodeView>>,
 }
 
 const EGRESS_SUBNET: (Ipv4Addr, u8) = (Ipv4Addr::new(172, 18, 0, 0), 16);
@@ -158,6 +163,7 @@ impl Sandboxes {
     pub fn load(
         dir: PathBuf,
         local: std::sync::Arc<crate::local_networks::LocalNetworks>,
+        dns: std::sync::Arc<crate::dns::DnsServer>,
     ) -> Result<Self, SandboxesError> {
         let mut records = BTreeMap::new();
         if let Ok(entries) = std::fs::read_dir(&dir) {
@@ -176,6 +182,8 @@ impl Sandboxes {
             dir,
             records: Mutex::new(records),
             local,
+            dns,
+            view: Mutex::new(None),
         })
     }
 
@@ -293,6 +301,7 @@ impl Sandboxes {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .insert(rec.id.clone(), rec.clone());
+                self.refresh_dns();
                 info!(sandbox = %rec.name, pid = rec.pid, "sandbox started");
                 Ok(rec)
             }
@@ -391,7 +400,11 @@ impl Sandboxes {
             cmd: rec.cmd.clone(),
             env: rec.env.clone(),
             hosts: hosts_file(rec),
-            resolv_conf: resolv_conf(),
+            resolv_conf: if rec.host_network || none {
+                resolv_conf()
+            } else {
+                self.sandbox_dns(rec).await?
+            },
             dir,
         })?;
         Ok(())
@@ -405,6 +418,7 @@ impl Sandboxes {
         managers: Option<&Managers>,
     ) -> Vec<String> {
         let mut errors = Vec::new();
+        self.dns.stop_sandbox(&rec.id).await;
         let kernel = dp.kernel.lock().await;
         if rec.pid != 0
             && let Err(e) = sandbox::stop(rec.pid, Duration::from_secs(5))
@@ -463,6 +477,7 @@ impl Sandboxes {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&rec.id);
+        self.refresh_dns();
         if !errors.is_empty() {
             return Err(SandboxesError::Refused(format!(
                 "removed {} with errors: {}",
@@ -619,6 +634,11 @@ impl Sandboxes {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(rec.id.clone(), rec.clone());
+            self.dns.update_sandbox_networks(
+                &rec.id,
+                rec.networks.iter().map(|a| a.network_id.clone()).collect(),
+            );
+            self.refresh_dns();
             return Ok(rec);
         }
         let Some(m) = managers else {
@@ -658,6 +678,11 @@ impl Sandboxes {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(rec.id.clone(), rec.clone());
+        self.dns.update_sandbox_networks(
+            &rec.id,
+            rec.networks.iter().map(|a| a.network_id.clone()).collect(),
+        );
+        self.refresh_dns();
         Ok(rec)
     }
 
@@ -695,6 +720,11 @@ impl Sandboxes {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(rec.id.clone(), rec.clone());
+        self.dns.update_sandbox_networks(
+            &rec.id,
+            rec.networks.iter().map(|a| a.network_id.clone()).collect(),
+        );
+        self.refresh_dns();
         Ok(rec)
     }
 }
@@ -871,4 +901,84 @@ async fn detach_endpoint(m: &Managers, endpoint_id: &str) -> Result<(), tonic::S
         async move { ClusterClient::new(ch).detach(req).await.map(|_| ()) }
     })
     .await
+}
+
+/// The DNS side of sandboxes: which names each network holds, and one
+/// listener per sandbox.
+impl Sandboxes {
+    /// Starts the sandbox's DNS listener and returns its resolv.conf.
+    async fn sandbox_dns(&self, rec: &Record) -> Result<String, SandboxesError> {
+        let networks = rec.networks.iter().map(|a| a.network_id.clone()).collect();
+        self.dns
+            .serve_sandbox(&rec.id, &rec.netns, networks)
+            .await
+            .map_err(|e| {
+                SandboxesError::Refused(format!("cannot start DNS for {}: {e}", rec.name))
+            })?;
+        let host = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        Ok(crate::dns::sandbox_resolv_conf(&host))
+    }
+
+    /// Keeps the managers' latest view for the DNS records.
+    pub fn set_view(&self, view: &mesh_proto::NodeView) {
+        *self.view.lock().unwrap_or_else(|e| e.into_inner()) = Some(view.clone());
+        self.refresh_dns();
+    }
+
+    /// Rebuilds every network's names: cluster networks from the view,
+    /// user-defined local networks from this node's sandboxes (the default
+    /// bridge has no names, as in Docker).
+    pub fn refresh_dns(&self) {
+        let mut records = crate::dns::Records::default();
+        if let Some(view) = self.view.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            for net in &view.networks {
+                let mut r = crate::dns::NetworkRecords::new(net.id.clone());
+                for e in &net.local {
+                    if let Ok(ip) = e.ip.parse() {
+                        r.insert_sandbox(&e.sandbox, ip);
+                        for a in &e.aliases {
+                            r.insert_alias(a, ip);
+                        }
+                    }
+                }
+                for p in &net.peers {
+                    if let Ok(ip) = p.ip.parse() {
+                        r.insert_sandbox(&p.name, ip);
+                        for a in &p.aliases {
+                            r.insert_alias(a, ip);
+                        }
+                    }
+                }
+                records.networks.insert(net.id.clone(), r);
+            }
+        }
+        for rec in self.list().iter().filter(|r| r.exit_code.is_none()) {
+            for a in rec.networks.iter().filter(|a| a.driver != "overlay") {
+                if self.local.find(&a.network_id).is_some_and(|l| l.builtin) {
+                    continue;
+                }
+                records
+                    .networks
+                    .entry(a.network_id.clone())
+                    .or_insert_with(|| crate::dns::NetworkRecords::new(a.network_id.clone()))
+                    .insert_sandbox(&rec.name, a.ip);
+            }
+        }
+        self.dns.set_records(records);
+    }
+
+    /// After a daemon restart: listeners for every running sandbox again.
+    pub async fn serve_dns_all(&self) {
+        for rec in self
+            .list()
+            .iter()
+            .filter(|r| r.exit_code.is_none() && !r.host_network)
+        {
+            let networks = rec.networks.iter().map(|a| a.network_id.clone()).collect();
+            if let Err(e) = self.dns.serve_sandbox(&rec.id, &rec.netns, networks).await {
+                warn!(sandbox = %rec.name, "cannot restart DNS: {e}");
+            }
+        }
+        self.refresh_dns();
+    }
 }
