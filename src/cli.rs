@@ -73,6 +73,10 @@ pub struct DaemonArgs {
     pub state_dir: PathBuf,
     #[arg(long, default_value = "/run/mesh/mesh.sock")]
     pub socket: PathBuf,
+    /// Upstream DNS servers for names the embedded DNS does not own
+    /// (IP or IP:PORT, repeatable); default: the host's /etc/resolv.conf.
+    #[arg(long = "dns-upstream", value_parser = parse_upstream)]
+    pub dns_upstream: Vec<std::net::SocketAddr>,
     /// Raft log entries between snapshots (managers).
     #[arg(long, default_value_t = mesh_manager::manager::SNAPSHOT_EVERY, value_parser = clap::value_parser!(u64).range(10..))]
     pub raft_snapshot_every: u64,
@@ -98,6 +102,15 @@ pub struct InitArgs {
     /// UDP port for VXLAN traffic between nodes.
     #[arg(long = "data-path-port", default_value_t = 4789)]
     pub data_path_port: u32,
+}
+
+fn parse_upstream(s: &str) -> Result<std::net::SocketAddr, String> {
+    s.parse::<std::net::SocketAddr>()
+        .or_else(|_| {
+            s.parse::<std::net::IpAddr>()
+                .map(|ip| std::net::SocketAddr::new(ip, 53))
+        })
+        .map_err(|_| format!("invalid DNS upstream {s:?}: use IP or IP:PORT"))
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {

@@ -60,6 +60,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 state_dir: a.state_dir,
                 socket: a.socket,
                 snapshot_every: a.raft_snapshot_every,
+                dns_upstream: a.dns_upstream,
             })
             .await?;
             Ok(ExitCode::SUCCESS)

@@ -67,6 +67,7 @@ pub struct DaemonOptions {
     pub state_dir: PathBuf,
     pub socket: PathBuf,
     pub snapshot_every: u64,
+    pub dns_upstream: Vec<std::net::SocketAddr>,
 }
 
 pub async fn run(opts: DaemonOptions) -> Result<()> {
@@ -80,10 +81,12 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
         &mesh_manager::manager::now(),
     ));
     let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-    let dns = mesh_worker::dns::DnsServer::new(
-        mesh_worker::dns::upstreams_from_resolv_conf(&host_resolv),
-        std::time::Duration::from_secs(2),
-    );
+    let upstreams = if opts.dns_upstream.is_empty() {
+        mesh_worker::dns::upstreams_from_resolv_conf(&host_resolv)
+    } else {
+        opts.dns_upstream.clone()
+    };
+    let dns = mesh_worker::dns::DnsServer::new(upstreams, std::time::Duration::from_secs(2));
     let sandboxes = Arc::new(mesh_worker::sandboxes::Sandboxes::load(
         state_dir.sandboxes_dir(),
         local,
