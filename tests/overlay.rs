@@ -687,3 +687,49 @@ fn local_drivers() -> Result<()> {
     );
     Ok(())
 }
+
+/// An --internal overlay connects its sandboxes across nodes but gives them
+/// no way out: no gwbridge interface, no default route.
+#[test]
+fn internal_overlay_has_no_egress() -> Result<()> {
+    let lab = up("oi", 2, 1, &[])?;
+    let node1_ip = lab.node("node1")?.ip.to_string();
+    lab.mesh_ok(
+        "node1",
+        &[
+            "network",
+            "create",
+            "-d",
+            "overlay",
+            "--attachable",
+            "--internal",
+            "int",
+        ],
+    )?;
+    run(&lab, "node1", "i1", "int", &["sleep", "600"])?;
+    run(&lab, "node2", "i2", "int", &["sleep", "600"])?;
+    let i1 = sandbox_ip(&lab, "node1", "i1")?;
+    wait_for(
+        "i2 to reach i1 over the internal overlay",
+        Duration::from_secs(10),
+        || {
+            sh(&lab, "node2", "i2", &format!("ping -c1 -W1 {i1}"))
+                .ok()
+                .filter(|o| o.status.success())
+        },
+    )?;
+    let links = String::from_utf8_lossy(&sh(&lab, "node2", "i2", "ip -br link; ip route")?.stdout)
+        .into_owned();
+    ensure!(
+        !links.contains("gw0") && !links.contains("default"),
+        "internal sandbox has a way out: {links}"
+    );
+    ensure!(
+        !sh(&lab, "node2", "i2", &format!("ping -c1 -W1 {node1_ip}"))?
+            .status
+            .success(),
+        "reached the underlay"
+    );
+    lab.down()?;
+    Ok(())
+}
