@@ -629,16 +629,7 @@ impl Sandboxes {
                 self.wire(&rec, &a, dp).await?;
             }
             rec.networks.push(a);
-            self.save(&rec)?;
-            self.records
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(rec.id.clone(), rec.clone());
-            self.dns.update_sandbox_networks(
-                &rec.id,
-                rec.networks.iter().map(|a| a.network_id.clone()).collect(),
-            );
-            self.refresh_dns();
+            self.commit(&rec)?;
             return Ok(rec);
         }
         let Some(m) = managers else {
@@ -673,16 +664,7 @@ impl Sandboxes {
             return Err(e.into());
         }
         rec.networks.push(a);
-        self.save(&rec)?;
-        self.records
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(rec.id.clone(), rec.clone());
-        self.dns.update_sandbox_networks(
-            &rec.id,
-            rec.networks.iter().map(|a| a.network_id.clone()).collect(),
-        );
-        self.refresh_dns();
+        self.commit(&rec)?;
         Ok(rec)
     }
 
@@ -715,16 +697,7 @@ impl Sandboxes {
                 .await
                 .map_err(|s| SandboxesError::Manager(s.message().to_string()))?;
         }
-        self.save(&rec)?;
-        self.records
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(rec.id.clone(), rec.clone());
-        self.dns.update_sandbox_networks(
-            &rec.id,
-            rec.networks.iter().map(|a| a.network_id.clone()).collect(),
-        );
-        self.refresh_dns();
+        self.commit(&rec)?;
         Ok(rec)
     }
 }
@@ -980,5 +953,23 @@ impl Sandboxes {
             }
         }
         self.refresh_dns();
+    }
+}
+
+impl Sandboxes {
+    /// Records a changed sandbox: on disk, in the index, and in the DNS
+    /// (its networks and every network's names).
+    fn commit(&self, rec: &Record) -> Result<(), SandboxesError> {
+        self.save(rec)?;
+        self.records
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(rec.id.clone(), rec.clone());
+        self.dns.update_sandbox_networks(
+            &rec.id,
+            rec.networks.iter().map(|a| a.network_id.clone()).collect(),
+        );
+        self.refresh_dns();
+        Ok(())
     }
 }
