@@ -67,6 +67,14 @@ pub(crate) fn base36(big_endian: &[u8], width: usize) -> String {
     digits.into_iter().map(char::from).collect()
 }
 
+/// Docker's rule for names of networks and sandboxes: a letter or digit,
+/// then letters, digits, `_`, `.` or `-`.
+pub fn valid_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

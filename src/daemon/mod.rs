@@ -188,7 +188,7 @@ impl Daemon {
     /// Takes down a removed local bridge network's bridge and NAT rules.
     async fn remove_local_bridge(&self, net: &mesh_worker::local_networks::LocalNetwork) {
         let dp = self.datapath();
-        let mtu = dp.overlay_mtu + 50;
+        let mtu = dp.underlay_mtu();
         let Some(spec) = net.bridge_spec(mtu) else {
             return;
         };
@@ -196,14 +196,7 @@ impl Daemon {
         if let Err(e) = mesh_worker::local::remove_bridge(&dp.node(), &spec.bridge).await {
             warn!("removing bridge {}: {e}", spec.bridge);
         }
-        let rest: Vec<_> = self
-            .sandboxes
-            .local
-            .list()
-            .iter()
-            .filter_map(|n| n.bridge_spec(mtu))
-            .collect();
-        if let Err(e) = mesh_worker::local::sync_nat(&dp.node(), &rest) {
+        if let Err(e) = self.sandboxes.sync_local_nat(&dp) {
             warn!("updating NAT rules: {e}");
         }
     }

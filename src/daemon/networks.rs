@@ -10,12 +10,7 @@ use tonic::Status;
 pub const VXLAN_OPTION: &str = "com.docker.network.driver.overlay.vxlanid_list";
 const MTU_OPTIONS: [&str; 2] = ["mtu", "com.docker.network.driver.mtu"];
 
-/// Docker's rule for names: a letter or digit, then letters, digits, `_.-`.
-fn valid_name(name: &str) -> bool {
-    let mut chars = name.chars();
-    chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
-        && chars.all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
-}
+use mesh_common::id::valid_name;
 
 #[allow(clippy::result_large_err)]
 pub fn spec_from(r: mesh_proto::NetworkCreateRequest) -> Result<NetworkSpec, Status> {

@@ -183,14 +183,21 @@ pub async fn reconcile(
             }
         }
     }
-    // Local (bridge, macvlan) attachments heal on the same pass.
+    // Local (bridge, macvlan) attachments heal on the same pass, and the
+    // bridge networks' NAT table with them (once, not per attachment).
+    let mut bridges = false;
     for rec in records.iter().filter(|r| r.exit_code.is_none()) {
         for a in rec.networks.iter().filter(|a| a.driver != "overlay") {
+            bridges |= a.driver == "bridge";
             if let Err(e) = sandboxes.wire(rec, a, &dp).await {
                 warn!(sandbox = %rec.name, network = %a.network, "cannot repair local attachment: {e}");
             }
         }
     }
+    if bridges && let Err(e) = sandboxes.sync_local_nat(&dp) {
+        warn!("cannot repair the bridge networks' NAT table: {e}");
+    }
+
     // Networks this node no longer needs.
     for vni in overlay::networks_in_kernel(&dp.node())? {
         if !wanted_vnis.contains(&vni) {

@@ -13,7 +13,6 @@
 //! The nftables side is one table of our own, `ip mesh_egress`, replaced in
 //! one atomic batch; rules we did not make are never touched.
 
-use std::borrow::Cow;
 use std::fmt;
 use std::fs::File;
 use std::io::{self, Write};
@@ -24,13 +23,13 @@ use std::process::{Command, Output, Stdio};
 
 use mesh_common::ipam::{self, IpamError, Ipv4Net};
 use nftables::batch::Batch;
-use nftables::expr::{Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix};
-use nftables::schema::{Chain, NfListObject, Rule, Table};
-use nftables::stmt::{Counter, Match, Operator, Statement};
-use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
+use nftables::expr::{Expression, MetaKey, NamedExpression};
+use nftables::stmt::{Match, Operator, Statement};
+use nftables::types::{NfChainType, NfHook};
 use nix::sched::CloneFlags;
 use tracing::{debug, info};
 
+use crate::nft;
 use crate::sandbox::netns_path;
 
 /// The node's egress bridge, as `docker_gwbridge`.
@@ -242,132 +241,50 @@ fn addresses(ns: Option<&str>, dev: &str) -> Result<Vec<String>, EgressError> {
     Ok(found)
 }
 
-/// Turns on IPv4 forwarding in `ns`. /proc/sys/net answers for the network
-/// namespace of the thread that opens it, so a throwaway thread enters the
-/// namespace and writes there; the daemon's own threads never move.
-fn enable_forwarding(ns: Option<&str>) -> Result<(), EgressError> {
-    let fd = ns.map(open_netns).transpose()?;
-    let write = move || -> io::Result<()> {
-        if let Some(fd) = &fd {
-            nix::sched::setns(fd, CloneFlags::CLONE_NEWNET)?;
-        }
-        std::fs::write("/proc/sys/net/ipv4/ip_forward", b"1")
-    };
-    std::thread::scope(|s| s.spawn(write).join())
-        .unwrap_or_else(|_| Err(io::Error::other("forwarding thread panicked")))
-        .map_err(|source| EgressError::Forwarding {
-            ns: Ns::of(ns),
-            source,
-        })
-}
-
-/// `ip saddr SUBNET`
-fn saddr_in(net: &Ipv4Net) -> Statement<'static> {
-    Statement::Match(Match {
-        left: Expression::Named(NamedExpression::Payload(Payload::PayloadField(
-            PayloadField {
-                protocol: "ip".into(),
-                field: "saddr".into(),
-            },
-        ))),
-        right: Expression::Named(NamedExpression::Prefix(Prefix {
-            addr: Box::new(Expression::String(net.network().to_string().into())),
-            len: u32::from(net.prefix_len()),
-        })),
-        op: Operator::EQ,
-    })
-}
-
-/// `iifname`/`oifname` compared with `name`.
-fn ifname(key: MetaKey, op: Operator, name: &'static str) -> Statement<'static> {
-    Statement::Match(Match {
-        left: Expression::Named(NamedExpression::Meta(Meta { key })),
-        right: Expression::String(name.into()),
-        op,
-    })
-}
-
-fn base_chain(
-    name: &'static str,
-    kind: NfChainType,
-    hook: NfHook,
-    prio: i32,
-) -> NfListObject<'static> {
-    NfListObject::Chain(Chain {
-        family: NfFamily::IP,
-        table: TABLE.into(),
-        name: name.into(),
-        _type: Some(kind),
-        hook: Some(hook),
-        prio: Some(prio),
-        // Accept: this table only adds NAT and one restriction; it must not
-        // decide the fate of the node's other traffic.
-        policy: Some(NfChainPolicy::Accept),
-        ..Chain::default()
-    })
-}
-
-fn rule(
-    chain: &'static str,
-    expr: Vec<Statement<'static>>,
-    comment: &'static str,
-) -> NfListObject<'static> {
-    NfListObject::Rule(Rule {
-        family: NfFamily::IP,
-        table: TABLE.into(),
-        chain: chain.into(),
-        expr: Cow::Owned(expr),
-        comment: Some(comment.into()),
-        ..Rule::default()
-    })
-}
-
-fn table() -> NfListObject<'static> {
-    NfListObject::Table(Table {
-        family: NfFamily::IP,
-        name: TABLE.into(),
-        handle: None,
-    })
-}
-
 /// The whole `ip mesh_egress` table as one batch. It starts with "add
 /// table; delete table" so that applying it replaces whatever an earlier
 /// run left, atomically, whether or not the table existed.
 fn egress_batch(net: &Ipv4Net) -> Batch<'static> {
     let mut b = Batch::new();
-    b.add(table());
-    b.delete(table());
-    b.add(table());
+    b.add(nft::table(TABLE));
+    b.delete(nft::table(TABLE));
+    b.add(nft::table(TABLE));
     // srcnat priority, as Docker's and netavark's NAT.
-    b.add(base_chain(
-        POSTROUTING,
-        NfChainType::NAT,
-        NfHook::Postrouting,
-        100,
+    b.add(nft::chain(
+        TABLE,
+        POSTROUTING.into(),
+        Some((NfChainType::NAT, NfHook::Postrouting, 100)),
     ));
-    b.add(rule(
-        POSTROUTING,
+    b.add(nft::rule(
+        TABLE,
+        POSTROUTING.into(),
         vec![
-            saddr_in(net),
-            ifname(MetaKey::Oifname, Operator::NEQ, GWBRIDGE),
-            Statement::Counter(Counter::Anonymous(None)),
+            nft::saddr_in(net),
+            nft::meta_is(MetaKey::Oifname, Operator::NEQ, nft::name_expr(GWBRIDGE)),
+            nft::counter(),
             Statement::Masquerade(None),
         ],
         "sandbox traffic leaving the node takes the node's address",
     ));
-    b.add(base_chain(FORWARD, NfChainType::Filter, NfHook::Forward, 0));
-    b.add(rule(
-        FORWARD,
+    b.add(nft::chain(
+        TABLE,
+        FORWARD.into(),
+        Some((NfChainType::Filter, NfHook::Forward, 0)),
+    ));
+    b.add(nft::rule(
+        TABLE,
+        FORWARD.into(),
         vec![
-            ifname(MetaKey::Iifname, Operator::EQ, GWBRIDGE),
-            ifname(MetaKey::Oifname, Operator::EQ, GWBRIDGE),
-            Statement::Counter(Counter::Anonymous(None)),
+            nft::meta_is(MetaKey::Iifname, Operator::EQ, nft::name_expr(GWBRIDGE)),
+            nft::meta_is(MetaKey::Oifname, Operator::EQ, nft::name_expr(GWBRIDGE)),
+            nft::counter(),
             Statement::Drop(None),
         ],
         "no sandbox-to-sandbox traffic routed over the gateway bridge",
     ));
-    b.add(rule(
-        FORWARD,
+    b.add(nft::rule(
+        TABLE,
+        FORWARD.into(),
         vec![
             Statement::Match(Match {
                 left: Expression::Named(NamedExpression::CT(nftables::expr::CT {
@@ -388,27 +305,13 @@ fn egress_batch(net: &Ipv4Net) -> Batch<'static> {
     b
 }
 
-/// Applies an nftables batch in `ns` with `nft -j -f -`.
+/// Applies a batch to our table, naming the namespace in the error.
 fn apply(ns: Option<&str>, batch: Batch<'_>) -> Result<(), EgressError> {
-    let doc = batch.to_nftables();
-    let json = serde_json::to_vec(&doc).map_err(|e| EgressError::Output {
+    nft::apply(ns, batch).map_err(|e| EgressError::Command {
         ns: Ns::of(ns),
         command: "nft -j -f -".into(),
-        reason: format!("cannot encode the ruleset: {e}"),
-    })?;
-    run(ns, "nft", &["-j", "-f", "-"], Some(&json)).map_err(|e| match e {
-        EgressError::Command {
-            ns,
-            command,
-            reason,
-        } if reason.contains("cannot run") => EgressError::Command {
-            ns,
-            command,
-            reason: format!("{reason} (install Debian's `nftables` package)"),
-        },
-        e => e,
-    })?;
-    Ok(())
+        reason: e.to_string(),
+    })
 }
 
 /// The gateway of a gw subnet: its first address, as Docker's IPAM gives it.
@@ -440,7 +343,10 @@ pub fn ensure_gwbridge(node_ns: Option<&str>, subnet: &str) -> Result<(), Egress
     }
     ip(node_ns, &["addr", "replace", &gw, "dev", GWBRIDGE])?;
     ip(node_ns, &["link", "set", GWBRIDGE, "up"])?;
-    enable_forwarding(node_ns)?;
+    nft::enable_forwarding(node_ns).map_err(|source| EgressError::Forwarding {
+        ns: Ns::of(node_ns),
+        source,
+    })?;
     apply(node_ns, egress_batch(&net))?;
     Ok(())
 }
@@ -587,8 +493,8 @@ pub fn remove_gwbridge(node_ns: Option<&str>) -> Result<(), EgressError> {
     let mut errors = Vec::new();
     // "add; delete" removes the table whether or not it exists.
     let mut b = Batch::new();
-    b.add(table());
-    b.delete(table());
+    b.add(nft::table(TABLE));
+    b.delete(nft::table(TABLE));
     if let Err(e) = apply(node_ns, b) {
         errors.push(e);
     }

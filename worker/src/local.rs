@@ -30,28 +30,25 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeSet;
-use std::io::{self, Write};
 use std::net::Ipv4Addr;
 use std::os::fd::AsFd;
-use std::process::{Command, Stdio};
 
 use ipnet::Ipv4Net;
 use mesh_common::ipam;
 use netlink_packet_route::link::MacVlanMode;
 use nftables::batch::Batch;
-use nftables::expr::{
-    Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix, SetItem,
-};
-use nftables::schema::{Chain, NfListObject, Rule, Table};
-use nftables::stmt::{Counter, JumpTarget, Match, Operator, Statement};
-use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
+use nftables::expr::{Expression, MetaKey, NamedExpression, SetItem};
+use nftables::stmt::{JumpTarget, Operator, Statement};
+use nftables::types::{NfChainType, NfHook};
 use nix::errno::Errno;
 use rtnetlink::LinkMacVlan;
 use tracing::{debug, info, warn};
 
 use crate::link::{Link, Netlink, check_ifname, fmt_mac};
 use crate::netns::{self, NetError};
+use crate::nft;
 use crate::overlay::{Attachment, Node};
+use crate::veth;
 
 /// Bridge device of the default `bridge` network (Docker's `docker0`).
 pub const DEFAULT_BRIDGE: &str = "mesh0";
@@ -64,10 +61,6 @@ const BRIDGE_ALIAS: &str = "mesh bridge network ";
 const PORT_ALIAS: &str = "mesh bridge port ";
 /// Alias of a sandbox's macvlan, followed by the parent's name.
 const MACVLAN_ALIAS: &str = "mesh macvlan on ";
-
-/// Where the kernel keeps IPv4 forwarding; per network namespace, answered
-/// for the namespace of the thread that opens it.
-const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
 
 const POSTROUTING: &str = "postrouting";
 const FORWARD: &str = "forward";
@@ -221,38 +214,6 @@ fn validate_attachment(a: &Attachment) -> Result<(), NetError> {
     Ok(())
 }
 
-/// Turns IPv4 forwarding on in `ns` (`None`: the calling thread's, the
-/// node's for async code). Routing from a bridge to the uplink needs it;
-/// it is left on at removal since other parts of the node may rely on it.
-fn enable_forwarding(ns: Option<&str>) -> Result<(), NetError> {
-    let turn_on = || -> io::Result<bool> {
-        if std::fs::read_to_string(IP_FORWARD)?.trim() == "1" {
-            return Ok(false);
-        }
-        std::fs::write(IP_FORWARD, b"1")?;
-        Ok(true)
-    };
-    // /proc/sys/net answers for the opening thread's namespace, so a
-    // foreign one is entered on a thread of its own.
-    let result = match ns {
-        Some(name) => netns::run_in(name, turn_on)?,
-        None => turn_on(),
-    };
-    match result {
-        Ok(changed) => {
-            if changed {
-                info!(ns = %netns::label(ns), "turned on IPv4 forwarding");
-            }
-            Ok(())
-        }
-        Err(source) => Err(NetError::Namespace {
-            action: "turn on IPv4 forwarding in",
-            name: netns::label(ns),
-            source,
-        }),
-    }
-}
-
 /// Ensures a bridge network on the node: the bridge (labelled as ours),
 /// its MTU, exactly the gateway address, up; and, unless the network is
 /// internal, IPv4 forwarding. The NAT and isolation rules are
@@ -288,7 +249,7 @@ pub async fn ensure_bridge(node: &Node, spec: &BridgeSpec) -> Result<(), NetErro
         host.set_up(&spec.bridge).await?;
     }
     if !spec.internal {
-        enable_forwarding(node.ns.as_deref())?;
+        forwarding_on(node.ns.as_deref())?;
     }
     Ok(())
 }
@@ -385,83 +346,9 @@ pub async fn bridges_in_kernel(node: &Node) -> Result<Vec<String>, NetError> {
     Ok(names)
 }
 
-fn meta_is(key: MetaKey, op: Operator, right: Expression<'static>) -> Statement<'static> {
-    Statement::Match(Match {
-        left: Expression::Named(NamedExpression::Meta(Meta { key })),
-        right,
-        op,
-    })
-}
-
-fn name_expr(name: &str) -> Expression<'static> {
-    Expression::String(Cow::Owned(name.to_owned()))
-}
-
-/// `ip saddr SUBNET`
-fn saddr_in(net: &Ipv4Net) -> Statement<'static> {
-    Statement::Match(Match {
-        left: Expression::Named(NamedExpression::Payload(Payload::PayloadField(
-            PayloadField {
-                protocol: "ip".into(),
-                field: "saddr".into(),
-            },
-        ))),
-        right: Expression::Named(NamedExpression::Prefix(Prefix {
-            addr: Box::new(Expression::String(net.network().to_string().into())),
-            len: u32::from(net.prefix_len()),
-        })),
-        op: Operator::EQ,
-    })
-}
-
-fn counter() -> Statement<'static> {
-    Statement::Counter(Counter::Anonymous(None))
-}
-
 fn jump(chain: String) -> Statement<'static> {
     Statement::Jump(JumpTarget {
         target: Cow::Owned(chain),
-    })
-}
-
-fn table() -> NfListObject<'static> {
-    NfListObject::Table(Table {
-        family: NfFamily::IP,
-        name: TABLE.into(),
-        handle: None,
-    })
-}
-
-fn chain(name: String, base: Option<(NfChainType, NfHook, i32)>) -> NfListObject<'static> {
-    let mut c = Chain {
-        family: NfFamily::IP,
-        table: TABLE.into(),
-        name: Cow::Owned(name),
-        ..Chain::default()
-    };
-    if let Some((kind, hook, prio)) = base {
-        c._type = Some(kind);
-        c.hook = Some(hook);
-        c.prio = Some(prio);
-        // Accept: this table only adds NAT and drops between our own
-        // networks; it must not decide the fate of the node's other traffic.
-        c.policy = Some(NfChainPolicy::Accept);
-    }
-    NfListObject::Chain(c)
-}
-
-fn rule(
-    chain: String,
-    expr: Vec<Statement<'static>>,
-    comment: &'static str,
-) -> NfListObject<'static> {
-    NfListObject::Rule(Rule {
-        family: NfFamily::IP,
-        table: TABLE.into(),
-        chain: Cow::Owned(chain),
-        expr: Cow::Owned(expr),
-        comment: Some(comment.into()),
-        ..Rule::default()
     })
 }
 
@@ -482,49 +369,54 @@ fn nat_chain(bridge: &str) -> String {
 /// existed; with no networks it only removes the table.
 fn nat_batch(nets: &[BridgeSpec]) -> Batch<'static> {
     let mut b = Batch::new();
-    b.add(table());
-    b.delete(table());
+    b.add(nft::table(TABLE));
+    b.delete(nft::table(TABLE));
     if nets.is_empty() {
         return b;
     }
-    b.add(table());
+    b.add(nft::table(TABLE));
     // srcnat priority, as Docker's and netavark's NAT.
-    b.add(chain(
+    b.add(nft::chain(
+        TABLE,
         POSTROUTING.into(),
         Some((NfChainType::NAT, NfHook::Postrouting, 100)),
     ));
-    b.add(chain(
+    b.add(nft::chain(
+        TABLE,
         FORWARD.into(),
         Some((NfChainType::Filter, NfHook::Forward, 0)),
     ));
     for net in nets {
         let br = net.bridge.as_str();
         let fwd = fwd_chain(br);
-        b.add(chain(fwd.clone(), None));
-        b.add(rule(
+        b.add(nft::chain(TABLE, fwd.clone(), None));
+        b.add(nft::rule(
+            TABLE,
             FORWARD.into(),
             vec![
-                meta_is(MetaKey::Iifname, Operator::EQ, name_expr(br)),
+                nft::meta_is(MetaKey::Iifname, Operator::EQ, nft::name_expr(br)),
                 jump(fwd.clone()),
             ],
             "traffic routed out of a mesh bridge network",
         ));
         if net.internal {
-            b.add(rule(
+            b.add(nft::rule(
+                TABLE,
                 fwd,
                 vec![
-                    meta_is(MetaKey::Oifname, Operator::NEQ, name_expr(br)),
-                    counter(),
+                    nft::meta_is(MetaKey::Oifname, Operator::NEQ, nft::name_expr(br)),
+                    nft::counter(),
                     Statement::Drop(None),
                 ],
                 "internal network: nothing leaves it",
             ));
-            b.add(rule(
+            b.add(nft::rule(
+                TABLE,
                 FORWARD.into(),
                 vec![
-                    meta_is(MetaKey::Oifname, Operator::EQ, name_expr(br)),
-                    meta_is(MetaKey::Iifname, Operator::NEQ, name_expr(br)),
-                    counter(),
+                    nft::meta_is(MetaKey::Oifname, Operator::EQ, nft::name_expr(br)),
+                    nft::meta_is(MetaKey::Iifname, Operator::NEQ, nft::name_expr(br)),
+                    nft::counter(),
                     Statement::Drop(None),
                 ],
                 "internal network: nothing enters it from elsewhere",
@@ -537,35 +429,38 @@ fn nat_batch(nets: &[BridgeSpec]) -> Batch<'static> {
         let others: Vec<SetItem<'static>> = nets
             .iter()
             .filter(|o| o.bridge != net.bridge)
-            .map(|o| SetItem::Element(name_expr(&o.bridge)))
+            .map(|o| SetItem::Element(nft::name_expr(&o.bridge)))
             .collect();
         if !others.is_empty() {
-            b.add(rule(
+            b.add(nft::rule(
+                TABLE,
                 fwd,
                 vec![
-                    meta_is(
+                    nft::meta_is(
                         MetaKey::Oifname,
                         Operator::EQ,
                         Expression::Named(NamedExpression::Set(others)),
                     ),
-                    counter(),
+                    nft::counter(),
                     Statement::Drop(None),
                 ],
                 "isolation between bridge networks",
             ));
         }
         let nat = nat_chain(br);
-        b.add(chain(nat.clone(), None));
-        b.add(rule(
+        b.add(nft::chain(TABLE, nat.clone(), None));
+        b.add(nft::rule(
+            TABLE,
             POSTROUTING.into(),
-            vec![saddr_in(&net.subnet), jump(nat.clone())],
+            vec![nft::saddr_in(&net.subnet), jump(nat.clone())],
             "traffic from a mesh bridge network",
         ));
-        b.add(rule(
+        b.add(nft::rule(
+            TABLE,
             nat,
             vec![
-                meta_is(MetaKey::Oifname, Operator::NEQ, name_expr(br)),
-                counter(),
+                nft::meta_is(MetaKey::Oifname, Operator::NEQ, nft::name_expr(br)),
+                nft::counter(),
                 Statement::Masquerade(None),
             ],
             "sandbox traffic leaving the node takes the node's address",
@@ -574,48 +469,21 @@ fn nat_batch(nets: &[BridgeSpec]) -> Batch<'static> {
     b
 }
 
-/// Runs `nft -j -f -` with `input` in `ns` and checks its exit status,
-/// keeping its stderr for the error. A command forked from a thread that
-/// entered a namespace runs there, so the daemon itself never moves.
-fn run_nft(ns: Option<&str>, input: &[u8]) -> Result<(), NetError> {
-    let apply = || -> io::Result<()> {
-        let mut child = Command::new("nft")
-            .args(["-j", "-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| {
-                io::Error::new(
-                    e.kind(),
-                    format!("cannot run nft ({e}); install Debian's `nftables` package"),
-                )
-            })?;
-        // nft exiting early breaks the pipe; its stderr then says more than
-        // EPIPE, so a failed status wins over a failed write.
-        let written = match child.stdin.take() {
-            Some(mut pipe) => pipe.write_all(input),
-            None => Ok(()),
-        };
-        let out = child.wait_with_output()?;
-        if !out.status.success() {
-            let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
-            return Err(io::Error::other(format!(
-                "nft -j -f - failed ({}): {stderr}",
-                out.status
-            )));
+/// IPv4 forwarding on in the node's namespace, as routing from a bridge to
+/// the uplink needs.
+fn forwarding_on(ns: Option<&str>) -> Result<(), NetError> {
+    match nft::enable_forwarding(ns) {
+        Ok(true) => {
+            info!(ns = %netns::label(ns), "turned on IPv4 forwarding");
+            Ok(())
         }
-        written
-    };
-    let result = match ns {
-        Some(name) => netns::run_in(name, apply)?,
-        None => apply(),
-    };
-    result.map_err(|source| NetError::Namespace {
-        action: "apply the nftables table `ip mesh_local` in",
-        name: netns::label(ns),
-        source,
-    })
+        Ok(false) => Ok(()),
+        Err(source) => Err(NetError::Namespace {
+            action: "turn on IPv4 forwarding in",
+            name: netns::label(ns),
+            source,
+        }),
+    }
 }
 
 /// Makes the node's `ip mesh_local` table exactly what `nets` (every bridge
@@ -638,15 +506,13 @@ pub fn sync_nat(node: &Node, nets: &[BridgeSpec]) -> Result<(), NetError> {
     }
     let ns = node.ns.as_deref();
     if nets.iter().any(|n| !n.internal) {
-        enable_forwarding(ns)?;
+        forwarding_on(ns)?;
     }
-    let json =
-        serde_json::to_vec(&nat_batch(nets).to_nftables()).map_err(|e| NetError::Namespace {
-            action: "encode the nftables table `ip mesh_local` for",
-            name: netns::label(ns),
-            source: io::Error::other(e),
-        })?;
-    run_nft(ns, &json)?;
+    nft::apply(ns, nat_batch(nets)).map_err(|source| NetError::Namespace {
+        action: "apply the nftables table `ip mesh_local` in",
+        name: netns::label(ns),
+        source,
+    })?;
     debug!(ns = %netns::label(ns), networks = nets.len(), "rebuilt table {TABLE}");
     Ok(())
 }
@@ -715,103 +581,11 @@ pub async fn attach_bridge(node: &Node, spec: &BridgeSpec, a: &Attachment) -> Re
                 a.ifname, i.index, a.sandbox_ns, spec.name
             )));
         }
-        create_port(&host, &sb, a, &outer, &tmp, &owner).await?;
+        veth::create_pair(&host, &sb, a, &outer, &tmp, &owner).await?;
     }
-    configure_port(&host, spec, a, &outer).await?;
-    configure_inner(&sb, a, a.default_route.then_some(spec.gateway)).await?;
+    veth::configure_bridge_port(&host, &spec.bridge, a, &outer).await?;
+    veth::configure_sandbox_end(&sb, a, a.default_route.then_some(spec.gateway)).await?;
     debug!(bridge = %spec.bridge, sandbox = %a.sandbox_ns, ifname = %a.ifname, ip = %a.ip, "attached to bridge network");
-    Ok(())
-}
-
-async fn create_port(
-    host: &Netlink,
-    sb: &Netlink,
-    a: &Attachment,
-    outer: &str,
-    tmp: &str,
-    owner: &str,
-) -> Result<(), NetError> {
-    // A stray temporary end in the sandbox would block the create; it
-    // cannot be anyone else's since the name carries our hash.
-    sb.delete(tmp).await?;
-    let sb_fd = netns::open(&a.sandbox_ns)?;
-    host.create_veth(outer, tmp, a.mtu, Some(sb_fd.as_fd()))
-        .await?;
-    let named = async {
-        host.set_alias(outer, owner).await?;
-        sb.set_mac(tmp, a.mac).await?;
-        sb.rename(tmp, &a.ifname).await
-    };
-    if let Err(e) = named.await {
-        let _ = host.delete(outer).await;
-        return Err(e);
-    }
-    Ok(())
-}
-
-/// The node end: MTU, on the bridge, up.
-async fn configure_port(
-    host: &Netlink,
-    spec: &BridgeSpec,
-    a: &Attachment,
-    outer: &str,
-) -> Result<(), NetError> {
-    let o = host.link(outer).await?.ok_or_else(|| NetError::NoDevice {
-        dev: outer.into(),
-        ns: host.ns().into(),
-        hint: "it vanished while attaching; the next attach recreates it",
-    })?;
-    let br = host
-        .require(&spec.bridge, "the bridge vanished while attaching")
-        .await?;
-    if o.mtu != a.mtu {
-        host.set_mtu(outer, a.mtu).await?;
-    }
-    if o.master != Some(br) {
-        host.set_master(outer, &spec.bridge).await?;
-    }
-    if !o.up {
-        host.set_up(outer).await?;
-    }
-    Ok(())
-}
-
-/// The sandbox end (a veth or a macvlan): MAC, MTU, exactly the one
-/// address, up, and the default route via `gateway` when given.
-async fn configure_inner(
-    sb: &Netlink,
-    a: &Attachment,
-    gateway: Option<Ipv4Addr>,
-) -> Result<(), NetError> {
-    let i = sb
-        .link(&a.ifname)
-        .await?
-        .ok_or_else(|| NetError::NoDevice {
-            dev: a.ifname.clone(),
-            ns: sb.ns().into(),
-            hint: "it vanished while attaching; the next attach recreates it",
-        })?;
-    let mut up = i.up;
-    if i.mac != Some(a.mac) {
-        // A macvlan refuses a new MAC while up.
-        if up {
-            sb.set_down(&a.ifname).await?;
-            up = false;
-        }
-        sb.set_mac(&a.ifname, a.mac).await?;
-    }
-    if i.mtu != a.mtu {
-        sb.set_mtu(&a.ifname, a.mtu).await?;
-    }
-    sb.ensure_only_address_v4(&a.ifname, a.ip, a.prefix).await?;
-    if !up {
-        sb.set_up(&a.ifname).await?;
-    }
-    // After "up": the gateway is reachable only once the connected route of
-    // the interface's subnet exists.
-    if let Some(gw) = gateway {
-        sb.replace_default_route(gw, &a.ifname).await?;
-    }
     Ok(())
 }
 
@@ -916,7 +690,7 @@ pub async fn attach_macvlan(
         }
         None => create_macvlan(&host, &sb, lower.index, a, &owner).await?,
     }
-    configure_inner(&sb, a, gateway.filter(|_| a.default_route)).await?;
+    veth::configure_sandbox_end(&sb, a, gateway.filter(|_| a.default_route)).await?;
     debug!(parent, sandbox = %a.sandbox_ns, ifname = %a.ifname, ip = %a.ip, "attached macvlan");
     Ok(())
 }

@@ -21,6 +21,7 @@ use tracing::{debug, info, warn};
 use crate::link::{FdbEntry, Mac, NeighEntry, Netlink, VxlanConfig, fmt_mac};
 use crate::netns;
 pub use crate::netns::NetError;
+use crate::veth;
 
 /// The bridge of a network's namespace, holding the gateway address.
 pub const BRIDGE: &str = "br0";
@@ -588,92 +589,11 @@ pub async fn attach(node: &Node, spec: &OverlaySpec, a: &Attachment) -> Result<(
                 a.ifname, i.index, a.sandbox_ns, spec.vni
             )));
         }
-        create_pair(&net, &sb, a, &outer, &tmp, &owner).await?;
+        veth::create_pair(&net, &sb, a, &outer, &tmp, &owner).await?;
     }
-    configure_ends(&net, &sb, spec, a, &outer).await?;
+    veth::configure_bridge_port(&net, BRIDGE, a, &outer).await?;
+    veth::configure_sandbox_end(&sb, a, a.default_route.then_some(spec.gateway)).await?;
     debug!(ns, sandbox = %a.sandbox_ns, ifname = %a.ifname, ip = %a.ip, "attached");
-    Ok(())
-}
-
-async fn create_pair(
-    net: &Netlink,
-    sb: &Netlink,
-    a: &Attachment,
-    outer: &str,
-    tmp: &str,
-    owner: &str,
-) -> Result<(), NetError> {
-    // A stray temporary end in the sandbox (its pair gone) would block the
-    // create; it cannot be anyone else's since the name carries our hash.
-    sb.delete(tmp).await?;
-    let sb_fd = netns::open(&a.sandbox_ns)?;
-    net.create_veth(outer, tmp, a.mtu, Some(sb_fd.as_fd()))
-        .await?;
-    let named = async {
-        net.set_alias(outer, owner).await?;
-        sb.set_mac(tmp, a.mac).await?;
-        sb.rename(tmp, &a.ifname).await
-    };
-    if let Err(e) = named.await {
-        let _ = net.delete(outer).await;
-        return Err(e);
-    }
-    Ok(())
-}
-
-async fn configure_ends(
-    net: &Netlink,
-    sb: &Netlink,
-    spec: &OverlaySpec,
-    a: &Attachment,
-    outer: &str,
-) -> Result<(), NetError> {
-    let missing = |dev: &str, ns: &str| NetError::NoDevice {
-        dev: dev.into(),
-        ns: ns.into(),
-        hint: "it vanished while attaching; the next attach recreates it",
-    };
-    let o = net
-        .link(outer)
-        .await?
-        .ok_or_else(|| missing(outer, net.ns()))?;
-    let br = net
-        .require(BRIDGE, "the bridge vanished while attaching")
-        .await?;
-    if o.mtu != a.mtu {
-        net.set_mtu(outer, a.mtu).await?;
-    }
-    if o.master != Some(br) {
-        net.set_master(outer, BRIDGE).await?;
-    }
-    if !o.up {
-        net.set_up(outer).await?;
-    }
-
-    let i = sb
-        .link(&a.ifname)
-        .await?
-        .ok_or_else(|| missing(&a.ifname, sb.ns()))?;
-    let mut up = i.up;
-    if i.mac != Some(a.mac) {
-        if up {
-            sb.set_down(&a.ifname).await?;
-            up = false;
-        }
-        sb.set_mac(&a.ifname, a.mac).await?;
-    }
-    if i.mtu != a.mtu {
-        sb.set_mtu(&a.ifname, a.mtu).await?;
-    }
-    sb.ensure_only_address_v4(&a.ifname, a.ip, a.prefix).await?;
-    if !up {
-        sb.set_up(&a.ifname).await?;
-    }
-    // After "up": the gateway is reachable only once the connected route of
-    // the interface's subnet exists.
-    if a.default_route {
-        sb.replace_default_route(spec.gateway, &a.ifname).await?;
-    }
     Ok(())
 }
 

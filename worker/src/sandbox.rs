@@ -34,7 +34,7 @@ use nix::sched::CloneFlags;
 use nix::sys::signal::{self, Signal};
 use nix::sys::wait::{self, Id, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 /// Where named network namespaces live, as iproute2 keeps them.
 pub const NETNS_DIR: &str = "/run/netns";
@@ -69,6 +69,8 @@ pub struct SandboxSpec {
 /// Why a sandbox operation failed; each message says what to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
+    #[error(transparent)]
+    Net(#[from] crate::netns::NetError),
     #[error("cannot start sandbox {sandbox}: no command given")]
     EmptyCommand { sandbox: String },
     #[error("cannot start sandbox {sandbox}: command {command:?} not found in PATH")]
@@ -185,30 +187,7 @@ fn ip(args: &[&str]) -> Result<(), SandboxError> {
 /// file from an interrupted create is replaced.
 pub fn create_netns(name: &str) -> Result<(), SandboxError> {
     check_netns_name(name)?;
-    let path = netns_path(name);
-    if !is_netns(&path) {
-        match fs::symlink_metadata(&path) {
-            Ok(meta) if meta.is_file() && meta.len() == 0 => {
-                debug!(netns = name, "removing leftover namespace file");
-                fs::remove_file(&path).map_err(|source| SandboxError::Delete {
-                    name: name.to_owned(),
-                    source,
-                })?;
-            }
-            Ok(_) => return Err(SandboxError::NotANetns { path }),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(source) => {
-                return Err(SandboxError::Delete {
-                    name: name.to_owned(),
-                    source,
-                });
-            }
-        }
-        // iproute2 also makes /run/netns a shared mount point, so that a
-        // later delete reaches every mount namespace that copied it.
-        ip(&["netns", "add", name])?;
-        info!(netns = name, "created network namespace");
-    }
+    crate::netns::create(name)?;
     if let Err(e) = ip(&["-n", name, "link", "set", "lo", "up"]) {
         // Nothing half-made: a namespace without loopback is useless.
         let _ = delete_netns(name);
@@ -222,28 +201,7 @@ pub fn create_netns(name: &str) -> Result<(), SandboxError> {
 /// it any more.
 pub fn delete_netns(name: &str) -> Result<(), SandboxError> {
     check_netns_name(name)?;
-    let path = netns_path(name);
-    match nix::mount::umount2(&path, MntFlags::MNT_DETACH) {
-        // EINVAL: not a mount point (a leftover file); ENOENT: absent.
-        Ok(()) | Err(Errno::EINVAL) | Err(Errno::ENOENT) => {}
-        Err(e) => {
-            return Err(SandboxError::Delete {
-                name: name.to_owned(),
-                source: e.into(),
-            });
-        }
-    }
-    match fs::remove_file(&path) {
-        Ok(()) => {
-            info!(netns = name, "deleted network namespace");
-            Ok(())
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(SandboxError::Delete {
-            name: name.to_owned(),
-            source,
-        }),
-    }
+    Ok(crate::netns::delete(name)?)
 }
 
 /// Finds `command` the way a shell would: as given when it holds a '/',

@@ -124,6 +124,10 @@ pub async fn overlay_mtu_for(ip: Ipv4Addr) -> u32 {
 impl DataPath {
     /// The overlay driver's view of this node: its namespace prefix, and
     /// the daemon's own namespace as the underlay.
+    pub fn underlay_mtu(&self) -> u32 {
+        self.overlay_mtu + 50
+    }
+
     pub fn node(&self) -> overlay::Node {
         overlay::Node::host(self.prefix.clone())
     }
@@ -151,11 +155,9 @@ pub struct Sandboxes {
 
 const EGRESS_SUBNET: (Ipv4Addr, u8) = (Ipv4Addr::new(172, 18, 0, 0), 16);
 
+/// Docker's name rule, within a hostname's 63-character label.
 fn valid_name(name: &str) -> bool {
-    let mut chars = name.chars();
-    chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
-        && name.len() <= 63
-        && chars.all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+    name.len() <= 63 && mesh_common::id::valid_name(name)
 }
 
 impl Sandboxes {
@@ -378,13 +380,19 @@ impl Sandboxes {
         for a in &rec.networks {
             self.wire(rec, a, dp).await?;
         }
+        if rec.networks.iter().any(|a| a.driver == "bridge") {
+            self.sync_local_nat(dp)?;
+        }
         // Egress like docker_gwbridge for overlay-only sandboxes, unless
         // every network is --internal.
         let local_route = rec.networks.iter().any(|a| a.driver != "overlay");
         if !rec.host_network && !none && !local_route && rec.networks.iter().any(|a| !a.internal) {
             let ip = self.next_egress_ip();
-            egress::ensure_gwbridge(None, &format!("{}/{}", EGRESS_SUBNET.0, EGRESS_SUBNET.1))?;
-            egress::attach(None, &rec.netns, ip, EGRESS_SUBNET.1, true)?;
+            // Both run `ip`/`nft`: off the async worker thread.
+            tokio::task::block_in_place(|| {
+                egress::ensure_gwbridge(None, &format!("{}/{}", EGRESS_SUBNET.0, EGRESS_SUBNET.1))?;
+                egress::attach(None, &rec.netns, ip, EGRESS_SUBNET.1, true)
+            })?;
             rec.egress_ip = Some(ip);
         }
         let dir = self.dir.join(&rec.id);
@@ -627,6 +635,9 @@ impl Sandboxes {
             {
                 let _kernel = dp.kernel.lock().await;
                 self.wire(&rec, &a, dp).await?;
+                if a.driver == "bridge" {
+                    self.sync_local_nat(dp)?;
+                }
             }
             rec.networks.push(a);
             self.commit(&rec)?;
@@ -775,7 +786,7 @@ impl Sandboxes {
                 .options
                 .get("mtu")
                 .and_then(|m| m.parse().ok())
-                .unwrap_or(dp.overlay_mtu + 50),
+                .unwrap_or(dp.underlay_mtu()),
             internal: l.internal,
             driver: l.driver.clone(),
             parent: l.options.get("parent").cloned(),
@@ -783,12 +794,22 @@ impl Sandboxes {
         })
     }
 
+    /// Rebuilds the NAT and isolation table of all local bridge networks.
+    /// The rules depend only on the set of networks, so this runs once per
+    /// change (and once per repair pass), not per attachment; it forks
+    /// `nft`, so it leaves the async worker thread while it does.
+    pub fn sync_local_nat(&self, dp: &DataPath) -> Result<(), SandboxesError> {
+        let specs = self.bridge_specs(dp);
+        tokio::task::block_in_place(|| crate::local::sync_nat(&dp.node(), &specs))?;
+        Ok(())
+    }
+
     /// Every local bridge network, for the NAT table that covers them all.
     fn bridge_specs(&self, dp: &DataPath) -> Vec<crate::local::BridgeSpec> {
         self.local
             .list()
             .iter()
-            .filter_map(|n| n.bridge_spec(dp.overlay_mtu + 50))
+            .filter_map(|n| n.bridge_spec(dp.underlay_mtu()))
             .collect()
     }
 
@@ -805,11 +826,10 @@ impl Sandboxes {
                 let l = self.local.find(&a.network_id).ok_or_else(|| {
                     SandboxesError::Refused(format!("network {} is gone", a.network))
                 })?;
-                let spec = l.bridge_spec(dp.overlay_mtu + 50).ok_or_else(|| {
+                let spec = l.bridge_spec(dp.underlay_mtu()).ok_or_else(|| {
                     SandboxesError::Refused(format!("network {} is damaged", a.network))
                 })?;
                 crate::local::ensure_bridge(&dp.node(), &spec).await?;
-                crate::local::sync_nat(&dp.node(), &self.bridge_specs(dp))?;
                 crate::local::attach_bridge(&dp.node(), &spec, &oa).await?;
             }
             "macvlan" => {
@@ -837,7 +857,7 @@ impl Sandboxes {
                 if let Some(spec) = self
                     .local
                     .find(&a.network_id)
-                    .and_then(|l| l.bridge_spec(dp.overlay_mtu + 50))
+                    .and_then(|l| l.bridge_spec(dp.underlay_mtu()))
                 {
                     crate::local::detach_bridge(&dp.node(), &spec, &oa).await?;
                 }
