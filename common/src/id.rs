@@ -17,6 +17,18 @@ pub fn new_id() -> String {
     base36(&rand::random::<u128>().to_be_bytes(), ID_LEN)
 }
 
+/// An ID derived from `parts`: the same on every manager, so objects made
+/// inside the Raft state machine (tasks) get IDs without randomness.
+pub fn derived_id(parts: &[&str]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update(p.as_bytes());
+        h.update([0u8]);
+    }
+    let digest = h.finalize();
+    base36(&digest[..16], ID_LEN)
+}
+
 /// The openraft node ID for a mesh node ID.
 ///
 /// Raft wants a `u64`; deriving it from the node ID (first 8 bytes of its

@@ -171,7 +171,7 @@ impl cluster_server::Cluster for ClusterService {
         }
         let r = req.into_inner();
         self.mgr
-            .heartbeat(&node, &r.addr, r.applied_generation)
+            .heartbeat(&node, &r.addr, r.applied_generation, r.applied_hash)
             .await
             .map_err(to_status)?;
         Ok(Response::new(HeartbeatResponse {
@@ -315,6 +315,84 @@ impl cluster_server::Cluster for ClusterService {
             )),
             _ => Err(Status::internal("unexpected result")),
         }
+    }
+
+    async fn report_tasks(&self, req: Request<TaskReports>) -> Result<Response<Empty>, Status> {
+        let (_, node) = self.member(&req)?;
+        let reports = req
+            .into_inner()
+            .reports
+            .into_iter()
+            .map(|r| crate::services::TaskReport {
+                task_id: r.task_id,
+                state: r.state,
+                message: r.message,
+                error: r.error,
+                exit_code: r.exit_code,
+            })
+            .collect();
+        self.mgr
+            .write(Command::ReportTasks {
+                node_id: node.id,
+                reports,
+                at: now(),
+            })
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn wait_converged(
+        &self,
+        req: Request<WaitConvergedRequest>,
+    ) -> Result<Response<WaitConvergedReply>, Status> {
+        self.member(&req)?;
+        let r = req.into_inner();
+        let timeout = std::time::Duration::from_millis(r.timeout_ms.min(30_000));
+        let behind = self
+            .mgr
+            .wait_converged(&r.exclude_node, timeout)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(WaitConvergedReply {
+            converged: behind.is_empty(),
+            behind,
+        }))
+    }
+
+    type LogRequestsStream = tokio_stream::wrappers::ReceiverStream<Result<LogRequest, Status>>;
+
+    async fn log_requests(
+        &self,
+        req: Request<Empty>,
+    ) -> Result<Response<Self::LogRequestsStream>, Status> {
+        let (_, node) = self.member(&req)?;
+        let mut requests = self.mgr.logs.register(&node.id);
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    r = requests.recv() => match r {
+                        Some(r) => if tx.send(Ok(r)).await.is_err() { return },
+                        None => return,
+                    },
+                    _ = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
+    }
+
+    async fn publish_logs(&self, req: Request<LogChunk>) -> Result<Response<Empty>, Status> {
+        self.member(&req)?;
+        if !self.mgr.logs.publish(req.into_inner()).await {
+            return Err(Status::not_found(
+                "nobody is waiting for these logs any more",
+            ));
+        }
+        Ok(Response::new(Empty {}))
     }
 
     async fn detach(&self, req: Request<DetachRequest>) -> Result<Response<Empty>, Status> {

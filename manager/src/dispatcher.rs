@@ -3,8 +3,11 @@
 //! endpoint on other nodes (its FDB and neighbour entries): this is what
 //! keeps the push small as clusters grow.
 
-use mesh_proto::{EndpointInfo, NetworkAssignment, NodeView, PeerEntry};
+use mesh_proto::{
+    EndpointInfo, NetworkAssignment, NodeView, PeerEntry, ServiceEntry, TaskAssignment,
+};
 
+use crate::services::is_terminal;
 use crate::state::{ClusterState, DEFAULT_DATA_PATH_PORT, Endpoint, Network};
 
 pub fn endpoint_info(s: &ClusterState, e: &Endpoint) -> EndpointInfo {
@@ -66,7 +69,53 @@ fn assignment(s: &ClusterState, net: &Network, node_id: &str) -> NetworkAssignme
         encrypted: net.spec.options.contains_key("encrypted"),
         local,
         peers,
+        services: s
+            .services
+            .values()
+            .filter(|svc| svc.spec.networks.contains(&net.id))
+            .map(|svc| ServiceEntry {
+                id: svc.id.clone(),
+                name: svc.spec.name.clone(),
+                vip: svc.vips.get(&net.id).cloned().unwrap_or_default(),
+                backends: s.backends(&svc.id, &net.id),
+            })
+            .collect(),
     }
+}
+
+/// The tasks a node must run or stop: every one of its tasks that has not
+/// ended. Addresses come in the order of the service's networks, which is
+/// the order of the task's interfaces.
+fn tasks_for(s: &ClusterState, node_id: &str) -> Vec<TaskAssignment> {
+    s.tasks
+        .values()
+        .filter(|t| t.node_id == node_id && !is_terminal(&t.state))
+        .map(|t| {
+            let svc = s.services.get(&t.service_id);
+            let order = |net: &str| {
+                svc.and_then(|v| v.spec.networks.iter().position(|n| n == net))
+                    .unwrap_or(usize::MAX)
+            };
+            let mut eps: Vec<&Endpoint> = s
+                .endpoints
+                .values()
+                .filter(|e| e.sandbox_id == t.id)
+                .collect();
+            eps.sort_by_key(|e| order(&e.network_id));
+            TaskAssignment {
+                id: t.id.clone(),
+                name: s.task_sandbox_name(t),
+                service_id: t.service_id.clone(),
+                service_name: svc.map(|v| v.spec.name.clone()).unwrap_or_default(),
+                desired_state: t.desired_state.clone(),
+                cmd: svc.map(|v| v.spec.cmd.clone()).unwrap_or_default(),
+                env: svc.map(|v| v.spec.env.clone()).unwrap_or_default(),
+                networks: eps.into_iter().map(|e| endpoint_info(s, e)).collect(),
+                start_delay_ms: t.start_delay_ms,
+                known_state: t.state.clone(),
+            }
+        })
+        .collect()
 }
 
 /// The view of one node at Raft index `generation`.
@@ -85,6 +134,7 @@ pub fn view_for(s: &ClusterState, node_id: &str, generation: u64) -> NodeView {
         generation,
         data_path_port: data_path_port(s),
         networks,
+        tasks: tasks_for(s, node_id),
     }
 }
 
@@ -99,7 +149,7 @@ fn data_path_port(s: &ClusterState) -> u32 {
 
 /// Two views ask the same of the kernel (generations aside).
 pub fn same_content(a: &NodeView, b: &NodeView) -> bool {
-    a.data_path_port == b.data_path_port && a.networks == b.networks
+    a.data_path_port == b.data_path_port && a.networks == b.networks && a.tasks == b.tasks
 }
 
 #[cfg(test)]

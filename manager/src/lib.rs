@@ -16,9 +16,11 @@ use std::io::Cursor;
 pub mod ca;
 pub mod cluster_service;
 pub mod dispatcher;
+pub mod logs;
 pub mod manager;
 pub mod network;
 pub mod server;
+pub mod services;
 pub mod state;
 pub mod store;
 

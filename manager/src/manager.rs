@@ -62,7 +62,11 @@ pub struct Manager {
     /// Generation of its node view each node says it has applied to the
     /// kernel: how the managers know, rather than guess, that a change has
     /// reached every node.
-    applied: Mutex<HashMap<String, u64>>,
+    applied: Mutex<HashMap<String, (u64, u64)>>,
+    /// Woken whenever a node reports a new applied view.
+    acked: tokio::sync::Notify,
+    /// Log requests to nodes and their answers (see `logs`).
+    pub logs: crate::logs::LogRouter,
     stop: watch::Sender<bool>,
 }
 
@@ -123,6 +127,8 @@ impl Manager {
             peers,
             last_seen: Mutex::default(),
             applied: Mutex::default(),
+            acked: tokio::sync::Notify::new(),
+            logs: Default::default(),
             stop,
         });
         tokio::spawn(monitor(Arc::downgrade(&mgr), mgr.stop.subscribe()));
@@ -308,6 +314,7 @@ impl Manager {
         node: &Node,
         addr: &str,
         applied: u64,
+        digest: u64,
     ) -> Result<(), ManagerError> {
         self.last_seen
             .lock()
@@ -316,7 +323,8 @@ impl Manager {
         self.applied
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(node.id.clone(), applied);
+            .insert(node.id.clone(), (applied, digest));
+        self.acked.notify_waiters();
         if node.state != "ready" || (!addr.is_empty() && node.addr != addr) {
             info!(node = %node.id, "node is ready");
             self.write(Command::SetNodeState {
@@ -336,8 +344,76 @@ impl Manager {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(node_id)
-            .copied()
-            .unwrap_or(0)
+            .map_or(0, |a| a.0)
+    }
+
+    /// Ready nodes (but `exclude`) whose last applied view differs from
+    /// the one they should have now. Meaningful on the leader, which gets
+    /// the heartbeats.
+    pub fn behind(&self, exclude: &str) -> Vec<String> {
+        let acks = self
+            .applied
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        self.read(|s| {
+            s.nodes
+                .values()
+                .filter(|n| n.state == "ready" && n.id != exclude)
+                .filter(|n| {
+                    let want = mesh_proto::view_digest(&crate::dispatcher::view_for(s, &n.id, 0));
+                    acks.get(&n.id).is_none_or(|a| a.1 != want)
+                })
+                .map(|n| n.id.clone())
+                .collect()
+        })
+    }
+
+    /// Waits until every Ready node (but `exclude`) has applied its current
+    /// view, or `timeout` passes; returns the nodes still behind. Asks the
+    /// leader, which is where the acknowledgements arrive.
+    pub async fn wait_converged(
+        &self,
+        exclude: &str,
+        timeout: Duration,
+    ) -> Result<Vec<String>, ManagerError> {
+        if !self.is_leader() {
+            let addr = self
+                .leader_addr()
+                .ok_or_else(|| ManagerError::NoLeader(self.quorum_note()))?;
+            let channel = self
+                .peers
+                .channel(&addr)
+                .map_err(|e| ManagerError::Forward {
+                    addr: addr.clone(),
+                    msg: e.to_string(),
+                })?;
+            let r = ClusterClient::new(channel)
+                .wait_converged(mesh_proto::WaitConvergedRequest {
+                    exclude_node: exclude.to_string(),
+                    timeout_ms: timeout.as_millis() as u64,
+                })
+                .await
+                .map_err(|s| ManagerError::Forward {
+                    addr,
+                    msg: s.message().to_string(),
+                })?;
+            return Ok(r.into_inner().behind);
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut state = self.sm.subscribe();
+        loop {
+            let acked = self.acked.notified();
+            let behind = self.behind(exclude);
+            if behind.is_empty() || tokio::time::Instant::now() >= deadline {
+                return Ok(behind);
+            }
+            tokio::select! {
+                _ = acked => {}
+                _ = state.changed() => {}
+                _ = tokio::time::sleep_until(deadline) => {}
+            }
+        }
     }
 
     /// Adds a manager to the Raft voters: as a learner first (it catches up

@@ -7,6 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use mesh_common::ipam;
 use serde::{Deserialize, Serialize};
 
+pub use crate::services::{Service, ServiceSpec, Task, TaskReport};
+
 /// Cluster-wide configuration fixed at `mesh init` (tokens rotate).
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct ClusterInfo {
@@ -155,6 +157,31 @@ pub enum Command {
     RemoveEndpoint {
         id: String,
     },
+    /// `id` is the proposer's, so a retried create is recognised.
+    CreateService {
+        id: String,
+        spec: ServiceSpec,
+        at: String,
+    },
+    /// The whole new spec, computed by the proposer from `version`; refused
+    /// if the service changed meanwhile.
+    UpdateService {
+        id: String,
+        spec: ServiceSpec,
+        force: bool,
+        version: u64,
+        at: String,
+    },
+    RemoveService {
+        id: String,
+        #[serde(default)]
+        at: String,
+    },
+    ReportTasks {
+        node_id: String,
+        reports: Vec<TaskReport>,
+        at: String,
+    },
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -164,6 +191,7 @@ pub enum CommandResult {
     Node(Box<Node>),
     Network(Box<Network>),
     Endpoint(Box<Endpoint>),
+    Service(Box<Service>),
     /// Refused by the state machine; the message is shown to the user.
     Refused(String),
 }
@@ -178,12 +206,29 @@ pub struct ClusterState {
     pub networks: BTreeMap<String, Network>,
     #[serde(default)]
     pub endpoints: BTreeMap<String, Endpoint>,
+    #[serde(default)]
+    pub services: BTreeMap<String, Service>,
+    #[serde(default)]
+    pub tasks: BTreeMap<String, Task>,
 }
 
 impl ClusterState {
     /// Applies one committed command. `index` is the Raft log index, used as
     /// the objects' version as Swarm uses its Raft index.
     pub fn apply(&mut self, index: u64, cmd: &Command) -> CommandResult {
+        let result = self.apply_one(index, cmd);
+        // Node changes move tasks: a node down, drained or back.
+        match cmd {
+            Command::AddNode { .. } | Command::RemoveNode { .. } => self.orchestrate(index, ""),
+            Command::UpdateNode { at, .. } | Command::SetNodeState { at, .. } => {
+                self.orchestrate(index, at)
+            }
+            _ => {}
+        }
+        result
+    }
+
+    fn apply_one(&mut self, index: u64, cmd: &Command) -> CommandResult {
         match cmd {
             Command::Init {
                 cluster,
@@ -352,10 +397,37 @@ impl ClusterState {
                 }
                 CommandResult::Ok
             }
+            Command::CreateService { id, spec, at } => self.create_service(index, id, spec, at),
+            Command::UpdateService {
+                id,
+                spec,
+                force,
+                version,
+                at,
+            } => self.update_service(index, id, spec, *force, *version, at),
+            Command::RemoveService { id, at } => self.remove_service(index, id, at),
+            Command::ReportTasks {
+                node_id,
+                reports,
+                at,
+            } => self.report_tasks(index, node_id, reports, at),
             Command::RemoveNetwork { id } => {
                 let Some(net) = self.networks.get(id) else {
                     return CommandResult::Refused(format!("network {id} not found"));
                 };
+                let services: Vec<&str> = self
+                    .services
+                    .values()
+                    .filter(|s| s.spec.networks.contains(id))
+                    .map(|s| s.spec.name.as_str())
+                    .collect();
+                if !services.is_empty() {
+                    return CommandResult::Refused(format!(
+                        "network {} is in use by service {}; remove the service or `mesh service update --network-rm` first",
+                        net.spec.name,
+                        services.join(", ")
+                    ));
+                }
                 let users = self.network_users(id);
                 if !users.is_empty() {
                     return CommandResult::Refused(format!(
@@ -410,6 +482,15 @@ impl ClusterState {
 
     /// Next free address of a network (within --ip-range if given).
     fn allocate_address(&self, net: &Network) -> Result<std::net::Ipv4Addr, String> {
+        self.allocate_address_except(net, &BTreeSet::new())
+    }
+
+    /// Next free address, also avoiding `extra` and every service VIP.
+    pub(crate) fn allocate_address_except(
+        &self,
+        net: &Network,
+        extra: &BTreeSet<std::net::Ipv4Addr>,
+    ) -> Result<std::net::Ipv4Addr, String> {
         let subnet: ipam::Ipv4Net = net
             .subnet
             .parse()
@@ -422,12 +503,19 @@ impl ClusterState {
             Some(r) => Some(ipam::parse_ip_range(r, &subnet).map_err(|e| e.to_string())?),
             None => None,
         };
-        let used: BTreeSet<std::net::Ipv4Addr> = self
+        let mut used: BTreeSet<std::net::Ipv4Addr> = self
             .endpoints
             .values()
             .filter(|e| e.network_id == net.id)
             .filter_map(|e| e.ip.parse().ok())
             .collect();
+        used.extend(extra);
+        used.extend(
+            self.services
+                .values()
+                .filter_map(|s| s.vips.get(&net.id))
+                .filter_map(|v| v.parse::<std::net::Ipv4Addr>().ok()),
+        );
         ipam::next_host(&subnet, range.as_ref(), gateway, &used).map_err(|e| e.to_string())
     }
 

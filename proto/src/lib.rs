@@ -1,6 +1,25 @@
 //! The wire contract between the CLI, daemons and managers, generated from
-//! `mesh.proto`. Nothing but generated code lives here; conversions to the
-//! domain types live beside those types.
-#![allow(clippy::all, clippy::unwrap_used)]
+//! `mesh.proto`, and the one digest both ends of it must compute alike.
 
-tonic::include_proto!("mesh");
+#[allow(clippy::all, clippy::unwrap_used)]
+mod generated {
+    tonic::include_proto!("mesh");
+}
+pub use generated::*;
+
+/// Digest of what a node view asks of the kernel (its generation aside).
+/// A node reports it with the generation it applied; a manager compares it
+/// with the digest of the view it would send now, so "applied" means the
+/// same content, not merely a newer number.
+pub fn view_digest(view: &NodeView) -> u64 {
+    use prost::Message;
+    use sha2::{Digest, Sha256};
+    let content = NodeView {
+        generation: 0,
+        ..view.clone()
+    };
+    let d = Sha256::digest(content.encode_to_vec());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&d[..8]);
+    u64::from_be_bytes(first)
+}
