@@ -38,6 +38,9 @@ pub enum Cmd {
     /// Manage networks.
     #[command(subcommand)]
     Network(NetworkCmd),
+    /// Manage services (managers only).
+    #[command(subcommand)]
+    Service(ServiceCmd),
     /// Start a sandbox: CMD in its own network, mount and UTS namespaces.
     Run(RunArgs),
     /// List this node's sandboxes.
@@ -297,4 +300,121 @@ pub struct RunArgs {
     pub detach: bool,
     #[arg(trailing_var_arg = true, required = true, allow_hyphen_values = true)]
     pub cmd: Vec<String>,
+}
+
+#[derive(Subcommand)]
+pub enum ServiceCmd {
+    /// Create a service.
+    Create(ServiceCreateArgs),
+    /// List services.
+    #[command(alias = "list")]
+    Ls {
+        #[arg(long)]
+        format: Option<String>,
+        #[arg(short, long)]
+        quiet: bool,
+        /// Show full IDs.
+        #[arg(long)]
+        no_trunc: bool,
+    },
+    /// List the tasks of services.
+    Ps {
+        #[arg(long)]
+        format: Option<String>,
+        #[arg(short, long)]
+        quiet: bool,
+        /// Show full IDs.
+        #[arg(long)]
+        no_trunc: bool,
+        #[arg(required = true)]
+        services: Vec<String>,
+    },
+    /// Show services as JSON.
+    Inspect {
+        #[arg(required = true)]
+        services: Vec<String>,
+    },
+    /// Change a service; its tasks are replaced one at a time.
+    Update(ServiceUpdateArgs),
+    /// Change the replica count of replicated services.
+    Scale {
+        /// Do not wait for the services to converge.
+        #[arg(short, long)]
+        detach: bool,
+        /// SERVICE=REPLICAS
+        #[arg(required = true, value_name = "SERVICE=REPLICAS", value_parser = crate::service_cmd::parse_scale)]
+        scales: Vec<(String, u64)>,
+    },
+    /// Remove services.
+    #[command(alias = "remove")]
+    Rm {
+        #[arg(required = true)]
+        services: Vec<String>,
+    },
+    /// Show the output of a service's tasks.
+    Logs { service: String },
+}
+
+#[derive(Args)]
+pub struct ServiceCreateArgs {
+    #[arg(long)]
+    pub name: String,
+    /// Number of tasks (replicated mode).
+    #[arg(long, allow_negative_numbers = true, value_parser = crate::service_cmd::parse_replicas)]
+    pub replicas: Option<u64>,
+    #[arg(long, default_value = "replicated", value_parser = ["replicated", "global"])]
+    pub mode: String,
+    /// Overlay network to attach to (repeatable).
+    #[arg(long)]
+    pub network: Vec<String>,
+    #[arg(long = "endpoint-mode", default_value = "vip", value_parser = ["vip", "dnsrr"])]
+    pub endpoint_mode: String,
+    /// K=V (repeatable); a bare K takes its value from this shell.
+    #[arg(short, long)]
+    pub env: Vec<String>,
+    /// Placement constraint, e.g. node.role==worker (repeatable).
+    #[arg(long)]
+    pub constraint: Vec<String>,
+    #[arg(long = "restart-condition", default_value = "any", value_parser = ["any", "on-failure", "none"])]
+    pub restart_condition: String,
+    /// Wait between restarts (e.g. 5s, 500ms; default 5s).
+    #[arg(long = "restart-delay", value_parser = crate::service_cmd::parse_delay)]
+    pub restart_delay: Option<std::time::Duration>,
+    /// Restarts before giving up (0 = unlimited).
+    #[arg(long = "restart-max-attempts", default_value_t = 0)]
+    pub restart_max_attempts: u64,
+    #[arg(long)]
+    pub label: Vec<String>,
+    /// Print the ID and return without waiting for the tasks to run.
+    #[arg(short, long)]
+    pub detach: bool,
+    #[arg(trailing_var_arg = true, required = true, allow_hyphen_values = true)]
+    pub cmd: Vec<String>,
+}
+
+#[derive(Args)]
+pub struct ServiceUpdateArgs {
+    #[arg(long, allow_negative_numbers = true, value_parser = crate::service_cmd::parse_replicas)]
+    pub replicas: Option<u64>,
+    #[arg(long = "network-add")]
+    pub network_add: Vec<String>,
+    #[arg(long = "network-rm")]
+    pub network_rm: Vec<String>,
+    /// K=V: sets the variable (replacing its old value).
+    #[arg(long = "env-add")]
+    pub env_add: Vec<String>,
+    /// K: removes the variable.
+    #[arg(long = "env-rm")]
+    pub env_rm: Vec<String>,
+    #[arg(long = "constraint-add")]
+    pub constraint_add: Vec<String>,
+    #[arg(long = "constraint-rm")]
+    pub constraint_rm: Vec<String>,
+    /// Replace every task even if nothing changed.
+    #[arg(long)]
+    pub force: bool,
+    /// Return without waiting for the update to converge.
+    #[arg(short, long)]
+    pub detach: bool,
+    pub service: String,
 }

@@ -9,6 +9,7 @@ mod daemon;
 mod network_cmd;
 mod node_cmd;
 mod sandbox_cmd;
+mod service_cmd;
 mod table;
 
 use std::process::ExitCode;
@@ -18,7 +19,10 @@ use clap::Parser;
 use cli::{Cli, Cmd};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
     let _ = rustls::crypto::ring::default_provider().install_default();
     let filter = tracing_subscriber::EnvFilter::try_from_env("MESH_LOG").unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new(if matches!(cli.cmd, Cmd::Daemon(_)) {
@@ -47,6 +51,30 @@ fn main() -> ExitCode {
     }
 }
 
+/// Usage errors on one line, like every other refusal; help and version
+/// are printed as clap prints them.
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        e.exit()
+    }
+    let text = e.render().to_string();
+    let msg = text
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    eprintln!("Error: {}", msg.strip_prefix("error: ").unwrap_or(&msg));
+    ExitCode::from(2)
+}
+
 /// Errors are shown on one line: the chain joined with ": ".
 fn one_line(e: &anyhow::Error) -> String {
     format!("{e:#}").replace('\n', " ")
@@ -72,6 +100,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Info(a) => cluster_cmd::info(&host, a).await,
         Cmd::Node(c) => node_cmd::run(&host, c).await,
         Cmd::Network(c) => network_cmd::run(&host, c).await,
+        Cmd::Service(c) => service_cmd::run(&host, c).await,
         Cmd::Run(a) => sandbox_cmd::run(&host, a).await,
         Cmd::Ps { all, format, quiet } => sandbox_cmd::ps(&host, all, format, quiet).await,
         Cmd::Exec { sandbox, cmd } => sandbox_cmd::exec(&host, &sandbox, cmd).await,

@@ -63,7 +63,7 @@ fn err(e: anyhow::Error) -> Status {
     Status::failed_precondition(format!("{e:#}"))
 }
 
-fn mgr_err(e: ManagerError) -> Status {
+pub(super) fn mgr_err(e: ManagerError) -> Status {
     match e {
         ManagerError::NoQuorum(..) | ManagerError::NoLeader(_) => {
             Status::unavailable(e.to_string())
@@ -629,5 +629,59 @@ impl Control for ControlService {
             )
             .await;
         self.reply(rec)
+    }
+
+    async fn service_create(
+        &self,
+        req: Request<ServiceCreateRequest>,
+    ) -> Result<Response<mesh_proto::Service>, Status> {
+        let mgr = self.manager()?;
+        let svc = super::services::create(&self.d, &mgr, req.into_inner()).await?;
+        Ok(Response::new(svc))
+    }
+
+    async fn service_list(&self, _req: Request<Empty>) -> Result<Response<ServiceList>, Status> {
+        let mgr = self.manager()?;
+        Ok(Response::new(super::services::list(&mgr)))
+    }
+
+    async fn service_status(
+        &self,
+        req: Request<ServiceRef>,
+    ) -> Result<Response<ServiceStatusReply>, Status> {
+        let mgr = self.manager()?;
+        let reply = super::services::status(&mgr, &req.into_inner().service).await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn service_update(
+        &self,
+        req: Request<ServiceUpdateRequest>,
+    ) -> Result<Response<mesh_proto::Service>, Status> {
+        let mgr = self.manager()?;
+        let svc = super::services::update(&self.d, &mgr, req.into_inner()).await?;
+        Ok(Response::new(svc))
+    }
+
+    async fn service_remove(
+        &self,
+        req: Request<ServiceRef>,
+    ) -> Result<Response<mesh_proto::Service>, Status> {
+        let mgr = self.manager()?;
+        let svc = super::services::remove(&mgr, &req.into_inner().service).await?;
+        Ok(Response::new(svc))
+    }
+
+    type ServiceLogsStream = tokio_stream::wrappers::ReceiverStream<Result<LogLine, Status>>;
+
+    async fn service_logs(
+        &self,
+        req: Request<ServiceRef>,
+    ) -> Result<Response<Self::ServiceLogsStream>, Status> {
+        let mgr = self.manager()?;
+        let lines = super::services::logs(mgr, &req.into_inner().service)?;
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            lines,
+        )))
     }
 }

@@ -222,6 +222,10 @@ impl Daemon {
             dp.clone(),
             self.sandboxes.clone(),
             session.applied.clone(),
+            mesh_worker::agent::NodeIds {
+                node_id: config.node_id.clone(),
+                hostname: hostname(),
+            },
         ));
         m.managers = Some(managers.clone());
         *self.datapath.write().unwrap_or_else(|e| e.into_inner()) = Some(dp);

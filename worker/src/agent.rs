@@ -8,7 +8,6 @@
 
 use std::net::Ipv4Addr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use mesh_proto::cluster_client::ClusterClient;
@@ -35,18 +34,36 @@ impl AgentHandle {
     }
 }
 
+/// Who this node is, for the parts that speak of it to the managers.
+pub struct NodeIds {
+    pub node_id: String,
+    pub hostname: String,
+}
+
 pub fn spawn(
     managers: Managers,
     dp: DataPath,
     sandboxes: Arc<Sandboxes>,
-    applied: Arc<AtomicU64>,
+    applied: Arc<crate::session::Applied>,
+    me: NodeIds,
 ) -> AgentHandle {
     let (stop, stop_rx) = watch::channel(false);
     let (view_tx, view_rx) = watch::channel::<Option<NodeView>>(None);
-    let follow = tokio::spawn(follow_views(managers, view_tx, stop_rx.clone()));
+    let follow = tokio::spawn(follow_views(managers.clone(), view_tx, stop_rx.clone()));
+    let runner =
+        crate::tasks::TaskRunner::new(sandboxes.clone(), managers.clone(), dp.clone(), me.node_id);
+    let tasks = tokio::spawn(runner.run(view_rx.clone(), stop_rx.clone()));
+    let logs = tokio::spawn(crate::task_logs::serve(
+        managers,
+        sandboxes.clone(),
+        me.hostname,
+        stop_rx.clone(),
+    ));
     let task = tokio::spawn(async move {
         reconcile_loop(dp, sandboxes, applied, view_rx, stop_rx).await;
         follow.abort();
+        let _ = tasks.await;
+        let _ = logs.await;
     });
     AgentHandle { stop, task }
 }
@@ -91,7 +108,7 @@ async fn follow_views(
 async fn reconcile_loop(
     dp: DataPath,
     sandboxes: Arc<Sandboxes>,
-    applied: Arc<AtomicU64>,
+    applied: Arc<crate::session::Applied>,
     mut views: watch::Receiver<Option<NodeView>>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -103,7 +120,7 @@ async fn reconcile_loop(
                     if repairs > 0 {
                         info!(generation = view.generation, repairs, "data path repaired");
                     }
-                    applied.store(view.generation, Ordering::Relaxed);
+                    applied.set(view.generation, mesh_proto::view_digest(&view));
                 }
                 Err(e) => warn!("data path reconcile failed, will retry: {e}"),
             }
@@ -197,6 +214,9 @@ pub async fn reconcile(
     if bridges && let Err(e) = sandboxes.sync_local_nat(&dp) {
         warn!("cannot repair the bridge networks' NAT table: {e}");
     }
+    // Service VIPs in every sandbox on an overlay, before the view counts
+    // as applied: a task leaving the rotation is gone from here first.
+    sandboxes.sync_vips(&records);
 
     // Networks this node no longer needs.
     for vni in overlay::networks_in_kernel(&dp.node())? {

@@ -22,4 +22,7 @@ pub mod sandbox;
 pub mod sandboxes;
 pub mod session;
 pub mod state_dir;
+pub mod task_logs;
+pub mod tasks;
 mod veth;
+pub mod vip;

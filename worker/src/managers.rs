@@ -32,7 +32,18 @@ impl Managers {
         }
     }
 
-    fn addrs(&self) -> Vec<String> {
+    /// A channel to one manager (for streams kept per manager).
+    pub fn channel_to(&self, addr: &str) -> Result<Channel, tls::TlsError> {
+        tls::channel(
+            addr,
+            self.tls.clone(),
+            tls::MANAGER_SERVER_NAME,
+            Duration::from_secs(2),
+        )
+    }
+
+    /// Every manager this node knows of.
+    pub fn addrs(&self) -> Vec<String> {
         self.addrs.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
@@ -43,7 +54,7 @@ impl Managers {
         F: FnMut(Channel) -> Fut,
         Fut: std::future::Future<Output = Result<T, tonic::Status>>,
     {
-        let addrs = self.addrs();
+        let addrs = Managers::addrs(self);
         let mut last =
             tonic::Status::unavailable("no manager known: is this node part of a cluster?");
         for (i, addr) in addrs.iter().enumerate() {

@@ -84,6 +84,9 @@ pub struct Record {
     /// `--network host`: the sandbox shares the node's network namespace.
     #[serde(default)]
     pub host_network: bool,
+    /// The service this sandbox is a task of (its ID is the task's).
+    #[serde(default)]
+    pub service: Option<String>,
 }
 
 /// Node-wide data-path settings the sandboxes are wired with.
@@ -151,6 +154,9 @@ pub struct Sandboxes {
     /// The managers' last view of this node: the cluster half of the DNS
     /// records.
     view: Mutex<Option<mesh_proto::NodeView>>,
+    /// The VIP ruleset last applied per sandbox namespace, so a pass only
+    /// forks `nft` where something changed.
+    vip_applied: Mutex<BTreeMap<String, String>>,
 }
 
 const EGRESS_SUBNET: (Ipv4Addr, u8) = (Ipv4Addr::new(172, 18, 0, 0), 16);
@@ -186,6 +192,7 @@ impl Sandboxes {
             local,
             dns,
             view: Mutex::new(None),
+            vip_applied: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -295,6 +302,7 @@ impl Sandboxes {
             created_at: String::new(),
             exit_code: None,
             host_network: false,
+            service: None,
         };
         match self.build(&mut rec, &spec, dp, managers).await {
             Ok(()) => {
@@ -366,6 +374,17 @@ impl Sandboxes {
             let info = attach_endpoint(m, req).await?;
             rec.networks.push(attachment(&info, index, dp)?);
         }
+        self.start_built(rec, dp, none).await
+    }
+
+    /// The kernel and process half of `run`, once every attachment has its
+    /// address: links, egress, DNS, VIP rules, then the process.
+    async fn start_built(
+        &self,
+        rec: &mut Record,
+        dp: &DataPath,
+        none: bool,
+    ) -> Result<(), SandboxesError> {
         // The first local (bridge/macvlan) network carries the default route.
         if let Some(a) = rec.networks.iter_mut().find(|a| a.driver != "overlay") {
             a.default_route = true;
@@ -394,6 +413,11 @@ impl Sandboxes {
                 egress::attach(None, &rec.netns, ip, EGRESS_SUBNET.1, true)
             })?;
             rec.egress_ip = Some(ip);
+        }
+        if !rec.host_network && !none {
+            let services = self.vip_services_for(rec);
+            tokio::task::block_in_place(|| crate::vip::sync(&rec.netns, &services))
+                .map_err(|e| SandboxesError::Refused(format!("cannot set up service VIPs: {e}")))?;
         }
         let dir = self.dir.join(&rec.id);
         std::fs::create_dir_all(&dir).map_err(|source| SandboxesError::Io {
@@ -942,6 +966,25 @@ impl Sandboxes {
                         }
                     }
                 }
+                // Services: NAME is the VIP (or, in dnsrr mode, the tasks),
+                // tasks.NAME always the running tasks.
+                for svc in &net.services {
+                    let backends: Vec<Ipv4Addr> =
+                        svc.backends.iter().filter_map(|b| b.parse().ok()).collect();
+                    match svc.vip.parse::<Ipv4Addr>() {
+                        Ok(vip) => r.insert_alias(&svc.name, vip),
+                        Err(_) => {
+                            for ip in &backends {
+                                r.insert_alias(&svc.name, *ip);
+                            }
+                        }
+                    }
+                    let tasks = format!("tasks.{}", svc.name);
+                    r.names.entry(tasks.clone()).or_default();
+                    for ip in backends {
+                        r.insert_alias(&tasks, ip);
+                    }
+                }
                 records.networks.insert(net.id.clone(), r);
             }
         }
@@ -991,5 +1034,194 @@ impl Sandboxes {
         );
         self.refresh_dns();
         Ok(())
+    }
+}
+
+/// Service tasks: sandboxes whose addresses the managers chose when they
+/// placed the task, so nothing is asked of them here; and the services
+/// every sandbox sees (VIP rules, names).
+impl Sandboxes {
+    /// Starts a task's sandbox; on failure nothing is left behind.
+    pub async fn run_task(
+        &self,
+        task: &mesh_proto::TaskAssignment,
+        dp: &DataPath,
+    ) -> Result<Record, SandboxesError> {
+        let env = task
+            .env
+            .iter()
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let mut rec = Record {
+            id: task.id.clone(),
+            name: task.name.clone(),
+            netns: format!("{}-sb-{}", dp.prefix, &task.id[..task.id.len().min(12)]),
+            pid: 0,
+            cmd: task.cmd.clone(),
+            env,
+            networks: Vec::new(),
+            egress_ip: None,
+            created_at: String::new(),
+            exit_code: None,
+            host_network: false,
+            service: Some(task.service_id.clone()),
+        };
+        let built = async {
+            for (i, info) in task.networks.iter().enumerate() {
+                rec.networks.push(attachment(info, i, dp)?);
+            }
+            self.start_built(&mut rec, dp, false).await
+        }
+        .await;
+        match built {
+            Ok(()) => {
+                self.commit(&rec)?;
+                info!(task = %rec.name, pid = rec.pid, "task started");
+                Ok(rec)
+            }
+            Err(e) => {
+                self.teardown(&rec, dp, None).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Stops and removes a task's sandbox (the managers own its
+    /// addresses). Its output is kept for `mesh service logs`.
+    pub async fn remove_task(&self, id: &str, dp: &DataPath) -> Result<(), SandboxesError> {
+        let Some(rec) = self
+            .records
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+        else {
+            return Ok(());
+        };
+        let _ = tokio::task::block_in_place(|| crate::vip::remove(&rec.netns));
+        // Stop first, so the whole output is in the log we keep.
+        if rec.pid != 0 && rec.exit_code.is_none() {
+            let pid = rec.pid;
+            let _ =
+                tokio::task::spawn_blocking(move || sandbox::stop(pid, Duration::from_secs(10)))
+                    .await;
+        }
+        self.keep_task_log(&rec);
+        let errors = self.teardown(&rec, dp, None).await;
+        self.records
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&rec.id);
+        self.refresh_dns();
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(SandboxesError::Refused(format!(
+                "removed task {} with errors: {}",
+                rec.name,
+                errors.join("; ")
+            )))
+        }
+    }
+
+    fn task_logs_dir(&self) -> PathBuf {
+        self.dir.with_file_name("task-logs")
+    }
+
+    /// Moves a task's output aside, keeping the newest 200 logs.
+    fn keep_task_log(&self, rec: &Record) {
+        let dir = self.task_logs_dir();
+        if std::fs::create_dir_all(&dir).is_err() {
+            return;
+        }
+        let from = self.dir.join(&rec.id).join("output.log");
+        let _ = std::fs::rename(&from, dir.join(format!("{}.log", rec.id)));
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            let mut logs: Vec<(std::time::SystemTime, PathBuf)> = entries
+                .flatten()
+                .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+                .collect();
+            if logs.len() > 200 {
+                logs.sort();
+                for (_, p) in &logs[..logs.len() - 200] {
+                    let _ = std::fs::remove_file(p);
+                }
+            }
+        }
+    }
+
+    /// The output of a task, whether its sandbox still exists or not.
+    pub fn task_log(&self, id: &str) -> Option<String> {
+        let live = self.dir.join(id).join("output.log");
+        let kept = self.task_logs_dir().join(format!("{id}.log"));
+        std::fs::read_to_string(live)
+            .or_else(|_| std::fs::read_to_string(kept))
+            .ok()
+    }
+
+    /// Services on the sandbox's overlay networks, from the managers' view,
+    /// in VIP mode: what its `mesh_vip` table must balance.
+    pub fn vip_services_for(&self, rec: &Record) -> Vec<crate::vip::VipService> {
+        let view = self.view.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(view) = view.as_ref() else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for net in view
+            .networks
+            .iter()
+            .filter(|n| rec.networks.iter().any(|a| a.network_id == n.id))
+        {
+            for svc in &net.services {
+                let Ok(vip) = svc.vip.parse() else {
+                    continue; // dnsrr
+                };
+                out.push(crate::vip::VipService {
+                    name: svc.name.clone(),
+                    vip,
+                    backends: svc.backends.iter().filter_map(|b| b.parse().ok()).collect(),
+                });
+            }
+        }
+        out
+    }
+}
+
+impl Sandboxes {
+    /// Brings every running sandbox's VIP table in line with the view.
+    pub fn sync_vips(&self, records: &[Record]) {
+        let live: Vec<&Record> = records
+            .iter()
+            .filter(|r| {
+                r.exit_code.is_none()
+                    && !r.host_network
+                    && r.networks.iter().any(|a| a.driver == "overlay")
+            })
+            .collect();
+        let mut todo = Vec::new();
+        let mut rendered = BTreeMap::new();
+        {
+            let applied = self.vip_applied.lock().unwrap_or_else(|e| e.into_inner());
+            for rec in &live {
+                let services = self.vip_services_for(rec);
+                let text = crate::vip::render(&services);
+                if applied.get(&rec.netns) != Some(&text) {
+                    todo.push((rec.netns.clone(), services));
+                }
+                rendered.insert(rec.netns.clone(), text);
+            }
+        }
+        let failed = if todo.is_empty() {
+            Vec::new()
+        } else {
+            tokio::task::block_in_place(|| crate::vip::sync_many(&todo))
+        };
+        let mut applied = self.vip_applied.lock().unwrap_or_else(|e| e.into_inner());
+        for (ns, e) in &failed {
+            warn!(netns = %ns, "cannot apply service VIP rules, will retry: {e}");
+            rendered.remove(ns);
+        }
+        *applied = rendered;
     }
 }

@@ -65,14 +65,39 @@ pub struct Session {
     period: Duration,
     status: Arc<Mutex<SessionStatus>>,
     events: mpsc::Sender<SessionEvent>,
-    /// Generation of the last node view applied to the kernel, reported to
-    /// the managers with each heartbeat (set by the data-path agent).
-    applied: Arc<std::sync::atomic::AtomicU64>,
+    /// The last node view applied to the kernel, reported to the managers
+    /// with each heartbeat (set by the data-path agent).
+    applied: Arc<Applied>,
+}
+
+/// What the agent last applied; a change triggers a heartbeat at once, so
+/// the managers learn it without waiting a period.
+#[derive(Default)]
+pub struct Applied {
+    generation: std::sync::atomic::AtomicU64,
+    digest: std::sync::atomic::AtomicU64,
+    changed: tokio::sync::Notify,
+}
+
+impl Applied {
+    pub fn set(&self, generation: u64, digest: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let old = self.digest.swap(digest, Relaxed);
+        let old_gen = self.generation.swap(generation, Relaxed);
+        if old != digest || old_gen != generation {
+            self.changed.notify_one();
+        }
+    }
+
+    pub fn get(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.generation.load(Relaxed), self.digest.load(Relaxed))
+    }
 }
 
 pub struct SessionHandle {
     pub status: Arc<Mutex<SessionStatus>>,
-    pub applied: Arc<std::sync::atomic::AtomicU64>,
+    pub applied: Arc<Applied>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -110,7 +135,7 @@ impl Session {
             ..Default::default()
         }));
         let (stop, stop_rx) = watch::channel(false);
-        let applied = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let applied = Arc::new(Applied::default());
         let session = Session {
             state_dir,
             config,
@@ -149,8 +174,10 @@ impl Session {
                 Beat::Redirected => Duration::ZERO,
                 Beat::Failed => RETRY_AFTER_ERROR,
             };
+            let applied = self.applied.clone();
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
+                _ = applied.changed.notified() => {}
                 _ = stop.changed() => return,
             }
         }
@@ -205,7 +232,8 @@ impl Session {
             addr: self.config.advertise_addr.clone(),
             hostname: String::new(),
             tls_not_after: String::new(),
-            applied_generation: self.applied.load(std::sync::atomic::Ordering::Relaxed),
+            applied_generation: self.applied.get().0,
+            applied_hash: self.applied.get().1,
         });
         req.set_timeout(CALL_TIMEOUT);
         let reply = ClusterClient::new(channel).heartbeat(req).await;

@@ -1,0 +1,591 @@
+//! Service requests from the CLI: resolves network names, fills in Docker's
+//! defaults and checks the spec before proposing it, so mistakes are refused
+//! at once rather than by Raft; placement, addresses and rollouts are decided
+//! inside the state machine (`mesh_manager::services`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use mesh_manager::manager::{Manager, ManagerError, now};
+use mesh_manager::services::{DEFAULT_RESTART_DELAY_MS, Service, ServiceSpec, Task, validate};
+use mesh_manager::state::{ClusterState, Command, CommandResult};
+use mesh_proto::{LogLine, ServiceCreateRequest, ServiceStatusReply, ServiceUpdateRequest};
+use tokio::sync::mpsc;
+use tonic::Status;
+
+use super::Daemon;
+use super::control::mgr_err;
+
+/// How long a write's result may take to reach this manager's copy of the
+/// state (it was committed by the leader, which may be another manager).
+const LOCAL_APPLY_WAIT: Duration = Duration::from_secs(2);
+/// A node that sends nothing for this long is left out of `service logs`,
+/// so one dead node does not hang the command.
+const LOG_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// An update that lost a race with another change is recomputed and
+/// retried this many times before the user is told.
+const UPDATE_RETRIES: usize = 3;
+
+#[allow(clippy::result_large_err)]
+fn find(s: &ClusterState, r: &str) -> Result<Service, Status> {
+    s.find_service(r).cloned().map_err(|m| {
+        if m.contains("not found") {
+            Status::not_found(m)
+        } else {
+            Status::failed_precondition(m)
+        }
+    })
+}
+
+/// A `--network` reference as a cluster network ID. Local networks (bridge,
+/// macvlan, host, none) exist on one node only, so they get their own
+/// refusal saying what to use instead.
+fn resolve_network(
+    s: &ClusterState,
+    r: &str,
+    local_driver: &dyn Fn(&str) -> Option<String>,
+) -> Result<String, Status> {
+    match s.find_network(r) {
+        Ok(n) => Ok(n.id.clone()),
+        Err(m) => match local_driver(r) {
+            Some(driver) => Err(Status::failed_precondition(format!(
+                "network {r} is a local network (driver {driver}); services need an overlay network: create one with `mesh network create -d overlay {r}`"
+            ))),
+            None if m.contains("not found") => Err(Status::not_found(m)),
+            None => Err(Status::failed_precondition(m)),
+        },
+    }
+}
+
+/// The spec a create asks for, with Docker's defaults; networks are given
+/// already resolved to IDs.
+pub fn spec_from_create(
+    r: ServiceCreateRequest,
+    networks: Vec<String>,
+) -> Result<ServiceSpec, String> {
+    let mode = if r.mode.is_empty() {
+        "replicated".to_string()
+    } else {
+        r.mode
+    };
+    if mode == "global" && r.has_replicas {
+        return Err("replicas can only be used with replicated mode".into());
+    }
+    let replicas = match (mode.as_str(), r.has_replicas) {
+        ("global", _) => 0,
+        (_, true) => r.replicas,
+        (_, false) => 1,
+    };
+    let or = |s: String, default: &str| {
+        if s.is_empty() { default.to_string() } else { s }
+    };
+    let spec = ServiceSpec {
+        name: r.name,
+        mode,
+        replicas,
+        networks,
+        endpoint_mode: or(r.endpoint_mode, "vip"),
+        env: r.env,
+        constraints: r.constraints,
+        restart_condition: or(r.restart_condition, "any"),
+        restart_delay_ms: if r.has_restart_delay {
+            r.restart_delay_ms
+        } else {
+            DEFAULT_RESTART_DELAY_MS
+        },
+        restart_max_attempts: r.restart_max_attempts,
+        cmd: r.cmd,
+        labels: r.labels.into_iter().collect(),
+    };
+    validate(&spec)?;
+    Ok(spec)
+}
+
+/// Sets `K=V` in an environment list: replaces the variable where it is,
+/// or appends it, so the order users gave is kept.
+pub fn env_set(env: &mut Vec<String>, kv: &str) {
+    let key = kv.split_once('=').map_or(kv, |(k, _)| k);
+    match env
+        .iter_mut()
+        .find(|e| e.split_once('=').map_or(e.as_str(), |(k, _)| k) == key)
+    {
+        Some(e) => *e = kv.to_string(),
+        None => env.push(kv.to_string()),
+    }
+}
+
+/// Removes every `KEY=...` (or bare `KEY`) from an environment list.
+pub fn env_unset(env: &mut Vec<String>, key: &str) {
+    env.retain(|e| e.split_once('=').map_or(e.as_str(), |(k, _)| k) != key);
+}
+
+/// The spec an update asks for, computed from the current one. Networks to
+/// add and remove come as (what the user wrote, network ID).
+pub fn updated_spec(
+    old: &ServiceSpec,
+    r: &ServiceUpdateRequest,
+    net_add: &[(String, String)],
+    net_rm: &[(String, String)],
+) -> Result<ServiceSpec, String> {
+    let mut spec = old.clone();
+    if let Some(n) = r.replicas {
+        if spec.mode != "replicated" {
+            return Err("replicas can only be used with replicated mode".into());
+        }
+        spec.replicas = n;
+    }
+    for (given, id) in net_rm {
+        let before = spec.networks.len();
+        spec.networks.retain(|n| n != id);
+        if spec.networks.len() == before {
+            return Err(format!(
+                "service {} is not attached to network {given}",
+                old.name
+            ));
+        }
+    }
+    for (given, id) in net_add {
+        if spec.networks.contains(id) {
+            return Err(format!(
+                "service {} is already attached to network {given}",
+                old.name
+            ));
+        }
+        spec.networks.push(id.clone());
+    }
+    for k in &r.env_rm {
+        env_unset(&mut spec.env, k);
+    }
+    for kv in &r.env_add {
+        if kv.split_once('=').is_none_or(|(k, _)| k.is_empty()) {
+            return Err(format!(
+                "invalid environment variable {kv:?}: use --env-add KEY=VALUE"
+            ));
+        }
+        env_set(&mut spec.env, kv);
+    }
+    for c in &r.constraint_rm {
+        spec.constraints.retain(|x| x.trim() != c.trim());
+    }
+    for c in &r.constraint_add {
+        if !spec.constraints.iter().any(|x| x.trim() == c.trim()) {
+            spec.constraints.push(c.clone());
+        }
+    }
+    validate(&spec)?;
+    Ok(spec)
+}
+
+/// Up to 25 ms per attempt so far, at random.
+fn jitter(attempt: usize) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let r = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    Duration::from_millis(r % (25 * attempt as u64 + 1))
+}
+
+/// Waits until this manager's copy of the state shows `done`: a write
+/// committed by a leader elsewhere lands here a moment later, and the CLI
+/// reads its progress back from here.
+async fn wait_local(mgr: &Manager, done: impl Fn(&ClusterState) -> bool) {
+    let mut applied = mgr.sm.subscribe();
+    let deadline = tokio::time::Instant::now() + LOCAL_APPLY_WAIT;
+    while !mgr.read(&done) {
+        match tokio::time::timeout_at(deadline, applied.changed()).await {
+            Ok(Ok(())) => {}
+            _ => return,
+        }
+    }
+}
+
+fn service_reply(mgr: &Manager, r: CommandResult) -> Result<mesh_proto::Service, Status> {
+    match r {
+        CommandResult::Service(svc) => Ok(mgr.read(|s| to_pb(s, &svc))),
+        _ => Err(Status::internal("unexpected result")),
+    }
+}
+
+pub async fn create(
+    d: &Daemon,
+    mgr: &Manager,
+    r: ServiceCreateRequest,
+) -> Result<mesh_proto::Service, Status> {
+    let local = |n: &str| d.sandboxes.local.find(n).map(|l| l.driver);
+    let networks = mgr.read(|s| {
+        r.networks
+            .iter()
+            .map(|n| resolve_network(s, n, &local))
+            .collect::<Result<Vec<_>, _>>()
+    })?;
+    let spec = spec_from_create(r, networks).map_err(Status::invalid_argument)?;
+    let cmd = Command::CreateService {
+        id: mesh_common::id::new_id(),
+        spec,
+        at: now(),
+    };
+    let res = mgr.write(cmd).await.map_err(mgr_err)?;
+    if let CommandResult::Service(svc) = &res {
+        let (id, v) = (svc.id.clone(), svc.version);
+        wait_local(mgr, |s| s.services.get(&id).is_some_and(|x| x.version >= v)).await;
+    }
+    service_reply(mgr, res)
+}
+
+pub fn list(mgr: &Manager) -> mesh_proto::ServiceList {
+    mgr.read(|s| {
+        let mut services: Vec<mesh_proto::Service> =
+            s.services.values().map(|svc| to_pb(s, svc)).collect();
+        services.sort_by(|a, b| a.name.cmp(&b.name));
+        mesh_proto::ServiceList { services }
+    })
+}
+
+pub async fn status(mgr: &Manager, r: &str) -> Result<ServiceStatusReply, Status> {
+    // The state first, then convergence: nodes that caught up with a newer
+    // state have also applied this one.
+    let (service, tasks) = mgr.read(|s| {
+        let svc = find(s, r)?;
+        let mut tasks: Vec<&Task> = s
+            .tasks
+            .values()
+            .filter(|t| t.service_id == svc.id)
+            .collect();
+        let host = |t: &Task| s.nodes.get(&t.node_id).map(|n| n.hostname.clone());
+        tasks.sort_by_cached_key(|t| {
+            (
+                t.slot,
+                if t.slot == 0 { host(t) } else { None },
+                t.desired_state != "running",
+                std::cmp::Reverse((t.created_at.clone(), t.version)),
+            )
+        });
+        let tasks: Vec<mesh_proto::Task> = tasks.into_iter().map(|t| task_to_pb(s, t)).collect();
+        Ok::<_, Status>((to_pb(s, &svc), tasks))
+    })?;
+    let behind = mgr
+        .wait_converged("", Duration::ZERO)
+        .await
+        .map_err(mgr_err)?;
+    let behind: Vec<String> = mgr.read(|s| {
+        behind
+            .iter()
+            .map(|id| s.nodes.get(id).map_or(id.clone(), |n| n.hostname.clone()))
+            .collect()
+    });
+    Ok(ServiceStatusReply {
+        service: Some(service),
+        tasks,
+        converged: behind.is_empty(),
+        behind,
+    })
+}
+
+pub async fn update(
+    d: &Daemon,
+    mgr: &Manager,
+    r: ServiceUpdateRequest,
+) -> Result<mesh_proto::Service, Status> {
+    let local = |n: &str| d.sandboxes.local.find(n).map(|l| l.driver);
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let (id, version, spec) = mgr.read(|s| {
+            let svc = find(s, &r.service)?;
+            let resolve = |refs: &[String]| {
+                refs.iter()
+                    .map(|n| Ok((n.clone(), resolve_network(s, n, &local)?)))
+                    .collect::<Result<Vec<_>, Status>>()
+            };
+            let add = resolve(&r.network_add)?;
+            let rm = resolve(&r.network_rm)?;
+            let spec = updated_spec(&svc.spec, &r, &add, &rm).map_err(Status::invalid_argument)?;
+            Ok::<_, Status>((svc.id, svc.version, spec))
+        })?;
+        let cmd = Command::UpdateService {
+            id: id.clone(),
+            spec,
+            force: r.force,
+            version,
+            at: now(),
+        };
+        match mgr.write(cmd).await {
+            Ok(res) => {
+                if let CommandResult::Service(svc) = &res {
+                    let v = svc.version;
+                    wait_local(mgr, |s| s.services.get(&id).is_some_and(|x| x.version >= v)).await;
+                }
+                return service_reply(mgr, res);
+            }
+            Err(ManagerError::Refused(m))
+                if m.contains("changed by someone else meanwhile") && attempt <= UPDATE_RETRIES =>
+            {
+                // Recompute from the newer version once it is here, after a
+                // random pause so racing updaters do not collide again.
+                wait_local(mgr, |s| {
+                    s.services.get(&id).is_none_or(|x| x.version != version)
+                })
+                .await;
+                tokio::time::sleep(jitter(attempt)).await;
+            }
+            Err(e) => return Err(mgr_err(e)),
+        }
+    }
+}
+
+pub async fn remove(mgr: &Manager, r: &str) -> Result<mesh_proto::Service, Status> {
+    let svc = mgr.read(|s| find(s, r))?;
+    let cmd = Command::RemoveService {
+        id: svc.id.clone(),
+        at: now(),
+    };
+    let res = mgr.write(cmd).await.map_err(mgr_err)?;
+    wait_local(mgr, |s| !s.services.contains_key(&svc.id)).await;
+    service_reply(mgr, res)
+}
+
+/// Asks every Ready node holding tasks of the service for their logs and
+/// forwards the lines as they come. Nodes that are down or not connected to
+/// this manager are skipped; so is one that goes silent.
+pub fn logs(mgr: Arc<Manager>, r: &str) -> Result<mpsc::Receiver<Result<LogLine, Status>>, Status> {
+    type Asks = BTreeMap<String, (String, Vec<String>)>;
+    let (by_node, names): (Asks, HashMap<String, String>) = mgr.read(|s| {
+        let svc = find(s, r)?;
+        let mut out = Asks::new();
+        let mut names = HashMap::new();
+        for t in s.tasks.values().filter(|t| t.service_id == svc.id) {
+            let Some(node) = s.nodes.get(&t.node_id).filter(|n| n.state == "ready") else {
+                continue;
+            };
+            out.entry(node.id.clone())
+                .or_insert_with(|| (node.hostname.clone(), Vec::new()))
+                .1
+                .push(t.id.clone());
+            names.insert(t.id.clone(), s.task_sandbox_name(t));
+        }
+        Ok::<_, Status>((out, names))
+    })?;
+    let names = Arc::new(names);
+    let (tx, rx) = mpsc::channel(256);
+    for (node_id, (hostname, task_ids)) in by_node {
+        let mgr = mgr.clone();
+        let tx = tx.clone();
+        let names = names.clone();
+        tokio::spawn(async move {
+            let Ok(mut chunks) = mgr.logs.request(&node_id, task_ids).await else {
+                return;
+            };
+            while let Ok(Some(chunk)) = tokio::time::timeout(LOG_IDLE_TIMEOUT, chunks.recv()).await
+            {
+                for mut line in chunk.lines {
+                    // Docker's prefix: SERVICE.SLOT.TASKID@HOSTNAME.
+                    if let Some(name) = names.get(&line.task) {
+                        line.task = name.clone();
+                    }
+                    if line.node.is_empty() || line.node == node_id {
+                        line.node = hostname.clone();
+                    }
+                    if tx.send(Ok(line)).await.is_err() {
+                        return;
+                    }
+                }
+                if chunk.done {
+                    return;
+                }
+            }
+        });
+    }
+    Ok(rx)
+}
+
+fn net_name(s: &ClusterState, id: &str) -> String {
+    s.networks
+        .get(id)
+        .map_or_else(|| id.to_string(), |n| n.spec.name.clone())
+}
+
+/// A service as the API shows it, with its running and desired task counts.
+pub fn to_pb(s: &ClusterState, svc: &Service) -> mesh_proto::Service {
+    let current: Vec<&Task> = s
+        .tasks
+        .values()
+        .filter(|t| t.service_id == svc.id && t.desired_state == "running")
+        .collect();
+    let running = current.iter().filter(|t| t.state == "running").count() as u64;
+    let desired = if svc.spec.mode == "global" {
+        current.len() as u64
+    } else {
+        svc.spec.replicas
+    };
+    let vips = svc
+        .vips
+        .iter()
+        .map(|(net, ip)| {
+            let prefix = s
+                .networks
+                .get(net)
+                .and_then(|n| n.subnet.split_once('/'))
+                .map_or("32", |(_, p)| p);
+            mesh_proto::ServiceVip {
+                network_id: net.clone(),
+                network: net_name(s, net),
+                addr: format!("{ip}/{prefix}"),
+            }
+        })
+        .collect();
+    let spec = &svc.spec;
+    mesh_proto::Service {
+        id: svc.id.clone(),
+        name: spec.name.clone(),
+        mode: spec.mode.clone(),
+        replicas: spec.replicas,
+        networks: spec.networks.iter().map(|n| net_name(s, n)).collect(),
+        endpoint_mode: spec.endpoint_mode.clone(),
+        env: spec.env.clone(),
+        constraints: spec.constraints.clone(),
+        restart_condition: spec.restart_condition.clone(),
+        restart_delay_ms: spec.restart_delay_ms,
+        restart_max_attempts: spec.restart_max_attempts,
+        cmd: spec.cmd.clone(),
+        labels: spec.labels.clone().into_iter().collect(),
+        vips,
+        created_at: svc.created_at.clone(),
+        updated_at: svc.updated_at.clone(),
+        version: svc.version,
+        running,
+        desired,
+        update_state: svc.update_state.clone(),
+        update_message: svc.update_message.clone(),
+        network_ids: spec.networks.clone(),
+    }
+}
+
+fn task_to_pb(s: &ClusterState, t: &Task) -> mesh_proto::Task {
+    let addresses = s
+        .endpoints
+        .values()
+        .filter(|e| e.sandbox_id == t.id)
+        .map(|e| format!("{}={}", net_name(s, &e.network_id), e.ip))
+        .collect();
+    mesh_proto::Task {
+        id: t.id.clone(),
+        name: s.task_name(t),
+        service_id: t.service_id.clone(),
+        slot: t.slot,
+        node_id: t.node_id.clone(),
+        node: s
+            .nodes
+            .get(&t.node_id)
+            .map_or_else(|| t.node_id.clone(), |n| n.hostname.clone()),
+        desired_state: t.desired_state.clone(),
+        state: t.state.clone(),
+        message: t.message.clone(),
+        error: t.error.clone(),
+        exit_code: t.exit_code,
+        created_at: t.created_at.clone(),
+        updated_at: t.updated_at.clone(),
+        addresses,
+        spec_version: t.spec_version,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn create_req() -> ServiceCreateRequest {
+        ServiceCreateRequest {
+            name: "web".into(),
+            cmd: vec!["sleep".into(), "1000".into()],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn create_defaults() {
+        let spec = spec_from_create(create_req(), vec![]).expect("valid");
+        assert_eq!(spec.mode, "replicated");
+        assert_eq!(spec.replicas, 1);
+        assert_eq!(spec.endpoint_mode, "vip");
+        assert_eq!(spec.restart_condition, "any");
+        assert_eq!(spec.restart_delay_ms, DEFAULT_RESTART_DELAY_MS);
+
+        let mut r = create_req();
+        r.has_replicas = true;
+        r.replicas = 0;
+        r.has_restart_delay = true;
+        r.restart_delay_ms = 0;
+        let spec = spec_from_create(r, vec![]).expect("valid");
+        assert_eq!((spec.replicas, spec.restart_delay_ms), (0, 0));
+    }
+
+    #[test]
+    fn create_refusals() {
+        let mut r = create_req();
+        r.mode = "global".into();
+        r.has_replicas = true;
+        r.replicas = 2;
+        assert_eq!(
+            spec_from_create(r, vec![]).err().as_deref(),
+            Some("replicas can only be used with replicated mode")
+        );
+        let mut r = create_req();
+        r.cmd.clear();
+        assert!(spec_from_create(r, vec![]).is_err_and(|e| e.contains("no command")));
+        let mut r = create_req();
+        r.env = vec!["=x".into()];
+        assert!(spec_from_create(r, vec![]).is_err());
+    }
+
+    #[test]
+    fn env_merge() {
+        let mut env = vec!["A=1".to_string(), "B=2".into(), "C=3".into()];
+        env_set(&mut env, "B=20");
+        env_set(&mut env, "D=4");
+        assert_eq!(env, ["A=1", "B=20", "C=3", "D=4"]);
+        env_unset(&mut env, "A");
+        env_unset(&mut env, "missing");
+        assert_eq!(env, ["B=20", "C=3", "D=4"]);
+        // A key is matched whole, not as a prefix.
+        env_set(&mut env, "C3=x");
+        assert_eq!(env, ["B=20", "C=3", "D=4", "C3=x"]);
+    }
+
+    #[test]
+    fn update_spec() {
+        let old = spec_from_create(create_req(), vec!["n1".into()]).expect("valid");
+        let r = ServiceUpdateRequest {
+            replicas: Some(3),
+            env_add: vec!["X=1".into()],
+            constraint_add: vec!["node.role==worker".into()],
+            ..Default::default()
+        };
+        let add = [("front".to_string(), "n2".to_string())];
+        let rm = [("back".to_string(), "n1".to_string())];
+        let spec = updated_spec(&old, &r, &add, &rm).expect("valid");
+        assert_eq!(spec.replicas, 3);
+        assert_eq!(spec.networks, ["n2"]);
+        assert_eq!(spec.env, ["X=1"]);
+        assert_eq!(spec.constraints, ["node.role==worker"]);
+
+        let none = ServiceUpdateRequest::default();
+        assert!(
+            updated_spec(&old, &none, &[], &[("x".into(), "n9".into())])
+                .is_err_and(|e| e.contains("not attached to network x"))
+        );
+        assert!(
+            updated_spec(&old, &none, &[("y".into(), "n1".into())], &[])
+                .is_err_and(|e| e.contains("already attached"))
+        );
+        let bad = ServiceUpdateRequest {
+            constraint_add: vec!["colour==blue".into()],
+            ..Default::default()
+        };
+        assert!(updated_spec(&old, &bad, &[], &[]).is_err());
+
+        let mut global = old.clone();
+        global.mode = "global".into();
+        assert!(updated_spec(&global, &r, &[], &[]).is_err_and(|e| e.contains("replicated mode")));
+    }
+}

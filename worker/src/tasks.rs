@@ -1,0 +1,315 @@
+//! The task runner: runs the service tasks the managers placed on this node
+//! and tells them what became of each.
+//!
+//! Like the agent it reconciles rather than replays: each pass compares the
+//! tasks in the view with the sandboxes on the node, starts what is missing,
+//! stops what should stop, removes what is no longer ours, and reports every
+//! task whose state differs from what the managers last heard. A task being
+//! stopped first leaves every VIP and DNS answer — the managers already took
+//! it out when they set it to shutdown; we wait until every other node has
+//! applied that — and only then gets SIGTERM.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mesh_proto::cluster_client::ClusterClient;
+use mesh_proto::{NodeView, TaskAssignment, TaskReport, TaskReports, WaitConvergedRequest};
+use tokio::sync::{Notify, watch};
+use tracing::{debug, info, warn};
+
+use crate::managers::Managers;
+use crate::sandboxes::{DataPath, Sandboxes};
+
+/// How often running tasks are checked for an exit.
+const EXIT_POLL: Duration = Duration::from_millis(200);
+/// A report the managers have not reflected yet is sent again after this.
+const REPORT_AGAIN: Duration = Duration::from_secs(2);
+/// Longest wait for other nodes to drop a stopping task from their rules.
+const DRAIN_WAIT: Duration = Duration::from_secs(5);
+
+/// What this node knows of one task beyond its sandbox record.
+#[derive(Clone, Debug, PartialEq)]
+enum Phase {
+    /// A start job is running (possibly waiting out the restart delay).
+    Starting,
+    /// The start failed; the error is reported as "rejected".
+    Rejected(String),
+    /// A stop job is running.
+    Stopping,
+    /// Stopped on the managers' request.
+    Stopped,
+}
+
+#[derive(Default)]
+struct Local {
+    phases: HashMap<String, Phase>,
+    /// Last report sent per task, and when.
+    sent: HashMap<String, (String, Instant)>,
+}
+
+pub struct TaskRunner {
+    sandboxes: Arc<Sandboxes>,
+    managers: Managers,
+    dp: DataPath,
+    node_id: String,
+    local: Mutex<Local>,
+    wake: Notify,
+}
+
+impl TaskRunner {
+    pub fn new(
+        sandboxes: Arc<Sandboxes>,
+        managers: Managers,
+        dp: DataPath,
+        node_id: String,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            sandboxes,
+            managers,
+            dp,
+            node_id,
+            local: Mutex::default(),
+            wake: Notify::new(),
+        })
+    }
+
+    fn phase(&self, id: &str) -> Option<Phase> {
+        self.local
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .phases
+            .get(id)
+            .cloned()
+    }
+
+    fn set_phase(&self, id: &str, p: Option<Phase>) {
+        let mut l = self.local.lock().unwrap_or_else(|e| e.into_inner());
+        match p {
+            Some(p) => l.phases.insert(id.to_string(), p),
+            None => l.phases.remove(id),
+        };
+        drop(l);
+        self.wake.notify_one();
+    }
+
+    /// Runs passes on every new view, on a task exit, and every second.
+    pub async fn run(
+        self: Arc<Self>,
+        mut views: watch::Receiver<Option<NodeView>>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let mut last_poll = Instant::now();
+        let mut seen_exits: HashSet<String> = HashSet::new();
+        loop {
+            let view = views.borrow_and_update().clone();
+            if let Some(view) = view {
+                self.pass(&view).await;
+            }
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+            // Between passes, watch running tasks for an exit.
+            loop {
+                tokio::select! {
+                    _ = views.changed() => break,
+                    _ = self.wake.notified() => break,
+                    _ = tokio::time::sleep(EXIT_POLL) => {}
+                    _ = stop.changed() => return,
+                }
+                if last_poll.elapsed() >= EXIT_POLL {
+                    last_poll = Instant::now();
+                    let exited: HashSet<String> = self
+                        .sandboxes
+                        .list()
+                        .into_iter()
+                        .filter(|r| r.service.is_some() && r.exit_code.is_some())
+                        .map(|r| r.id)
+                        .collect();
+                    let new = exited.iter().any(|id| !seen_exits.contains(id));
+                    seen_exits = exited;
+                    if new {
+                        break;
+                    }
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// One pass over the view's tasks and this node's task sandboxes.
+    async fn pass(self: &Arc<Self>, view: &NodeView) {
+        let records: HashMap<String, crate::sandboxes::Record> = self
+            .sandboxes
+            .list()
+            .into_iter()
+            .filter(|r| r.service.is_some())
+            .map(|r| (r.id.clone(), r))
+            .collect();
+        let wanted: HashSet<&str> = view.tasks.iter().map(|t| t.id.as_str()).collect();
+        let mut reports = Vec::new();
+        for t in &view.tasks {
+            let rec = records.get(&t.id);
+            let phase = self.phase(&t.id);
+            if t.desired_state == "running" {
+                match (&phase, rec) {
+                    (Some(Phase::Starting | Phase::Stopping), _) => {}
+                    (Some(Phase::Rejected(err)), _) => {
+                        reports.push(report(&t.id, "rejected", "task: failed to start", err, -1));
+                    }
+                    (_, Some(r)) => match r.exit_code {
+                        None => reports.push(report(&t.id, "running", "started", "", 0)),
+                        Some(0) => reports.push(report(&t.id, "complete", "finished", "", 0)),
+                        Some(code) => reports.push(report(
+                            &t.id,
+                            "failed",
+                            "task exited",
+                            &format!("task: non-zero exit ({code})"),
+                            code,
+                        )),
+                    },
+                    (_, None) => {
+                        self.set_phase(&t.id, Some(Phase::Starting));
+                        reports.push(report(&t.id, "starting", "starting", "", 0));
+                        tokio::spawn(self.clone().start(t.clone()));
+                    }
+                }
+            } else {
+                match (&phase, rec) {
+                    (Some(Phase::Stopping), _) => {}
+                    (Some(Phase::Starting), _) => {} // stopped once started
+                    (_, Some(_)) => {
+                        self.set_phase(&t.id, Some(Phase::Stopping));
+                        tokio::spawn(self.clone().stop(t.id.clone()));
+                    }
+                    (Some(Phase::Rejected(err)), None) => {
+                        reports.push(report(&t.id, "rejected", "task: failed to start", err, -1));
+                    }
+                    (_, None) => {
+                        reports.push(report(&t.id, "shutdown", "stopped", "", 0));
+                    }
+                }
+            }
+        }
+        // Sandboxes of tasks that are not ours any more (ended, or moved
+        // while this node was down).
+        for (id, r) in &records {
+            if !wanted.contains(id.as_str()) && self.phase(id).is_none() {
+                info!(task = %r.name, "removing a task this node no longer runs");
+                self.set_phase(id, Some(Phase::Stopping));
+                let me = self.clone();
+                let id = id.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = me.sandboxes.remove_task(&id, &me.dp).await {
+                        warn!("{e}");
+                    }
+                    me.set_phase(&id, None);
+                });
+            }
+        }
+        {
+            let mut l = self.local.lock().unwrap_or_else(|e| e.into_inner());
+            l.phases
+                .retain(|id, p| wanted.contains(id.as_str()) || matches!(p, Phase::Stopping));
+            l.sent.retain(|id, _| wanted.contains(id.as_str()));
+        }
+        let known: HashMap<&str, &TaskAssignment> =
+            view.tasks.iter().map(|t| (t.id.as_str(), t)).collect();
+        let due: Vec<TaskReport> = {
+            let mut l = self.local.lock().unwrap_or_else(|e| e.into_inner());
+            reports
+                .into_iter()
+                .filter(|r| {
+                    known
+                        .get(r.task_id.as_str())
+                        .is_some_and(|t| t.known_state != r.state)
+                })
+                .filter(|r| {
+                    let fresh = l
+                        .sent
+                        .get(&r.task_id)
+                        .is_none_or(|(s, at)| *s != r.state || at.elapsed() > REPORT_AGAIN);
+                    if fresh {
+                        l.sent
+                            .insert(r.task_id.clone(), (r.state.clone(), Instant::now()));
+                    }
+                    fresh
+                })
+                .collect()
+        };
+        if !due.is_empty() {
+            self.send(due).await;
+        }
+    }
+
+    async fn send(&self, reports: Vec<TaskReport>) {
+        debug!(count = reports.len(), "reporting task states");
+        let req = TaskReports { reports };
+        let r = self
+            .managers
+            .call(|ch| {
+                let req = req.clone();
+                async move { ClusterClient::new(ch).report_tasks(req).await }
+            })
+            .await;
+        if let Err(s) = r {
+            warn!("cannot report task states, will retry: {}", s.message());
+            // Forget what was sent so the next pass sends it again.
+            let mut l = self.local.lock().unwrap_or_else(|e| e.into_inner());
+            for t in &req.reports {
+                l.sent.remove(&t.task_id);
+            }
+        }
+    }
+
+    async fn start(self: Arc<Self>, t: TaskAssignment) {
+        if t.start_delay_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(t.start_delay_ms)).await;
+        }
+        match self.sandboxes.run_task(&t, &self.dp).await {
+            Ok(_) => self.set_phase(&t.id, None),
+            Err(e) => {
+                warn!(task = %t.name, "task failed to start: {e}");
+                self.set_phase(&t.id, Some(Phase::Rejected(e.to_string())));
+            }
+        }
+    }
+
+    /// Stops a task once every other node has stopped sending to it.
+    async fn stop(self: Arc<Self>, id: String) {
+        let req = WaitConvergedRequest {
+            exclude_node: self.node_id.clone(),
+            timeout_ms: DRAIN_WAIT.as_millis() as u64,
+        };
+        let drained = self
+            .managers
+            .call(|ch| {
+                let req = req.clone();
+                async move { ClusterClient::new(ch).wait_converged(req).await }
+            })
+            .await;
+        match drained {
+            Ok(r) if !r.get_ref().converged => {
+                debug!(task = %id, behind = ?r.get_ref().behind, "stopping although some nodes are behind");
+            }
+            Err(s) => {
+                debug!(task = %id, "cannot ask whether nodes drained the task: {}", s.message())
+            }
+            Ok(_) => {}
+        }
+        if let Err(e) = self.sandboxes.remove_task(&id, &self.dp).await {
+            warn!("{e}");
+        }
+        self.set_phase(&id, Some(Phase::Stopped));
+    }
+}
+
+fn report(id: &str, state: &str, message: &str, error: &str, exit_code: i32) -> TaskReport {
+    TaskReport {
+        task_id: id.to_string(),
+        state: state.to_string(),
+        message: message.to_string(),
+        error: error.to_string(),
+        exit_code,
+    }
+}
