@@ -341,7 +341,7 @@ pub enum ServiceCmd {
         /// Do not wait for the services to converge.
         #[arg(short, long)]
         detach: bool,
-        /// SERVICE=REPLICAS
+        /// Services and their new replica counts.
         #[arg(required = true, value_name = "SERVICE=REPLICAS", value_parser = crate::service_cmd::parse_scale)]
         scales: Vec<(String, u64)>,
     },
@@ -357,6 +357,7 @@ pub enum ServiceCmd {
 
 #[derive(Args)]
 pub struct ServiceCreateArgs {
+    /// The service's name, which is also its DNS name on its networks.
     #[arg(long)]
     pub name: String,
     /// Number of tasks (replicated mode).
@@ -383,6 +384,7 @@ pub struct ServiceCreateArgs {
     /// Restarts before giving up (0 = unlimited).
     #[arg(long = "restart-max-attempts", default_value_t = 0)]
     pub restart_max_attempts: u64,
+    /// K=V (repeatable).
     #[arg(long)]
     pub label: Vec<String>,
     /// Print the ID and return without waiting for the tasks to run.

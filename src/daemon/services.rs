@@ -258,7 +258,7 @@ pub async fn status(mgr: &Manager, r: &str) -> Result<ServiceStatusReply, Status
                 t.slot,
                 if t.slot == 0 { host(t) } else { None },
                 t.desired_state != "running",
-                std::cmp::Reverse((t.created_at.clone(), t.version)),
+                std::cmp::Reverse((rfc3339(&t.created_at), t.version)),
             )
         });
         let tasks: Vec<mesh_proto::Task> = tasks.into_iter().map(|t| task_to_pb(s, t)).collect();
@@ -397,6 +397,10 @@ pub fn logs(mgr: Arc<Manager>, r: &str) -> Result<mpsc::Receiver<Result<LogLine,
         });
     }
     Ok(rx)
+}
+
+fn rfc3339(s: &str) -> Option<time::OffsetDateTime> {
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()
 }
 
 fn net_name(s: &ClusterState, id: &str) -> String {
