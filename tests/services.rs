@@ -144,11 +144,12 @@ fn replicas_vip_dns_scale_update_and_a_dead_worker() -> Result<()> {
             "3600",
         ],
     )?;
-    let answers = curl_many(&lab, "node1", "client", "http://web:8080/", 60)?;
-    ensure!(
-        !answers.iter().any(|a| a.contains("FAIL")),
-        "failed requests: {answers:?}"
-    );
+    // Running means started (there are no health checks): give the
+    // servers a moment to listen, then every request must succeed.
+    let (answers, _) = wait_for("6 tasks answering", Duration::from_secs(10), || {
+        let answers = curl_many(&lab, "node1", "client", "http://web:8080/", 60).ok()?;
+        (!answers.iter().any(|a| a.contains("FAIL"))).then_some(answers)
+    })?;
     let hosts = distinct(&answers);
     ensure!(
         hosts.len() == 6,
