@@ -15,20 +15,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use mesh_lab::{Lab, UpSpec};
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+use common::{HTTP_SERVER, status};
+
 const RUNS: usize = 3;
 const REPLICAS: usize = 30;
-
-const SERVER: &str = "import http.server,socket
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(s):
-        b=socket.gethostname().encode()
-        s.send_response(200)
-        s.send_header('Content-Length',str(len(b)))
-        s.end_headers()
-        s.wfile.write(b)
-    def log_message(s,*a):
-        pass
-http.server.ThreadingHTTPServer(('',8080),H).serve_forever()";
 
 /// Asks URL host until `want` distinct task names answered; prints them.
 const UNTIL_ALL: &str = "import http.client,sys,time
@@ -53,23 +45,6 @@ def w(k):
 ts=[threading.Thread(target=w,args=(k,)) for k in range(4)]
 [t.start() for t in ts];[t.join() for t in ts]
 print(n[0]/dur)";
-
-fn status(lab: &Lab, node: &str, service: &str) -> Result<mesh_proto::ServiceStatusReply> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
-        let ch = mesh_common::transport::unix_channel(&lab.node(node)?.socket).await?;
-        let mut c = mesh_proto::control_client::ControlClient::new(ch);
-        let r = c
-            .service_status(mesh_proto::ServiceRef {
-                service: service.to_string(),
-            })
-            .await
-            .map_err(|s| anyhow::anyhow!("service status: {}", s.message()))?;
-        Ok(r.into_inner())
-    })
-}
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -135,7 +110,7 @@ fn main() -> Result<()> {
                 "--",
                 "python3",
                 "-c",
-                SERVER,
+                HTTP_SERVER,
             ],
         )?;
         create_returned.push(start.elapsed().as_secs_f64());

@@ -11,35 +11,6 @@ use anyhow::{Context, Result, ensure};
 use common::*;
 use mesh_lab::Lab;
 
-/// A task that answers HTTP GET with its hostname (the task's name).
-const HTTP_SERVER: &str = "import http.server,socket
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(s):
-        b=socket.gethostname().encode()
-        s.send_response(200)
-        s.send_header('Content-Length',str(len(b)))
-        s.end_headers()
-        s.wfile.write(b)
-    def log_message(s,*a):
-        pass
-http.server.ThreadingHTTPServer(('',8080),H).serve_forever()";
-
-fn status(lab: &Lab, node: &str, service: &str) -> Result<mesh_proto::ServiceStatusReply> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
-        let mut c = control(lab, node).await?;
-        let r = c
-            .service_status(mesh_proto::ServiceRef {
-                service: service.to_string(),
-            })
-            .await
-            .map_err(|s| anyhow::anyhow!("service status {service}: {}", s.message()))?;
-        Ok(r.into_inner())
-    })
-}
-
 /// Running tasks per node hostname.
 fn running_per_node(st: &mesh_proto::ServiceStatusReply) -> BTreeMap<String, usize> {
     let mut m = BTreeMap::new();

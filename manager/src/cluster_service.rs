@@ -171,7 +171,7 @@ impl cluster_server::Cluster for ClusterService {
         }
         let r = req.into_inner();
         self.mgr
-            .heartbeat(&node, &r.addr, r.applied_generation, r.applied_hash)
+            .heartbeat(&node, &r.addr, r.applied_hash)
             .await
             .map_err(to_status)?;
         Ok(Response::new(HeartbeatResponse {

@@ -59,10 +59,10 @@ pub struct Manager {
     /// new leader starts everyone afresh so it never marks nodes down for
     /// heartbeats that went to its predecessor.
     last_seen: Mutex<HashMap<String, Instant>>,
-    /// Generation of its node view each node says it has applied to the
+    /// Digest of the node view each node says it has applied to the
     /// kernel: how the managers know, rather than guess, that a change has
     /// reached every node.
-    applied: Mutex<HashMap<String, (u64, u64)>>,
+    applied: Mutex<HashMap<String, u64>>,
     /// Woken whenever a node reports a new applied view.
     acked: tokio::sync::Notify,
     /// Log requests to nodes and their answers (see `logs`).
@@ -313,7 +313,6 @@ impl Manager {
         &self,
         node: &Node,
         addr: &str,
-        applied: u64,
         digest: u64,
     ) -> Result<(), ManagerError> {
         self.last_seen
@@ -323,7 +322,7 @@ impl Manager {
         self.applied
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(node.id.clone(), (applied, digest));
+            .insert(node.id.clone(), digest);
         self.acked.notify_waiters();
         if node.state != "ready" || (!addr.is_empty() && node.addr != addr) {
             info!(node = %node.id, "node is ready");
@@ -336,15 +335,6 @@ impl Manager {
             .await?;
         }
         Ok(())
-    }
-
-    /// The node view generation `node_id` last reported as applied.
-    pub fn applied_generation(&self, node_id: &str) -> u64 {
-        self.applied
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(node_id)
-            .map_or(0, |a| a.0)
     }
 
     /// Ready nodes (but `exclude`) whose last applied view differs from
@@ -362,7 +352,7 @@ impl Manager {
                 .filter(|n| n.state == "ready" && n.id != exclude)
                 .filter(|n| {
                     let want = mesh_proto::view_digest(&crate::dispatcher::view_for(s, &n.id, 0));
-                    acks.get(&n.id).is_none_or(|a| a.1 != want)
+                    acks.get(&n.id).is_none_or(|a| *a != want)
                 })
                 .map(|n| n.id.clone())
                 .collect()

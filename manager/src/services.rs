@@ -750,9 +750,9 @@ impl ClusterState {
         t.desired_state = "shutdown".into();
         t.message = why.to_string();
         t.version = index;
-        let never_ran = t.node_id.is_empty() || is_terminal(&t.state);
-        let terminal = is_terminal(&t.state);
-        if never_ran && !terminal {
+        // A task no node has yet is over at once; others end when their
+        // node says so.
+        if t.node_id.is_empty() && !is_terminal(&t.state) {
             t.state = "shutdown".into();
             t.updated_at = at.to_string();
             self.endpoints.retain(|_, e| e.sandbox_id != id);

@@ -170,3 +170,34 @@ pub fn netns_with_prefix(prefix: &str) -> Vec<String> {
         })
         .unwrap_or_default()
 }
+
+/// A service task that answers HTTP GET on port 8080 with its hostname
+/// (the task's name), for tests and benchmarks of VIPs.
+pub const HTTP_SERVER: &str = "import http.server,socket
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(s):
+        b=socket.gethostname().encode()
+        s.send_response(200)
+        s.send_header('Content-Length',str(len(b)))
+        s.end_headers()
+        s.wfile.write(b)
+    def log_message(s,*a):
+        pass
+http.server.ThreadingHTTPServer(('',8080),H).serve_forever()";
+
+/// A service, its tasks and convergence, through a node's Control API.
+pub fn status(lab: &Lab, node: &str, service: &str) -> Result<mesh_proto::ServiceStatusReply> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut c = control(lab, node).await?;
+        let r = c
+            .service_status(mesh_proto::ServiceRef {
+                service: service.to_string(),
+            })
+            .await
+            .map_err(|s| anyhow::anyhow!("service status {service}: {}", s.message()))?;
+        Ok(r.into_inner())
+    })
+}

@@ -1099,7 +1099,6 @@ impl Sandboxes {
         else {
             return Ok(());
         };
-        let _ = tokio::task::block_in_place(|| crate::vip::remove(&rec.netns));
         // Stop first, so the whole output is in the log we keep.
         if rec.pid != 0 && rec.exit_code.is_none() {
             let pid = rec.pid;
