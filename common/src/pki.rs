@@ -34,6 +34,8 @@ pub enum PkiError {
     UnknownRole(String),
     #[error("cannot generate a key pair: {0}")]
     KeyGeneration(rcgen::Error),
+    #[error("the node key is not a valid PEM private key (is certs/node.key damaged?): {0}")]
+    Key(rcgen::Error),
     #[error("the cluster CA key is not a valid PEM private key: {0}")]
     CaKey(rcgen::Error),
     #[error("the cluster CA certificate is not a valid PEM certificate: {0}")]
@@ -237,15 +239,27 @@ impl CertAuthority {
 /// node; only the CSR is sent to a manager.
 pub fn new_key_and_csr() -> Result<(String, String), PkiError> {
     let key = new_key()?;
+    let csr_pem = csr_for(&key)?;
+    Ok((key.serialize_pem(), csr_pem))
+}
+
+/// A CSR for the node's existing key. Renewals keep the key: the cluster
+/// pins each node to its public key (see [`NodeIdentity::key_fingerprint`]),
+/// so a manager that missed a renewal still recognises the node.
+pub fn csr_for_key(key_pem: &str) -> Result<String, PkiError> {
+    let key = KeyPair::from_pem(key_pem).map_err(PkiError::Key)?;
+    csr_for(&key)
+}
+
+fn csr_for(key: &KeyPair) -> Result<String, PkiError> {
     let mut params = CertificateParams::default();
     // The CA overwrites the subject; this only makes the CSR readable.
     params.distinguished_name = DistinguishedName::new();
     params
         .distinguished_name
         .push(DnType::CommonName, "mesh-node");
-    let csr = params.serialize_request(&key).map_err(PkiError::Sign)?;
-    let csr_pem = csr.pem().map_err(PkiError::Sign)?;
-    Ok((key.serialize_pem(), csr_pem))
+    let csr = params.serialize_request(key).map_err(PkiError::Sign)?;
+    csr.pem().map_err(PkiError::Sign)
 }
 
 /// Who a node certificate says its holder is.
@@ -256,6 +270,12 @@ pub struct NodeIdentity {
     pub cluster_id: String,
     pub not_before: SystemTime,
     pub not_after: SystemTime,
+    /// SHA-256 of the certificate's SubjectPublicKeyInfo, hex: what the
+    /// cluster state records for each node and every peer checks, so that a
+    /// certificate for that node ID with any other key is refused.
+    pub key_fingerprint: String,
+    /// The certificate's serial number, hex (shown, and recorded per node).
+    pub serial: String,
 }
 
 /// Reads node ID (CN), role (OU) and cluster ID (O) from a DER node
@@ -280,7 +300,14 @@ pub fn identity_from_der(cert_der: &[u8]) -> Result<NodeIdentity, PkiError> {
         cluster_id,
         not_before: SystemTime::from(validity.not_before.to_datetime()),
         not_after: SystemTime::from(validity.not_after.to_datetime()),
+        key_fingerprint: sha256_hex(cert.public_key().raw),
+        serial: hex::encode(cert.raw_serial()),
     })
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(data))
 }
 
 /// [`identity_from_der`] for the first certificate in a PEM string.

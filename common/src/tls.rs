@@ -14,6 +14,7 @@
 
 use std::fmt;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::task::{Context, Poll};
@@ -274,6 +275,47 @@ pub async fn connect(
         .map_err(|cause| TlsError::Transport { peer, addr, cause })
 }
 
+/// Connects now over one TLS connection and never redials, returning the
+/// channel and that connection's join exporter: a proof derived from it
+/// must travel on the very connection it was derived for.
+pub async fn connect_bound(
+    addr: &str,
+    config: Arc<ClientConfig>,
+    server_name: &'static str,
+    connect_timeout: Duration,
+) -> Result<(Channel, [u8; 32]), TlsError> {
+    let (endpoint, dialer) = prepare(addr, config, server_name, connect_timeout)?;
+    let first = dialer.dial().await?;
+    let exporter = first
+        .inner()
+        .get_ref()
+        .1
+        .export_keying_material([0u8; 32], JOIN_EXPORTER_LABEL, None)
+        .map_err(|e| TlsError::Config(format!("no TLS exporter: {e}")))?;
+    let (peer, addr) = (dialer.peer.clone(), dialer.addr.to_string());
+    let first = Arc::new(Mutex::new(Some(first)));
+    let once = tower::service_fn(move |_uri: Uri| {
+        let io = first.lock().unwrap_or_else(PoisonError::into_inner).take();
+        let (peer, addr) = (dialer.peer.clone(), dialer.addr.to_string());
+        async move {
+            io.ok_or_else(|| TlsError::Unreachable {
+                peer,
+                addr,
+                cause: io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    "the connection a join is bound to was lost",
+                ),
+            })
+        }
+        .boxed()
+    });
+    let channel = endpoint
+        .connect_with_connector(once)
+        .await
+        .map_err(|cause| TlsError::Transport { peer, addr, cause })?;
+    Ok((channel, exporter))
+}
+
 fn prepare(
     addr: &str,
     config: Arc<ClientConfig>,
@@ -388,7 +430,7 @@ impl Dialer {
 pub fn incoming(
     listener: TcpListener,
     config: Arc<ServerConfig>,
-) -> impl Stream<Item = Result<server::TlsStream<TcpStream>, io::Error>> + Send + 'static {
+) -> impl Stream<Item = Result<ServerIo, io::Error>> + Send + 'static {
     Incoming {
         listener,
         acceptor: TlsAcceptor::from(config),
@@ -400,7 +442,7 @@ pub fn incoming(
 struct Incoming {
     listener: TcpListener,
     acceptor: TlsAcceptor,
-    handshakes: FuturesUnordered<BoxFuture<'static, Option<server::TlsStream<TcpStream>>>>,
+    handshakes: FuturesUnordered<BoxFuture<'static, Option<ServerIo>>>,
     backoff: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
@@ -424,7 +466,7 @@ impl Incoming {
                     self.handshakes.push(
                         async move {
                             match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
-                                Ok(Ok(tls)) => Some(tls),
+                                Ok(Ok(tls)) => Some(ServerIo::new(tls, peer)),
                                 Ok(Err(e)) => {
                                     tracing::debug!(%peer, error = %e, "TLS handshake failed");
                                     None
@@ -448,7 +490,7 @@ impl Incoming {
 }
 
 impl Stream for Incoming {
-    type Item = Result<server::TlsStream<TcpStream>, io::Error>;
+    type Item = Result<ServerIo, io::Error>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
@@ -465,13 +507,259 @@ impl Stream for Incoming {
     }
 }
 
+/// Label of the TLS exporter both ends of a join derive their proofs from
+/// (RFC 8446 section 7.5): the proofs are bound to this one connection, so
+/// nobody can relay them over another.
+pub const JOIN_EXPORTER_LABEL: &[u8] = b"EXPORTER-mesh-join";
+
+/// What a server knows of a connection: where it comes from, the client's
+/// verified certificate chain, and the connection's join exporter.
+#[derive(Clone, Debug, Default)]
+pub struct PeerInfo {
+    pub remote: Option<SocketAddr>,
+    pub certs: Option<Arc<Vec<CertificateDer<'static>>>>,
+    pub exporter: Option<[u8; 32]>,
+}
+
+/// A server-side TLS connection with what handlers need to know of it
+/// (tonic hands [`PeerInfo`] to every request on it).
+pub struct ServerIo {
+    inner: server::TlsStream<TcpStream>,
+    info: PeerInfo,
+}
+
+impl ServerIo {
+    fn new(inner: server::TlsStream<TcpStream>, remote: SocketAddr) -> Self {
+        let conn = inner.get_ref().1;
+        let certs = conn
+            .peer_certificates()
+            .map(|c| Arc::new(c.iter().map(|d| d.clone().into_owned()).collect()));
+        let exporter = conn
+            .export_keying_material([0u8; 32], JOIN_EXPORTER_LABEL, None)
+            .ok();
+        ServerIo {
+            inner,
+            info: PeerInfo {
+                remote: Some(remote),
+                certs,
+                exporter,
+            },
+        }
+    }
+}
+
+impl tonic::transport::server::Connected for ServerIo {
+    type ConnectInfo = PeerInfo;
+
+    fn connect_info(&self) -> PeerInfo {
+        self.info.clone()
+    }
+}
+
+impl tokio::io::AsyncRead for ServerIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for ServerIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// The connection facts of the request, when it came through [`incoming`].
+pub fn peer_info<T>(req: &tonic::Request<T>) -> Option<&PeerInfo> {
+    req.extensions().get::<PeerInfo>()
+}
+
 /// The identity in the client certificate of the connection `req` came in
 /// on, if the client presented one (the TLS layer has already verified it
 /// against the cluster CA). `None` for unauthenticated clients.
 pub fn peer_identity<T>(req: &tonic::Request<T>) -> Option<NodeIdentity> {
-    let certs = req.peer_certs()?;
+    let certs = peer_info(req)?.certs.as_ref()?;
     let leaf = certs.first()?;
     pki::identity_from_der(leaf).ok()
+}
+
+/// Decides whether a server that shows a manager certificate is a current
+/// manager: the CA and the `mesh-manager` name are checked before, this
+/// checks the certificate against the cluster state (its key, its node).
+pub trait ManagerCheck: Send + Sync + fmt::Debug {
+    fn check_manager(&self, id: &NodeIdentity) -> Result<(), String>;
+}
+
+/// The managers a node accepts, by node ID and key fingerprint, as the
+/// cluster last told it (join reply, then every heartbeat reply). Clones
+/// share one set.
+#[derive(Clone, Debug, Default)]
+pub struct TrustedManagers {
+    inner: Arc<RwLock<std::collections::BTreeMap<String, String>>>,
+}
+
+impl TrustedManagers {
+    pub fn new(managers: std::collections::BTreeMap<String, String>) -> Self {
+        TrustedManagers {
+            inner: Arc::new(RwLock::new(managers)),
+        }
+    }
+
+    /// Replaces the set; true if it changed (the caller then saves it).
+    pub fn set(&self, managers: std::collections::BTreeMap<String, String>) -> bool {
+        let mut cur = self.inner.write().unwrap_or_else(PoisonError::into_inner);
+        if *cur == managers {
+            return false;
+        }
+        *cur = managers;
+        true
+    }
+
+    pub fn get(&self) -> std::collections::BTreeMap<String, String> {
+        self.inner
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The fingerprint recorded for a manager, if it is one.
+    pub fn key_of(&self, node_id: &str) -> Option<String> {
+        self.inner
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(node_id)
+            .cloned()
+    }
+}
+
+impl ManagerCheck for TrustedManagers {
+    fn check_manager(&self, id: &NodeIdentity) -> Result<(), String> {
+        match self.key_of(&id.node_id) {
+            Some(fp) if fp == id.key_fingerprint => Ok(()),
+            Some(_) => Err(format!(
+                "manager {} shows a certificate for another key than the cluster recorded",
+                id.node_id
+            )),
+            None => Err(format!(
+                "node {} is not a current manager of this cluster",
+                id.node_id
+            )),
+        }
+    }
+}
+
+/// Checks a server's chain against the CA and its name as usual, then asks
+/// a [`ManagerCheck`] whether it is a current manager.
+#[derive(Debug)]
+struct CurrentManagerVerifier {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    check: Arc<dyn ManagerCheck>,
+}
+
+impl ServerCertVerifier for CurrentManagerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let ok = self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
+        let id = pki::identity_from_der(end_entity)
+            .map_err(|e| rustls::Error::General(format!("not a node certificate: {e}")))?;
+        if id.role != pki::Role::Manager {
+            return Err(rustls::Error::General(format!(
+                "node {} is not a manager",
+                id.node_id
+            )));
+        }
+        self.check
+            .check_manager(&id)
+            .map_err(rustls::Error::General)?;
+        Ok(ok)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// Client side for members: like [`client_config`], and the server must
+/// also pass `check` (a current manager, with the key the cluster recorded).
+pub fn member_client_config(
+    ca_pem: &str,
+    id: ReloadableIdentity,
+    check: Arc<dyn ManagerCheck>,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let provider = provider();
+    let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        roots(ca_pem)?,
+        provider.clone(),
+    )
+    .build()
+    .map_err(|e| TlsError::Config(e.to_string()))?;
+    let verifier = Arc::new(CurrentManagerVerifier { inner, check });
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_cert_resolver(Arc::new(id));
+    config.resumption = rustls::client::Resumption::disabled();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
 }
 
 fn provider() -> Arc<CryptoProvider> {

@@ -124,7 +124,10 @@ pub fn parse(s: &str) -> Result<JoinToken, TokenError> {
 /// Compares two secrets in time independent of where they differ, so a
 /// guesser learns nothing from response times (only the length may leak).
 pub fn secrets_match(a: &str, b: &str) -> bool {
-    let (a, b) = (a.as_bytes(), b.as_bytes());
+    bytes_match(a.as_bytes(), b.as_bytes())
+}
+
+fn bytes_match(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }
@@ -132,11 +135,68 @@ pub fn secrets_match(a: &str, b: &str) -> bool {
     std::hint::black_box(diff) == 0
 }
 
+/// Which end of a join a proof comes from, so one end's proof can never be
+/// reflected back as the other's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProofSide {
+    /// The joining node: "I know the secret".
+    Node,
+    /// The manager answering: "I know it too", over what it answers.
+    Manager,
+}
+
+/// A join proof: HMAC-SHA-256, keyed with the token's secret, over the TLS
+/// connection's exporter and `content`. The secret itself never crosses the
+/// wire, so a server that is not a current manager learns nothing from a
+/// joining node; and a proof made for one connection is useless on another.
+pub fn join_proof(secret: &str, side: ProofSide, exporter: &[u8; 32], content: &[u8]) -> Vec<u8> {
+    use hmac::{Hmac, Mac};
+    let mut mac = match Hmac::<Sha256>::new_from_slice(secret.as_bytes()) {
+        Ok(m) => m,
+        // HMAC takes keys of any length; this arm is never taken.
+        Err(_) => return Vec::new(),
+    };
+    mac.update(match side {
+        ProofSide::Node => b"mesh join: node\0",
+        ProofSide::Manager => b"mesh join: manager\0",
+    });
+    mac.update(exporter);
+    mac.update(content);
+    mac.finalize().into_bytes().to_vec()
+}
+
+/// Length of a [`join_proof`].
+pub const PROOF_LEN: usize = 32;
+
+/// Constant-time comparison of two proofs; anything but two full-length
+/// proofs is a mismatch.
+pub fn proofs_match(a: &[u8], b: &[u8]) -> bool {
+    a.len() == PROOF_LEN && b.len() == PROOF_LEN && bytes_match(a, b)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const CA: &[u8] = b"not really DER, but any bytes will do";
+
+    #[test]
+    fn join_proofs_bind_secret_side_connection_and_content() {
+        let (secret, other) = ("s3cret", "0ther");
+        let (conn, conn2) = ([1u8; 32], [2u8; 32]);
+        let p = join_proof(secret, ProofSide::Node, &conn, b"csr");
+        assert_eq!(p.len(), PROOF_LEN);
+        assert!(proofs_match(&p, &join_proof(secret, ProofSide::Node, &conn, b"csr")));
+        for differs in [
+            join_proof(other, ProofSide::Node, &conn, b"csr"),
+            join_proof(secret, ProofSide::Manager, &conn, b"csr"),
+            join_proof(secret, ProofSide::Node, &conn2, b"csr"),
+            join_proof(secret, ProofSide::Node, &conn, b"csr2"),
+        ] {
+            assert!(!proofs_match(&p, &differs));
+        }
+        assert!(!proofs_match(&[], &[]), "empty proofs never match");
+    }
 
     #[test]
     fn generated_token_parses_and_pins_the_ca() {
@@ -224,3 +284,4 @@ mod tests {
         assert!(!secrets_match("abc", ""));
     }
 }
+

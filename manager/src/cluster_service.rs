@@ -1,65 +1,59 @@
 //! The gRPC service nodes call on managers over TLS: join, heartbeat,
 //! certificate renewal, and (managers only) writes forwarded to the leader and
-//! Raft membership requests. Each method checks the caller's certificate
-//! itself, since a joining node has none yet.
+//! Raft membership requests. Each method checks its caller against the
+//! current cluster state (`authz`), since a joining node has no certificate
+//! yet and a certificate alone says nothing of who is still a member.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use mesh_common::pki::{NodeIdentity, Role};
-use mesh_common::{id, tls, token};
+use mesh_common::token::{self, ProofSide};
+use mesh_common::{id, tls};
 use mesh_proto::cluster_server;
 use mesh_proto::*;
 use tonic::{Request, Response, Status};
-use tracing::info;
+use tracing::{info, warn};
 
+use crate::authz::{self, Need};
 use crate::dispatcher;
+use crate::join_limit::JoinLimiter;
 use crate::manager::{HEARTBEAT_PERIOD, Manager, ManagerError, now};
-use crate::state::{Command, CommandResult, Node};
+use crate::state::{ClusterState, Command, CommandResult, Node};
 
 pub struct ClusterService {
     mgr: Arc<Manager>,
+    joins: Arc<JoinLimiter>,
 }
 
 impl ClusterService {
     pub fn new(mgr: Arc<Manager>) -> Self {
-        Self { mgr }
+        Self {
+            mgr,
+            joins: Arc::default(),
+        }
     }
 
-    /// The caller's identity, if it is a current member of this cluster.
-    fn member<T>(&self, req: &Request<T>) -> Result<(NodeIdentity, Node), Status> {
+    /// The caller's identity and node, if the state lets it make a call
+    /// that needs `need`.
+    fn caller<T>(&self, req: &Request<T>, need: Need) -> Result<(NodeIdentity, Node), Status> {
         let who = tls::peer_identity(req)
-            .ok_or_else(|| Status::unauthenticated("a node certificate is required"))?;
-        self.mgr.read(|s| {
-            if s.cluster.as_ref().is_none_or(|c| c.id != who.cluster_id) {
-                return Err(Status::permission_denied(
-                    "the certificate belongs to another cluster",
-                ));
-            }
-            if s.removed.contains(&who.node_id) {
-                return Err(Status::permission_denied(format!(
-                    "node {} was removed from the cluster; it must join again with `mesh join`",
-                    who.node_id
-                )));
-            }
-            match s.nodes.get(&who.node_id) {
-                Some(n) => Ok((who.clone(), n.clone())),
-                None => Err(Status::permission_denied(format!(
-                    "unknown node {}",
-                    who.node_id
-                ))),
-            }
-        })
+            .ok_or_else(|| Status::unauthenticated(authz::Denied::NoCertificate.to_string()))?;
+        let node = self
+            .mgr
+            .read(|s| authz::caller(s, &who, need))
+            .map_err(|e| Status::permission_denied(e.to_string()))?;
+        Ok((who, node))
+    }
+
+    /// The caller must be a current member (see [`Need::Member`]).
+    fn member<T>(&self, req: &Request<T>) -> Result<(NodeIdentity, Node), Status> {
+        self.caller(req, Need::Member)
     }
 
     /// The caller must hold a manager certificate and still be a manager.
     fn manager_member<T>(&self, req: &Request<T>) -> Result<Node, Status> {
-        let (who, node) = self.member(req)?;
-        if who.role != Role::Manager || node.role != "manager" {
-            return Err(Status::permission_denied(
-                "this call needs a manager certificate; worker nodes cannot use the control API",
-            ));
-        }
-        Ok(node)
+        self.caller(req, Need::Manager).map(|(_, n)| n)
     }
 
     fn not_leader(&self) -> Status {
@@ -69,6 +63,41 @@ impl ClusterService {
             s.metadata_mut().insert("mesh-leader", v);
         }
         s
+    }
+
+    /// Which join secret `proof` was made with, if any: the role it grants
+    /// and the secret (to prove ourselves back with).
+    fn prove_join(
+        cluster: &crate::state::ClusterInfo,
+        proof: &[u8],
+        exporter: &[u8; 32],
+        content: &[u8],
+    ) -> Option<(Role, String)> {
+        [
+            (Role::Manager, &cluster.manager_token),
+            (Role::Worker, &cluster.worker_token),
+        ]
+        .into_iter()
+        .find_map(|(role, tok)| {
+            let secret = token::parse(tok).ok()?.secret;
+            let want = token::join_proof(&secret, ProofSide::Node, exporter, content);
+            token::proofs_match(proof, &want).then_some((role, secret))
+        })
+    }
+}
+
+/// Ends when the caller of a stream may no longer make `need` calls
+/// (removed, demoted, re-keyed), re-checked at every state change; the
+/// stream then ends with the reason.
+async fn revoked(mgr: &Manager, who: &NodeIdentity, need: Need) -> Status {
+    let mut applied = mgr.sm.subscribe();
+    loop {
+        if let Err(e) = mgr.read(|s| authz::caller(s, who, need)) {
+            return Status::permission_denied(e.to_string());
+        }
+        if applied.changed().await.is_err() {
+            return Status::unavailable("this manager is shutting down");
+        }
     }
 }
 
@@ -83,16 +112,19 @@ fn to_status(e: ManagerError) -> Status {
 }
 
 pub fn managers_of(mgr: &Manager) -> Vec<RemoteManager> {
-    mgr.read(|s| {
-        s.nodes
-            .values()
-            .filter(|n| n.role == "manager" && !n.manager_addr.is_empty())
-            .map(|n| RemoteManager {
-                node_id: n.id.clone(),
-                addr: n.manager_addr.clone(),
-            })
-            .collect()
-    })
+    mgr.read(remote_managers)
+}
+
+fn remote_managers(s: &ClusterState) -> Vec<RemoteManager> {
+    s.nodes
+        .values()
+        .filter(|n| n.role == "manager" && !n.manager_addr.is_empty())
+        .map(|n| RemoteManager {
+            node_id: n.id.clone(),
+            addr: n.manager_addr.clone(),
+            key_fingerprint: n.key_fingerprint.clone(),
+        })
+        .collect()
 }
 
 #[tonic::async_trait]
@@ -109,25 +141,44 @@ impl cluster_server::Cluster for ClusterService {
         &self,
         req: Request<NodeJoinRequest>,
     ) -> Result<Response<NodeJoinResponse>, Status> {
+        let info = tls::peer_info(&req).cloned().unwrap_or_default();
+        let source = info.remote.map(|a| a.ip());
+        if let Some(ip) = source
+            && let Err(wait) = self.joins.check(ip, Instant::now())
+        {
+            return Err(Status::resource_exhausted(format!(
+                "too many failed join attempts from {ip}: try again in {wait} s"
+            )));
+        }
+        let exporter = info
+            .exporter
+            .ok_or_else(|| Status::failed_precondition("join needs a TLS 1.3 connection"))?;
         let r = req.into_inner();
-        let presented =
-            token::parse(&r.token).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let content = mesh_proto::join_request_content(&r);
         let cluster = self
             .mgr
             .read(|s| s.cluster.clone())
             .ok_or_else(|| Status::unavailable("this manager has no cluster state yet"))?;
-        let role = if token_matches(&cluster.manager_token, &presented) {
-            Role::Manager
-        } else if token_matches(&cluster.worker_token, &presented) {
-            Role::Worker
-        } else {
+        let Some((role, secret)) = Self::prove_join(&cluster, &r.proof, &exporter, &content) else {
+            if let Some(ip) = source {
+                self.joins.failed(ip, Instant::now());
+            }
+            warn!(source = ?source, "join refused: no valid join proof");
             return Err(Status::permission_denied(
                 "invalid join token: it is wrong or has been rotated; get the current one with `mesh join-token worker` (or manager) on a manager",
             ));
         };
+        if let Some(why) = self
+            .mgr
+            .read(|s| s.hostname_taken(&r.hostname, ""))
+        {
+            return Err(Status::already_exists(why));
+        }
         let node_id = id::new_id();
         let cert_pem = crate::ca::sign(&cluster, &r.csr_pem, &node_id, role)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let cert = mesh_common::pki::identity_from_pem(&cert_pem)
+            .map_err(|e| Status::internal(e.to_string()))?;
         let at = now();
         let node = Node {
             id: node_id.clone(),
@@ -137,13 +188,17 @@ impl cluster_server::Cluster for ClusterService {
             hostname: r.hostname,
             role: role.as_str().into(),
             availability: "active".into(),
-            addr: r.advertise_addr,
+            addr: r.advertise_addr.clone(),
+            joined_addr: r.advertise_addr,
             manager_addr: r.manager_addr,
             state: "unknown".into(),
             created_at: at.clone(),
             updated_at: at,
             os: r.os,
             architecture: r.architecture,
+            key_fingerprint: cert.key_fingerprint,
+            cert_serial: cert.serial,
+            cert_not_after: crate::ca::rfc3339(cert.not_after),
             ..Default::default()
         };
         self.mgr
@@ -151,27 +206,36 @@ impl cluster_server::Cluster for ClusterService {
             .await
             .map_err(to_status)?;
         info!(node = %node_id, role = role.as_str(), "node joined");
-        Ok(Response::new(NodeJoinResponse {
+        let mut reply = NodeJoinResponse {
             node_id,
             role: role.as_str().into(),
             cert_pem,
             ca_cert_pem: cluster.ca_cert_pem,
             cluster_id: cluster.id,
             managers: managers_of(&self.mgr),
-        }))
+            proof: Vec::new(),
+        };
+        reply.proof = token::join_proof(
+            &secret,
+            ProofSide::Manager,
+            &exporter,
+            &mesh_proto::join_reply_content(&reply),
+        );
+        Ok(Response::new(reply))
     }
 
     async fn heartbeat(
         &self,
         req: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
-        let (_, node) = self.member(&req)?;
+        let (_, node) = self.caller(&req, Need::Renewal)?;
         if !self.mgr.is_leader() {
             return Err(self.not_leader());
         }
+        let peer = tls::peer_info(&req).and_then(|i| i.remote).map(|a| a.ip());
         let r = req.into_inner();
         self.mgr
-            .heartbeat(&node, &r.addr, r.applied_hash)
+            .heartbeat(&node, &r.addr, peer, r.applied_hash)
             .await
             .map_err(to_status)?;
         Ok(Response::new(HeartbeatResponse {
@@ -190,7 +254,7 @@ impl cluster_server::Cluster for ClusterService {
         &self,
         req: Request<RenewCertRequest>,
     ) -> Result<Response<RenewCertResponse>, Status> {
-        let (_, node) = self.member(&req)?;
+        let (_, node) = self.caller(&req, Need::Renewal)?;
         let role: Role = node
             .role
             .parse()
@@ -201,6 +265,19 @@ impl cluster_server::Cluster for ClusterService {
             .ok_or_else(|| Status::unavailable("no cluster state"))?;
         let cert_pem = crate::ca::sign(&cluster, &req.into_inner().csr_pem, &node.id, role)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let cert = mesh_common::pki::identity_from_pem(&cert_pem)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        // Recorded before it is handed out; refused unless it is for the
+        // key the node was pinned to.
+        self.mgr
+            .write(Command::SetNodeCert {
+                id: node.id.clone(),
+                key_fingerprint: cert.key_fingerprint,
+                serial: cert.serial,
+                not_after: crate::ca::rfc3339(cert.not_after),
+            })
+            .await
+            .map_err(to_status)?;
         info!(node = %node.id, role = role.as_str(), "renewed node certificate");
         Ok(Response::new(RenewCertResponse {
             cert_pem,
@@ -259,13 +336,18 @@ impl cluster_server::Cluster for ClusterService {
         &self,
         req: Request<Empty>,
     ) -> Result<Response<Self::AssignmentsStream>, Status> {
-        let (_, node) = self.member(&req)?;
+        let (who, node) = self.member(&req)?;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let mgr = self.mgr.clone();
         tokio::spawn(async move {
             let mut applied = mgr.sm.subscribe();
             let mut last: Option<NodeView> = None;
             loop {
+                // Removal or demotion ends the stream at the change itself.
+                if let Err(e) = mgr.read(|s| authz::caller(s, &who, Need::Member)) {
+                    let _ = tx.send(Err(Status::permission_denied(e.to_string()))).await;
+                    return;
+                }
                 let generation = *applied.borrow_and_update();
                 let view = mgr.read(|s| dispatcher::view_for(s, &node.id, generation));
                 if last
@@ -366,16 +448,23 @@ impl cluster_server::Cluster for ClusterService {
         &self,
         req: Request<Empty>,
     ) -> Result<Response<Self::LogRequestsStream>, Status> {
-        let (_, node) = self.member(&req)?;
+        let (who, node) = self.member(&req)?;
         let mut requests = self.mgr.logs.register(&node.id);
         let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let mgr = self.mgr.clone();
         tokio::spawn(async move {
+            let revoked = revoked(&mgr, &who, Need::Member);
+            tokio::pin!(revoked);
             loop {
                 tokio::select! {
                     r = requests.recv() => match r {
                         Some(r) => if tx.send(Ok(r)).await.is_err() { return },
                         None => return,
                     },
+                    why = &mut revoked => {
+                        let _ = tx.send(Err(why)).await;
+                        return;
+                    }
                     _ = tx.closed() => return,
                 }
             }
@@ -386,8 +475,26 @@ impl cluster_server::Cluster for ClusterService {
     }
 
     async fn publish_logs(&self, req: Request<LogChunk>) -> Result<Response<Empty>, Status> {
-        self.member(&req)?;
-        if !self.mgr.logs.publish(req.into_inner()).await {
+        let (_, node) = self.member(&req)?;
+        let mut chunk = req.into_inner();
+        // Lines say which node and task they come from: the node is the
+        // caller, and a task must be one the caller runs.
+        let foreign = self.mgr.read(|s| {
+            chunk.lines.iter().find_map(|l| {
+                let task = l.task.rsplit('.').next().unwrap_or_default();
+                let ours = s.tasks.get(task).is_some_and(|t| t.node_id == node.id);
+                (!ours).then(|| l.task.clone())
+            })
+        });
+        if let Some(task) = foreign {
+            return Err(Status::permission_denied(format!(
+                "log lines for task {task}, which does not run on this node"
+            )));
+        }
+        for l in &mut chunk.lines {
+            l.node = node.hostname.clone();
+        }
+        if !self.mgr.logs.publish(chunk).await {
             return Err(Status::not_found(
                 "nobody is waiting for these logs any more",
             ));
@@ -419,10 +526,4 @@ impl cluster_server::Cluster for ClusterService {
             Err(e) => Err(to_status(e)),
         }
     }
-}
-
-fn token_matches(current: &str, presented: &token::JoinToken) -> bool {
-    token::parse(current).is_ok_and(|t| {
-        t.ca_digest == presented.ca_digest && token::secrets_match(&t.secret, &presented.secret)
-    })
 }

@@ -1,6 +1,7 @@
 //! The control plane of a mesh cluster.
 //!
 //! Owns the Raft-replicated cluster state and everything that changes it:
+//! - `authz`: who may call what, decided from the current state;
 //! - `state`: the deterministic state machine (cluster, nodes, tokens) and its commands;
 //! - `store`: openraft log and snapshot storage on disk (redb);
 //! - `network`: Raft RPCs between managers over mutual TLS, one channel per peer;
@@ -13,7 +14,9 @@
 
 use std::io::Cursor;
 
+pub mod authz;
 pub mod ca;
+pub mod join_limit;
 pub mod cluster_service;
 pub mod dispatcher;
 pub mod logs;

@@ -2,6 +2,7 @@
 //! needs to be on the leader (writes, heartbeats, marking silent nodes down).
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -12,7 +13,11 @@ use openraft::{BasicNode, ServerState};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
+use mesh_common::pki::NodeIdentity;
+use mesh_common::tls::{self, ManagerCheck, ReloadableIdentity, TrustedManagers};
+
 use crate::Raft;
+use crate::authz::{self, Need};
 use crate::network::Peers;
 use crate::state::{ClusterState, Command, CommandResult, Node};
 use crate::store::{self, StateMachineStore};
@@ -67,8 +72,47 @@ pub struct Manager {
     acked: tokio::sync::Notify,
     /// Log requests to nodes and their answers (see `logs`).
     pub logs: crate::logs::LogRouter,
+    /// The managers this node knew of as a member (join reply, heartbeat
+    /// replies): whom a fresh manager, with no state yet, accepts Raft from.
+    pub trusted: TrustedManagers,
+    /// Per node, when its underlay address last changed (rate limit).
+    addr_changed: Mutex<HashMap<String, Instant>>,
     stop: watch::Sender<bool>,
 }
+
+/// Whether a server is a current manager, as this manager's state says; a
+/// manager whose state is still empty (just promoted, not caught up) goes
+/// by what it knew as a member.
+#[derive(Debug)]
+struct StateCheck {
+    sm: StateMachineStore,
+    fallback: TrustedManagers,
+}
+
+impl ManagerCheck for StateCheck {
+    fn check_manager(&self, id: &NodeIdentity) -> Result<(), String> {
+        let strict = self.sm.read(|s| {
+            s.cluster
+                .as_ref()
+                .map(|_| authz::caller(s, id, Need::Manager).map(|_| ()))
+        });
+        match strict {
+            Some(r) => r.map_err(|e| e.to_string()),
+            None => self.fallback.check_manager(id),
+        }
+    }
+}
+
+/// How a manager reaches its peers over TLS.
+pub struct PeerTls {
+    pub ca_pem: String,
+    pub identity: ReloadableIdentity,
+    pub trusted: TrustedManagers,
+}
+
+/// At most one accepted change of a node's underlay address per this long:
+/// each is a Raft write, and a node must not churn everyone's FDB entries.
+pub const ADDR_CHANGE_EVERY: Duration = Duration::from_secs(10);
 
 /// Default number of log entries between snapshots.
 pub const SNAPSHOT_EVERY: u64 = 5000;
@@ -104,10 +148,17 @@ impl Manager {
     pub async fn start(
         dir: &Path,
         node_id: &str,
-        peers: Peers,
+        tls: PeerTls,
         snapshot_every: u64,
     ) -> Result<Arc<Self>, ManagerError> {
         let (log, sm) = store::open(dir)?;
+        let check = Arc::new(StateCheck {
+            sm: sm.clone(),
+            fallback: tls.trusted.clone(),
+        });
+        let client = tls::member_client_config(&tls.ca_pem, tls.identity, check)
+            .map_err(|e| ManagerError::Start(e.to_string()))?;
+        let peers = Peers::new(client);
         let raft_id = mesh_common::id::raft_id(node_id);
         let raft = Raft::new(
             raft_id,
@@ -129,6 +180,8 @@ impl Manager {
             applied: Mutex::default(),
             acked: tokio::sync::Notify::new(),
             logs: Default::default(),
+            trusted: tls.trusted,
+            addr_changed: Mutex::default(),
             stop,
         });
         tokio::spawn(monitor(Arc::downgrade(&mgr), mgr.stop.subscribe()));
@@ -313,6 +366,7 @@ impl Manager {
         &self,
         node: &Node,
         addr: &str,
+        peer: Option<IpAddr>,
         digest: u64,
     ) -> Result<(), ManagerError> {
         self.last_seen
@@ -324,17 +378,56 @@ impl Manager {
             .unwrap_or_else(|e| e.into_inner())
             .insert(node.id.clone(), digest);
         self.acked.notify_waiters();
-        if node.state != "ready" || (!addr.is_empty() && node.addr != addr) {
+        let addr = self.accepted_addr(node, addr, peer);
+        if node.state != "ready" || addr.is_some() {
             info!(node = %node.id, "node is ready");
             self.write(Command::SetNodeState {
                 id: node.id.clone(),
                 state: "ready".into(),
-                addr: (!addr.is_empty()).then(|| addr.to_string()),
+                addr,
                 at: now(),
             })
             .await?;
         }
         Ok(())
+    }
+
+    /// The new underlay address a heartbeat may set, if any. A node may
+    /// only move to the address it joined with or the one its connection
+    /// comes from (it cannot point traffic at a third party), and at most
+    /// once per [`ADDR_CHANGE_EVERY`].
+    fn accepted_addr(&self, node: &Node, addr: &str, peer: Option<IpAddr>) -> Option<String> {
+        if addr.is_empty() || node.addr == addr {
+            return None;
+        }
+        let from_peer = peer.is_some_and(|p| addr.parse::<IpAddr>().ok() == Some(p));
+        if addr != node.joined_addr && !from_peer {
+            self.log_addr_refusal(node, addr, "it is neither the address the node joined with nor the one its connection comes from");
+            return None;
+        }
+        let mut changed = self.addr_changed.lock().unwrap_or_else(|e| e.into_inner());
+        if changed
+            .get(&node.id)
+            .is_some_and(|t| t.elapsed() < ADDR_CHANGE_EVERY)
+        {
+            return None;
+        }
+        changed.insert(node.id.clone(), Instant::now());
+        info!(node = %node.id, from = %node.addr, to = %addr, "node's underlay address changed");
+        Some(addr.to_string())
+    }
+
+    /// Logs a refused address change once per node per rate-limit period.
+    fn log_addr_refusal(&self, node: &Node, addr: &str, why: &str) {
+        let key = format!("refused:{}", node.id);
+        let mut changed = self.addr_changed.lock().unwrap_or_else(|e| e.into_inner());
+        if changed
+            .get(&key)
+            .is_none_or(|t| t.elapsed() >= ADDR_CHANGE_EVERY)
+        {
+            changed.insert(key, Instant::now());
+            warn!(node = %node.id, claimed = %addr, "heartbeat address refused: {why}");
+        }
     }
 
     /// Ready nodes (but `exclude`) whose last applied view differs from
@@ -453,6 +546,51 @@ impl Manager {
             .await
             .map_err(|e| ManagerError::Raft(format!("removing manager from Raft: {e}")))?;
         Ok(())
+    }
+
+    /// Raft IDs of the current membership, voters and learners.
+    pub fn raft_members(&self) -> Vec<u64> {
+        self.raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .nodes()
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Whether `who` may send this manager Raft messages as Raft node
+    /// `claimed`. Until this manager has any state (just promoted, not yet
+    /// caught up), it accepts the managers it knew of as a member.
+    pub fn check_raft_caller(
+        &self,
+        who: &NodeIdentity,
+        claimed: u64,
+    ) -> Result<(), authz::Denied> {
+        let members = self.raft_members();
+        let strict = self.read(|s| {
+            s.cluster
+                .as_ref()
+                .map(|_| authz::raft_caller(s, &members, who, claimed))
+        });
+        match strict {
+            Some(r) => r,
+            None => {
+                self.trusted
+                    .check_manager(who)
+                    .map_err(|_| authz::Denied::NotInRaft(who.node_id.clone()))?;
+                let own = mesh_common::id::raft_id(&who.node_id);
+                if own != claimed {
+                    return Err(authz::Denied::NotOwnRaftId {
+                        node: who.node_id.clone(),
+                        own,
+                        claimed,
+                    });
+                }
+                Ok(())
+            }
+        }
     }
 
     /// Raft IDs of the current voters.

@@ -25,7 +25,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tonic::transport::Channel;
 
-use crate::{Raft, TypeConfig};
+use crate::TypeConfig;
+use crate::manager::Manager;
 
 /// One channel per manager address, shared by Raft replication and by
 /// writes forwarded to the leader.
@@ -160,15 +161,36 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
     }
 }
 
-/// The receiving side: hands peers' messages to the local Raft instance.
-/// Only manager certificates get here (checked by the server's interceptor).
+/// The receiving side: hands peers' messages to the local Raft instance,
+/// after checking the caller is a current member of the Raft group and
+/// speaks for its own Raft ID only (openraft itself takes any node ID a
+/// message claims).
 pub struct RaftService {
-    raft: Raft,
+    mgr: Arc<Manager>,
 }
 
 impl RaftService {
-    pub fn new(raft: Raft) -> Self {
-        Self { raft }
+    pub fn new(mgr: Arc<Manager>) -> Self {
+        Self { mgr }
+    }
+
+    /// Decodes a message and checks its sender against the Raft node ID it
+    /// claims (`claimed` picks it out of the decoded message).
+    fn admit<T: DeserializeOwned>(
+        &self,
+        req: tonic::Request<RaftBytes>,
+        claimed: impl FnOnce(&T) -> u64,
+    ) -> Result<T, tonic::Status> {
+        let who = tls::peer_identity(&req)
+            .ok_or_else(|| tonic::Status::unauthenticated("a manager certificate is required"))?;
+        let rpc: T = decode(req)?;
+        self.mgr
+            .check_raft_caller(&who, claimed(&rpc))
+            .map_err(|e| {
+                tracing::warn!(node = %who.node_id, "Raft message refused: {e}");
+                tonic::Status::permission_denied(e.to_string())
+            })?;
+        Ok(rpc)
     }
 }
 
@@ -189,23 +211,25 @@ impl raft_server::Raft for RaftService {
         &self,
         req: tonic::Request<RaftBytes>,
     ) -> Result<tonic::Response<RaftBytes>, tonic::Status> {
-        let rpc: VoteRequest<u64> = decode(req)?;
-        encode(&self.raft.vote(rpc).await)
+        let rpc: VoteRequest<u64> = self.admit(req, |r: &VoteRequest<u64>| r.vote.leader_id.node_id)?;
+        encode(&self.mgr.raft.vote(rpc).await)
     }
 
     async fn append(
         &self,
         req: tonic::Request<RaftBytes>,
     ) -> Result<tonic::Response<RaftBytes>, tonic::Status> {
-        let rpc: AppendEntriesRequest<TypeConfig> = decode(req)?;
-        encode(&self.raft.append_entries(rpc).await)
+        let rpc: AppendEntriesRequest<TypeConfig> =
+            self.admit(req, |r: &AppendEntriesRequest<TypeConfig>| r.vote.leader_id.node_id)?;
+        encode(&self.mgr.raft.append_entries(rpc).await)
     }
 
     async fn snapshot(
         &self,
         req: tonic::Request<RaftBytes>,
     ) -> Result<tonic::Response<RaftBytes>, tonic::Status> {
-        let rpc: InstallSnapshotRequest<TypeConfig> = decode(req)?;
-        encode(&self.raft.install_snapshot(rpc).await)
+        let rpc: InstallSnapshotRequest<TypeConfig> =
+            self.admit(req, |r: &InstallSnapshotRequest<TypeConfig>| r.vote.leader_id.node_id)?;
+        encode(&self.mgr.raft.install_snapshot(rpc).await)
     }
 }

@@ -1,15 +1,14 @@
 //! The manager's cluster port (default 2377): the Cluster and Raft services
-//! over TLS. Raft is for manager certificates only; Cluster methods check
-//! the caller themselves because joining nodes have no certificate yet.
+//! over TLS. Every method checks its caller against the cluster state itself
+//! (`authz`): joining nodes have no certificate yet, and a certificate alone
+//! proves nothing about the caller's current membership or role.
 
 use std::sync::Arc;
 
-use mesh_common::pki::Role;
 use mesh_common::tls;
 use mesh_proto::{cluster_server::ClusterServer, raft_server::RaftServer};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
-use tonic::service::interceptor::InterceptedService;
 use tracing::warn;
 
 use crate::cluster_service::ClusterService;
@@ -31,16 +30,6 @@ impl ServerHandle {
     }
 }
 
-#[allow(clippy::result_large_err)]
-fn managers_only(req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-    match tls::peer_identity(&req) {
-        Some(id) if id.role == Role::Manager => Ok(req),
-        _ => Err(tonic::Status::permission_denied(
-            "Raft is for manager certificates only",
-        )),
-    }
-}
-
 pub fn serve(
     listener: TcpListener,
     config: Arc<rustls::ServerConfig>,
@@ -48,12 +37,9 @@ pub fn serve(
 ) -> ServerHandle {
     let (stop, stop_rx) = oneshot::channel::<()>();
     let cluster = ClusterServer::new(ClusterService::new(mgr.clone()));
-    let raft = InterceptedService::new(
-        RaftServer::new(RaftService::new(mgr.raft.clone()))
-            .max_decoding_message_size(256 << 20)
-            .max_encoding_message_size(256 << 20),
-        managers_only,
-    );
+    let raft = RaftServer::new(RaftService::new(mgr.clone()))
+        .max_decoding_message_size(256 << 20)
+        .max_encoding_message_size(256 << 20);
     let incoming = tls::incoming(listener, config);
     let task = tokio::spawn(async move {
         let r = tonic::transport::Server::builder()

@@ -94,6 +94,27 @@ pub struct Node {
     pub version: u64,
     pub os: String,
     pub architecture: String,
+    /// SHA-256 of the node's public key (see `pki::NodeIdentity`): every
+    /// peer refuses a certificate for this node ID with another key.
+    #[serde(default)]
+    pub key_fingerprint: String,
+    /// Serial and expiry of the node's current certificate (hex, RFC 3339).
+    #[serde(default)]
+    pub cert_serial: String,
+    #[serde(default)]
+    pub cert_not_after: String,
+    /// The underlay address the node joined with: a heartbeat may move
+    /// `addr` only to this or to the address its connection comes from.
+    #[serde(default)]
+    pub joined_addr: String,
+}
+
+/// A short node ID for messages, as Docker shortens IDs.
+pub fn short_id(id: &str) -> String {
+    match id.get(..12) {
+        Some(s) if id.len() > 12 => format!("{s}…"),
+        _ => id.to_string(),
+    }
 }
 
 /// Commands are made once per write and then serialized into the log, so
@@ -127,6 +148,14 @@ pub enum Command {
     },
     RemoveNode {
         id: String,
+    },
+    /// A renewed certificate, recorded before it is handed out; it must be
+    /// for the key the node joined with.
+    SetNodeCert {
+        id: String,
+        key_fingerprint: String,
+        serial: String,
+        not_after: String,
     },
     RotateToken {
         role: String,
@@ -264,6 +293,9 @@ impl ClusterState {
                 if self.removed.contains(&node.id) {
                     return CommandResult::Refused(format!("node {} was removed", node.id));
                 }
+                if let Some(why) = self.hostname_taken(&node.hostname, &node.id) {
+                    return CommandResult::Refused(why);
+                }
                 let mut node = node.clone();
                 node.version = index;
                 self.nodes.insert(node.id.clone(), node.clone());
@@ -325,6 +357,25 @@ impl ClusterState {
                 self.removed.insert(id.clone());
                 CommandResult::Ok
             }
+            Command::SetNodeCert {
+                id,
+                key_fingerprint,
+                serial,
+                not_after,
+            } => {
+                let Some(node) = self.nodes.get_mut(id) else {
+                    return CommandResult::Refused(format!("node {id} not found"));
+                };
+                if node.key_fingerprint != *key_fingerprint {
+                    return CommandResult::Refused(format!(
+                        "node {id} asked for a certificate for another key; a node keeps its key for as long as it is a member (leave and join again for a new one)"
+                    ));
+                }
+                node.cert_serial = serial.clone();
+                node.cert_not_after = not_after.clone();
+                node.version = index;
+                CommandResult::Node(Box::new(node.clone()))
+            }
             Command::RotateToken { role, token } => {
                 let Some(c) = self.cluster.as_mut() else {
                     return CommandResult::Refused("the cluster is not initialized".into());
@@ -348,11 +399,29 @@ impl ClusterState {
                 at,
             } => {
                 if let Some(e) = self.endpoints.get(id) {
+                    if e.node_id != *node_id {
+                        return CommandResult::Refused(format!(
+                            "endpoint {id} belongs to another node"
+                        ));
+                    }
                     return CommandResult::Endpoint(Box::new(e.clone()));
                 }
                 let Some(net) = self.networks.get(network_id) else {
                     return CommandResult::Refused(format!("network {network_id} not found"));
                 };
+                if let Some(why) = self.foreign_sandbox(node_id, sandbox_id, *standalone) {
+                    return CommandResult::Refused(why);
+                }
+                if let Some(alias) = aliases.iter().find(|a| {
+                    self.services.values().any(|s| {
+                        s.spec.networks.contains(network_id) && s.spec.name.eq_ignore_ascii_case(a)
+                    })
+                }) {
+                    return CommandResult::Refused(format!(
+                        "alias {alias} is the name of a service on network {}: choose another alias",
+                        net.spec.name
+                    ));
+                }
                 if *standalone && !net.spec.attachable {
                     return CommandResult::Refused(format!(
                         "network {} is not manually attachable: create it with --attachable to use it with `mesh run`",
@@ -440,6 +509,43 @@ impl ClusterState {
                 CommandResult::Ok
             }
         }
+    }
+
+    /// Why `hostname` cannot be given to node `id`, if another current node
+    /// has it: constraints such as `node.hostname==H` must not be captured
+    /// by whoever holds a join token.
+    pub fn hostname_taken(&self, hostname: &str, id: &str) -> Option<String> {
+        self.nodes
+            .values()
+            .find(|n| n.id != id && !hostname.is_empty() && n.hostname == hostname)
+            .map(|n| {
+                format!(
+                    "hostname {hostname} is taken by node {}: remove that node first (`mesh node rm`)",
+                    short_id(&n.id)
+                )
+            })
+    }
+
+    /// Why node `node_id` may not attach `sandbox_id`, if it belongs to
+    /// someone else: another node's endpoint, or a service task (tasks are
+    /// attached by the orchestrator, never by a node).
+    fn foreign_sandbox(&self, node_id: &str, sandbox_id: &str, standalone: bool) -> Option<String> {
+        if sandbox_id.is_empty() {
+            return Some("a sandbox ID is required".into());
+        }
+        if self
+            .endpoints
+            .values()
+            .any(|e| e.sandbox_id == sandbox_id && e.node_id != node_id)
+        {
+            return Some(format!("sandbox {sandbox_id} belongs to another node"));
+        }
+        if standalone && self.tasks.contains_key(sandbox_id) {
+            return Some(format!(
+                "sandbox {sandbox_id} is a service task: tasks are attached by the managers"
+            ));
+        }
+        None
     }
 
     /// Finds a network by full ID, then exact name, then unique ID prefix,

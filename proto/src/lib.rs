@@ -23,3 +23,24 @@ pub fn view_digest(view: &NodeView) -> u64 {
     first.copy_from_slice(&d[..8]);
     u64::from_be_bytes(first)
 }
+
+/// What a join proof covers: the request with its own proof left out, so
+/// the proof also vouches for the CSR and addresses it travels with.
+pub fn join_request_content(r: &NodeJoinRequest) -> Vec<u8> {
+    use prost::Message;
+    NodeJoinRequest {
+        proof: Vec::new(),
+        ..r.clone()
+    }
+    .encode_to_vec()
+}
+
+/// [`join_request_content`] for the manager's reply.
+pub fn join_reply_content(r: &NodeJoinResponse) -> Vec<u8> {
+    use prost::Message;
+    NodeJoinResponse {
+        proof: Vec::new(),
+        ..r.clone()
+    }
+    .encode_to_vec()
+}

@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use mesh_common::pki::{self, CertAuthority, Role};
-use mesh_common::tls::{self, ReloadableIdentity};
-use mesh_common::{id, token};
-use mesh_manager::manager::{Manager, now};
-use mesh_manager::network::Peers;
+use mesh_common::tls::{self, ReloadableIdentity, TrustedManagers};
+use mesh_common::token::{self, ProofSide};
+use mesh_common::id;
+use mesh_manager::manager::{Manager, PeerTls, now};
 use mesh_manager::state::{ClusterInfo, Command, Node};
 use mesh_proto::cluster_client::ClusterClient;
 use mesh_proto::{Empty, JoinRaftRequest, NodeJoinRequest};
@@ -174,6 +174,7 @@ impl Daemon {
         let identity = ReloadableIdentity::new(&certs.cert, &certs.key)?;
         m.identity = Some(identity);
         m.certs = Some(certs);
+        m.trusted = TrustedManagers::new(config.manager_keys.clone());
         m.config = Some(config.clone());
         if config.role == "manager" {
             self.start_manager_role(&mut m, None).await?;
@@ -201,10 +202,16 @@ impl Daemon {
             config.clone(),
             certs.clone(),
             identity.clone(),
+            m.trusted.clone(),
             self.events.clone(),
         )?;
         // The data path follows the node's view from the managers.
-        let managers = Managers::new(&certs.ca, identity.clone(), config.managers.clone())?;
+        let managers = Managers::new(
+            &certs.ca,
+            identity.clone(),
+            config.managers.clone(),
+            m.trusted.clone(),
+        )?;
         let local_ip: std::net::Ipv4Addr = config
             .advertise_addr
             .parse()
@@ -250,12 +257,15 @@ impl Daemon {
         let listener = tokio::net::TcpListener::bind(&config.listen_addr)
             .await
             .with_context(|| format!("cannot listen on {} for the cluster port (in use? choose another with --listen-addr)", config.listen_addr))?;
-        let client_tls = tls::client_config(&certs.ca, Some(identity.clone()))?;
         let server_tls = tls::server_config(&certs.ca, identity.clone())?;
         let mgr = Manager::start(
             &self.state_dir.raft_dir(),
             &config.node_id,
-            Peers::new(client_tls),
+            PeerTls {
+                ca_pem: certs.ca.clone(),
+                identity: identity.clone(),
+                trusted: m.trusted.clone(),
+            },
             self.snapshot_every,
         )
         .await?;
@@ -329,6 +339,7 @@ impl Daemon {
         let ca = CertAuthority::generate(&cluster_id)?;
         let (key, csr) = pki::new_key_and_csr()?;
         let cert = ca.sign_node(&csr, &node_id, Role::Manager, &cluster_id, p.cert_expiry)?;
+        let own = pki::identity_from_pem(&cert)?;
         let ca_der = pki::pem_to_der(&ca.cert_pem)?;
         let certs = Certs {
             ca: ca.cert_pem.clone(),
@@ -343,6 +354,7 @@ impl Daemon {
             listen_addr: listen,
             cluster_addr: cluster_addr.clone(),
             managers: vec![cluster_addr.clone()],
+            manager_keys: [(node_id.clone(), own.key_fingerprint.clone())].into(),
         };
         let result = async {
             self.begin_membership(&mut m, &certs, &config)?;
@@ -373,6 +385,10 @@ impl Daemon {
                 updated_at: at,
                 os: std::env::consts::OS.into(),
                 architecture: std::env::consts::ARCH.into(),
+                joined_addr: ip.clone(),
+                key_fingerprint: own.key_fingerprint.clone(),
+                cert_serial: own.serial.clone(),
+                cert_not_after: mesh_manager::ca::rfc3339(own.not_after),
                 ..Default::default()
             };
             mgr.write(Command::Init {
@@ -400,6 +416,7 @@ impl Daemon {
         self.state_dir.wipe_cluster()?;
         self.state_dir.save_certs(certs)?;
         m.identity = Some(ReloadableIdentity::new(&certs.cert, &certs.key)?);
+        m.trusted = TrustedManagers::new(config.manager_keys.clone());
         m.certs = Some(certs.clone());
         m.config = Some(config.clone());
         Ok(())
@@ -471,7 +488,9 @@ impl Daemon {
                 "the manager at {remote} presented a CA certificate that does not match the join token's digest: check the token, or you are not talking to the cluster you think"
             );
         }
-        let pinned = tls::connect(
+        // From here on the server must prove it knows the join secret; the
+        // secret itself is never sent (see `token::join_proof`).
+        let (pinned, exporter) = tls::connect_bound(
             &remote,
             tls::client_config(&ca_pem, None)?,
             tls::MANAGER_SERVER_NAME,
@@ -479,21 +498,43 @@ impl Daemon {
         )
         .await?;
         let (key, csr) = pki::new_key_and_csr()?;
-        let mut req = tonic::Request::new(NodeJoinRequest {
-            token: p.token.clone(),
+        let mut request = NodeJoinRequest {
+            proof: Vec::new(),
             csr_pem: csr,
             advertise_addr: ip.clone(),
             manager_addr: cluster_addr.clone(),
             hostname: hostname(),
             os: std::env::consts::OS.into(),
             architecture: std::env::consts::ARCH.into(),
-        });
+        };
+        request.proof = token::join_proof(
+            &presented.secret,
+            ProofSide::Node,
+            &exporter,
+            &mesh_proto::join_request_content(&request),
+        );
+        let mut req = tonic::Request::new(request);
         req.set_timeout(Duration::from_secs(15));
         let reply = ClusterClient::new(pinned)
             .join(req)
             .await
             .map_err(|s| anyhow!("{}", s.message()))?
             .into_inner();
+        let expected = token::join_proof(
+            &presented.secret,
+            ProofSide::Manager,
+            &exporter,
+            &mesh_proto::join_reply_content(&reply),
+        );
+        if !token::proofs_match(&reply.proof, &expected) {
+            bail!(
+                "the manager at {remote} could not prove it knows the join token: it is not a current manager of this cluster (the token's secret was not revealed to it)"
+            );
+        }
+        let mine = pki::identity_from_pem(&reply.cert_pem)?;
+        if mine.node_id != reply.node_id || mine.role.as_str() != reply.role {
+            bail!("the manager at {remote} sent a certificate that does not match its reply");
+        }
         let certs = Certs {
             ca: ca_pem,
             cert: reply.cert_pem,
@@ -511,6 +552,11 @@ impl Daemon {
             listen_addr: listen,
             cluster_addr: cluster_addr.clone(),
             managers,
+            manager_keys: reply
+                .managers
+                .iter()
+                .map(|m| (m.node_id.clone(), m.key_fingerprint.clone()))
+                .collect(),
         };
         let result = async {
             self.begin_membership(&mut m, &certs, &config)?;

@@ -38,6 +38,9 @@ struct Membership {
     /// Keeps the kernel in step with this node's view from the managers.
     agent: Option<mesh_worker::agent::AgentHandle>,
     managers: Option<mesh_worker::managers::Managers>,
+    /// The managers this node accepts as servers, shared by every client
+    /// config of the membership and kept current by the session.
+    trusted: mesh_common::tls::TrustedManagers,
 }
 
 pub struct Daemon {

@@ -1,11 +1,12 @@
 //! Calls from a node to "some manager": tries the managers the session last
 //! heard of, starting with the one that answered last, over mutual TLS with
-//! the node's own certificate.
+//! the node's own certificate; a server counts as a manager only if the
+//! cluster lists it as one, with the key its certificate is for.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use mesh_common::tls::{self, ReloadableIdentity};
+use mesh_common::tls::{self, ReloadableIdentity, TrustedManagers};
 use tonic::transport::Channel;
 
 #[derive(Clone)]
@@ -15,13 +16,16 @@ pub struct Managers {
 }
 
 impl Managers {
+    /// Managers are accepted only if `trusted` lists them with the key
+    /// their certificate is for.
     pub fn new(
         ca_pem: &str,
         identity: ReloadableIdentity,
         addrs: Vec<String>,
+        trusted: TrustedManagers,
     ) -> Result<Self, tls::TlsError> {
         Ok(Self {
-            tls: tls::client_config(ca_pem, Some(identity))?,
+            tls: tls::member_client_config(ca_pem, identity, Arc::new(trusted))?,
             addrs: Arc::new(Mutex::new(addrs)),
         })
     }

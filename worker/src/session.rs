@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use mesh_common::pki::{self, Role};
-use mesh_common::tls::{self, ReloadableIdentity};
+use mesh_common::tls::{self, ReloadableIdentity, TrustedManagers};
 use mesh_proto::cluster_client::ClusterClient;
 use mesh_proto::{HeartbeatRequest, RenewCertRequest};
 use tokio::sync::{mpsc, watch};
@@ -57,6 +57,9 @@ pub struct Session {
     config: NodeConfig,
     certs: Certs,
     identity: ReloadableIdentity,
+    /// The managers this node accepts (shared with every client config of
+    /// the node), refreshed from each heartbeat reply.
+    trusted: TrustedManagers,
     tls: Arc<rustls::ClientConfig>,
     channels: HashMap<String, Channel>,
     /// Index into `config.managers` of the manager to try next.
@@ -125,9 +128,10 @@ impl Session {
         config: NodeConfig,
         certs: Certs,
         identity: ReloadableIdentity,
+        trusted: TrustedManagers,
         events: mpsc::Sender<SessionEvent>,
     ) -> Result<SessionHandle, SessionError> {
-        let tls = tls::client_config(&certs.ca, Some(identity.clone()))?;
+        let tls = tls::member_client_config(&certs.ca, identity.clone(), Arc::new(trusted.clone()))?;
         let status = Arc::new(Mutex::new(SessionStatus {
             cert_not_after: pki::identity_from_pem(&certs.cert)
                 .ok()
@@ -141,6 +145,7 @@ impl Session {
             config,
             certs,
             identity,
+            trusted,
             tls,
             channels: HashMap::new(),
             next: 0,
@@ -277,11 +282,25 @@ impl Session {
             self.period = Duration::from_millis(u64::from(reply.period_ms));
         }
         let managers: Vec<String> = reply.managers.iter().map(|m| m.addr.clone()).collect();
+        let keys: std::collections::BTreeMap<String, String> = reply
+            .managers
+            .iter()
+            .filter(|m| !m.key_fingerprint.is_empty())
+            .map(|m| (m.node_id.clone(), m.key_fingerprint.clone()))
+            .collect();
+        let mut changed = false;
         if !managers.is_empty() && managers != self.config.managers {
             self.config.managers = managers;
-            if let Err(e) = self.state_dir.save_config(&self.config) {
-                warn!("cannot save manager list: {e}");
-            }
+            changed = true;
+        }
+        // A demoted or removed manager drops out here, and from then on no
+        // new connection to it is accepted.
+        if !keys.is_empty() && self.trusted.set(keys.clone()) {
+            self.config.manager_keys = keys;
+            changed = true;
+        }
+        if changed && let Err(e) = self.state_dir.save_config(&self.config) {
+            warn!("cannot save manager list: {e}");
         }
         {
             let mut st = self.status.lock().unwrap_or_else(|e| e.into_inner());
@@ -339,7 +358,9 @@ impl Session {
         let Some(addr) = addr else {
             return Err("no manager known".into());
         };
-        let (key, csr) = pki::new_key_and_csr().map_err(|e| e.to_string())?;
+        // The same key: the cluster pins the node to it.
+        let key = self.certs.key.clone();
+        let csr = pki::csr_for_key(&key).map_err(|e| e.to_string())?;
         let channel = self.channel(&addr).map_err(|e| e.to_string())?;
         let mut req = tonic::Request::new(RenewCertRequest { csr_pem: csr });
         req.set_timeout(CALL_TIMEOUT * 2);

@@ -44,6 +44,10 @@ pub struct NodeConfig {
     /// Managers' cluster ports, refreshed from every heartbeat, so that a
     /// restarted node finds the cluster even if its first manager is gone.
     pub managers: Vec<String>,
+    /// Node ID to key fingerprint of every current manager, as the cluster
+    /// last said: the only servers this node accepts as managers.
+    #[serde(default)]
+    pub manager_keys: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug)]
@@ -223,6 +227,7 @@ mod tests {
         let cfg = NodeConfig {
             node_id: "n1".into(),
             managers: vec!["1.2.3.4:2377".into()],
+            manager_keys: Default::default(),
             ..Default::default()
         };
         sd.save_config(&cfg).expect("save");
