@@ -560,14 +560,16 @@ impl Manager {
             .collect()
     }
 
-    /// Whether `who` may send this manager Raft messages as Raft node
-    /// `claimed`. Until this manager has any state (just promoted, not yet
-    /// caught up), it accepts the managers it knew of as a member.
+    /// Whether `who` may send this manager Raft messages, as Raft node
+    /// `claimed` if given. Until this manager has any state (just promoted,
+    /// not yet caught up), it accepts the managers it knew of as a member.
     pub fn check_raft_caller(
         &self,
         who: &NodeIdentity,
-        claimed: u64,
+        claimed: Option<u64>,
     ) -> Result<(), authz::Denied> {
+        let own = mesh_common::id::raft_id(&who.node_id);
+        let claimed = claimed.unwrap_or(own);
         let members = self.raft_members();
         let strict = self.read(|s| {
             s.cluster
@@ -580,7 +582,6 @@ impl Manager {
                 self.trusted
                     .check_manager(who)
                     .map_err(|_| authz::Denied::NotInRaft(who.node_id.clone()))?;
-                let own = mesh_common::id::raft_id(&who.node_id);
                 if own != claimed {
                     return Err(authz::Denied::NotOwnRaftId {
                         node: who.node_id.clone(),

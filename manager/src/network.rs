@@ -183,13 +183,16 @@ impl RaftService {
     ) -> Result<T, tonic::Status> {
         let who = tls::peer_identity(&req)
             .ok_or_else(|| tonic::Status::unauthenticated("a manager certificate is required"))?;
+        let refuse = |e: crate::authz::Denied| {
+            tracing::warn!(node = %who.node_id, "Raft message refused: {e}");
+            tonic::Status::permission_denied(e.to_string())
+        };
+        // Who may speak first, so a stranger's bytes are never even parsed.
+        self.mgr.check_raft_caller(&who, None).map_err(refuse)?;
         let rpc: T = decode(req)?;
         self.mgr
-            .check_raft_caller(&who, claimed(&rpc))
-            .map_err(|e| {
-                tracing::warn!(node = %who.node_id, "Raft message refused: {e}");
-                tonic::Status::permission_denied(e.to_string())
-            })?;
+            .check_raft_caller(&who, Some(claimed(&rpc)))
+            .map_err(refuse)?;
         Ok(rpc)
     }
 }
