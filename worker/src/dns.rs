@@ -7,8 +7,9 @@
 //!   node agent from the managers' view and swapped in whole by
 //!   [`DnsServer::set_records`]; a query never sees half an update.
 //! - [`answer`]: pure logic deciding, for the networks of the sandbox that
-//!   asks, whether a query is ours (an answer, NXDOMAIN, an empty NOERROR) or
-//!   goes to the host's resolvers.
+//!   asks, whether a query is ours (an answer, NXDOMAIN, an empty NOERROR),
+//!   goes to the host's resolvers, or is refused because the sandbox has no
+//!   egress (all its networks `--internal`).
 //! - [`DnsServer`]: the wire side. Each served sandbox gets its own sockets,
 //!   opened inside its network namespace, and its own hickory-server tasks on
 //!   the daemon's runtime, so a sandbox flooding its resolver only queues
@@ -187,6 +188,41 @@ fn push_unique<T: PartialEq>(v: &mut Vec<T>, item: T) {
 // Answer logic: pure
 // ---------------------------------------------------------------------------
 
+/// A network a sandbox is on, as its resolver sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SandboxNetwork {
+    pub id: String,
+    /// `--internal` (overlay or local bridge): no egress. A sandbox whose
+    /// networks are all internal gets no forwarding either, see [`answer`].
+    pub internal: bool,
+}
+
+impl SandboxNetwork {
+    pub fn new(id: impl Into<String>, internal: bool) -> Self {
+        SandboxNetwork {
+            id: id.into(),
+            internal,
+        }
+    }
+}
+
+/// Whether queries of a sandbox on `networks` may go to the host's
+/// resolvers: only if one of its networks has a way out. For a sandbox on
+/// internal networks only (or on none), the upstream resolver would be a
+/// way out: the query names themselves carry data (Docker's CVE-2024-29018).
+pub fn may_forward(networks: &[SandboxNetwork]) -> bool {
+    networks.iter().any(|n| !n.internal)
+}
+
+/// [`Answer::Forward`] if the sandbox may forward, else [`Answer::Refused`].
+pub fn forward_or_refuse(networks: &[SandboxNetwork]) -> Answer {
+    if may_forward(networks) {
+        Answer::Forward
+    } else {
+        Answer::Refused
+    }
+}
+
 /// What to do with one query.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Answer {
@@ -203,10 +239,15 @@ pub enum Answer {
     NxDomain,
     /// Not ours: relay to the host's resolvers.
     Forward,
+    /// Not ours, and the sandbox has no egress: REFUSED, and nothing is
+    /// sent upstream.
+    Refused,
 }
 
 /// Answers `qname`/`qtype` for a sandbox attached to `networks`, from
-/// normalized `records` (see [`Records::normalized`]).
+/// normalized `records` (see [`Records::normalized`]). What would be
+/// forwarded is [`Answer::Refused`] instead when every network is internal
+/// ([`may_forward`]).
 ///
 /// Rules, Docker's:
 /// - names match case-insensitively, with or without the trailing dot;
@@ -220,14 +261,32 @@ pub enum Answer {
 /// - `d.c.b.a.in-addr.arpa` PTR is answered for addresses on the sandbox's
 ///   networks and forwarded otherwise;
 /// - a known name asked for another type than A gets NODATA.
-pub fn answer(records: &Records, networks: &[String], qname: &str, qtype: RecordType) -> Answer {
+pub fn answer(
+    records: &Records,
+    networks: &[SandboxNetwork],
+    qname: &str,
+    qtype: RecordType,
+) -> Answer {
+    match local_answer(records, networks, qname, qtype) {
+        Answer::Forward => forward_or_refuse(networks),
+        a => a,
+    }
+}
+
+/// [`answer`] without the forwarding policy: what our records say.
+fn local_answer(
+    records: &Records,
+    networks: &[SandboxNetwork],
+    qname: &str,
+    qtype: RecordType,
+) -> Answer {
     let name = normalize(qname);
     if name.is_empty() {
         return Answer::Forward;
     }
     let visible: Vec<&NetworkRecords> = networks
         .iter()
-        .filter_map(|id| records.networks.get(id))
+        .filter_map(|n| records.networks.get(&n.id))
         .collect();
 
     if let Some(ip) = parse_reverse(&name) {
@@ -502,9 +561,7 @@ struct Shared {
 /// One served sandbox.
 struct Served {
     netns: String,
-    /// The networks the sandbox is on, read by its handler on every query so
-    /// attach/detach takes effect without reopening sockets.
-    networks: Arc<RwLock<Arc<[String]>>>,
+    networks: NetworksSlot,
     server: Server<SandboxHandler>,
 }
 
@@ -553,7 +610,7 @@ impl DnsServer {
         self: &Arc<Self>,
         sandbox_id: &str,
         netns: &str,
-        networks: Vec<String>,
+        networks: Vec<SandboxNetwork>,
     ) -> Result<(), DnsError> {
         let _serial = self.lifecycle.lock().await;
         let moved = {
@@ -588,7 +645,7 @@ impl DnsServer {
         let udp = tokio::net::UdpSocket::from_std(udp).map_err(|e| bind_err("udp", e))?;
         let tcp = tokio::net::TcpListener::from_std(tcp).map_err(|e| bind_err("tcp", e))?;
 
-        let networks = Arc::new(RwLock::new(Arc::<[String]>::from(networks)));
+        let networks: NetworksSlot = Arc::new(RwLock::new(Arc::from(networks)));
         let handler = SandboxHandler {
             sandbox_id: sandbox_id.to_string(),
             shared: self.shared.clone(),
@@ -615,7 +672,7 @@ impl DnsServer {
 
     /// Changes the networks whose names a served sandbox sees; unknown
     /// sandboxes are ignored (the next `serve_sandbox` brings them).
-    pub fn update_sandbox_networks(&self, sandbox_id: &str, networks: Vec<String>) {
+    pub fn update_sandbox_networks(&self, sandbox_id: &str, networks: Vec<SandboxNetwork>) {
         if let Some(s) = self.lock_sandboxes().get(sandbox_id) {
             set_networks(&s.networks, networks);
         }
@@ -644,7 +701,7 @@ impl DnsServer {
     }
 }
 
-fn set_networks(slot: &RwLock<Arc<[String]>>, networks: Vec<String>) {
+fn set_networks(slot: &RwLock<Arc<[SandboxNetwork]>>, networks: Vec<SandboxNetwork>) {
     *slot.write().unwrap_or_else(|p| p.into_inner()) = Arc::from(networks);
 }
 
@@ -701,11 +758,15 @@ fn bind_sockets() -> Result<(std::net::UdpSocket, std::net::TcpListener), (&'sta
 struct SandboxHandler {
     sandbox_id: String,
     shared: Arc<Shared>,
-    networks: Arc<RwLock<Arc<[String]>>>,
+    networks: NetworksSlot,
     /// Caps this sandbox's forwarded queries in flight
     /// ([`MAX_INFLIGHT_FORWARDS`]).
     inflight: Arc<Semaphore>,
 }
+
+/// The networks of a served sandbox, read on every query so attach/detach
+/// takes effect without reopening sockets.
+type NetworksSlot = Arc<RwLock<Arc<[SandboxNetwork]>>>;
 
 /// The response's OPT record: present when the query had one, advertising
 /// the client's own payload size so hickory truncates UDP answers to what
@@ -841,24 +902,26 @@ impl RequestHandler for SandboxHandler {
                 .send_error(request, handle, ResponseCode::FormErr)
                 .await;
         };
-        if info.query.query_class() != DNSClass::IN {
-            return self.forward(request, handle).await;
-        }
         let qtype = info.query.query_type();
         let qname = info.query.name().to_string();
         let decision = {
-            let records = self
-                .shared
-                .records
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone();
             let networks = self
                 .networks
                 .read()
                 .unwrap_or_else(|p| p.into_inner())
                 .clone();
-            answer(&records, &networks, &qname, qtype)
+            if info.query.query_class() == DNSClass::IN {
+                let records = self
+                    .shared
+                    .records
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
+                answer(&records, &networks, &qname, qtype)
+            } else {
+                // CHAOS, HESIOD...: never ours.
+                forward_or_refuse(&networks)
+            }
         };
         debug!(sandbox = %self.sandbox_id, %qname, %qtype, ?decision, "DNS query");
 
@@ -868,6 +931,11 @@ impl RequestHandler for SandboxHandler {
         metadata.recursion_available = true;
         let answers: Vec<Record> = match decision {
             Answer::Forward => return self.forward(request, handle).await,
+            Answer::Refused => {
+                return self
+                    .send_error(request, handle, ResponseCode::Refused)
+                    .await;
+            }
             Answer::NxDomain => {
                 metadata.response_code = ResponseCode::NXDomain;
                 Vec::new()
@@ -919,8 +987,74 @@ mod tests {
         r
     }
 
-    fn on(nets: &[&str]) -> Vec<String> {
-        nets.iter().map(|s| s.to_string()).collect()
+    /// Non-internal networks.
+    fn on(nets: &[&str]) -> Vec<SandboxNetwork> {
+        nets.iter()
+            .map(|s| SandboxNetwork::new(*s, false))
+            .collect()
+    }
+
+    #[test]
+    fn internal_only_sandboxes_get_refused_instead_of_forwarded() {
+        let r = records();
+        let sealed = vec![SandboxNetwork::new("n1", true)];
+        for (q, t) in [
+            ("example.com.", RecordType::A),
+            ("tasks.nosuch", RecordType::A),
+            (".", RecordType::NS),
+            ("8.8.8.8.in-addr.arpa.", RecordType::PTR),
+            ("2.1.0.10.in-addr.arpa.", RecordType::A),
+        ] {
+            assert_eq!(answer(&r, &sealed, q, t), Answer::Refused, "{q} {t}");
+        }
+        // Our own names still answer; NXDOMAIN stays NXDOMAIN.
+        assert_eq!(
+            answer(&r, &sealed, "web", RecordType::A),
+            Answer::Records(vec![ip("10.0.1.2")])
+        );
+        assert_eq!(
+            answer(&r, &sealed, "2.1.0.10.in-addr.arpa", RecordType::PTR),
+            Answer::Ptr("web.".into())
+        );
+        assert_eq!(answer(&r, &sealed, "db", RecordType::A), Answer::NxDomain);
+        // Several networks, all internal: still no way out.
+        let both = vec![
+            SandboxNetwork::new("n1", true),
+            SandboxNetwork::new("n2", true),
+        ];
+        assert_eq!(
+            answer(&r, &both, "example.com", RecordType::A),
+            Answer::Refused
+        );
+        // No networks at all: no way out either.
+        assert_eq!(
+            answer(&r, &[], "example.com", RecordType::A),
+            Answer::Refused
+        );
+        assert_eq!(forward_or_refuse(&[]), Answer::Refused);
+    }
+
+    #[test]
+    fn one_network_with_egress_forwards() {
+        let r = records();
+        let mixed = vec![
+            SandboxNetwork::new("n1", true),
+            SandboxNetwork::new("n2", false),
+        ];
+        assert!(may_forward(&mixed));
+        assert_eq!(
+            answer(&r, &mixed, "example.com", RecordType::A),
+            Answer::Forward
+        );
+        assert_eq!(
+            answer(&r, &mixed, "8.8.8.8.in-addr.arpa.", RecordType::PTR),
+            Answer::Forward
+        );
+        assert_eq!(forward_or_refuse(&mixed), Answer::Forward);
+        assert_eq!(
+            answer(&r, &mixed, "web", RecordType::A),
+            Answer::Records(vec![ip("10.0.1.2")])
+        );
     }
 
     #[test]

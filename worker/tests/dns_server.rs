@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{RData, Record, RecordType};
-use mesh_worker::dns::{DnsServer, NetworkRecords, Records};
+use mesh_worker::dns::{DnsServer, NetworkRecords, Records, SandboxNetwork};
 use mesh_worker::netns;
 
 fn require_root() {
@@ -90,9 +90,11 @@ fn upstream_reply(query: &[u8], udp: bool) -> Option<Vec<u8>> {
 }
 
 /// A fake upstream resolver on 127.0.0.1 (UDP and TCP on one port). Counts
-/// the TCP queries it gets, to see the fallback after truncation.
+/// the queries it gets: TCP ones to see the fallback after truncation, all
+/// of them to see that nothing came.
 struct Upstream {
     addr: SocketAddr,
+    udp_queries: Arc<AtomicUsize>,
     tcp_queries: Arc<AtomicUsize>,
     _tasks: (Task, Task),
 }
@@ -109,9 +111,12 @@ async fn start_upstream() -> Upstream {
         }
     };
     let addr = udp.local_addr().expect("udp addr");
+    let udp_queries = Arc::new(AtomicUsize::new(0));
+    let udp_counter = udp_queries.clone();
     let udp_task = Task(tokio::spawn(async move {
         let mut buf = vec![0u8; 65535];
         while let Ok((n, peer)) = udp.recv_from(&mut buf).await {
+            udp_counter.fetch_add(1, Ordering::SeqCst);
             if let Some(reply) = upstream_reply(&buf[..n], true) {
                 let _ = udp.send_to(&reply, peer).await;
             }
@@ -148,6 +153,7 @@ async fn start_upstream() -> Upstream {
     }));
     Upstream {
         addr,
+        udp_queries,
         tcp_queries,
         _tasks: (udp_task, tcp_task),
     }
@@ -214,8 +220,9 @@ fn records(web: &str) -> Records {
     r
 }
 
-fn nets(ids: &[&str]) -> Vec<String> {
-    ids.iter().map(|s| s.to_string()).collect()
+/// Non-internal networks.
+fn nets(ids: &[&str]) -> Vec<SandboxNetwork> {
+    ids.iter().map(|s| SandboxNetwork::new(*s, false)).collect()
 }
 
 #[track_caller]
@@ -390,4 +397,66 @@ async fn silent_upstream_gives_servfail_and_floods_stay_bounded() {
 
     server.stop_sandbox("sb2").await;
     drop(silent);
+}
+
+impl Upstream {
+    fn queries(&self) -> usize {
+        self.udp_queries.load(Ordering::SeqCst) + self.tcp_queries.load(Ordering::SeqCst)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn internal_only_sandbox_is_refused_and_nothing_goes_upstream() {
+    require_root();
+    let ns = Netns::new("sb3");
+    let upstream = start_upstream().await;
+    let server = DnsServer::new(vec![upstream.addr], Duration::from_secs(2));
+    server.set_records(records("10.0.1.2"));
+    let sealed = vec![SandboxNetwork::new("n1", true)];
+    server
+        .serve_sandbox("sb3", &ns.0, sealed.clone())
+        .await
+        .expect("serve sandbox");
+
+    // Everything that would go upstream is refused, over UDP and TCP,
+    // forward and reverse, any class.
+    for args in [
+        &["example.test"][..],
+        &["+tcp", "example.test"],
+        &["data-to-leak.example.test", "TXT"],
+        &["-x", "192.0.2.10"],
+        &["-c", "CH", "version.bind", "TXT"],
+    ] {
+        expect(&dig(&ns.0, args).await, "REFUSED", &[]);
+    }
+    assert_eq!(
+        upstream.queries(),
+        0,
+        "an internal-only sandbox reached upstream"
+    );
+    // Its own networks' names still answer.
+    expect(&dig(&ns.0, &["web"]).await, "NOERROR", &["10.0.1.2"]);
+    expect(&dig(&ns.0, &["+tcp", "w"]).await, "NOERROR", &["10.0.1.2"]);
+    expect(&dig(&ns.0, &["db"]).await, "NXDOMAIN", &[]);
+
+    // On one network with egress too, it forwards (so the above can fail).
+    server.update_sandbox_networks(
+        "sb3",
+        vec![
+            SandboxNetwork::new("n1", true),
+            SandboxNetwork::new("n2", false),
+        ],
+    );
+    expect(
+        &dig(&ns.0, &["example.test"]).await,
+        "NOERROR",
+        &["192.0.2.10"],
+    );
+    assert_eq!(upstream.queries(), 1);
+    // And back: refused again, nothing more upstream.
+    server.update_sandbox_networks("sb3", sealed);
+    expect(&dig(&ns.0, &["+tcp", "example.test"]).await, "REFUSED", &[]);
+    assert_eq!(upstream.queries(), 1);
+
+    server.stop_sandbox("sb3").await;
 }
