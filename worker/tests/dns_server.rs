@@ -460,3 +460,131 @@ async fn internal_only_sandbox_is_refused_and_nothing_goes_upstream() {
 
     server.stop_sandbox("sb3").await;
 }
+
+/// Opens N TCP connections to the resolver and keeps them; prints how many
+/// it opened and how many are still open, now and again after each line
+/// on stdin.
+const TCP_HOG: &str = "import socket,sys,time
+n=int(sys.argv[1])
+socks=[]
+for _ in range(n):
+    s=socket.socket()
+    s.settimeout(2)
+    try:
+        s.connect(('127.0.0.11',53))
+        socks.append(s)
+    except OSError:
+        s.close()
+time.sleep(0.3)
+def alive(s):
+    s.settimeout(0.02)
+    try:
+        return s.recv(1)!=b''
+    except socket.timeout:
+        return True
+    except OSError:
+        return False
+while True:
+    print(len(socks),sum(map(alive,socks)),flush=True)
+    if not sys.stdin.readline():
+        break
+";
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .expect("read /proc/self/fd")
+        .count()
+}
+
+/// Reads the hog's "opened open" line.
+async fn hog_line(
+    lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+) -> (usize, usize) {
+    let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+        .await
+        .expect("hog answers in time")
+        .expect("read hog")
+        .expect("hog line");
+    let mut words = line
+        .split_whitespace()
+        .map(|w| w.parse::<usize>().expect("number"));
+    let (Some(opened), Some(open)) = (words.next(), words.next()) else {
+        panic!("hog said {line:?}");
+    };
+    (opened, open)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_connections_per_sandbox_are_capped() {
+    use mesh_worker::dns::{MAX_TCP_CONNECTIONS, TCP_IDLE};
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    require_root();
+    let ns = Netns::new("sb4");
+    let upstream = start_upstream().await;
+    let server = DnsServer::new(vec![upstream.addr], Duration::from_secs(2));
+    server.set_records(records("10.0.1.2"));
+    server
+        .serve_sandbox("sb4", &ns.0, nets(&["n1"]))
+        .await
+        .expect("serve sandbox");
+    expect(
+        &dig(&ns.0, &["+tcp", "web"]).await,
+        "NOERROR",
+        &["10.0.1.2"],
+    );
+    let before = open_fds();
+
+    // The client runs in a process of its own, so this process's
+    // descriptors are the server's only.
+    const CLIENTS: usize = 300;
+    let mut hog = tokio::process::Command::new("ip")
+        .args(["netns", "exec", &ns.0, "python3", "-c", TCP_HOG])
+        .arg(CLIENTS.to_string())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run python3");
+    let mut stdin = hog.stdin.take().expect("hog stdin");
+    let mut lines = tokio::io::BufReader::new(hog.stdout.take().expect("hog stdout")).lines();
+
+    let (opened, open) = hog_line(&mut lines).await;
+    let during = open_fds();
+    println!("{opened} connections made, {open} still open; server fds {before} -> {during}");
+    assert_eq!(
+        opened, CLIENTS,
+        "the excess is accepted (then closed), not left hanging"
+    );
+    assert!(
+        (1..=MAX_TCP_CONNECTIONS).contains(&open),
+        "{open} of {opened} connections open, cap {MAX_TCP_CONNECTIONS}"
+    );
+    // Slack for the hog's pipes and pidfd and the runtime's own; uncapped,
+    // it was one per connection.
+    assert!(
+        during <= before + MAX_TCP_CONNECTIONS + 8,
+        "server fds {before} -> {during} with {open} connections open"
+    );
+
+    // The ones kept are closed once idle.
+    tokio::time::sleep(TCP_IDLE + Duration::from_secs(1)).await;
+    stdin.write_all(b"\n").await.expect("poke hog");
+    let (_, open) = hog_line(&mut lines).await;
+    assert_eq!(open, 0, "idle connections are closed after {TCP_IDLE:?}");
+    assert!(open_fds() <= before + 8, "{} fds left", open_fds());
+    drop(stdin);
+    let _ = hog.wait().await;
+
+    // The slots are free again.
+    expect(
+        &dig(&ns.0, &["+tcp", "web"]).await,
+        "NOERROR",
+        &["10.0.1.2"],
+    );
+    expect(
+        &dig(&ns.0, &["+tcp", "example.test"]).await,
+        "NOERROR",
+        &["192.0.2.10"],
+    );
+    server.stop_sandbox("sb4").await;
+}
