@@ -8,6 +8,11 @@
 
 mod common;
 
+#[path = "security/dns.rs"]
+mod dns;
+#[path = "security/files.rs"]
+mod files;
+
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};

@@ -7,13 +7,15 @@
 //!   node agent from the managers' view and swapped in whole by
 //!   [`DnsServer::set_records`]; a query never sees half an update.
 //! - [`answer`]: pure logic deciding, for the networks of the sandbox that
-//!   asks, whether a query is ours (an answer, NXDOMAIN, an empty NOERROR) or
-//!   goes to the host's resolvers.
+//!   asks, whether a query is ours (an answer, NXDOMAIN, an empty NOERROR),
+//!   goes to the host's resolvers, or is refused because the sandbox has no
+//!   egress (all its networks `--internal`).
 //! - [`DnsServer`]: the wire side. Each served sandbox gets its own sockets,
-//!   opened inside its network namespace, and its own hickory-server tasks on
-//!   the daemon's runtime, so a sandbox flooding its resolver only queues
-//!   behind itself. Forwarded queries leave from the daemon's (node's)
-//!   namespace, where the host's resolvers are reachable.
+//!   opened inside its network namespace, and its own tasks on the daemon's
+//!   runtime (hickory-server for UDP, our accept loop for TCP, which caps
+//!   connections), so a sandbox flooding its resolver only queues behind
+//!   itself. Forwarded queries leave from the daemon's (node's) namespace,
+//!   where the host's resolvers are reachable.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
@@ -25,10 +27,14 @@ use hickory_proto::op::MessageType;
 use hickory_proto::op::{Edns, Header, HeaderCounts, Message, Metadata, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::{A, PTR};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
+use hickory_proto::serialize::binary::{BinDecodable, BinDecoder, BinEncoder};
 use hickory_server::Server;
-use hickory_server::net::runtime::Time;
+use hickory_server::net::NetError as HickoryNetError;
+use hickory_server::net::runtime::{Time, TokioTime};
+use hickory_server::net::xfer::Protocol;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
-use hickory_server::zone_handler::MessageResponseBuilder;
+use hickory_server::zone_handler::{MessageResponse, MessageResponseBuilder};
+use nix::errno::Errno;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Semaphore;
 use tokio::time::{Instant, timeout, timeout_at};
@@ -55,12 +61,20 @@ pub const TTL: u32 = 600;
 /// the whole timeout on a silent upstream). Docker bounds it the same way.
 pub const MAX_INFLIGHT_FORWARDS: usize = 256;
 
-/// A TCP client connection is closed after this long without a query, so
-/// idle connections from a sandbox do not accumulate.
-const TCP_IDLE: Duration = Duration::from_secs(10);
+/// DNS-over-TCP connections served at once per sandbox; one more is
+/// accepted and closed at once. Each holds a socket (a file descriptor) of
+/// the daemon, so without a cap one sandbox could exhaust them. Stub
+/// resolvers use one connection per lookup, so a few suffice.
+pub const MAX_TCP_CONNECTIONS: usize = 16;
 
-/// Responses queued per TCP connection before the writer pushes back.
-const TCP_RESPONSE_BUFFER: usize = 16;
+/// A TCP connection that has not sent a whole query this long after it
+/// opened or after its last answer is closed, so a sandbox cannot hold its
+/// connection slots with idle (or trickling) connections.
+pub const TCP_IDLE: Duration = Duration::from_secs(3);
+
+/// A TCP connection is closed this long after it opened, however busy, so
+/// no client keeps a slot for good.
+pub const TCP_LIFETIME: Duration = Duration::from_secs(30);
 
 /// How long [`DnsServer::stop_sandbox`] waits for the server tasks to end;
 /// they only have to notice cancellation, so this is generous.
@@ -187,6 +201,41 @@ fn push_unique<T: PartialEq>(v: &mut Vec<T>, item: T) {
 // Answer logic: pure
 // ---------------------------------------------------------------------------
 
+/// A network a sandbox is on, as its resolver sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SandboxNetwork {
+    pub id: String,
+    /// `--internal` (overlay or local bridge): no egress. A sandbox whose
+    /// networks are all internal gets no forwarding either, see [`answer`].
+    pub internal: bool,
+}
+
+impl SandboxNetwork {
+    pub fn new(id: impl Into<String>, internal: bool) -> Self {
+        SandboxNetwork {
+            id: id.into(),
+            internal,
+        }
+    }
+}
+
+/// Whether queries of a sandbox on `networks` may go to the host's
+/// resolvers: only if one of its networks has a way out. For a sandbox on
+/// internal networks only (or on none), the upstream resolver would be a
+/// way out: the query names themselves carry data (Docker's CVE-2024-29018).
+pub fn may_forward(networks: &[SandboxNetwork]) -> bool {
+    networks.iter().any(|n| !n.internal)
+}
+
+/// [`Answer::Forward`] if the sandbox may forward, else [`Answer::Refused`].
+pub fn forward_or_refuse(networks: &[SandboxNetwork]) -> Answer {
+    if may_forward(networks) {
+        Answer::Forward
+    } else {
+        Answer::Refused
+    }
+}
+
 /// What to do with one query.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Answer {
@@ -203,10 +252,15 @@ pub enum Answer {
     NxDomain,
     /// Not ours: relay to the host's resolvers.
     Forward,
+    /// Not ours, and the sandbox has no egress: REFUSED, and nothing is
+    /// sent upstream.
+    Refused,
 }
 
 /// Answers `qname`/`qtype` for a sandbox attached to `networks`, from
-/// normalized `records` (see [`Records::normalized`]).
+/// normalized `records` (see [`Records::normalized`]). What would be
+/// forwarded is [`Answer::Refused`] instead when every network is internal
+/// ([`may_forward`]).
 ///
 /// Rules, Docker's:
 /// - names match case-insensitively, with or without the trailing dot;
@@ -220,14 +274,32 @@ pub enum Answer {
 /// - `d.c.b.a.in-addr.arpa` PTR is answered for addresses on the sandbox's
 ///   networks and forwarded otherwise;
 /// - a known name asked for another type than A gets NODATA.
-pub fn answer(records: &Records, networks: &[String], qname: &str, qtype: RecordType) -> Answer {
+pub fn answer(
+    records: &Records,
+    networks: &[SandboxNetwork],
+    qname: &str,
+    qtype: RecordType,
+) -> Answer {
+    match local_answer(records, networks, qname, qtype) {
+        Answer::Forward => forward_or_refuse(networks),
+        a => a,
+    }
+}
+
+/// [`answer`] without the forwarding policy: what our records say.
+fn local_answer(
+    records: &Records,
+    networks: &[SandboxNetwork],
+    qname: &str,
+    qtype: RecordType,
+) -> Answer {
     let name = normalize(qname);
     if name.is_empty() {
         return Answer::Forward;
     }
     let visible: Vec<&NetworkRecords> = networks
         .iter()
-        .filter_map(|id| records.networks.get(id))
+        .filter_map(|n| records.networks.get(&n.id))
         .collect();
 
     if let Some(ip) = parse_reverse(&name) {
@@ -502,10 +574,13 @@ struct Shared {
 /// One served sandbox.
 struct Served {
     netns: String,
-    /// The networks the sandbox is on, read by its handler on every query so
-    /// attach/detach takes effect without reopening sockets.
-    networks: Arc<RwLock<Arc<[String]>>>,
+    networks: NetworksSlot,
+    /// UDP.
     server: Server<SandboxHandler>,
+    /// TCP: the accept loop, which owns its connections' tasks (aborting it
+    /// ends them all). A set, so dropping it aborts the loop, as dropping
+    /// `server` aborts hickory's.
+    tcp: tokio::task::JoinSet<()>,
 }
 
 /// The embedded DNS server. One instance per daemon; one set of sockets per
@@ -553,7 +628,7 @@ impl DnsServer {
         self: &Arc<Self>,
         sandbox_id: &str,
         netns: &str,
-        networks: Vec<String>,
+        networks: Vec<SandboxNetwork>,
     ) -> Result<(), DnsError> {
         let _serial = self.lifecycle.lock().await;
         let moved = {
@@ -588,16 +663,19 @@ impl DnsServer {
         let udp = tokio::net::UdpSocket::from_std(udp).map_err(|e| bind_err("udp", e))?;
         let tcp = tokio::net::TcpListener::from_std(tcp).map_err(|e| bind_err("tcp", e))?;
 
-        let networks = Arc::new(RwLock::new(Arc::<[String]>::from(networks)));
+        let networks: NetworksSlot = Arc::new(RwLock::new(Arc::from(networks)));
         let handler = SandboxHandler {
             sandbox_id: sandbox_id.to_string(),
             shared: self.shared.clone(),
             networks: networks.clone(),
             inflight: Arc::new(Semaphore::new(MAX_INFLIGHT_FORWARDS)),
         };
+        // TCP is not hickory's: its listener takes every connection, with
+        // no cap on how many are open at once.
+        let mut tcp_task = tokio::task::JoinSet::new();
+        tcp_task.spawn(serve_tcp(tcp, handler.clone()));
         let mut server = Server::new(handler);
         server.register_socket(udp);
-        server.register_listener(tcp, TCP_IDLE, TCP_RESPONSE_BUFFER);
         info!(
             sandbox = sandbox_id,
             netns, "serving DNS at {RESOLVER_IP}:53"
@@ -608,6 +686,7 @@ impl DnsServer {
                 netns: netns.to_string(),
                 networks,
                 server,
+                tcp: tcp_task,
             },
         );
         Ok(())
@@ -615,7 +694,7 @@ impl DnsServer {
 
     /// Changes the networks whose names a served sandbox sees; unknown
     /// sandboxes are ignored (the next `serve_sandbox` brings them).
-    pub fn update_sandbox_networks(&self, sandbox_id: &str, networks: Vec<String>) {
+    pub fn update_sandbox_networks(&self, sandbox_id: &str, networks: Vec<SandboxNetwork>) {
         if let Some(s) = self.lock_sandboxes().get(sandbox_id) {
             set_networks(&s.networks, networks);
         }
@@ -644,11 +723,12 @@ impl DnsServer {
     }
 }
 
-fn set_networks(slot: &RwLock<Arc<[String]>>, networks: Vec<String>) {
+fn set_networks(slot: &RwLock<Arc<[SandboxNetwork]>>, networks: Vec<SandboxNetwork>) {
     *slot.write().unwrap_or_else(|p| p.into_inner()) = Arc::from(networks);
 }
 
 async fn shutdown(sandbox_id: &str, mut served: Served) {
+    served.tcp.shutdown().await;
     match timeout(STOP_GRACE, served.server.shutdown_gracefully()).await {
         Ok(Ok(())) => info!(sandbox = sandbox_id, "stopped DNS"),
         Ok(Err(e)) => warn!(sandbox = sandbox_id, error = %e, "DNS server ended with an error"),
@@ -677,7 +757,7 @@ async fn ensure_loopback(ns: &str) -> Result<(), NetError> {
         return Ok(());
     }
     match nl.add_address_v4("lo", RESOLVER_IP, 32).await {
-        Err(e) if e.errno() == Some(nix::errno::Errno::EEXIST) => Ok(()),
+        Err(e) if e.errno() == Some(Errno::EEXIST) => Ok(()),
         r => r,
     }
 }
@@ -694,18 +774,191 @@ fn bind_sockets() -> Result<(std::net::UdpSocket, std::net::TcpListener), (&'sta
 }
 
 // ---------------------------------------------------------------------------
+// TCP: our own accept loop, for the per-sandbox caps
+// ---------------------------------------------------------------------------
+
+/// Accepts the sandbox's DNS-over-TCP connections and serves at most
+/// [`MAX_TCP_CONNECTIONS`] at once. One more is accepted and closed at once:
+/// left in the backlog it would still hold kernel memory, and the client
+/// would only find out after its own timeout. Runs until aborted; the
+/// connections' tasks are in a `JoinSet` it owns, so they end with it.
+async fn serve_tcp(listener: tokio::net::TcpListener, handler: SandboxHandler) {
+    let slots = Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS));
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        let accepted = listener.accept().await;
+        while conns.try_join_next().is_some() {}
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                debug!(sandbox = %handler.sandbox_id, error = %e, "DNS TCP accept failed");
+                // Out of descriptors or memory: pause rather than spin. An
+                // aborted handshake (the client's doing) costs no pause, so
+                // a sandbox cannot slow the accepts down with those.
+                if e.raw_os_error().map(Errno::from_raw).is_some_and(|n| {
+                    matches!(
+                        n,
+                        Errno::EMFILE | Errno::ENFILE | Errno::ENOBUFS | Errno::ENOMEM
+                    )
+                }) {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            debug!(sandbox = %handler.sandbox_id, %peer, "too many DNS TCP connections; closing the new one");
+            drop(stream);
+            continue;
+        };
+        let handler = handler.clone();
+        conns.spawn(async move {
+            let _slot = slot;
+            if let Err(e) = serve_tcp_connection(&handler, stream, peer).await {
+                debug!(sandbox = %handler.sandbox_id, %peer, error = %e, "DNS TCP connection failed");
+            }
+        });
+    }
+}
+
+/// Serves one TCP connection: each query is answered before the next is
+/// read (in order, as RFC 7766 allows), so one connection has at most one
+/// query in flight. Ends when the client closes, sends no whole query for
+/// [`TCP_IDLE`], or [`TCP_LIFETIME`] is up.
+async fn serve_tcp_connection(
+    handler: &SandboxHandler,
+    mut stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+) -> io::Result<()> {
+    let end = Instant::now() + TCP_LIFETIME;
+    loop {
+        let deadline = (Instant::now() + TCP_IDLE).min(end);
+        let query = match timeout_at(deadline, read_tcp_message(&mut stream)).await {
+            Ok(Ok(Some(query))) => query,
+            // Closed by the client, idle, or old enough.
+            Ok(Ok(None)) | Err(_) => return Ok(()),
+            Ok(Err(e)) => return Err(e),
+        };
+        if let Some(reply) = handler.answer_tcp(query, peer).await {
+            let len = u16::try_from(reply.len())
+                .map_err(|_| io::Error::other("DNS reply too long for TCP"))?;
+            let mut out = Vec::with_capacity(reply.len() + 2);
+            out.extend_from_slice(&len.to_be_bytes());
+            out.extend_from_slice(&reply);
+            // A client that does not read its answers is as idle as one
+            // that does not ask.
+            timeout(TCP_IDLE, stream.write_all(&out))
+                .await
+                .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+        }
+        if Instant::now() >= end {
+            return Ok(());
+        }
+    }
+}
+
+/// Reads one length-prefixed DNS message; `None` if the client closed the
+/// connection between messages.
+async fn read_tcp_message(stream: &mut tokio::net::TcpStream) -> io::Result<Option<Vec<u8>>> {
+    let mut len = [0u8; 2];
+    match stream.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let mut msg = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    stream.read_exact(&mut msg).await?;
+    Ok(Some(msg))
+}
+
+/// Collects the response to one TCP query, encoded, for the connection to
+/// write (hickory's own handle only writes to its own TCP streams).
+#[derive(Clone, Default)]
+struct TcpReply(Arc<Mutex<Option<Vec<u8>>>>);
+
+impl TcpReply {
+    fn take(&self) -> Option<Vec<u8>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+#[async_trait::async_trait]
+impl ResponseHandler for TcpReply {
+    async fn send_response<'a>(
+        &mut self,
+        response: MessageResponse<
+            '_,
+            'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+        >,
+    ) -> Result<ResponseInfo, HickoryNetError> {
+        let (id, op_code) = (response.metadata().id, response.metadata().op_code);
+        let mut bytes = Vec::with_capacity(512);
+        let mut encoder = BinEncoder::new(&mut bytes);
+        encoder.set_max_size(u16::MAX);
+        match response.destructive_emit(&mut encoder) {
+            Ok(info) => {
+                *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(bytes);
+                Ok(info)
+            }
+            Err(e) => {
+                // The client still gets an answer: SERVFAIL.
+                let servfail = Message::error_msg(id, op_code, ResponseCode::ServFail).to_vec()?;
+                *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(servfail);
+                Err(e.into())
+            }
+        }
+    }
+}
+
+impl SandboxHandler {
+    /// Answers one raw query that came over TCP: the encoded response, or
+    /// `None` for what deserves none (too short for a header, a response).
+    async fn answer_tcp(&self, raw: Vec<u8>, peer: SocketAddr) -> Option<Vec<u8>> {
+        let header = Header::read(&mut BinDecoder::new(&raw)).ok()?;
+        let request = match Request::from_bytes(raw, peer, Protocol::Tcp) {
+            Ok(r) => r,
+            Err(e) => {
+                debug!(sandbox = %self.sandbox_id, error = %e, "malformed DNS query over TCP");
+                return Message::error_msg(
+                    header.metadata.id,
+                    header.metadata.op_code,
+                    ResponseCode::FormErr,
+                )
+                .to_vec()
+                .ok();
+            }
+        };
+        let reply = TcpReply::default();
+        self.handle_request::<_, TokioTime>(&request, reply.clone())
+            .await;
+        reply.take()
+    }
+}
+
+// ---------------------------------------------------------------------------
 // Wire side: one handler per sandbox
 // ---------------------------------------------------------------------------
 
-/// Answers the queries of one sandbox.
+/// Answers the queries of one sandbox, over UDP (through hickory) and TCP
+/// (our own accept loop); both share its state, so the caps are per
+/// sandbox whatever the transport.
+#[derive(Clone)]
 struct SandboxHandler {
     sandbox_id: String,
     shared: Arc<Shared>,
-    networks: Arc<RwLock<Arc<[String]>>>,
-    /// Caps this sandbox's forwarded queries in flight
-    /// ([`MAX_INFLIGHT_FORWARDS`]).
+    networks: NetworksSlot,
+    /// Caps this sandbox's forwarded queries in flight, UDP and TCP
+    /// together ([`MAX_INFLIGHT_FORWARDS`]).
     inflight: Arc<Semaphore>,
 }
+
+/// The networks of a served sandbox, read on every query so attach/detach
+/// takes effect without reopening sockets.
+type NetworksSlot = Arc<RwLock<Arc<[SandboxNetwork]>>>;
 
 /// The response's OPT record: present when the query had one, advertising
 /// the client's own payload size so hickory truncates UDP answers to what
@@ -783,7 +1036,7 @@ impl SandboxHandler {
                 .send_error(request, handle, ResponseCode::ServFail)
                 .await;
         };
-        let tcp = request.protocol() == hickory_server::net::xfer::Protocol::Tcp;
+        let tcp = request.protocol() == Protocol::Tcp;
         let raw = match self.shared.forwarder.forward(request.as_slice(), tcp).await {
             Ok(raw) => raw,
             Err(e) => {
@@ -841,24 +1094,26 @@ impl RequestHandler for SandboxHandler {
                 .send_error(request, handle, ResponseCode::FormErr)
                 .await;
         };
-        if info.query.query_class() != DNSClass::IN {
-            return self.forward(request, handle).await;
-        }
         let qtype = info.query.query_type();
         let qname = info.query.name().to_string();
         let decision = {
-            let records = self
-                .shared
-                .records
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone();
             let networks = self
                 .networks
                 .read()
                 .unwrap_or_else(|p| p.into_inner())
                 .clone();
-            answer(&records, &networks, &qname, qtype)
+            if info.query.query_class() == DNSClass::IN {
+                let records = self
+                    .shared
+                    .records
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
+                answer(&records, &networks, &qname, qtype)
+            } else {
+                // CHAOS, HESIOD...: never ours.
+                forward_or_refuse(&networks)
+            }
         };
         debug!(sandbox = %self.sandbox_id, %qname, %qtype, ?decision, "DNS query");
 
@@ -868,6 +1123,11 @@ impl RequestHandler for SandboxHandler {
         metadata.recursion_available = true;
         let answers: Vec<Record> = match decision {
             Answer::Forward => return self.forward(request, handle).await,
+            Answer::Refused => {
+                return self
+                    .send_error(request, handle, ResponseCode::Refused)
+                    .await;
+            }
             Answer::NxDomain => {
                 metadata.response_code = ResponseCode::NXDomain;
                 Vec::new()
@@ -919,8 +1179,74 @@ mod tests {
         r
     }
 
-    fn on(nets: &[&str]) -> Vec<String> {
-        nets.iter().map(|s| s.to_string()).collect()
+    /// Non-internal networks.
+    fn on(nets: &[&str]) -> Vec<SandboxNetwork> {
+        nets.iter()
+            .map(|s| SandboxNetwork::new(*s, false))
+            .collect()
+    }
+
+    #[test]
+    fn internal_only_sandboxes_get_refused_instead_of_forwarded() {
+        let r = records();
+        let sealed = vec![SandboxNetwork::new("n1", true)];
+        for (q, t) in [
+            ("example.com.", RecordType::A),
+            ("tasks.nosuch", RecordType::A),
+            (".", RecordType::NS),
+            ("8.8.8.8.in-addr.arpa.", RecordType::PTR),
+            ("2.1.0.10.in-addr.arpa.", RecordType::A),
+        ] {
+            assert_eq!(answer(&r, &sealed, q, t), Answer::Refused, "{q} {t}");
+        }
+        // Our own names still answer; NXDOMAIN stays NXDOMAIN.
+        assert_eq!(
+            answer(&r, &sealed, "web", RecordType::A),
+            Answer::Records(vec![ip("10.0.1.2")])
+        );
+        assert_eq!(
+            answer(&r, &sealed, "2.1.0.10.in-addr.arpa", RecordType::PTR),
+            Answer::Ptr("web.".into())
+        );
+        assert_eq!(answer(&r, &sealed, "db", RecordType::A), Answer::NxDomain);
+        // Several networks, all internal: still no way out.
+        let both = vec![
+            SandboxNetwork::new("n1", true),
+            SandboxNetwork::new("n2", true),
+        ];
+        assert_eq!(
+            answer(&r, &both, "example.com", RecordType::A),
+            Answer::Refused
+        );
+        // No networks at all: no way out either.
+        assert_eq!(
+            answer(&r, &[], "example.com", RecordType::A),
+            Answer::Refused
+        );
+        assert_eq!(forward_or_refuse(&[]), Answer::Refused);
+    }
+
+    #[test]
+    fn one_network_with_egress_forwards() {
+        let r = records();
+        let mixed = vec![
+            SandboxNetwork::new("n1", true),
+            SandboxNetwork::new("n2", false),
+        ];
+        assert!(may_forward(&mixed));
+        assert_eq!(
+            answer(&r, &mixed, "example.com", RecordType::A),
+            Answer::Forward
+        );
+        assert_eq!(
+            answer(&r, &mixed, "8.8.8.8.in-addr.arpa.", RecordType::PTR),
+            Answer::Forward
+        );
+        assert_eq!(forward_or_refuse(&mixed), Answer::Forward);
+        assert_eq!(
+            answer(&r, &mixed, "web", RecordType::A),
+            Answer::Records(vec![ip("10.0.1.2")])
+        );
     }
 
     #[test]

@@ -920,14 +920,23 @@ async fn detach_endpoint(m: &Managers, endpoint_id: &str) -> Result<(), tonic::S
     .await
 }
 
+/// A sandbox's networks as its resolver needs them: whose names it sees,
+/// and whether each is `--internal` (a sandbox on internal networks only
+/// gets nothing forwarded upstream, as it gets no egress).
+fn dns_networks(rec: &Record) -> Vec<crate::dns::SandboxNetwork> {
+    rec.networks
+        .iter()
+        .map(|a| crate::dns::SandboxNetwork::new(a.network_id.clone(), a.internal))
+        .collect()
+}
+
 /// The DNS side of sandboxes: which names each network holds, and one
 /// listener per sandbox.
 impl Sandboxes {
     /// Starts the sandbox's DNS listener and returns its resolv.conf.
     async fn sandbox_dns(&self, rec: &Record) -> Result<String, SandboxesError> {
-        let networks = rec.networks.iter().map(|a| a.network_id.clone()).collect();
         self.dns
-            .serve_sandbox(&rec.id, &rec.netns, networks)
+            .serve_sandbox(&rec.id, &rec.netns, dns_networks(rec))
             .await
             .map_err(|e| {
                 SandboxesError::Refused(format!("cannot start DNS for {}: {e}", rec.name))
@@ -1010,8 +1019,11 @@ impl Sandboxes {
             .iter()
             .filter(|r| r.exit_code.is_none() && !r.host_network)
         {
-            let networks = rec.networks.iter().map(|a| a.network_id.clone()).collect();
-            if let Err(e) = self.dns.serve_sandbox(&rec.id, &rec.netns, networks).await {
+            if let Err(e) = self
+                .dns
+                .serve_sandbox(&rec.id, &rec.netns, dns_networks(rec))
+                .await
+            {
                 warn!(sandbox = %rec.name, "cannot restart DNS: {e}");
             }
         }
@@ -1028,10 +1040,7 @@ impl Sandboxes {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(rec.id.clone(), rec.clone());
-        self.dns.update_sandbox_networks(
-            &rec.id,
-            rec.networks.iter().map(|a| a.network_id.clone()).collect(),
-        );
+        self.dns.update_sandbox_networks(&rec.id, dns_networks(rec));
         self.refresh_dns();
         Ok(())
     }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{RData, Record, RecordType};
-use mesh_worker::dns::{DnsServer, NetworkRecords, Records};
+use mesh_worker::dns::{DnsServer, NetworkRecords, Records, SandboxNetwork};
 use mesh_worker::netns;
 
 fn require_root() {
@@ -90,9 +90,11 @@ fn upstream_reply(query: &[u8], udp: bool) -> Option<Vec<u8>> {
 }
 
 /// A fake upstream resolver on 127.0.0.1 (UDP and TCP on one port). Counts
-/// the TCP queries it gets, to see the fallback after truncation.
+/// the queries it gets: TCP ones to see the fallback after truncation, all
+/// of them to see that nothing came.
 struct Upstream {
     addr: SocketAddr,
+    udp_queries: Arc<AtomicUsize>,
     tcp_queries: Arc<AtomicUsize>,
     _tasks: (Task, Task),
 }
@@ -109,9 +111,12 @@ async fn start_upstream() -> Upstream {
         }
     };
     let addr = udp.local_addr().expect("udp addr");
+    let udp_queries = Arc::new(AtomicUsize::new(0));
+    let udp_counter = udp_queries.clone();
     let udp_task = Task(tokio::spawn(async move {
         let mut buf = vec![0u8; 65535];
         while let Ok((n, peer)) = udp.recv_from(&mut buf).await {
+            udp_counter.fetch_add(1, Ordering::SeqCst);
             if let Some(reply) = upstream_reply(&buf[..n], true) {
                 let _ = udp.send_to(&reply, peer).await;
             }
@@ -148,6 +153,7 @@ async fn start_upstream() -> Upstream {
     }));
     Upstream {
         addr,
+        udp_queries,
         tcp_queries,
         _tasks: (udp_task, tcp_task),
     }
@@ -214,8 +220,9 @@ fn records(web: &str) -> Records {
     r
 }
 
-fn nets(ids: &[&str]) -> Vec<String> {
-    ids.iter().map(|s| s.to_string()).collect()
+/// Non-internal networks.
+fn nets(ids: &[&str]) -> Vec<SandboxNetwork> {
+    ids.iter().map(|s| SandboxNetwork::new(*s, false)).collect()
 }
 
 #[track_caller]
@@ -390,4 +397,194 @@ async fn silent_upstream_gives_servfail_and_floods_stay_bounded() {
 
     server.stop_sandbox("sb2").await;
     drop(silent);
+}
+
+impl Upstream {
+    fn queries(&self) -> usize {
+        self.udp_queries.load(Ordering::SeqCst) + self.tcp_queries.load(Ordering::SeqCst)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn internal_only_sandbox_is_refused_and_nothing_goes_upstream() {
+    require_root();
+    let ns = Netns::new("sb3");
+    let upstream = start_upstream().await;
+    let server = DnsServer::new(vec![upstream.addr], Duration::from_secs(2));
+    server.set_records(records("10.0.1.2"));
+    let sealed = vec![SandboxNetwork::new("n1", true)];
+    server
+        .serve_sandbox("sb3", &ns.0, sealed.clone())
+        .await
+        .expect("serve sandbox");
+
+    // Everything that would go upstream is refused, over UDP and TCP,
+    // forward and reverse, any class.
+    for args in [
+        &["example.test"][..],
+        &["+tcp", "example.test"],
+        &["data-to-leak.example.test", "TXT"],
+        &["-x", "192.0.2.10"],
+        &["-c", "CH", "version.bind", "TXT"],
+    ] {
+        expect(&dig(&ns.0, args).await, "REFUSED", &[]);
+    }
+    assert_eq!(
+        upstream.queries(),
+        0,
+        "an internal-only sandbox reached upstream"
+    );
+    // Its own networks' names still answer.
+    expect(&dig(&ns.0, &["web"]).await, "NOERROR", &["10.0.1.2"]);
+    expect(&dig(&ns.0, &["+tcp", "w"]).await, "NOERROR", &["10.0.1.2"]);
+    expect(&dig(&ns.0, &["db"]).await, "NXDOMAIN", &[]);
+
+    // On one network with egress too, it forwards (so the above can fail).
+    server.update_sandbox_networks(
+        "sb3",
+        vec![
+            SandboxNetwork::new("n1", true),
+            SandboxNetwork::new("n2", false),
+        ],
+    );
+    expect(
+        &dig(&ns.0, &["example.test"]).await,
+        "NOERROR",
+        &["192.0.2.10"],
+    );
+    assert_eq!(upstream.queries(), 1);
+    // And back: refused again, nothing more upstream.
+    server.update_sandbox_networks("sb3", sealed);
+    expect(&dig(&ns.0, &["+tcp", "example.test"]).await, "REFUSED", &[]);
+    assert_eq!(upstream.queries(), 1);
+
+    server.stop_sandbox("sb3").await;
+}
+
+/// Opens N TCP connections to the resolver and keeps them; prints how many
+/// it opened and how many are still open, now and again after each line
+/// on stdin.
+const TCP_HOG: &str = "import socket,sys,time
+n=int(sys.argv[1])
+socks=[]
+for _ in range(n):
+    s=socket.socket()
+    s.settimeout(2)
+    try:
+        s.connect(('127.0.0.11',53))
+        socks.append(s)
+    except OSError:
+        s.close()
+time.sleep(0.3)
+def alive(s):
+    s.settimeout(0.02)
+    try:
+        return s.recv(1)!=b''
+    except socket.timeout:
+        return True
+    except OSError:
+        return False
+while True:
+    print(len(socks),sum(map(alive,socks)),flush=True)
+    if not sys.stdin.readline():
+        break
+";
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .expect("read /proc/self/fd")
+        .count()
+}
+
+/// Reads the hog's "opened open" line.
+async fn hog_line(
+    lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+) -> (usize, usize) {
+    let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+        .await
+        .expect("hog answers in time")
+        .expect("read hog")
+        .expect("hog line");
+    let mut words = line
+        .split_whitespace()
+        .map(|w| w.parse::<usize>().expect("number"));
+    let (Some(opened), Some(open)) = (words.next(), words.next()) else {
+        panic!("hog said {line:?}");
+    };
+    (opened, open)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_connections_per_sandbox_are_capped() {
+    use mesh_worker::dns::{MAX_TCP_CONNECTIONS, TCP_IDLE};
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    require_root();
+    let ns = Netns::new("sb4");
+    let upstream = start_upstream().await;
+    let server = DnsServer::new(vec![upstream.addr], Duration::from_secs(2));
+    server.set_records(records("10.0.1.2"));
+    server
+        .serve_sandbox("sb4", &ns.0, nets(&["n1"]))
+        .await
+        .expect("serve sandbox");
+    expect(
+        &dig(&ns.0, &["+tcp", "web"]).await,
+        "NOERROR",
+        &["10.0.1.2"],
+    );
+    let before = open_fds();
+
+    // The client runs in a process of its own, so this process's
+    // descriptors are the server's only.
+    const CLIENTS: usize = 300;
+    let mut hog = tokio::process::Command::new("ip")
+        .args(["netns", "exec", &ns.0, "python3", "-c", TCP_HOG])
+        .arg(CLIENTS.to_string())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run python3");
+    let mut stdin = hog.stdin.take().expect("hog stdin");
+    let mut lines = tokio::io::BufReader::new(hog.stdout.take().expect("hog stdout")).lines();
+
+    let (opened, open) = hog_line(&mut lines).await;
+    let during = open_fds();
+    println!("{opened} connections made, {open} still open; server fds {before} -> {during}");
+    assert_eq!(
+        opened, CLIENTS,
+        "the excess is accepted (then closed), not left hanging"
+    );
+    assert!(
+        (1..=MAX_TCP_CONNECTIONS).contains(&open),
+        "{open} of {opened} connections open, cap {MAX_TCP_CONNECTIONS}"
+    );
+    // Slack for the hog's pipes and pidfd and the runtime's own; uncapped,
+    // it was one per connection.
+    assert!(
+        during <= before + MAX_TCP_CONNECTIONS + 8,
+        "server fds {before} -> {during} with {open} connections open"
+    );
+
+    // The ones kept are closed once idle.
+    tokio::time::sleep(TCP_IDLE + Duration::from_secs(1)).await;
+    stdin.write_all(b"\n").await.expect("poke hog");
+    let (_, open) = hog_line(&mut lines).await;
+    assert_eq!(open, 0, "idle connections are closed after {TCP_IDLE:?}");
+    assert!(open_fds() <= before + 8, "{} fds left", open_fds());
+    drop(stdin);
+    let _ = hog.wait().await;
+
+    // The slots are free again.
+    expect(
+        &dig(&ns.0, &["+tcp", "web"]).await,
+        "NOERROR",
+        &["10.0.1.2"],
+    );
+    expect(
+        &dig(&ns.0, &["+tcp", "example.test"]).await,
+        "NOERROR",
+        &["192.0.2.10"],
+    );
+    server.stop_sandbox("sb4").await;
 }
