@@ -203,12 +203,15 @@ impl Sandboxes {
             path: dir.clone(),
             source,
         };
-        std::fs::create_dir_all(&dir).map_err(|e| io("create", e))?;
+        // Private: the record holds the command's environment.
+        crate::private_fs::create_dir(&dir).map_err(|e| io("create", e))?;
         let data = serde_json::to_vec_pretty(r).unwrap_or_default();
-        let tmp = dir.join("sandbox.json.tmp");
-        std::fs::write(&tmp, data).map_err(|e| io("write", e))?;
-        std::fs::rename(&tmp, dir.join("sandbox.json")).map_err(|e| io("rename", e))?;
-        Ok(())
+        crate::private_fs::write_atomic(
+            &dir.join("sandbox.json"),
+            &data,
+            crate::private_fs::FILE_MODE,
+        )
+        .map_err(|e| io("write", e))
     }
 
     /// Every record, with exit state refreshed.
@@ -420,7 +423,7 @@ impl Sandboxes {
                 .map_err(|e| SandboxesError::Refused(format!("cannot set up service VIPs: {e}")))?;
         }
         let dir = self.dir.join(&rec.id);
-        std::fs::create_dir_all(&dir).map_err(|source| SandboxesError::Io {
+        crate::private_fs::create_dir(&dir).map_err(|source| SandboxesError::Io {
             what: "create",
             path: dir.clone(),
             source,
@@ -1131,7 +1134,7 @@ impl Sandboxes {
     /// Moves a task's output aside, keeping the newest 200 logs.
     fn keep_task_log(&self, rec: &Record) {
         let dir = self.task_logs_dir();
-        if std::fs::create_dir_all(&dir).is_err() {
+        if crate::private_fs::create_dir(&dir).is_err() {
             return;
         }
         let from = self.dir.join(&rec.id).join("output.log");
