@@ -166,6 +166,22 @@ fn valid_name(name: &str) -> bool {
     name.len() <= 63 && mesh_common::id::valid_name(name)
 }
 
+/// Refuses an ID that is not the shape mesh makes (25 characters of 0-9 and
+/// a-z) before it is joined into a path or names a namespace or a link: task
+/// IDs come from the managers, and a `../` or `/` in one would reach outside
+/// the state dir.
+pub fn check_id(id: &str) -> Result<(), SandboxesError> {
+    if mesh_common::id::is_valid_id(id) {
+        return Ok(());
+    }
+    // Bounded and escaped: the ID is untrusted and goes into logs.
+    let shown: String = id.chars().take(40).collect();
+    let more = if shown.len() < id.len() { "…" } else { "" };
+    Err(SandboxesError::Refused(format!(
+        "refusing task or sandbox ID {shown:?}{more}: not a mesh ID (25 characters, 0-9 and a-z)"
+    )))
+}
+
 impl Sandboxes {
     /// Loads the records a previous run of the daemon left.
     pub fn load(
@@ -179,6 +195,12 @@ impl Sandboxes {
                 let path = e.path().join("sandbox.json");
                 match std::fs::read(&path).map(|d| serde_json::from_slice::<Record>(&d)) {
                     Ok(Ok(r)) => {
+                        // An older daemon took task IDs as sent: never let one
+                        // name a path now (teardown removes its directory).
+                        if let Err(e) = check_id(&r.id) {
+                            warn!("ignoring {}: {e}", path.display());
+                            continue;
+                        }
                         records.insert(r.id.clone(), r);
                     }
                     Ok(Err(err)) => warn!("ignoring damaged {}: {err}", path.display()),
@@ -1050,6 +1072,7 @@ impl Sandboxes {
         task: &mesh_proto::TaskAssignment,
         dp: &DataPath,
     ) -> Result<Record, SandboxesError> {
+        check_id(&task.id)?;
         let env = task
             .env
             .iter()
@@ -1093,6 +1116,7 @@ impl Sandboxes {
     /// Stops and removes a task's sandbox (the managers own its
     /// addresses). Its output is kept for `mesh service logs`.
     pub async fn remove_task(&self, id: &str, dp: &DataPath) -> Result<(), SandboxesError> {
+        check_id(id)?;
         let Some(rec) = self
             .records
             .lock()
@@ -1225,5 +1249,21 @@ impl Sandboxes {
             rendered.remove(ns);
         }
         *applied = rendered;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_from_the_network_are_checked() {
+        assert!(check_id(&mesh_common::id::new_id()).is_ok());
+        for bad in ["", "..", "../../etc/passwd", "a/b", &"x".repeat(10_000)] {
+            let e = check_id(bad).expect_err(bad);
+            let msg = e.to_string();
+            assert!(msg.contains("not a mesh ID"), "{msg}");
+            assert!(msg.len() < 200, "the message quotes a bounded part: {msg}");
+        }
     }
 }
