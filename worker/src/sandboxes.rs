@@ -1177,13 +1177,13 @@ impl Sandboxes {
         }
     }
 
-    /// The output of a task, whether its sandbox still exists or not.
-    pub fn task_log(&self, id: &str) -> Option<String> {
+    /// Where the output of a task is, whether its sandbox still exists or
+    /// not; None for an ID that is not a mesh ID or a task without output.
+    pub fn task_log_path(&self, id: &str) -> Option<PathBuf> {
+        check_id(id).ok()?;
         let live = self.dir.join(id).join("output.log");
         let kept = self.task_logs_dir().join(format!("{id}.log"));
-        std::fs::read_to_string(live)
-            .or_else(|_| std::fs::read_to_string(kept))
-            .ok()
+        [live, kept].into_iter().find(|p| p.is_file())
     }
 
     /// Services on the sandbox's overlay networks, from the managers' view,
@@ -1265,5 +1265,34 @@ mod tests {
             assert!(msg.contains("not a mesh ID"), "{msg}");
             assert!(msg.len() < 200, "the message quotes a bounded part: {msg}");
         }
+    }
+
+    #[test]
+    fn task_log_path_refuses_bad_ids() {
+        let root = std::env::temp_dir().join(format!("mesh-sbx-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let dir = root.join("sandboxes");
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        // A file a `../` ID would reach.
+        std::fs::write(root.join("output.log"), b"secret").expect("write");
+        let sbx = Sandboxes::load(
+            dir.clone(),
+            std::sync::Arc::new(crate::local_networks::LocalNetworks::load(
+                root.join("networks.json"),
+                "t",
+            )),
+            crate::dns::DnsServer::new(Vec::new(), Duration::from_secs(1)),
+        )
+        .expect("load");
+        assert_eq!(sbx.task_log_path(".."), None);
+        let id = mesh_common::id::new_id();
+        assert_eq!(sbx.task_log_path(&id), None);
+        std::fs::create_dir_all(dir.join(&id)).expect("mkdir");
+        std::fs::write(dir.join(&id).join("output.log"), b"hi").expect("write");
+        assert_eq!(
+            sbx.task_log_path(&id),
+            Some(dir.join(&id).join("output.log"))
+        );
+        let _ = std::fs::remove_dir_all(&root);
     }
 }
