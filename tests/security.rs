@@ -3,3 +3,6 @@
 //! have their tests in a module of their own under `tests/security/`.
 
 mod common;
+
+#[path = "security/files.rs"]
+mod files;
