@@ -44,7 +44,10 @@ pub fn raft_id(node_id: &str) -> u64 {
     }
 }
 
-/// Whether `s` has the shape of an ID made by [`new_id`].
+/// Whether `s` has the shape of an ID made by [`new_id`] or [`derived_id`]:
+/// exactly 25 lowercase base-36 characters. Nodes check every ID a manager
+/// sends before it names a file, a namespace or a link, so none can hold
+/// `/`, `..`, NUL or anything else a path or interface name would misread.
 pub fn is_valid_id(s: &str) -> bool {
     s.len() == ID_LEN && s.bytes().all(is_base36_digit)
 }
@@ -131,5 +134,29 @@ mod tests {
         assert!(!is_valid_id(""));
         assert!(!is_valid_id("ABCDEFGHIJKLMNOPQRSTUVWXY"));
         assert!(!is_valid_id("abc"));
+        let good = new_id();
+        assert!(is_valid_id(&derived_id(&["svc", "1"])));
+        // One character short or long.
+        assert!(!is_valid_id(&good[1..]));
+        assert!(!is_valid_id(&format!("{good}0")));
+        // Path and name tricks of the right length.
+        for bad in [
+            "../../../../../../etc/x00",
+            "aaaaaaaaaaaa/aaaaaaaaaaaa",
+            "aaaaaaaaaaaa.aaaaaaaaaaaa",
+            "aaaaaaaaaaaa-aaaaaaaaaaaa",
+            "aaaaaaaaaaaa aaaaaaaaaaaa",
+            "aaaaaaaaaaaa\0aaaaaaaaaaaa",
+            "aaaaaaaaaaaa\\aaaaaaaaaaaa",
+            "aaaaaaaaaaaaaaaaaaaaaaaa\n",
+            "aaaaaaaaaaaaaaaaaaaaaaaaA",
+        ] {
+            assert_eq!(bad.len(), ID_LEN, "{bad:?}");
+            assert!(!is_valid_id(bad), "{bad:?}");
+        }
+        // Multi-byte characters: 25 bytes, fewer characters.
+        let wide = format!("{}é", &good[..23]);
+        assert_eq!(wide.len(), ID_LEN);
+        assert!(!is_valid_id(&wide));
     }
 }

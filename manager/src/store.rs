@@ -182,12 +182,16 @@ fn write_meta(
 
 /// Opens (creating if needed) the Raft store in `dir/raft.redb` and loads the
 /// last persisted snapshot into the state machine.
+///
+/// The database holds the CA key and the join tokens, so the dir is made
+/// 0700 and the file 0600 before redb opens it (redb would create it with
+/// the umask's mode); a looser existing one is tightened first, with a warning.
 pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), StoreError> {
-    std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
+    let path = dir.join(DB_FILE);
+    make_private(dir, &path).map_err(|source| StoreError::CreateDir {
         path: dir.to_path_buf(),
         source,
     })?;
-    let path = dir.join(DB_FILE);
     let db = Database::create(&path).map_err(|source| {
         let path = path.clone();
         if matches!(
@@ -239,6 +243,36 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), StoreError> {
         }),
     };
     Ok((LogStore { db }, sm_store))
+}
+
+/// Creates `dir` (0700) and an empty `file` (0600) if missing, and narrows
+/// either if others may read it.
+fn make_private(dir: &Path, file: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    // Not `truncate`: an existing database is opened as it is.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(file)?;
+    for (path, want) in [(dir, 0o700), (file, 0o600)] {
+        let mode = std::fs::metadata(path)?.permissions().mode() & 0o7777;
+        if mode & !want != 0 {
+            tracing::warn!(
+                path = %path.display(),
+                "{} was mode {mode:04o}, readable by other users; tightened to {:04o}",
+                path.display(),
+                mode & want
+            );
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & want))?;
+        }
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------
@@ -869,6 +903,25 @@ mod tests {
         let err = open(dir.path()).expect_err("second open must fail");
         assert!(matches!(err, StoreError::Locked { .. }), "{err:?}");
         assert!(err.to_string().contains("another mesh daemon"), "{err}");
+    }
+
+    #[test]
+    fn store_is_private_and_tightened() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+        let tmp = TempDir::new().expect("temp dir");
+        let dir = tmp.path().join("raft");
+        let file = dir.join(DB_FILE);
+        drop(open(&dir).expect("open"));
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&file), 0o600);
+        // An older daemon's world-readable store is narrowed and still opens.
+        for (p, m) in [(&dir, 0o755), (&file, 0o644)] {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).expect("chmod");
+        }
+        drop(open(&dir).expect("reopen"));
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&file), 0o600);
     }
 
     #[test]

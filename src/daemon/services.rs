@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
+use mesh_manager::logs::LogError;
 use mesh_manager::manager::{Manager, ManagerError, now};
 use mesh_manager::services::{DEFAULT_RESTART_DELAY_MS, Service, ServiceSpec, Task, validate};
 use mesh_manager::state::{ClusterState, Command, CommandResult};
@@ -20,9 +21,6 @@ use super::control::mgr_err;
 /// How long a write's result may take to reach this manager's copy of the
 /// state (it was committed by the leader, which may be another manager).
 const LOCAL_APPLY_WAIT: Duration = Duration::from_secs(2);
-/// A node that sends nothing for this long is left out of `service logs`,
-/// so one dead node does not hang the command.
-const LOG_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 /// An update that lost a race with another change is recomputed and
 /// retried this many times before the user is told.
 const UPDATE_RETRIES: usize = 3;
@@ -347,7 +345,8 @@ pub async fn remove(mgr: &Manager, r: &str) -> Result<mesh_proto::Service, Statu
 
 /// Asks every Ready node holding tasks of the service for their logs and
 /// forwards the lines as they come. Nodes that are down or not connected to
-/// this manager are skipped; so is one that goes silent.
+/// this manager are skipped; one that goes silent is given up after the log
+/// router's timeout, and the stream then ends with an error naming it.
 pub fn logs(mgr: Arc<Manager>, r: &str) -> Result<mpsc::Receiver<Result<LogLine, Status>>, Status> {
     type Asks = BTreeMap<String, (String, Vec<String>)>;
     let (by_node, names): (Asks, HashMap<String, String>) = mgr.read(|s| {
@@ -368,16 +367,27 @@ pub fn logs(mgr: Arc<Manager>, r: &str) -> Result<mpsc::Receiver<Result<LogLine,
     })?;
     let names = Arc::new(names);
     let (tx, rx) = mpsc::channel(256);
+    let mut asks = Vec::new();
     for (node_id, (hostname, task_ids)) in by_node {
         let mgr = mgr.clone();
         let tx = tx.clone();
         let names = names.clone();
-        tokio::spawn(async move {
-            let Ok(mut chunks) = mgr.logs.request(&node_id, task_ids).await else {
-                return;
+        // Each ask ends with the node's failure to answer, if it failed.
+        asks.push(tokio::spawn(async move {
+            let mut chunks = match mgr.logs.request(&node_id, &hostname, task_ids).await {
+                Ok(c) => c,
+                Err(e @ LogError::Timeout { .. }) => return Some(e),
+                Err(e) => {
+                    tracing::debug!("service logs: {e}");
+                    return None;
+                }
             };
-            while let Ok(Some(chunk)) = tokio::time::timeout(LOG_IDLE_TIMEOUT, chunks.recv()).await
-            {
+            loop {
+                let chunk = match chunks.next().await {
+                    Ok(Some(c)) => c,
+                    Ok(None) => return None,
+                    Err(e) => return Some(e),
+                };
                 for mut line in chunk.lines {
                     // Docker's prefix: SERVICE.SLOT.TASKID@HOSTNAME.
                     if let Some(name) = names.get(&line.task) {
@@ -387,15 +397,24 @@ pub fn logs(mgr: Arc<Manager>, r: &str) -> Result<mpsc::Receiver<Result<LogLine,
                         line.node = hostname.clone();
                     }
                     if tx.send(Ok(line)).await.is_err() {
-                        return;
+                        return None;
                     }
                 }
-                if chunk.done {
-                    return;
-                }
             }
-        });
+        }));
     }
+    // The stream ends once every node has answered or been given up.
+    tokio::spawn(async move {
+        let mut silent = Vec::new();
+        for ask in asks {
+            if let Ok(Some(e)) = ask.await {
+                silent.push(e.to_string());
+            }
+        }
+        if !silent.is_empty() {
+            let _ = tx.send(Err(Status::unavailable(silent.join("; ")))).await;
+        }
+    });
     Ok(rx)
 }
 

@@ -2,6 +2,8 @@
 //!
 //! - `state_dir`: what a node keeps on disk (identity, certificates, the
 //!   managers it knows), written atomically so a crash never leaves half a file;
+//! - `private_fs`: directories 0700 and files 0600 in the state dir, from
+//!   the start, and tightening what an older daemon left more open;
 //! - `session`: the node's link to the managers: heartbeats to the leader,
 //!   following leader changes, renewing its certificate before it expires and
 //!   when its role changes, and noticing that it was removed.
@@ -18,6 +20,7 @@ pub mod managers;
 pub mod netns;
 mod nft;
 pub mod overlay;
+pub mod private_fs;
 pub mod sandbox;
 pub mod sandboxes;
 pub mod session;

@@ -122,9 +122,7 @@ impl LocalNetworks {
 
     fn save(&self, nets: &[LocalNetwork]) -> Result<(), String> {
         let data = serde_json::to_vec_pretty(nets).map_err(|e| e.to_string())?;
-        let tmp = self.path.with_extension("tmp");
-        std::fs::write(&tmp, data)
-            .and_then(|()| std::fs::rename(&tmp, &self.path))
+        crate::private_fs::write_atomic(&self.path, &data, crate::private_fs::FILE_MODE)
             .map_err(|e| format!("cannot save {}: {e}", self.path.display()))
     }
 

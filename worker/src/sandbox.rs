@@ -352,6 +352,23 @@ fn path_cstring(p: &Path) -> Result<CString, io::Error> {
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
 }
 
+/// Writes a file bind-mounted into the sandbox in place, 0644 whatever the
+/// umask: unprivileged processes there read it as /etc/hosts or
+/// /etc/resolv.conf, and nobody but root may change it.
+fn write_shared(path: &Path, data: &str) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mode = crate::private_fs::SHARED_FILE_MODE;
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(path)?;
+    f.set_permissions(fs::Permissions::from_mode(mode))?;
+    f.write_all(data.as_bytes())
+}
+
 /// Starts `cmd[0]` (looked up in PATH on the host filesystem) inside the
 /// sandbox and returns its pid.
 ///
@@ -393,17 +410,14 @@ pub fn start(spec: &SandboxSpec) -> Result<u32, SandboxError> {
             source,
         }
     };
-    fs::create_dir_all(&spec.dir).map_err(state("creating state dir", &spec.dir))?;
+    crate::private_fs::create_dir(&spec.dir).map_err(state("creating state dir", &spec.dir))?;
     let hosts = spec.dir.join("hosts");
     let resolv = spec.dir.join("resolv.conf");
     let log = spec.dir.join("output.log");
-    fs::write(&hosts, &spec.hosts).map_err(state("writing", &hosts))?;
-    fs::write(&resolv, &spec.resolv_conf).map_err(state("writing", &resolv))?;
-    let out = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log)
-        .map_err(state("opening", &log))?;
+    write_shared(&hosts, &spec.hosts).map_err(state("writing", &hosts))?;
+    write_shared(&resolv, &spec.resolv_conf).map_err(state("writing", &resolv))?;
+    // The output may show the environment's secrets: private.
+    let out = crate::private_fs::open_append(&log).map_err(state("opening", &log))?;
     let err = out.try_clone().map_err(state("opening", &log))?;
     let netns_fd: OwnedFd = File::open(&netns)
         .map_err(|source| SandboxError::Setup {

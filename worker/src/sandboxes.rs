@@ -166,6 +166,22 @@ fn valid_name(name: &str) -> bool {
     name.len() <= 63 && mesh_common::id::valid_name(name)
 }
 
+/// Refuses an ID that is not the shape mesh makes (25 characters of 0-9 and
+/// a-z) before it is joined into a path or names a namespace or a link: task
+/// IDs come from the managers, and a `../` or `/` in one would reach outside
+/// the state dir.
+pub fn check_id(id: &str) -> Result<(), SandboxesError> {
+    if mesh_common::id::is_valid_id(id) {
+        return Ok(());
+    }
+    // Bounded and escaped: the ID is untrusted and goes into logs.
+    let shown: String = id.chars().take(40).collect();
+    let more = if shown.len() < id.len() { "…" } else { "" };
+    Err(SandboxesError::Refused(format!(
+        "refusing task or sandbox ID {shown:?}{more}: not a mesh ID (25 characters, 0-9 and a-z)"
+    )))
+}
+
 impl Sandboxes {
     /// Loads the records a previous run of the daemon left.
     pub fn load(
@@ -179,6 +195,12 @@ impl Sandboxes {
                 let path = e.path().join("sandbox.json");
                 match std::fs::read(&path).map(|d| serde_json::from_slice::<Record>(&d)) {
                     Ok(Ok(r)) => {
+                        // An older daemon took task IDs as sent: never let one
+                        // name a path now (teardown removes its directory).
+                        if let Err(e) = check_id(&r.id) {
+                            warn!("ignoring {}: {e}", path.display());
+                            continue;
+                        }
                         records.insert(r.id.clone(), r);
                     }
                     Ok(Err(err)) => warn!("ignoring damaged {}: {err}", path.display()),
@@ -203,12 +225,15 @@ impl Sandboxes {
             path: dir.clone(),
             source,
         };
-        std::fs::create_dir_all(&dir).map_err(|e| io("create", e))?;
+        // Private: the record holds the command's environment.
+        crate::private_fs::create_dir(&dir).map_err(|e| io("create", e))?;
         let data = serde_json::to_vec_pretty(r).unwrap_or_default();
-        let tmp = dir.join("sandbox.json.tmp");
-        std::fs::write(&tmp, data).map_err(|e| io("write", e))?;
-        std::fs::rename(&tmp, dir.join("sandbox.json")).map_err(|e| io("rename", e))?;
-        Ok(())
+        crate::private_fs::write_atomic(
+            &dir.join("sandbox.json"),
+            &data,
+            crate::private_fs::FILE_MODE,
+        )
+        .map_err(|e| io("write", e))
     }
 
     /// Every record, with exit state refreshed.
@@ -420,7 +445,7 @@ impl Sandboxes {
                 .map_err(|e| SandboxesError::Refused(format!("cannot set up service VIPs: {e}")))?;
         }
         let dir = self.dir.join(&rec.id);
-        std::fs::create_dir_all(&dir).map_err(|source| SandboxesError::Io {
+        crate::private_fs::create_dir(&dir).map_err(|source| SandboxesError::Io {
             what: "create",
             path: dir.clone(),
             source,
@@ -1056,6 +1081,7 @@ impl Sandboxes {
         task: &mesh_proto::TaskAssignment,
         dp: &DataPath,
     ) -> Result<Record, SandboxesError> {
+        check_id(&task.id)?;
         let env = task
             .env
             .iter()
@@ -1099,6 +1125,7 @@ impl Sandboxes {
     /// Stops and removes a task's sandbox (the managers own its
     /// addresses). Its output is kept for `mesh service logs`.
     pub async fn remove_task(&self, id: &str, dp: &DataPath) -> Result<(), SandboxesError> {
+        check_id(id)?;
         let Some(rec) = self
             .records
             .lock()
@@ -1140,7 +1167,7 @@ impl Sandboxes {
     /// Moves a task's output aside, keeping the newest 200 logs.
     fn keep_task_log(&self, rec: &Record) {
         let dir = self.task_logs_dir();
-        if std::fs::create_dir_all(&dir).is_err() {
+        if crate::private_fs::create_dir(&dir).is_err() {
             return;
         }
         let from = self.dir.join(&rec.id).join("output.log");
@@ -1159,13 +1186,13 @@ impl Sandboxes {
         }
     }
 
-    /// The output of a task, whether its sandbox still exists or not.
-    pub fn task_log(&self, id: &str) -> Option<String> {
+    /// Where the output of a task is, whether its sandbox still exists or
+    /// not; None for an ID that is not a mesh ID or a task without output.
+    pub fn task_log_path(&self, id: &str) -> Option<PathBuf> {
+        check_id(id).ok()?;
         let live = self.dir.join(id).join("output.log");
         let kept = self.task_logs_dir().join(format!("{id}.log"));
-        std::fs::read_to_string(live)
-            .or_else(|_| std::fs::read_to_string(kept))
-            .ok()
+        [live, kept].into_iter().find(|p| p.is_file())
     }
 
     /// Services on the sandbox's overlay networks, from the managers' view,
@@ -1231,5 +1258,50 @@ impl Sandboxes {
             rendered.remove(ns);
         }
         *applied = rendered;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_from_the_network_are_checked() {
+        assert!(check_id(&mesh_common::id::new_id()).is_ok());
+        for bad in ["", "..", "../../etc/passwd", "a/b", &"x".repeat(10_000)] {
+            let e = check_id(bad).expect_err(bad);
+            let msg = e.to_string();
+            assert!(msg.contains("not a mesh ID"), "{msg}");
+            assert!(msg.len() < 200, "the message quotes a bounded part: {msg}");
+        }
+    }
+
+    #[test]
+    fn task_log_path_refuses_bad_ids() {
+        let root = std::env::temp_dir().join(format!("mesh-sbx-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let dir = root.join("sandboxes");
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        // A file a `../` ID would reach.
+        std::fs::write(root.join("output.log"), b"secret").expect("write");
+        let sbx = Sandboxes::load(
+            dir.clone(),
+            std::sync::Arc::new(crate::local_networks::LocalNetworks::load(
+                root.join("networks.json"),
+                "t",
+            )),
+            crate::dns::DnsServer::new(Vec::new(), Duration::from_secs(1)),
+        )
+        .expect("load");
+        assert_eq!(sbx.task_log_path(".."), None);
+        let id = mesh_common::id::new_id();
+        assert_eq!(sbx.task_log_path(&id), None);
+        std::fs::create_dir_all(dir.join(&id)).expect("mkdir");
+        std::fs::write(dir.join(&id).join("output.log"), b"hi").expect("write");
+        assert_eq!(
+            sbx.task_log_path(&id),
+            Some(dir.join(&id).join("output.log"))
+        );
+        let _ = std::fs::remove_dir_all(&root);
     }
 }

@@ -7,12 +7,16 @@
 //! certs/node.key     this node's private key; never leaves the node
 //! raft/              the Raft store, managers only
 //! ```
+//!
+//! Everything here is private to the daemon's user (see [`crate::private_fs`]):
+//! directories 0700, files 0600.
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+
+use crate::private_fs::{self, FILE_MODE};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateDirError {
@@ -89,7 +93,7 @@ impl StateDir {
             }
         }
         let id: String = mesh_common::id::new_id().chars().take(6).collect();
-        write_atomic(&path, id.as_bytes(), 0o644)?;
+        write_atomic(&path, id.as_bytes())?;
         Ok(format!("mesh{id}"))
     }
 
@@ -101,12 +105,16 @@ impl StateDir {
         self.root.join("certs")
     }
 
+    /// Creates the state dir (0700), or tightens what an earlier daemon (or
+    /// a person) left more open, warning once per path.
     pub fn create(&self) -> Result<(), StateDirError> {
-        fs::create_dir_all(&self.root).map_err(|source| StateDirError::Io {
+        private_fs::create_dir(&self.root).map_err(|source| StateDirError::Io {
             what: "create",
             path: self.root.clone(),
             source,
-        })
+        })?;
+        private_fs::tighten_tree(&self.root);
+        Ok(())
     }
 
     pub fn load_config(&self) -> Result<Option<NodeConfig>, StateDirError> {
@@ -133,19 +141,19 @@ impl StateDir {
             path: self.root.join("node.json"),
             source,
         })?;
-        write_atomic(&self.root.join("node.json"), &data, 0o644)
+        write_atomic(&self.root.join("node.json"), &data)
     }
 
     pub fn save_certs(&self, certs: &Certs) -> Result<(), StateDirError> {
         let dir = self.certs_dir();
-        fs::create_dir_all(&dir).map_err(|source| StateDirError::Io {
+        private_fs::create_dir(&dir).map_err(|source| StateDirError::Io {
             what: "create",
             path: dir.clone(),
             source,
         })?;
-        write_atomic(&dir.join("ca.pem"), certs.ca.as_bytes(), 0o644)?;
-        write_atomic(&dir.join("node.key"), certs.key.as_bytes(), 0o600)?;
-        write_atomic(&dir.join("node.pem"), certs.cert.as_bytes(), 0o644)
+        write_atomic(&dir.join("ca.pem"), certs.ca.as_bytes())?;
+        write_atomic(&dir.join("node.key"), certs.key.as_bytes())?;
+        write_atomic(&dir.join("node.pem"), certs.cert.as_bytes())
     }
 
     pub fn load_certs(&self) -> Result<Certs, StateDirError> {
@@ -194,24 +202,14 @@ impl StateDir {
     }
 }
 
-fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), StateDirError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let io = |what, source| StateDirError::Io {
-        what,
+/// Every file here is 0600: even the public ones (certificates) say who is
+/// in the cluster, and nothing outside the daemon needs to read them.
+fn write_atomic(path: &Path, data: &[u8]) -> Result<(), StateDirError> {
+    private_fs::write_atomic(path, data, FILE_MODE).map_err(|source| StateDirError::Io {
+        what: "write",
         path: path.to_path_buf(),
         source,
-    };
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(|e| io("write", e))?;
-    f.write_all(data).map_err(|e| io("write", e))?;
-    f.sync_all().map_err(|e| io("sync", e))?;
-    fs::rename(&tmp, path).map_err(|e| io("rename", e))
+    })
 }
 
 #[cfg(test)]
@@ -221,6 +219,7 @@ mod tests {
     #[test]
     fn config_round_trip_and_wipe() {
         let dir = std::env::temp_dir().join(format!("mesh-sd-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
         let sd = StateDir::new(&dir);
         sd.create().expect("create");
         assert_eq!(sd.load_config().expect("load"), None);
@@ -239,6 +238,27 @@ mod tests {
         .expect("certs");
         assert_eq!(sd.load_config().expect("load"), Some(cfg));
         assert_eq!(sd.load_certs().expect("certs").key, "c");
+        sd.instance_prefix().expect("instance");
+        let mode = |p: &str| {
+            use std::os::unix::fs::PermissionsExt;
+            fs::metadata(dir.join(p))
+                .expect("stat")
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        for p in ["", "certs"] {
+            assert_eq!(mode(p), 0o700, "{p}");
+        }
+        for p in [
+            "node.json",
+            "instance",
+            "certs/ca.pem",
+            "certs/node.pem",
+            "certs/node.key",
+        ] {
+            assert_eq!(mode(p), 0o600, "{p}");
+        }
         sd.wipe_cluster().expect("wipe");
         assert_eq!(sd.load_config().expect("load"), None);
         assert!(sd.load_certs().is_err());

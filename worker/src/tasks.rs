@@ -19,7 +19,7 @@ use tokio::sync::{Notify, watch};
 use tracing::{debug, info, warn};
 
 use crate::managers::Managers;
-use crate::sandboxes::{DataPath, Sandboxes};
+use crate::sandboxes::{DataPath, Sandboxes, check_id};
 
 /// How often running tasks are checked for an exit.
 const EXIT_POLL: Duration = Duration::from_millis(200);
@@ -46,6 +46,8 @@ struct Local {
     phases: HashMap<String, Phase>,
     /// Last report sent per task, and when.
     sent: HashMap<String, (String, Instant)>,
+    /// Task IDs of the view that are not mesh IDs, already warned about.
+    refused: HashSet<String>,
 }
 
 pub struct TaskRunner {
@@ -139,6 +141,7 @@ impl TaskRunner {
 
     /// One pass over the view's tasks and this node's task sandboxes.
     async fn pass(self: &Arc<Self>, view: &NodeView) {
+        let tasks = self.valid_tasks(view);
         let records: HashMap<String, crate::sandboxes::Record> = self
             .sandboxes
             .list()
@@ -146,9 +149,9 @@ impl TaskRunner {
             .filter(|r| r.service.is_some())
             .map(|r| (r.id.clone(), r))
             .collect();
-        let wanted: HashSet<&str> = view.tasks.iter().map(|t| t.id.as_str()).collect();
+        let wanted: HashSet<&str> = tasks.iter().map(|t| t.id.as_str()).collect();
         let mut reports = Vec::new();
-        for t in &view.tasks {
+        for &t in &tasks {
             let rec = records.get(&t.id);
             let phase = self.phase(&t.id);
             if t.desired_state == "running" {
@@ -214,7 +217,7 @@ impl TaskRunner {
             l.sent.retain(|id, _| wanted.contains(id.as_str()));
         }
         let known: HashMap<&str, &TaskAssignment> =
-            view.tasks.iter().map(|t| (t.id.as_str(), t)).collect();
+            tasks.iter().map(|t| (t.id.as_str(), *t)).collect();
         let due: Vec<TaskReport> = {
             let mut l = self.local.lock().unwrap_or_else(|e| e.into_inner());
             reports
@@ -240,6 +243,24 @@ impl TaskRunner {
         if !due.is_empty() {
             self.send(due).await;
         }
+    }
+
+    /// The view's tasks whose IDs are mesh IDs: any other is skipped before
+    /// it can name a path, a namespace or a link, with one warning per ID
+    /// while it stays in the view.
+    fn valid_tasks<'a>(&self, view: &'a NodeView) -> Vec<&'a TaskAssignment> {
+        let (good, bad): (Vec<_>, Vec<_>) =
+            view.tasks.iter().partition(|t| check_id(&t.id).is_ok());
+        let mut l = self.local.lock().unwrap_or_else(|e| e.into_inner());
+        l.refused.retain(|id| bad.iter().any(|t| t.id == *id));
+        for t in bad {
+            if l.refused.insert(t.id.clone())
+                && let Err(e) = check_id(&t.id)
+            {
+                warn!("skipping a task the managers sent: {e}");
+            }
+        }
+        good
     }
 
     async fn send(&self, reports: Vec<TaskReport>) {
