@@ -199,7 +199,10 @@ impl mesh_proto::cluster_server::Cluster for FakeManager {
         self.saw("attach");
         no()
     }
-    async fn detach(&self, _: tonic::Request<mesh_proto::DetachRequest>) -> Reply<mesh_proto::Empty> {
+    async fn detach(
+        &self,
+        _: tonic::Request<mesh_proto::DetachRequest>,
+    ) -> Reply<mesh_proto::Empty> {
         self.saw("detach");
         no()
     }
@@ -226,7 +229,10 @@ impl mesh_proto::cluster_server::Cluster for FakeManager {
         self.saw("log_requests");
         no()
     }
-    async fn publish_logs(&self, _: tonic::Request<mesh_proto::LogChunk>) -> Reply<mesh_proto::Empty> {
+    async fn publish_logs(
+        &self,
+        _: tonic::Request<mesh_proto::LogChunk>,
+    ) -> Reply<mesh_proto::Empty> {
         self.saw("publish_logs");
         no()
     }
@@ -344,7 +350,10 @@ fn removed_manager_certificate_is_refused() -> Result<()> {
                 }],
                 leader_commit: Some(log_id),
             };
-            out.push(("append", raft.append(raft_bytes(&append)?).await.map(|_| ())));
+            out.push((
+                "append",
+                raft.append(raft_bytes(&append)?).await.map(|_| ()),
+            ));
         }
         let snapshot = InstallSnapshotRequest::<TypeConfig> {
             vote: Vote::new_committed(1_000, raft_id),
@@ -353,7 +362,10 @@ fn removed_manager_certificate_is_refused() -> Result<()> {
             data: Vec::new(),
             done: true,
         };
-        out.push(("snapshot", raft.snapshot(raft_bytes(&snapshot)?).await.map(|_| ())));
+        out.push((
+            "snapshot",
+            raft.snapshot(raft_bytes(&snapshot)?).await.map(|_| ()),
+        ));
         let mut cluster = ClusterClient::new(ch);
         let cmd = serde_json::to_vec(&rotate)?;
         out.push((
@@ -388,13 +400,29 @@ fn removed_manager_certificate_is_refused() -> Result<()> {
     // "manager". node3 (a worker) is pointed at it and must refuse it.
     let fake_addr = format!("{}:2377", node2.ip);
     let seen = Arc::new(Mutex::new(Seen::default()));
-    let stop = serve_fake_manager(&lab, "node2", fake_addr.clone(), stolen.clone(), seen.clone())?;
-    lab.kill("node3")?;
+    let stop = serve_fake_manager(
+        &lab,
+        "node2",
+        fake_addr.clone(),
+        stolen.clone(),
+        seen.clone(),
+    )?;
+    // node3 learns with its next heartbeat that node2 is no manager.
     let dir = StateDir::new(&lab.node("node3")?.state_dir);
+    wait_for("node3 to trust only node1", Duration::from_secs(10), || {
+        let keys = dir.load_config().ok()??.manager_keys;
+        (keys.len() == 1 && !keys.contains_key(&stolen_id.node_id)).then_some(())
+    })
+    .with_context(|| {
+        std::fs::read_to_string(&lab.node("node3").map(|n| n.log.clone()).unwrap_or_default())
+            .unwrap_or_default()
+    })?;
+    lab.kill("node3")?;
     let mut config = dir.load_config()?.context("node3 has no node.json")?;
     config.managers = vec![fake_addr.clone()];
     dir.save_config(&config)?;
     lab.start("node3")?;
+    let last = std::cell::RefCell::new(String::new());
     let (err, _) = wait_for(
         "node3 to refuse the impostor",
         Duration::from_secs(15),
@@ -402,10 +430,15 @@ fn removed_manager_certificate_is_refused() -> Result<()> {
             let info: serde_json::Value =
                 serde_json::from_str(&lab.mesh_ok("node3", &["info", "--format", "json"]).ok()?)
                     .ok()?;
-            let err = info["Swarm"]["Error"].as_str().unwrap_or_default().to_string();
+            let err = info["Swarm"]["Error"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            last.replace(err.clone());
             err.contains("not a current manager").then_some(err)
         },
-    )?;
+    )
+    .with_context(|| format!("node3's last error: {}", last.borrow()))?;
     ensure!(err.contains(&fake_addr), "{err}");
     let calls = seen.lock().unwrap_or_else(|e| e.into_inner()).calls.clone();
     ensure!(calls.is_empty(), "node3 talked to the impostor: {calls:?}");
@@ -413,8 +446,16 @@ fn removed_manager_certificate_is_refused() -> Result<()> {
     // A joining node (node4 left the cluster) is sent to the impostor.
     lab.mesh_ok("node4", &["leave"])?;
     let (worker_token, _) = &before;
-    let secret = worker_token.rsplit('-').next().unwrap_or_default().to_string();
-    let (code, _, err) = mesh(&lab, "node4", &["join", "--token", worker_token, &fake_addr])?;
+    let secret = worker_token
+        .rsplit('-')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let (code, _, err) = mesh(
+        &lab,
+        "node4",
+        &["join", "--token", worker_token, &fake_addr],
+    )?;
     ensure!(code != 0, "node4 joined an impostor");
     ensure!(
         err.contains("could not prove it knows the join token"),
@@ -433,7 +474,10 @@ fn removed_manager_certificate_is_refused() -> Result<()> {
     );
 
     // The cluster itself carries on, tokens unchanged.
-    lab.mesh_ok("node1", &["node", "update", "--label-add", "after=attack", "node1"])?;
+    lab.mesh_ok(
+        "node1",
+        &["node", "update", "--label-add", "after=attack", "node1"],
+    )?;
     ensure!(tokens(&lab)? == before, "the join tokens changed");
     lab.down()?;
     Ok(())
@@ -470,7 +514,11 @@ fn removal_and_demotion_end_open_streams() -> Result<()> {
     })?;
     ensure!(
         renew.0 == tonic::Code::FailedPrecondition
-            && renew.1.as_deref().unwrap_or_default().contains("another key"),
+            && renew
+                .1
+                .as_deref()
+                .unwrap_or_default()
+                .contains("another key"),
         "renewal with a new key: {renew:?}"
     );
 
@@ -582,7 +630,10 @@ fn nodes_assert_nothing_about_others() -> Result<()> {
         }
         Ok(ok)
     })?;
-    ensure!(forged == 40, "heartbeats themselves are allowed: {forged}/40");
+    ensure!(
+        forged == 40,
+        "heartbeats themselves are allowed: {forged}/40"
+    );
     std::thread::sleep(Duration::from_secs(1));
     let (addr_after, index_after) = version(&lab)?;
     ensure!(
@@ -600,9 +651,13 @@ fn nodes_assert_nothing_about_others() -> Result<()> {
     let target = remote.clone();
     let refused_join = in_netns(&lab, "node3", move || async move {
         let presented = mesh_common::token::parse(&worker_token)?;
-        let unverified =
-            tls::connect(&target, tls::unverified_client_config(), tls::MANAGER_SERVER_NAME, WAIT)
-                .await?;
+        let unverified = tls::connect(
+            &target,
+            tls::unverified_client_config(),
+            tls::MANAGER_SERVER_NAME,
+            WAIT,
+        )
+        .await?;
         let ca = ClusterClient::new(unverified)
             .get_ca(mesh_proto::Empty {})
             .await?
@@ -656,19 +711,56 @@ fn nodes_act_only_on_their_own_things() -> Result<()> {
         "node1",
         &["network", "create", "-d", "overlay", "--attachable", "app"],
     )?;
-    lab.mesh_ok("node2", &["run", "-d", "--name", "own2", "--network", "app", "--", "sleep", "600"])?;
-    let inspect: serde_json::Value =
-        serde_json::from_str(&lab.mesh_ok("node2", &["inspect", "own2"])?)?;
-    let inspect = if inspect.is_array() { inspect[0].clone() } else { inspect };
-    let sandbox_id = inspect["Id"].as_str().context("sandbox Id")?.to_string();
-    let endpoint_id = inspect["NetworkSettings"]["Networks"]["app"]["EndpointID"]
-        .as_str()
-        .context("endpoint ID")?
-        .to_string();
+    lab.mesh_ok(
+        "node2",
+        &[
+            "run",
+            "-d",
+            "--name",
+            "own2",
+            "--network",
+            "app",
+            "--",
+            "sleep",
+            "600",
+        ],
+    )?;
+    let own2 = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(async {
+            let mut c = control(&lab, "node2").await?;
+            anyhow::Ok(
+                c.sandbox_inspect(mesh_proto::SandboxRef {
+                    sandbox: "own2".into(),
+                })
+                .await?
+                .into_inner(),
+            )
+        })?;
+    let sandbox_id = own2.id.clone();
+    let endpoint_id = own2
+        .networks
+        .first()
+        .map(|n| n.endpoint_id.clone())
+        .context("own2 has no endpoint")?;
     lab.mesh_ok(
         "node1",
-        &["service", "create", "--name", "web", "--replicas", "1", "--network", "app",
-          "--constraint", "node.hostname==node2", "--", "sleep", "600"],
+        &[
+            "service",
+            "create",
+            "--name",
+            "web",
+            "--replicas",
+            "1",
+            "--network",
+            "app",
+            "--constraint",
+            "node.hostname==node2",
+            "--",
+            "sleep",
+            "600",
+        ],
     )?;
     let task = status(&lab, "node1", "web")?
         .tasks
@@ -680,7 +772,17 @@ fn nodes_act_only_on_their_own_things() -> Result<()> {
     refused(
         &lab,
         "node3",
-        &["run", "-d", "--network", "app", "--network-alias", "web", "--", "sleep", "1"],
+        &[
+            "run",
+            "-d",
+            "--network",
+            "app",
+            "--network-alias",
+            "web",
+            "--",
+            "sleep",
+            "1",
+        ],
         "alias web is the name of a service on network app",
     )?;
 
@@ -708,7 +810,11 @@ fn nodes_act_only_on_their_own_things() -> Result<()> {
                 ..Default::default()
             })
             .await;
-        out.push(("attach with another node's endpoint ID", code(&r), format!("{r:?}")));
+        out.push((
+            "attach with another node's endpoint ID",
+            code(&r),
+            format!("{r:?}"),
+        ));
         let r = c
             .detach(mesh_proto::DetachRequest { endpoint_id: eid })
             .await;
@@ -730,7 +836,10 @@ fn nodes_act_only_on_their_own_things() -> Result<()> {
     })?;
     for (what, code, r) in &results {
         ensure!(
-            matches!(code, tonic::Code::PermissionDenied | tonic::Code::FailedPrecondition),
+            matches!(
+                code,
+                tonic::Code::PermissionDenied | tonic::Code::FailedPrecondition
+            ),
             "{what}: {r}"
         );
     }
@@ -739,7 +848,10 @@ fn nodes_act_only_on_their_own_things() -> Result<()> {
         "a refusal leaked an address: {results:?}"
     );
     let peers = lab.mesh_ok("node1", &["network", "inspect", "app"])?;
-    ensure!(!peers.contains("\"mine\""), "node3 attached anyway: {peers}");
+    ensure!(
+        !peers.contains("\"mine\""),
+        "node3 attached anyway: {peers}"
+    );
     lab.mesh_ok("node2", &["exec", "own2", "--", "true"])?;
 
     // Failed joins from one address are cut off after a few.

@@ -186,7 +186,10 @@ mod tests {
         let (conn, conn2) = ([1u8; 32], [2u8; 32]);
         let p = join_proof(secret, ProofSide::Node, &conn, b"csr");
         assert_eq!(p.len(), PROOF_LEN);
-        assert!(proofs_match(&p, &join_proof(secret, ProofSide::Node, &conn, b"csr")));
+        assert!(proofs_match(
+            &p,
+            &join_proof(secret, ProofSide::Node, &conn, b"csr")
+        ));
         for differs in [
             join_proof(other, ProofSide::Node, &conn, b"csr"),
             join_proof(secret, ProofSide::Manager, &conn, b"csr"),
@@ -284,4 +287,3 @@ mod tests {
         assert!(!secrets_match("abc", ""));
     }
 }
-

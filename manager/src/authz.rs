@@ -51,13 +51,23 @@ pub enum Denied {
     NotManager,
     #[error("Raft is for current managers only: node {0} is not in the Raft membership")]
     NotInRaft(String),
-    #[error("node {node} may speak Raft only for itself (Raft ID {own}), not for Raft ID {claimed}")]
-    NotOwnRaftId { node: String, own: u64, claimed: u64 },
+    #[error(
+        "node {node} may speak Raft only for itself (Raft ID {own}), not for Raft ID {claimed}"
+    )]
+    NotOwnRaftId {
+        node: String,
+        own: u64,
+        claimed: u64,
+    },
 }
 
 /// The caller's node, if its certificate may make a call that needs `need`.
 pub fn caller(state: &ClusterState, who: &NodeIdentity, need: Need) -> Result<Node, Denied> {
-    if state.cluster.as_ref().is_none_or(|c| c.id != who.cluster_id) {
+    if state
+        .cluster
+        .as_ref()
+        .is_none_or(|c| c.id != who.cluster_id)
+    {
         return Err(Denied::OtherCluster);
     }
     if state.removed.contains(&who.node_id) {
@@ -191,10 +201,7 @@ mod tests {
         );
         let mut other = id("m1", Role::Manager, "key-m1");
         other.cluster_id = "c2".into();
-        assert_eq!(
-            caller(&s, &other, Need::Member),
-            Err(Denied::OtherCluster)
-        );
+        assert_eq!(caller(&s, &other, Need::Member), Err(Denied::OtherCluster));
         s.nodes.remove("m1");
         s.removed.insert("m1".into());
         assert_eq!(

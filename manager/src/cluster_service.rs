@@ -168,10 +168,7 @@ impl cluster_server::Cluster for ClusterService {
                 "invalid join token: it is wrong or has been rotated; get the current one with `mesh join-token worker` (or manager) on a manager",
             ));
         };
-        if let Some(why) = self
-            .mgr
-            .read(|s| s.hostname_taken(&r.hostname, ""))
-        {
+        if let Some(why) = self.mgr.read(|s| s.hostname_taken(&r.hostname, "")) {
             return Err(Status::already_exists(why));
         }
         let node_id = id::new_id();

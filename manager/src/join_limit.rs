@@ -47,7 +47,10 @@ mod tests {
     #[test]
     fn refuses_after_max_failures_until_the_window_passes() {
         let l = JoinLimiter::default();
-        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().expect("ip"), "10.0.0.2".parse().expect("ip"));
+        let (a, b): (IpAddr, IpAddr) = (
+            "10.0.0.1".parse().expect("ip"),
+            "10.0.0.2".parse().expect("ip"),
+        );
         let t0 = Instant::now();
         for _ in 0..MAX_FAILURES {
             assert!(l.check(a, t0).is_ok());

@@ -16,9 +16,9 @@ use std::io::Cursor;
 
 pub mod authz;
 pub mod ca;
-pub mod join_limit;
 pub mod cluster_service;
 pub mod dispatcher;
+pub mod join_limit;
 pub mod logs;
 pub mod manager;
 pub mod network;

@@ -214,7 +214,8 @@ impl raft_server::Raft for RaftService {
         &self,
         req: tonic::Request<RaftBytes>,
     ) -> Result<tonic::Response<RaftBytes>, tonic::Status> {
-        let rpc: VoteRequest<u64> = self.admit(req, |r: &VoteRequest<u64>| r.vote.leader_id.node_id)?;
+        let rpc: VoteRequest<u64> =
+            self.admit(req, |r: &VoteRequest<u64>| r.vote.leader_id.node_id)?;
         encode(&self.mgr.raft.vote(rpc).await)
     }
 
@@ -222,8 +223,10 @@ impl raft_server::Raft for RaftService {
         &self,
         req: tonic::Request<RaftBytes>,
     ) -> Result<tonic::Response<RaftBytes>, tonic::Status> {
-        let rpc: AppendEntriesRequest<TypeConfig> =
-            self.admit(req, |r: &AppendEntriesRequest<TypeConfig>| r.vote.leader_id.node_id)?;
+        let rpc: AppendEntriesRequest<TypeConfig> = self
+            .admit(req, |r: &AppendEntriesRequest<TypeConfig>| {
+                r.vote.leader_id.node_id
+            })?;
         encode(&self.mgr.raft.append_entries(rpc).await)
     }
 
@@ -231,8 +234,10 @@ impl raft_server::Raft for RaftService {
         &self,
         req: tonic::Request<RaftBytes>,
     ) -> Result<tonic::Response<RaftBytes>, tonic::Status> {
-        let rpc: InstallSnapshotRequest<TypeConfig> =
-            self.admit(req, |r: &InstallSnapshotRequest<TypeConfig>| r.vote.leader_id.node_id)?;
+        let rpc: InstallSnapshotRequest<TypeConfig> = self
+            .admit(req, |r: &InstallSnapshotRequest<TypeConfig>| {
+                r.vote.leader_id.node_id
+            })?;
         encode(&self.mgr.raft.install_snapshot(rpc).await)
     }
 }

@@ -6,10 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
+use mesh_common::id;
 use mesh_common::pki::{self, CertAuthority, Role};
 use mesh_common::tls::{self, ReloadableIdentity, TrustedManagers};
 use mesh_common::token::{self, ProofSide};
-use mesh_common::id;
 use mesh_manager::manager::{Manager, PeerTls, now};
 use mesh_manager::state::{ClusterInfo, Command, Node};
 use mesh_proto::cluster_client::ClusterClient;

@@ -131,7 +131,8 @@ impl Session {
         trusted: TrustedManagers,
         events: mpsc::Sender<SessionEvent>,
     ) -> Result<SessionHandle, SessionError> {
-        let tls = tls::member_client_config(&certs.ca, identity.clone(), Arc::new(trusted.clone()))?;
+        let tls =
+            tls::member_client_config(&certs.ca, identity.clone(), Arc::new(trusted.clone()))?;
         let status = Arc::new(Mutex::new(SessionStatus {
             cert_not_after: pki::identity_from_pem(&certs.cert)
                 .ok()
