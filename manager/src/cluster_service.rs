@@ -491,7 +491,7 @@ impl cluster_server::Cluster for ClusterService {
         for l in &mut chunk.lines {
             l.node = node.hostname.clone();
         }
-        if !self.mgr.logs.publish(chunk).await {
+        if !self.mgr.logs.publish(&node.id, chunk).await {
             return Err(Status::not_found(
                 "nobody is waiting for these logs any more",
             ));

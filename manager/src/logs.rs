@@ -18,7 +18,8 @@ use tokio::sync::mpsc;
 /// How long a node may stay silent (no chunk) on a log request.
 pub const NODE_TIMEOUT: Duration = Duration::from_secs(10);
 
-type Pending = Arc<Mutex<HashMap<String, mpsc::Sender<LogChunk>>>>;
+/// Request ID to the node it was sent to and where its chunks go.
+type Pending = Arc<Mutex<HashMap<String, (String, mpsc::Sender<LogChunk>)>>>;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LogError {
@@ -83,7 +84,7 @@ impl LogRouter {
         self.pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(request_id.clone(), chunks_tx);
+            .insert(request_id.clone(), (node_id.to_string(), chunks_tx));
         // From here the entry is removed when `stream` is dropped.
         let mut stream = LogStream {
             node: node.to_string(),
@@ -105,14 +106,16 @@ impl LogRouter {
         }
     }
 
-    /// A node's answer; false if nobody waits for it any more.
-    pub async fn publish(&self, chunk: LogChunk) -> bool {
+    /// Node `from`'s answer; false if nobody waits for it any more, or the
+    /// request was not sent to `from` (a node answers only its own).
+    pub async fn publish(&self, from: &str, chunk: LogChunk) -> bool {
         let tx = {
             let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-            if chunk.done {
-                pending.remove(&chunk.request_id)
-            } else {
-                pending.get(&chunk.request_id).cloned()
+            match pending.get(&chunk.request_id) {
+                Some((node, _)) if node != from => None,
+                Some(_) if chunk.done => pending.remove(&chunk.request_id).map(|(_, tx)| tx),
+                Some((_, tx)) => Some(tx.clone()),
+                None => None,
             }
         };
         match tx {
@@ -212,7 +215,7 @@ mod tests {
         );
         assert_eq!(router.pending(), 0);
         // A late answer finds nobody waiting.
-        assert!(!router.publish(chunk(&stream.request_id, false)).await);
+        assert!(!router.publish("n1", chunk(&stream.request_id, false)).await);
         assert_eq!(stream.next().await, Ok(None));
     }
 
@@ -227,10 +230,14 @@ mod tests {
         let id = requests.recv().await.expect("request sent").request_id;
         for _ in 0..3 {
             tokio::time::sleep(NODE_TIMEOUT - Duration::from_secs(1)).await;
-            assert!(router.publish(chunk(&id, false)).await);
+            assert!(router.publish("n1", chunk(&id, false)).await);
             assert!(stream.next().await.expect("chunk").is_some());
         }
-        assert!(router.publish(chunk(&id, true)).await);
+        assert!(
+            !router.publish("n2", chunk(&id, true)).await,
+            "another node cannot answer (or end) n1's request"
+        );
+        assert!(router.publish("n1", chunk(&id, true)).await);
         assert!(stream.next().await.expect("done").is_some_and(|c| c.done));
         assert_eq!(stream.next().await, Ok(None));
         assert_eq!(router.pending(), 0);
