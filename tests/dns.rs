@@ -19,42 +19,6 @@ impl Drop for Upstream {
     }
 }
 
-fn dig(lab: &mesh_lab::Lab, node: &str, sandbox: &str, args: &str) -> Result<String> {
-    let out = lab.mesh(
-        node,
-        &[
-            "exec",
-            sandbox,
-            "--",
-            "sh",
-            "-c",
-            &format!("dig +time=2 +tries=1 {args}"),
-        ],
-    )?;
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn status(text: &str) -> &str {
-    text.split("status: ")
-        .nth(1)
-        .and_then(|s| s.split(',').next())
-        .unwrap_or("")
-}
-
-fn answers(text: &str) -> Vec<String> {
-    text.split(";; ANSWER SECTION:")
-        .nth(1)
-        .map(|a| {
-            // The first line is the rest of the section header.
-            a.lines()
-                .skip(1)
-                .take_while(|l| !l.trim().is_empty())
-                .filter_map(|l| l.split_whitespace().last().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 #[test]
 fn names_resolve_across_nodes_scoped_by_network() -> Result<()> {
     let lab = up_with("dn", 3, 1, &[], &["--dns-upstream", "127.0.0.1:5353"])?;
@@ -147,55 +111,57 @@ fn names_resolve_across_nodes_scoped_by_network() -> Result<()> {
     )?;
     ensure!(resolv.contains("nameserver 127.0.0.11"), "{resolv}");
     let (_, _) = wait_for("web resolvable from node3", Duration::from_secs(10), || {
-        answers(&dig(&lab, "node3", "client", "web").ok()?)
+        dig_answers(&dig(&lab, "node3", "client", "web").ok()?)
             .contains(&web)
             .then_some(())
     })?;
     ensure!(
-        answers(&dig(&lab, "node3", "client", "www")?) == vec![web.clone()],
+        dig_answers(&dig(&lab, "node3", "client", "www")?) == vec![web.clone()],
         "alias"
     );
     ensure!(
-        answers(&dig(&lab, "node3", "client", "WEB.")?) == vec![web.clone()],
+        dig_answers(&dig(&lab, "node3", "client", "WEB.")?) == vec![web.clone()],
         "case and trailing dot"
     );
     ensure!(
-        answers(&dig(&lab, "node3", "client", "tasks.web")?) == vec![web.clone()],
+        dig_answers(&dig(&lab, "node3", "client", "tasks.web")?) == vec![web.clone()],
         "tasks.NAME"
     );
     ensure!(
-        answers(&dig(&lab, "node3", "client", "+tcp web")?) == vec![web.clone()],
+        dig_answers(&dig(&lab, "node3", "client", "+tcp web")?) == vec![web.clone()],
         "TCP"
     );
     let aaaa = dig(&lab, "node3", "client", "AAAA web")?;
     ensure!(
-        status(&aaaa) == "NOERROR" && answers(&aaaa).is_empty(),
+        dig_status(&aaaa) == "NOERROR" && dig_answers(&aaaa).is_empty(),
         "AAAA: {aaaa}"
     );
     ensure!(
-        answers(&dig(&lab, "node3", "client", &format!("-x {web}"))?) == vec!["web.".to_string()],
+        dig_answers(&dig(&lab, "node3", "client", &format!("-x {web}"))?)
+            == vec!["web.".to_string()],
         "PTR"
     );
     // Scoped: db is on another network, even on the same node.
     ensure!(
-        status(&dig(&lab, "node3", "client", "db")?) == "NXDOMAIN",
+        dig_status(&dig(&lab, "node3", "client", "db")?) == "NXDOMAIN",
         "db leaked across networks"
     );
     ensure!(
-        status(&dig(&lab, "node3", "db", "web")?) == "NXDOMAIN",
+        dig_status(&dig(&lab, "node3", "db", "web")?) == "NXDOMAIN",
         "web leaked to other"
     );
     ensure!(
-        status(&dig(&lab, "node3", "client", "nosuch")?) == "NXDOMAIN",
+        dig_status(&dig(&lab, "node3", "client", "nosuch")?) == "NXDOMAIN",
         "unknown name"
     );
     // Forwarded to the upstream, over UDP and TCP.
     ensure!(
-        answers(&dig(&lab, "node3", "client", "example.test")?) == vec!["192.0.2.10".to_string()],
+        dig_answers(&dig(&lab, "node3", "client", "example.test")?)
+            == vec!["192.0.2.10".to_string()],
         "forwarding"
     );
     ensure!(
-        answers(&dig(&lab, "node3", "client", "+tcp example.test")?)
+        dig_answers(&dig(&lab, "node3", "client", "+tcp example.test")?)
             == vec!["192.0.2.10".to_string()],
         "TCP fwd"
     );
@@ -205,7 +171,7 @@ fn names_resolve_across_nodes_scoped_by_network() -> Result<()> {
         &["exec", "client", "--", "sh", "-c", "head -c 300 /dev/urandom > /dev/udp/127.0.0.11/53; head -c 300 /dev/urandom > /dev/tcp/127.0.0.11/53; true"],
     )?;
     ensure!(
-        answers(&dig(&lab, "node3", "client", "web")?) == vec![web.clone()],
+        dig_answers(&dig(&lab, "node3", "client", "web")?) == vec![web.clone()],
         "server hurt by garbage"
     );
 
@@ -227,7 +193,7 @@ fn names_resolve_across_nodes_scoped_by_network() -> Result<()> {
         ],
     )?;
     let (_, _) = wait_for("late resolvable on node3", Duration::from_secs(10), || {
-        (!answers(&dig(&lab, "node3", "client", "late").ok()?).is_empty()).then_some(())
+        (!dig_answers(&dig(&lab, "node3", "client", "late").ok()?).is_empty()).then_some(())
     })?;
     println!(
         "sandbox started on node2 resolvable on node3 after {:?} (including mesh run)",
@@ -235,7 +201,7 @@ fn names_resolve_across_nodes_scoped_by_network() -> Result<()> {
     );
     lab.mesh_ok("node2", &["rm", "-f", "late"])?;
     let (_, gone) = wait_for("late gone on node3", Duration::from_secs(10), || {
-        (status(&dig(&lab, "node3", "client", "late").ok()?) == "NXDOMAIN").then_some(())
+        (dig_status(&dig(&lab, "node3", "client", "late").ok()?) == "NXDOMAIN").then_some(())
     })?;
     println!("removed sandbox NXDOMAIN on node3 after {gone:?}");
     lab.down()?;
@@ -281,7 +247,7 @@ fn names_on_a_local_bridge() -> Result<()> {
         "alpha resolvable from beta",
         Duration::from_secs(10),
         || {
-            answers(&dig(&lab, "node1", "beta", "alpha").ok()?)
+            dig_answers(&dig(&lab, "node1", "beta", "alpha").ok()?)
                 .contains(&alpha)
                 .then_some(())
         },

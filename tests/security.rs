@@ -414,7 +414,7 @@ fn removed_manager_certificate_is_refused() -> Result<()> {
         (keys.len() == 1 && !keys.contains_key(&stolen_id.node_id)).then_some(())
     })
     .with_context(|| {
-        std::fs::read_to_string(&lab.node("node3").map(|n| n.log.clone()).unwrap_or_default())
+        std::fs::read_to_string(lab.node("node3").map(|n| n.log.clone()).unwrap_or_default())
             .unwrap_or_default()
     })?;
     lab.kill("node3")?;
@@ -483,6 +483,17 @@ fn removed_manager_certificate_is_refused() -> Result<()> {
     Ok(())
 }
 
+/// Reads a stream to its end: how it ended.
+async fn drain<T>(mut s: tonic::Streaming<T>) -> (tonic::Code, String) {
+    loop {
+        match s.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => return (tonic::Code::Ok, "ended".to_string()),
+            Err(e) => return (e.code(), e.message().to_string()),
+        }
+    }
+}
+
 /// Finding 2: removal and demotion end the node's open streams at once,
 /// and renewal cannot swap the node's key.
 #[test]
@@ -539,26 +550,11 @@ fn removal_and_demotion_end_open_streams() -> Result<()> {
                 rt.block_on(async move {
                     let _ = rustls::crypto::ring::default_provider().install_default();
                     let mut c = ClusterClient::new(channel_as(&certs, &target).await?);
-                    let end = if logs {
-                        let mut s = c.log_requests(mesh_proto::Empty {}).await?.into_inner();
-                        loop {
-                            match s.message().await {
-                                Ok(Some(_)) => continue,
-                                Ok(None) => break (tonic::Code::Ok, "ended".to_string()),
-                                Err(e) => break (e.code(), e.message().to_string()),
-                            }
-                        }
+                    Ok(if logs {
+                        drain(c.log_requests(mesh_proto::Empty {}).await?.into_inner()).await
                     } else {
-                        let mut s = c.assignments(mesh_proto::Empty {}).await?.into_inner();
-                        loop {
-                            match s.message().await {
-                                Ok(Some(_)) => continue,
-                                Ok(None) => break (tonic::Code::Ok, "ended".to_string()),
-                                Err(e) => break (e.code(), e.message().to_string()),
-                            }
-                        }
-                    };
-                    Ok(end)
+                        drain(c.assignments(mesh_proto::Empty {}).await?.into_inner()).await
+                    })
                 })
             };
             let _ = tx.send(run().unwrap_or_else(|e| (tonic::Code::Unknown, e.to_string())));

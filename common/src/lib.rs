@@ -1,11 +1,14 @@
 //! Types and pure helpers shared by managers, workers and the CLI.
 //!
 //! - `id`: node and cluster IDs (Swarm's 25-character base-36 shape);
-//! - `token`: join tokens `SWMTKN-1-<CA digest>-<secret>`;
+//! - `token`: join tokens `SWMTKN-1-<CA digest>-<secret>`, and the join
+//!   proofs made from their secret;
 //! - `pki`: the cluster CA, node certificates and CSRs (rcgen), and reading
 //!   node ID / role back out of a certificate;
 //! - `tls`: rustls configurations for mutual TLS with a certificate that can be
-//!   swapped at run time (renewal without restart), and tonic glue for them;
+//!   swapped at run time (renewal without restart), and tonic glue for them
+//!   (what a server knows of each connection: peer, certificate, exporter);
+//! - `trust`: which servers a member accepts as current managers (pinned keys);
 //! - `transport`: the daemon's unix control socket as a tonic channel.
 //!
 //! No sockets are opened and no files are read here.
@@ -16,3 +19,4 @@ pub mod pki;
 pub mod tls;
 pub mod token;
 pub mod transport;
+pub mod trust;

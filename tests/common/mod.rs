@@ -201,3 +201,42 @@ pub fn status(lab: &Lab, node: &str, service: &str) -> Result<mesh_proto::Servic
         Ok(r.into_inner())
     })
 }
+
+/// `dig ARGS` inside a sandbox: its output (one try, 2 s).
+pub fn dig(lab: &Lab, node: &str, sandbox: &str, args: &str) -> Result<String> {
+    let out = lab.mesh(
+        node,
+        &[
+            "exec",
+            sandbox,
+            "--",
+            "sh",
+            "-c",
+            &format!("dig +time=2 +tries=1 {args}"),
+        ],
+    )?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The status of a dig answer (NOERROR, NXDOMAIN, REFUSED...).
+pub fn dig_status(text: &str) -> &str {
+    text.split("status: ")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .unwrap_or("")
+}
+
+/// The values of a dig answer's ANSWER section.
+pub fn dig_answers(text: &str) -> Vec<String> {
+    text.split(";; ANSWER SECTION:")
+        .nth(1)
+        .map(|a| {
+            // The first line is the rest of the section header.
+            a.lines()
+                .skip(1)
+                .take_while(|l| !l.trim().is_empty())
+                .filter_map(|l| l.split_whitespace().last().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}

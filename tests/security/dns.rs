@@ -46,42 +46,6 @@ fn start_upstream(lab: &Lab, node: &str) -> Result<Upstream> {
     Ok(Upstream { child, log })
 }
 
-/// `dig ARGS` inside a sandbox: its output.
-fn dig(lab: &Lab, node: &str, sandbox: &str, args: &str) -> Result<String> {
-    let out = lab.mesh(
-        node,
-        &[
-            "exec",
-            sandbox,
-            "--",
-            "sh",
-            "-c",
-            &format!("dig +time=2 +tries=1 {args}"),
-        ],
-    )?;
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn status(text: &str) -> &str {
-    text.split("status: ")
-        .nth(1)
-        .and_then(|s| s.split(',').next())
-        .unwrap_or("")
-}
-
-fn answers(text: &str) -> Vec<String> {
-    text.split(";; ANSWER SECTION:")
-        .nth(1)
-        .map(|a| {
-            a.lines()
-                .skip(1)
-                .take_while(|l| !l.trim().is_empty())
-                .filter_map(|l| l.split_whitespace().last().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 fn run_sleeper(lab: &Lab, node: &str, name: &str, networks: &[&str]) -> Result<()> {
     let mut args = vec!["run", "-d", "--name", name];
     for n in networks {
@@ -120,7 +84,8 @@ fn internal_network_dns_is_not_forwarded() -> Result<()> {
     // The upstream answers (and logs) before anything is asked of it by a
     // sealed sandbox, so "nothing logged" below means "nothing sent".
     wait_for("the upstream answers", Duration::from_secs(10), || {
-        (answers(&dig(&lab, "node2", "free", "example.test").ok()?) == ["192.0.2.10"]).then_some(())
+        (dig_answers(&dig(&lab, "node2", "free", "example.test").ok()?) == ["192.0.2.10"])
+            .then_some(())
     })?;
 
     for (sandbox, args) in [
@@ -132,17 +97,17 @@ fn internal_network_dns_is_not_forwarded() -> Result<()> {
     ] {
         let out = dig(&lab, "node2", sandbox, args)?;
         ensure!(
-            status(&out) == "REFUSED",
+            dig_status(&out) == "REFUSED",
             "{sandbox}: dig {args} was not refused: {out}"
         );
     }
     // A sandbox on the internal network and another one forwards.
     let out = dig(&lab, "node2", "mixed", "last.example.test")?;
-    ensure!(answers(&out) == ["192.0.2.10"], "mixed: {out}");
+    ensure!(dig_answers(&out) == ["192.0.2.10"], "mixed: {out}");
     // Own names still resolve on an internal network.
     let own = dig(&lab, "node2", "mixed", "locked")?;
     ensure!(
-        status(&own) == "NOERROR" && answers(&own).len() == 1,
+        dig_status(&own) == "NOERROR" && dig_answers(&own).len() == 1,
         "locked by name on sealed: {own}"
     );
 
@@ -204,7 +169,7 @@ fn dns_tcp_connections_per_sandbox_are_capped() -> Result<()> {
     )?;
     run_sleeper(&lab, "node1", "hog", &["app"])?;
     wait_for("hog resolvable over TCP", Duration::from_secs(10), || {
-        (answers(&dig(&lab, "node1", "hog", "+tcp hog").ok()?).len() == 1).then_some(())
+        (dig_answers(&dig(&lab, "node1", "hog", "+tcp hog").ok()?).len() == 1).then_some(())
     })?;
     let pid = lab.node("node1")?.pid.context("node1's daemon pid")?;
     let baseline = fd_count(pid).context("daemon fds")?;
@@ -266,7 +231,7 @@ fn dns_tcp_connections_per_sandbox_are_capped() -> Result<()> {
 
     // Slots are freed when the connections close: TCP answers again.
     wait_for("TCP answers again", Duration::from_secs(10), || {
-        (answers(&dig(&lab, "node1", "hog", "+tcp hog").ok()?).len() == 1).then_some(())
+        (dig_answers(&dig(&lab, "node1", "hog", "+tcp hog").ok()?).len() == 1).then_some(())
     })?;
     lab.down()?;
     Ok(())
