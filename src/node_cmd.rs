@@ -47,6 +47,12 @@ fn inspect_json(n: &Node) -> serde_json::Value {
         "Description": {
             "Hostname": n.hostname,
             "Platform": {"Architecture": n.architecture, "OS": n.os},
+            // Docker shows the CA here; we show what the cluster pins.
+            "TLSInfo": {
+                "CertSerial": n.tls_serial,
+                "CertNotAfter": n.tls_not_after,
+                "KeyFingerprint": n.tls_key_fingerprint,
+            },
         },
         "Status": {"State": n.state, "Addr": n.addr},
     });

@@ -128,7 +128,9 @@ fn to_pb(mgr: &Manager, n: &Node) -> mesh_proto::Node {
         os: n.os.clone(),
         architecture: n.architecture.clone(),
         message: String::new(),
-        tls_not_after: String::new(),
+        tls_not_after: n.cert_not_after.clone(),
+        tls_serial: n.cert_serial.clone(),
+        tls_key_fingerprint: n.key_fingerprint.clone(),
     }
 }
 
