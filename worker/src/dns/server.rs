@@ -1,0 +1,252 @@
+//! The per-sandbox servers: sockets opened inside each sandbox's namespace,
+//! served on the daemon's runtime, started, updated and stopped by the node
+//! agent.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use hickory_server::Server;
+use nix::errno::Errno;
+use tokio::sync::Semaphore;
+use tokio::time::timeout;
+use tracing::{info, warn};
+
+use super::RESOLVER_IP;
+use super::forward::Forwarder;
+use super::handler::{MAX_INFLIGHT_FORWARDS, NetworksSlot, SandboxHandler, Shared};
+use super::records::{Records, SandboxNetwork};
+use super::tcp::serve_tcp;
+use crate::netns::{self, NetError};
+
+/// How long [`DnsServer::stop_sandbox`] waits for the server tasks to end;
+/// they only have to notice cancellation, so this is generous.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// Errors of the embedded DNS server, each naming the sandbox or namespace.
+#[derive(Debug, thiserror::Error)]
+pub enum DnsError {
+    /// Entering the sandbox's namespace or configuring its loopback failed.
+    #[error("DNS for sandbox {sandbox}: {source}")]
+    Net {
+        sandbox: String,
+        #[source]
+        source: NetError,
+    },
+    /// The resolver's socket could not be bound inside the namespace
+    /// (something else listening on 127.0.0.11:53 there?).
+    #[error(
+        "cannot bind {proto} {RESOLVER_IP}:53 in namespace {ns} for sandbox {sandbox}: {source} (is another DNS server listening there?)"
+    )]
+    Bind {
+        proto: &'static str,
+        ns: String,
+        sandbox: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// One served sandbox.
+struct Served {
+    netns: String,
+    networks: NetworksSlot,
+    /// UDP.
+    server: Server<SandboxHandler>,
+    /// TCP: the accept loop, which owns its connections' tasks (aborting it
+    /// ends them all). A set, so dropping it aborts the loop, as dropping
+    /// `server` aborts hickory's.
+    tcp: tokio::task::JoinSet<()>,
+}
+
+/// The embedded DNS server. One instance per daemon; one set of sockets per
+/// sandbox.
+pub struct DnsServer {
+    shared: Arc<Shared>,
+    sandboxes: Mutex<HashMap<String, Served>>,
+    /// Serializes serve/stop so two calls for one sandbox cannot both bind.
+    lifecycle: tokio::sync::Mutex<()>,
+}
+
+impl DnsServer {
+    /// A server forwarding unknown names to `upstreams` (from the host's
+    /// resolv.conf or `--dns-upstream`), giving up after `timeout` with
+    /// SERVFAIL.
+    pub fn new(upstreams: Vec<SocketAddr>, timeout: Duration) -> Arc<Self> {
+        Arc::new(DnsServer {
+            shared: Arc::new(Shared {
+                records: RwLock::new(Arc::new(Records::default())),
+                forwarder: Forwarder { upstreams, timeout },
+            }),
+            sandboxes: Mutex::new(HashMap::new()),
+            lifecycle: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// Replaces all records at once (normalized first).
+    pub fn set_records(&self, r: Records) {
+        let r = Arc::new(r.normalized());
+        *self
+            .shared
+            .records
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = r;
+    }
+
+    /// Serves the sandbox `sandbox_id`, whose network namespace is `netns`,
+    /// at 127.0.0.11:53 (UDP and TCP) inside that namespace.
+    ///
+    /// The sockets are created on a thread that entered the namespace and
+    /// keep it; they are then served on the current tokio runtime, in the
+    /// daemon's namespace. Idempotent: serving a sandbox again only updates
+    /// its networks (or moves it if its namespace changed).
+    pub async fn serve_sandbox(
+        self: &Arc<Self>,
+        sandbox_id: &str,
+        netns: &str,
+        networks: Vec<SandboxNetwork>,
+    ) -> Result<(), DnsError> {
+        let _serial = self.lifecycle.lock().await;
+        let moved = {
+            let mut map = self.lock_sandboxes();
+            match map.get(sandbox_id) {
+                Some(s) if s.netns == netns => {
+                    set_networks(&s.networks, networks);
+                    return Ok(());
+                }
+                Some(_) => map.remove(sandbox_id),
+                None => None,
+            }
+        };
+        if let Some(old) = moved {
+            shutdown(sandbox_id, old).await;
+        }
+
+        let net_err = |source| DnsError::Net {
+            sandbox: sandbox_id.to_string(),
+            source,
+        };
+        ensure_loopback(netns).await.map_err(net_err)?;
+        let bind_err = |proto, source| DnsError::Bind {
+            proto,
+            ns: netns.to_string(),
+            sandbox: sandbox_id.to_string(),
+            source,
+        };
+        let (udp, tcp) = netns::run_in(netns, bind_sockets)
+            .map_err(net_err)?
+            .map_err(|(proto, e)| bind_err(proto, e))?;
+        let udp = tokio::net::UdpSocket::from_std(udp).map_err(|e| bind_err("udp", e))?;
+        let tcp = tokio::net::TcpListener::from_std(tcp).map_err(|e| bind_err("tcp", e))?;
+
+        let networks: NetworksSlot = Arc::new(RwLock::new(Arc::from(networks)));
+        let handler = SandboxHandler {
+            sandbox_id: sandbox_id.to_string(),
+            shared: self.shared.clone(),
+            networks: networks.clone(),
+            inflight: Arc::new(Semaphore::new(MAX_INFLIGHT_FORWARDS)),
+        };
+        // TCP is not hickory's: its listener takes every connection, with
+        // no cap on how many are open at once.
+        let mut tcp_task = tokio::task::JoinSet::new();
+        tcp_task.spawn(serve_tcp(tcp, handler.clone()));
+        let mut server = Server::new(handler);
+        server.register_socket(udp);
+        info!(
+            sandbox = sandbox_id,
+            netns, "serving DNS at {RESOLVER_IP}:53"
+        );
+        self.lock_sandboxes().insert(
+            sandbox_id.to_string(),
+            Served {
+                netns: netns.to_string(),
+                networks,
+                server,
+                tcp: tcp_task,
+            },
+        );
+        Ok(())
+    }
+
+    /// Changes the networks whose names a served sandbox sees; unknown
+    /// sandboxes are ignored (the next `serve_sandbox` brings them).
+    pub fn update_sandbox_networks(&self, sandbox_id: &str, networks: Vec<SandboxNetwork>) {
+        if let Some(s) = self.lock_sandboxes().get(sandbox_id) {
+            set_networks(&s.networks, networks);
+        }
+    }
+
+    /// Stops serving a sandbox and closes its sockets. The 127.0.0.11
+    /// address is left on the sandbox's `lo`: it is harmless, and the
+    /// namespace is usually about to go.
+    pub async fn stop_sandbox(&self, sandbox_id: &str) {
+        let _serial = self.lifecycle.lock().await;
+        let served = self.lock_sandboxes().remove(sandbox_id);
+        if let Some(s) = served {
+            shutdown(sandbox_id, s).await;
+        }
+    }
+
+    /// Sandbox ids currently served, sorted (for reconcile-by-diff).
+    pub fn served(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.lock_sandboxes().keys().cloned().collect();
+        ids.sort();
+        ids
+    }
+
+    fn lock_sandboxes(&self) -> std::sync::MutexGuard<'_, HashMap<String, Served>> {
+        self.sandboxes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn set_networks(slot: &RwLock<Arc<[SandboxNetwork]>>, networks: Vec<SandboxNetwork>) {
+    *slot.write().unwrap_or_else(|p| p.into_inner()) = Arc::from(networks);
+}
+
+async fn shutdown(sandbox_id: &str, mut served: Served) {
+    served.tcp.shutdown().await;
+    match timeout(STOP_GRACE, served.server.shutdown_gracefully()).await {
+        Ok(Ok(())) => info!(sandbox = sandbox_id, "stopped DNS"),
+        Ok(Err(e)) => warn!(sandbox = sandbox_id, error = %e, "DNS server ended with an error"),
+        // Dropping the server aborts whatever is left.
+        Err(_) => warn!(
+            sandbox = sandbox_id,
+            "DNS server did not stop in time; aborted"
+        ),
+    }
+}
+
+/// Makes 127.0.0.11 reachable in `ns`: `lo` up (a fresh namespace has it
+/// down, and then nothing on loopback answers) and the address on it.
+/// 127.0.0.0/8 is routed to `lo` already, so binding would work without the
+/// address; adding it makes the resolver visible in `ip addr` and keeps it
+/// working if the sandbox narrows its loopback.
+async fn ensure_loopback(ns: &str) -> Result<(), NetError> {
+    let nl = crate::link::Netlink::open(Some(ns)).await?;
+    nl.set_up("lo").await?;
+    if nl
+        .addresses_v4("lo")
+        .await?
+        .iter()
+        .any(|(ip, _)| *ip == RESOLVER_IP)
+    {
+        return Ok(());
+    }
+    match nl.add_address_v4("lo", RESOLVER_IP, 32).await {
+        Err(e) if e.errno() == Some(Errno::EEXIST) => Ok(()),
+        r => r,
+    }
+}
+
+/// Runs inside the sandbox's namespace: binds the resolver's sockets there.
+fn bind_sockets() -> Result<(std::net::UdpSocket, std::net::TcpListener), (&'static str, io::Error)>
+{
+    let addr = SocketAddr::from((RESOLVER_IP, 53));
+    let udp = std::net::UdpSocket::bind(addr).map_err(|e| ("udp", e))?;
+    udp.set_nonblocking(true).map_err(|e| ("udp", e))?;
+    let tcp = std::net::TcpListener::bind(addr).map_err(|e| ("tcp", e))?;
+    tcp.set_nonblocking(true).map_err(|e| ("tcp", e))?;
+    Ok((udp, tcp))
+}
