@@ -514,6 +514,24 @@ fn removal_and_demotion_end_open_streams() -> Result<()> {
     .0;
     let worker_certs = StateDir::new(&lab.node("node3")?.state_dir).load_certs()?;
 
+    // The promotion renewed node2's certificate: the state records that one,
+    // for the key node2 joined with.
+    let mine = pki::identity_from_pem(&manager_certs.cert)?;
+    let recorded: serde_json::Value =
+        serde_json::from_str(&lab.mesh_ok("node1", &["node", "inspect", "node2"])?)?;
+    let recorded = if recorded.is_array() {
+        recorded[0]["Description"]["TLSInfo"].clone()
+    } else {
+        recorded["Description"]["TLSInfo"].clone()
+    };
+    ensure!(
+        recorded["CertSerial"] == mine.serial.as_str()
+            && recorded["KeyFingerprint"] == mine.key_fingerprint.as_str(),
+        "recorded {recorded}, node2 holds serial {} key {}",
+        mine.serial,
+        mine.key_fingerprint
+    );
+
     // Renewal with another key is refused: the node is pinned to its key.
     let (certs, target) = (worker_certs.clone(), remote.clone());
     let renew = in_netns(&lab, "node3", move || async move {
