@@ -125,31 +125,8 @@ fn internal_network_dns_is_not_forwarded() -> Result<()> {
     Ok(())
 }
 
-/// Opens N TCP connections to the resolver, checks after a moment how many
-/// the server kept open, prints "opened open", holds them a second, exits.
-const TCP_HOG: &str = "import socket,sys,time
-n=int(sys.argv[1])
-socks=[]
-for _ in range(n):
-    s=socket.socket()
-    s.settimeout(2)
-    try:
-        s.connect(('127.0.0.11',53))
-        socks.append(s)
-    except OSError:
-        s.close()
-time.sleep(0.3)
-def alive(s):
-    s.settimeout(0.02)
-    try:
-        return s.recv(1)!=b''
-    except socket.timeout:
-        return True
-    except OSError:
-        return False
-print(len(socks),sum(map(alive,socks)),flush=True)
-time.sleep(1)
-";
+/// Opens N TCP connections to the resolver (see the script).
+const TCP_HOG: &str = include_str!("../../worker/tests/tcp_hog.py");
 
 fn fd_count(pid: i32) -> Option<usize> {
     Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
@@ -198,6 +175,7 @@ fn dns_tcp_connections_per_sandbox_are_capped() -> Result<()> {
             "-c",
             TCP_HOG,
             &CLIENTS.to_string(),
+            "1",
         ],
     );
     stop.store(true, Ordering::SeqCst);

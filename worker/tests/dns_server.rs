@@ -461,34 +461,8 @@ async fn internal_only_sandbox_is_refused_and_nothing_goes_upstream() {
     server.stop_sandbox("sb3").await;
 }
 
-/// Opens N TCP connections to the resolver and keeps them; prints how many
-/// it opened and how many are still open, now and again after each line
-/// on stdin.
-const TCP_HOG: &str = "import socket,sys,time
-n=int(sys.argv[1])
-socks=[]
-for _ in range(n):
-    s=socket.socket()
-    s.settimeout(2)
-    try:
-        s.connect(('127.0.0.11',53))
-        socks.append(s)
-    except OSError:
-        s.close()
-time.sleep(0.3)
-def alive(s):
-    s.settimeout(0.02)
-    try:
-        return s.recv(1)!=b''
-    except socket.timeout:
-        return True
-    except OSError:
-        return False
-while True:
-    print(len(socks),sum(map(alive,socks)),flush=True)
-    if not sys.stdin.readline():
-        break
-";
+/// Opens N TCP connections to the resolver (see the script).
+const TCP_HOG: &str = include_str!("tcp_hog.py");
 
 /// Server-side TCP sockets of the DNS server in `ns` (local port 53), as
 /// the kernel lists them: each is one descriptor held by the server. Counted
