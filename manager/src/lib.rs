@@ -8,7 +8,14 @@
 //! - `ca`: the cluster root CA that signs node certificates;
 //! - `manager`: the running manager (Raft instance, writes forwarded to the leader,
 //!   heartbeat monitor that marks silent nodes down);
-//! - `cluster_service`: the gRPC service nodes call (join, heartbeat, renew, propose).
+//! - `cluster_service`: the gRPC service nodes call (join, heartbeat, renew,
+//!   propose, assignments, attach, task reports, logs);
+//! - `server`: the cluster port serving it and the Raft service over TLS;
+//! - `join_limit`: failed joins counted per source address;
+//! - `dispatcher`: each node's view (its networks, peers, tasks) derived from the state;
+//! - `services`: services and tasks inside the state machine (scheduling,
+//!   addresses, restarts, rolling updates);
+//! - `logs`: routing task-log requests to nodes and their answers back.
 //!
 //! It must not touch the kernel's networking: that belongs to the worker.
 

@@ -1,4 +1,4 @@
-//! The node agent's cluster side.
+//! The node agent: its cluster side and its data path.
 //!
 //! - `state_dir`: what a node keeps on disk (identity, certificates, the
 //!   managers it knows), written atomically so a crash never leaves half a file;
@@ -6,7 +6,16 @@
 //!   the start, and tightening what an older daemon left more open;
 //! - `session`: the node's link to the managers: heartbeats to the leader,
 //!   following leader changes, renewing its certificate before it expires and
-//!   when its role changes, and noticing that it was removed.
+//!   when its role changes, and noticing that it was removed;
+//! - `managers`: calls to "some manager", accepting only current ones;
+//! - `agent`: makes the kernel match the node's view, and re-checks it;
+//! - `overlay`, `link`, `veth`, `netns`: the overlay data path over rtnetlink;
+//! - `local`, `local_networks`: Docker's local drivers for standalone sandboxes;
+//! - `egress`: `mesh_gwbridge` and NAT for traffic leaving the node;
+//! - `vip`, `nft`: service VIPs in nftables, and applying our tables;
+//! - `dns`: the embedded resolver at 127.0.0.11 in every sandbox;
+//! - `sandbox`, `sandboxes`: sandboxes and their records, `run` and `rm`;
+//! - `tasks`, `task_logs`: the task runner and the node's side of task logs.
 //!
 //! It must not touch Raft or cluster state: it only asks managers.
 
