@@ -47,13 +47,6 @@ impl TrustedManagers {
         true
     }
 
-    pub fn get(&self) -> BTreeMap<String, String> {
-        self.inner
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-    }
-
     /// The fingerprint recorded for a manager, if it is one.
     pub fn key_of(&self, node_id: &str) -> Option<String> {
         self.inner

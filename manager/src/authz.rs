@@ -123,17 +123,6 @@ pub fn raft_caller(
     Ok(())
 }
 
-/// Current managers and their key fingerprints: what nodes accept as
-/// servers (sent to them with every heartbeat reply).
-pub fn managers(state: &ClusterState) -> std::collections::BTreeMap<String, String> {
-    state
-        .nodes
-        .values()
-        .filter(|n| n.role == Role::Manager.as_str() && !n.key_fingerprint.is_empty())
-        .map(|n| (n.id.clone(), n.key_fingerprint.clone()))
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,13 +224,5 @@ mod tests {
             raft_caller(&s, &[1, 2], &id("w1", Role::Worker, "key-w1"), 2),
             Err(Denied::NotManager)
         );
-    }
-
-    #[test]
-    fn managers_lists_current_managers_with_their_keys() {
-        let s = state();
-        let m = managers(&s);
-        assert_eq!(m.len(), 1);
-        assert_eq!(m.get("m1").map(String::as_str), Some("key-m1"));
     }
 }

@@ -27,10 +27,3 @@ pub fn sign(
     };
     ca.sign_node(csr_pem, node_id, role, &cluster.id, expiry)
 }
-
-/// A certificate time as the state records it (RFC 3339, UTC).
-pub fn rfc3339(t: std::time::SystemTime) -> String {
-    time::OffsetDateTime::from(t)
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
-}

@@ -19,7 +19,7 @@ use crate::authz::{self, Need};
 use crate::dispatcher;
 use crate::join_limit::JoinLimiter;
 use crate::manager::{HEARTBEAT_PERIOD, Manager, ManagerError, now};
-use crate::state::{ClusterState, Command, CommandResult, Node};
+use crate::state::{Command, CommandResult, Node};
 
 pub struct ClusterService {
     mgr: Arc<Manager>,
@@ -111,20 +111,19 @@ fn to_status(e: ManagerError) -> Status {
     }
 }
 
+/// The current managers, with the keys nodes must see them present.
 pub fn managers_of(mgr: &Manager) -> Vec<RemoteManager> {
-    mgr.read(remote_managers)
-}
-
-fn remote_managers(s: &ClusterState) -> Vec<RemoteManager> {
-    s.nodes
-        .values()
-        .filter(|n| n.role == "manager" && !n.manager_addr.is_empty())
-        .map(|n| RemoteManager {
-            node_id: n.id.clone(),
-            addr: n.manager_addr.clone(),
-            key_fingerprint: n.key_fingerprint.clone(),
-        })
-        .collect()
+    mgr.read(|s| {
+        s.nodes
+            .values()
+            .filter(|n| n.role == "manager" && !n.manager_addr.is_empty())
+            .map(|n| RemoteManager {
+                node_id: n.id.clone(),
+                addr: n.manager_addr.clone(),
+                key_fingerprint: n.key_fingerprint.clone(),
+            })
+            .collect()
+    })
 }
 
 #[tonic::async_trait]
@@ -195,7 +194,7 @@ impl cluster_server::Cluster for ClusterService {
             architecture: r.architecture,
             key_fingerprint: cert.key_fingerprint,
             cert_serial: cert.serial,
-            cert_not_after: crate::ca::rfc3339(cert.not_after),
+            cert_not_after: crate::manager::rfc3339(cert.not_after),
             ..Default::default()
         };
         self.mgr
@@ -271,7 +270,7 @@ impl cluster_server::Cluster for ClusterService {
                 id: node.id.clone(),
                 key_fingerprint: cert.key_fingerprint,
                 serial: cert.serial,
-                not_after: crate::ca::rfc3339(cert.not_after),
+                not_after: crate::manager::rfc3339(cert.not_after),
             })
             .await
             .map_err(to_status)?;

@@ -75,8 +75,10 @@ pub struct Manager {
     /// The managers this node knew of as a member (join reply, heartbeat
     /// replies): whom a fresh manager, with no state yet, accepts Raft from.
     pub trusted: TrustedManagers,
-    /// Per node, when its underlay address last changed (rate limit).
+    /// Per node, when its underlay address last changed (rate limit), and
+    /// when a refused change was last logged (so a flood logs once).
     addr_changed: Mutex<HashMap<String, Instant>>,
+    addr_refused: Mutex<HashMap<String, Instant>>,
     stop: watch::Sender<bool>,
 }
 
@@ -137,7 +139,12 @@ fn raft_config(snapshot_every: u64) -> Result<Arc<openraft::Config>, ManagerErro
 }
 
 pub fn now() -> String {
-    time::OffsetDateTime::now_utc()
+    rfc3339(std::time::SystemTime::now())
+}
+
+/// A time as the state records it (RFC 3339, UTC).
+pub fn rfc3339(t: std::time::SystemTime) -> String {
+    time::OffsetDateTime::from(t)
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
 }
@@ -182,6 +189,7 @@ impl Manager {
             logs: Default::default(),
             trusted: tls.trusted,
             addr_changed: Mutex::default(),
+            addr_refused: Mutex::default(),
             stop,
         });
         tokio::spawn(monitor(Arc::downgrade(&mgr), mgr.stop.subscribe()));
@@ -419,13 +427,12 @@ impl Manager {
 
     /// Logs a refused address change once per node per rate-limit period.
     fn log_addr_refusal(&self, node: &Node, addr: &str, why: &str) {
-        let key = format!("refused:{}", node.id);
-        let mut changed = self.addr_changed.lock().unwrap_or_else(|e| e.into_inner());
-        if changed
-            .get(&key)
+        let mut logged = self.addr_refused.lock().unwrap_or_else(|e| e.into_inner());
+        if logged
+            .get(&node.id)
             .is_none_or(|t| t.elapsed() >= ADDR_CHANGE_EVERY)
         {
-            changed.insert(key, Instant::now());
+            logged.insert(node.id.clone(), Instant::now());
             warn!(node = %node.id, claimed = %addr, "heartbeat address refused: {why}");
         }
     }

@@ -388,7 +388,7 @@ impl Daemon {
                 joined_addr: ip.clone(),
                 key_fingerprint: own.key_fingerprint.clone(),
                 cert_serial: own.serial.clone(),
-                cert_not_after: mesh_manager::ca::rfc3339(own.not_after),
+                cert_not_after: mesh_manager::manager::rfc3339(own.not_after),
                 ..Default::default()
             };
             mgr.write(Command::Init {
