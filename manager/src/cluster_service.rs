@@ -62,6 +62,17 @@ impl ClusterService {
         if let Ok(v) = addr.parse() {
             s.metadata_mut().insert("mesh-leader", v);
         }
+        // Who the managers are, as on a heartbeat reply: a node that missed
+        // a manager's arrival (it was down) must learn it here, or it could
+        // never trust the leader it is sent to.
+        let managers = managers_of(&self.mgr)
+            .iter()
+            .map(|m| format!("{}={}", m.node_id, m.key_fingerprint))
+            .collect::<Vec<_>>()
+            .join(",");
+        if let Ok(v) = managers.parse() {
+            s.metadata_mut().insert(mesh_proto::MANAGERS_HEADER, v);
+        }
         s
     }
 

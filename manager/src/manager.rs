@@ -99,8 +99,9 @@ impl ManagerCheck for StateCheck {
                 .map(|_| authz::caller(s, id, Need::Manager).map(|_| ()))
         });
         match strict {
+            // A lagging state that has not seen this manager join yet.
+            Some(Err(authz::Denied::Unknown(_))) | None => self.fallback.check_manager(id),
             Some(r) => r.map_err(|e| e.to_string()),
-            None => self.fallback.check_manager(id),
         }
     }
 }
@@ -583,21 +584,27 @@ impl Manager {
                 .as_ref()
                 .map(|_| authz::raft_caller(s, &members, who, claimed))
         });
-        match strict {
-            Some(r) => r,
-            None => {
-                self.trusted
-                    .check_manager(who)
-                    .map_err(|_| authz::Denied::NotInRaft(who.node_id.clone()))?;
-                if own != claimed {
-                    return Err(authz::Denied::NotOwnRaftId {
-                        node: who.node_id.clone(),
-                        own,
-                        claimed,
-                    });
-                }
-                Ok(())
+        // What this node was told of the managers (join reply, heartbeats).
+        let by_trusted = || {
+            self.trusted
+                .check_manager(who)
+                .map_err(|_| authz::Denied::NotInRaft(who.node_id.clone()))?;
+            if own != claimed {
+                return Err(authz::Denied::NotOwnRaftId {
+                    node: who.node_id.clone(),
+                    own,
+                    claimed,
+                });
             }
+            Ok(())
+        };
+        match strict {
+            // No state yet (just promoted), or a node this replica's state
+            // does not know yet (it lags: the manager joined in entries not
+            // applied here) but its Raft membership holds.
+            None => by_trusted(),
+            Some(Err(authz::Denied::Unknown(_))) if members.contains(&own) => by_trusted(),
+            Some(r) => r,
         }
     }
 

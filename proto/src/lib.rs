@@ -44,3 +44,8 @@ pub fn join_reply_content(r: &NodeJoinResponse) -> Vec<u8> {
     }
     .encode_to_vec()
 }
+
+/// Metadata of a follower's "not the leader" reply to a heartbeat: the
+/// current managers as `NODE_ID=KEY_FINGERPRINT,...`, so a node that missed
+/// a manager's arrival learns it before it is sent to that manager.
+pub const MANAGERS_HEADER: &str = "mesh-managers";

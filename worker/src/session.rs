@@ -8,14 +8,14 @@
 //! follows, and then tells the daemon to start or stop its manager role.
 //! Certificates are also renewed once half their lifetime has passed.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use mesh_common::pki::{self, Role};
 use mesh_common::tls::{self, ReloadableIdentity, TrustedManagers};
 use mesh_proto::cluster_client::ClusterClient;
-use mesh_proto::{HeartbeatRequest, RenewCertRequest};
+use mesh_proto::{HeartbeatRequest, MANAGERS_HEADER, RenewCertRequest};
 use tokio::sync::{mpsc, watch};
 use tonic::transport::Channel;
 use tracing::{debug, info, warn};
@@ -259,6 +259,13 @@ impl Session {
                         {
                             debug!("{addr} is not the leader; moving to {l}");
                             self.leader = Some(l.to_string());
+                            let keys = s
+                                .metadata()
+                                .get(MANAGERS_HEADER)
+                                .and_then(|v| v.to_str().ok())
+                                .map(parse_managers)
+                                .unwrap_or_default();
+                            self.learn_managers(keys);
                             self.set_error(format!("{addr}: {}", s.message()));
                             return Beat::Redirected;
                         }
@@ -283,26 +290,19 @@ impl Session {
             self.period = Duration::from_millis(u64::from(reply.period_ms));
         }
         let managers: Vec<String> = reply.managers.iter().map(|m| m.addr.clone()).collect();
-        let keys: std::collections::BTreeMap<String, String> = reply
+        let keys: BTreeMap<String, String> = reply
             .managers
             .iter()
             .filter(|m| !m.key_fingerprint.is_empty())
             .map(|m| (m.node_id.clone(), m.key_fingerprint.clone()))
             .collect();
-        let mut changed = false;
         if !managers.is_empty() && managers != self.config.managers {
             self.config.managers = managers;
-            changed = true;
+            if let Err(e) = self.state_dir.save_config(&self.config) {
+                warn!("cannot save manager list: {e}");
+            }
         }
-        // A demoted or removed manager drops out here, and from then on no
-        // new connection to it is accepted.
-        if !keys.is_empty() && self.trusted.set(keys.clone()) {
-            self.config.manager_keys = keys;
-            changed = true;
-        }
-        if changed && let Err(e) = self.state_dir.save_config(&self.config) {
-            warn!("cannot save manager list: {e}");
-        }
+        self.learn_managers(keys);
         {
             let mut st = self.status.lock().unwrap_or_else(|e| e.into_inner());
             st.connected = true;
@@ -329,6 +329,20 @@ impl Session {
             }
         }
         Beat::Ok
+    }
+
+    /// Takes the current managers and their keys from a manager this node
+    /// trusts (a heartbeat reply or a follower's redirect). A demoted or
+    /// removed manager drops out here, and from then on no new connection
+    /// to it is accepted.
+    fn learn_managers(&mut self, keys: BTreeMap<String, String>) {
+        if keys.is_empty() || !self.trusted.set(keys.clone()) {
+            return;
+        }
+        self.config.manager_keys = keys;
+        if let Err(e) = self.state_dir.save_config(&self.config) {
+            warn!("cannot save manager list: {e}");
+        }
     }
 
     async fn renew_if_due(&mut self) -> Result<(), String> {
@@ -394,5 +408,28 @@ impl Session {
             id.role, id.not_after
         );
         Ok(id.role)
+    }
+}
+
+/// Reads [`MANAGERS_HEADER`]: `NODE_ID=KEY_FINGERPRINT,...`.
+fn parse_managers(text: &str) -> BTreeMap<String, String> {
+    text.split(',')
+        .filter_map(|kv| kv.split_once('='))
+        .filter(|(k, v)| !k.is_empty() && !v.is_empty())
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn managers_header_round_trips_and_skips_junk() {
+        let m = parse_managers("a=1,,b=2,=3,c=,junk");
+        assert_eq!(m.len(), 2);
+        assert_eq!(m.get("a").map(String::as_str), Some("1"));
+        assert_eq!(m.get("b").map(String::as_str), Some("2"));
+        assert!(parse_managers("").is_empty());
     }
 }
