@@ -12,14 +12,15 @@
 //!   egress (all its networks `--internal`).
 //! - [`DnsServer`]: the wire side. Each served sandbox gets its own sockets,
 //!   opened inside its network namespace, and its own tasks on the daemon's
-//!   runtime (hickory-server for UDP, our accept loop for TCP, which caps
-//!   connections), so a sandbox flooding its resolver only queues behind
-//!   itself. Forwarded queries leave from the daemon's (node's) namespace,
+//!   runtime (our own UDP and TCP loops around hickory's request handler:
+//!   they cap queries and connections and send each answer directly), so a
+//!   sandbox flooding its resolver only queues behind itself. Forwarded queries leave from the daemon's (node's) namespace,
 //!   where the host's resolvers are reachable.
 //!
 //! Modules: `records` (the data and [`answer`]), `handler` (one sandbox's
 //! queries on the wire), `forward` (relaying to the host's resolvers),
-//! `tcp` (the capped DNS-over-TCP loop), `server` ([`DnsServer`]: sockets
+//! `raw` (one raw query in, its encoded answer out), `udp` and `tcp` (the
+//! capped loops), `server` ([`DnsServer`]: sockets
 //! and tasks per sandbox), `resolv_conf` (reading the host's, writing the
 //! sandboxes').
 
@@ -27,10 +28,12 @@ use std::net::Ipv4Addr;
 
 mod forward;
 mod handler;
+mod raw;
 mod records;
 mod resolv_conf;
 mod server;
 mod tcp;
+mod udp;
 
 pub use handler::{MAX_INFLIGHT_FORWARDS, TTL};
 pub use records::{
@@ -39,6 +42,7 @@ pub use records::{
 pub use resolv_conf::{sandbox_resolv_conf, upstreams_from_resolv_conf};
 pub use server::{DnsError, DnsServer};
 pub use tcp::{MAX_TCP_CONNECTIONS, TCP_IDLE, TCP_LIFETIME};
+pub use udp::MAX_UDP_QUERIES;
 
 /// Where the resolver listens inside every sandbox, as in Docker: an address
 /// on the sandbox's own loopback, so it needs no route and no interface of

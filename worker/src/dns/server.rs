@@ -8,7 +8,6 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use hickory_server::Server;
 use nix::errno::Errno;
 use tokio::sync::Semaphore;
 use tokio::time::timeout;
@@ -19,6 +18,7 @@ use super::forward::Forwarder;
 use super::handler::{MAX_INFLIGHT_FORWARDS, NetworksSlot, SandboxHandler, Shared};
 use super::records::{Records, SandboxNetwork};
 use super::tcp::serve_tcp;
+use super::udp::serve_udp;
 use crate::netns::{self, NetError};
 
 /// How long [`DnsServer::stop_sandbox`] waits for the server tasks to end;
@@ -53,12 +53,10 @@ pub enum DnsError {
 struct Served {
     netns: String,
     networks: NetworksSlot,
-    /// UDP.
-    server: Server<SandboxHandler>,
-    /// TCP: the accept loop, which owns its connections' tasks (aborting it
-    /// ends them all). A set, so dropping it aborts the loop, as dropping
-    /// `server` aborts hickory's.
-    tcp: tokio::task::JoinSet<()>,
+    /// The UDP and TCP loops, each owning its queries' or connections'
+    /// tasks (aborting a loop ends them all). A set, so dropping it aborts
+    /// the loops.
+    loops: tokio::task::JoinSet<()>,
 }
 
 /// The embedded DNS server. One instance per daemon; one set of sockets per
@@ -148,12 +146,12 @@ impl DnsServer {
             networks: networks.clone(),
             inflight: Arc::new(Semaphore::new(MAX_INFLIGHT_FORWARDS)),
         };
-        // TCP is not hickory's: its listener takes every connection, with
-        // no cap on how many are open at once.
-        let mut tcp_task = tokio::task::JoinSet::new();
-        tcp_task.spawn(serve_tcp(tcp, handler.clone()));
-        let mut server = Server::new(handler);
-        server.register_socket(udp);
+        // Neither loop is hickory's: its TCP listener takes every
+        // connection, with no cap, and its UDP loop drops answers that do
+        // not fit a small shared queue.
+        let mut loops = tokio::task::JoinSet::new();
+        loops.spawn(serve_tcp(tcp, handler.clone()));
+        loops.spawn(serve_udp(udp, handler));
         info!(
             sandbox = sandbox_id,
             netns, "serving DNS at {RESOLVER_IP}:53"
@@ -163,8 +161,7 @@ impl DnsServer {
             Served {
                 netns: netns.to_string(),
                 networks,
-                server,
-                tcp: tcp_task,
+                loops,
             },
         );
         Ok(())
@@ -206,14 +203,13 @@ fn set_networks(slot: &RwLock<Arc<[SandboxNetwork]>>, networks: Vec<SandboxNetwo
 }
 
 async fn shutdown(sandbox_id: &str, mut served: Served) {
-    served.tcp.shutdown().await;
-    match timeout(STOP_GRACE, served.server.shutdown_gracefully()).await {
-        Ok(Ok(())) => info!(sandbox = sandbox_id, "stopped DNS"),
-        Ok(Err(e)) => warn!(sandbox = sandbox_id, error = %e, "DNS server ended with an error"),
-        // Dropping the server aborts whatever is left.
+    // Aborts both loops and waits for them, so the sockets are closed
+    // when this returns.
+    match timeout(STOP_GRACE, served.loops.shutdown()).await {
+        Ok(()) => info!(sandbox = sandbox_id, "stopped DNS"),
         Err(_) => warn!(
             sandbox = sandbox_id,
-            "DNS server did not stop in time; aborted"
+            "DNS loops did not stop in time; left to end on their own"
         ),
     }
 }

@@ -3,17 +3,10 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use hickory_proto::op::{Header, Message, ResponseCode};
-use hickory_proto::rr::Record;
-use hickory_proto::serialize::binary::{BinDecodable, BinDecoder, BinEncoder};
-use hickory_server::net::NetError as HickoryNetError;
-use hickory_server::net::runtime::TokioTime;
 use hickory_server::net::xfer::Protocol;
-use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
-use hickory_server::zone_handler::MessageResponse;
 use nix::errno::Errno;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Semaphore;
@@ -99,7 +92,7 @@ async fn serve_tcp_connection(
             Ok(Ok(None)) | Err(_) => return Ok(()),
             Ok(Err(e)) => return Err(e),
         };
-        if let Some(reply) = handler.answer_tcp(query, peer).await {
+        if let Some(reply) = handler.answer_raw(query, peer, Protocol::Tcp).await {
             let len = u16::try_from(reply.len())
                 .map_err(|_| io::Error::other("DNS reply too long for TCP"))?;
             let mut out = Vec::with_capacity(reply.len() + 2);
@@ -129,72 +122,4 @@ async fn read_tcp_message(stream: &mut tokio::net::TcpStream) -> io::Result<Opti
     let mut msg = vec![0u8; usize::from(u16::from_be_bytes(len))];
     stream.read_exact(&mut msg).await?;
     Ok(Some(msg))
-}
-
-/// Collects the response to one TCP query, encoded, for the connection to
-/// write (hickory's own handle only writes to its own TCP streams).
-#[derive(Clone, Default)]
-struct TcpReply(Arc<Mutex<Option<Vec<u8>>>>);
-
-impl TcpReply {
-    fn take(&self) -> Option<Vec<u8>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
-    }
-}
-
-#[async_trait::async_trait]
-impl ResponseHandler for TcpReply {
-    async fn send_response<'a>(
-        &mut self,
-        response: MessageResponse<
-            '_,
-            'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-        >,
-    ) -> Result<ResponseInfo, HickoryNetError> {
-        let (id, op_code) = (response.metadata().id, response.metadata().op_code);
-        let mut bytes = Vec::with_capacity(512);
-        let mut encoder = BinEncoder::new(&mut bytes);
-        encoder.set_max_size(u16::MAX);
-        match response.destructive_emit(&mut encoder) {
-            Ok(info) => {
-                *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(bytes);
-                Ok(info)
-            }
-            Err(e) => {
-                // The client still gets an answer: SERVFAIL.
-                let servfail = Message::error_msg(id, op_code, ResponseCode::ServFail).to_vec()?;
-                *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(servfail);
-                Err(e.into())
-            }
-        }
-    }
-}
-
-impl SandboxHandler {
-    /// Answers one raw query that came over TCP: the encoded response, or
-    /// `None` for what deserves none (too short for a header, a response).
-    async fn answer_tcp(&self, raw: Vec<u8>, peer: SocketAddr) -> Option<Vec<u8>> {
-        let header = Header::read(&mut BinDecoder::new(&raw)).ok()?;
-        let request = match Request::from_bytes(raw, peer, Protocol::Tcp) {
-            Ok(r) => r,
-            Err(e) => {
-                debug!(sandbox = %self.sandbox_id, error = %e, "malformed DNS query over TCP");
-                return Message::error_msg(
-                    header.metadata.id,
-                    header.metadata.op_code,
-                    ResponseCode::FormErr,
-                )
-                .to_vec()
-                .ok();
-            }
-        };
-        let reply = TcpReply::default();
-        self.handle_request::<_, TokioTime>(&request, reply.clone())
-            .await;
-        reply.take()
-    }
 }
