@@ -177,7 +177,7 @@ impl RequestHandler for SandboxHandler {
         request: &Request,
         handle: R,
     ) -> ResponseInfo {
-        // hickory has already dropped what has no header and answered
+        // `answer_raw` has already dropped what has no header and answered
         // FORMERR to what does not parse; what is left may still be odd.
         if request.metadata.message_type != MessageType::Query {
             return servfail_info(request);

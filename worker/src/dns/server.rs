@@ -209,7 +209,7 @@ async fn shutdown(sandbox_id: &str, mut served: Served) {
         Ok(()) => info!(sandbox = sandbox_id, "stopped DNS"),
         Err(_) => warn!(
             sandbox = sandbox_id,
-            "DNS loops did not stop in time; left to end on their own"
+            "DNS loops did not confirm their end in time; dropped (aborted)"
         ),
     }
 }

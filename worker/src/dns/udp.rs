@@ -19,7 +19,7 @@ use super::handler::SandboxHandler;
 /// UDP queries being answered at once per sandbox (local ones finish at
 /// once; forwarded ones are capped lower, by
 /// [`super::MAX_INFLIGHT_FORWARDS`], and the rest get SERVFAIL). Past this,
-/// datagrams are dropped unread-for, as the kernel would drop them from a
+/// new datagrams are dropped unanswered, as the kernel drops them from a
 /// full socket buffer: the client retries.
 pub const MAX_UDP_QUERIES: usize = 1024;
 
