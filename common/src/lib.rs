@@ -1,6 +1,9 @@
 //! Types and pure helpers shared by managers, workers and the CLI.
 //!
 //! - `id`: node and cluster IDs (Swarm's 25-character base-36 shape);
+//! - `ipam`: subnet and address allocation math over the managers' state;
+//! - `model`: the cluster's words as enums (roles, states, modes, drivers)
+//!   and the MAC type, serialized as the strings older versions wrote;
 //! - `token`: join tokens `SWMTKN-1-<CA digest>-<secret>`, and the join
 //!   proofs made from their secret;
 //! - `pki`: the cluster CA, node certificates and CSRs (rcgen), and reading
@@ -15,6 +18,7 @@
 
 pub mod id;
 pub mod ipam;
+pub mod model;
 pub mod pki;
 pub mod tls;
 pub mod token;
