@@ -55,7 +55,9 @@ pub enum Cmd {
     /// Run a command inside a sandbox.
     Exec {
         sandbox: String,
-        #[arg(trailing_var_arg = true, required = true, allow_hyphen_values = true)]
+        /// Command and arguments: after `--`, or from the first word that
+        /// is not a flag.
+        #[arg(trailing_var_arg = true, required = true)]
         cmd: Vec<String>,
     },
     /// Remove sandboxes.
@@ -298,8 +300,19 @@ pub struct RunArgs {
     /// Run in the background and print the sandbox ID.
     #[arg(short, long)]
     pub detach: bool,
-    #[arg(trailing_var_arg = true, required = true, allow_hyphen_values = true)]
+    /// Publishing ports is not built yet: refused, so `-p 8080:80` is
+    /// never mistaken for the command.
+    #[arg(short = 'p', long = "publish", value_name = "PORTS", value_parser = refuse_publish)]
+    pub publish: Vec<String>,
+    /// Command and arguments: after `--`, or from the first word that is
+    /// not a flag. No `allow_hyphen_values`: an unknown flag is an error.
+    #[arg(trailing_var_arg = true, required = true)]
     pub cmd: Vec<String>,
+}
+
+/// `--publish` is parsed only to be refused with a reason.
+fn refuse_publish(_: &str) -> Result<String, String> {
+    Err("publishing ports is not supported yet".into())
 }
 
 #[derive(Subcommand)]
@@ -390,7 +403,12 @@ pub struct ServiceCreateArgs {
     /// Print the ID and return without waiting for the tasks to run.
     #[arg(short, long)]
     pub detach: bool,
-    #[arg(trailing_var_arg = true, required = true, allow_hyphen_values = true)]
+    /// Publishing ports is not built yet: refused with a reason.
+    #[arg(short = 'p', long = "publish", value_name = "PORTS", value_parser = refuse_publish)]
+    pub publish: Vec<String>,
+    /// Command and arguments: after `--`, or from the first word that is
+    /// not a flag; an unknown flag before it is an error.
+    #[arg(trailing_var_arg = true, required = true)]
     pub cmd: Vec<String>,
 }
 
@@ -419,4 +437,71 @@ pub struct ServiceUpdateArgs {
     #[arg(short, long)]
     pub detach: bool,
     pub service: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::error::ErrorKind;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("mesh").chain(args.iter().copied()))
+    }
+
+    fn run_cmd(args: &[&str]) -> Vec<String> {
+        match parse(args).map(|c| c.cmd) {
+            Ok(Cmd::Run(a)) => a.cmd,
+            Ok(_) => panic!("{args:?}: not run"),
+            Err(e) => panic!("{args:?}: {e}"),
+        }
+    }
+
+    #[test]
+    fn run_takes_the_command_after_the_flags() {
+        assert_eq!(
+            run_cmd(&["run", "-d", "--name", "x", "--", "sh", "-c", "true"]),
+            ["sh", "-c", "true"]
+        );
+        // Without `--`, flags after the first word belong to the command.
+        assert_eq!(run_cmd(&["run", "sleep", "-h"]), ["sleep", "-h"]);
+        assert_eq!(run_cmd(&["run", "--", "-weird"]), ["-weird"]);
+    }
+
+    #[test]
+    fn an_unknown_flag_is_an_error_not_the_command() {
+        for args in [
+            &["run", "-d", "--bogus", "--", "sleep", "1"][..],
+            &["run", "--name", "x", "-z", "sleep", "1"],
+            &["exec", "x", "--bogus", "ls"],
+            &["service", "create", "--name", "s", "--bogus", "sleep", "1"],
+        ] {
+            let kind = parse(args).err().map(|e| e.kind());
+            assert_eq!(kind, Some(ErrorKind::UnknownArgument), "{args:?}");
+        }
+    }
+
+    #[test]
+    fn publish_is_refused_with_a_reason() {
+        for args in [
+            &["run", "-d", "--name", "x", "-p", "8080:80", "--", "cmd"][..],
+            &[
+                "service",
+                "create",
+                "--name",
+                "s",
+                "--publish",
+                "80",
+                "sleep",
+                "1",
+            ],
+        ] {
+            let e = parse(args).err().map(|e| (e.kind(), e.to_string()));
+            let (kind, text) = e.unwrap_or_else(|| panic!("{args:?} parsed"));
+            assert_eq!(kind, ErrorKind::ValueValidation, "{args:?}");
+            assert!(
+                text.contains("publishing ports is not supported yet"),
+                "{text}"
+            );
+        }
+    }
 }

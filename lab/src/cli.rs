@@ -52,13 +52,10 @@ pub enum LabCommand {
         lab: String,
         /// node2, or just 2
         node: String,
-        /// Command and arguments (after `--`)
-        #[arg(
-            required = true,
-            trailing_var_arg = true,
-            allow_hyphen_values = true,
-            value_name = "CMD"
-        )]
+        /// Command and arguments (after `--`, or from the first word that is
+        /// not a flag). No `allow_hyphen_values`: an unknown flag before the
+        /// command is an error, not the command to run.
+        #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
         cmd: Vec<String>,
     },
     /// SIGKILL a node's daemon (a crash; its workloads and kernel state stay)
@@ -417,6 +414,19 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(Cli::try_parse_from(["lab", "exec", "t1", "node1"]).is_err());
+    }
+
+    #[test]
+    fn exec_refuses_an_unknown_flag_before_the_command() {
+        let e = Cli::try_parse_from(["lab", "exec", "t1", "node1", "--bogus", "ls"])
+            .err()
+            .map(|e| e.kind());
+        assert_eq!(e, Some(clap::error::ErrorKind::UnknownArgument));
+        // After `--` everything is the command, flags included.
+        match parse(&["exec", "t1", "node1", "--", "--bogus"]) {
+            LabCommand::Exec { cmd, .. } => assert_eq!(cmd, ["--bogus"]),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

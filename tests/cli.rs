@@ -1,0 +1,48 @@
+//! The command line refuses what it cannot do before it talks to a daemon:
+//! these run the built binary against a socket that does not exist, so the
+//! parse error is the only thing that can come out.
+
+use std::process::{Command, Output};
+
+use anyhow::Result;
+
+fn mesh(args: &[&str]) -> Result<Output> {
+    Ok(Command::new(env!("CARGO_BIN_EXE_mesh"))
+        .args(["-H", "/nonexistent/mesh-cli-test.sock"])
+        .args(args)
+        .output()?)
+}
+
+/// Exit status 2 (usage) and exactly one line on stderr that names `what`.
+fn assert_usage_error(args: &[&str], what: &str) -> Result<()> {
+    let out = mesh(args)?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: {stderr}");
+    assert!(stderr.contains(what), "{args:?}: {stderr}");
+    assert!(out.stdout.is_empty(), "{args:?}");
+    Ok(())
+}
+
+#[test]
+fn publish_is_refused_not_run_as_the_command() -> Result<()> {
+    assert_usage_error(
+        &["run", "-d", "--name", "x", "-p", "8080:80", "--", "cmd"],
+        "publishing ports is not supported yet",
+    )?;
+    assert_usage_error(
+        &["service", "create", "--name", "s", "-p", "80", "sleep", "1"],
+        "publishing ports is not supported yet",
+    )
+}
+
+#[test]
+fn unknown_flags_before_the_command_are_errors() -> Result<()> {
+    assert_usage_error(&["run", "-d", "--bogus", "--", "sleep", "1"], "--bogus")?;
+    assert_usage_error(&["exec", "x", "--bogus", "ls"], "--bogus")?;
+    assert_usage_error(
+        &["service", "create", "--name", "s", "--bogus", "sleep", "1"],
+        "--bogus",
+    )?;
+    assert_usage_error(&["lab", "exec", "l", "node1", "--bogus", "ls"], "--bogus")
+}
