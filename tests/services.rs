@@ -521,3 +521,53 @@ fn restarts_logs_dnsrr_and_global() -> Result<()> {
     lab.down()?;
     Ok(())
 }
+
+/// A manager promoted after the others joined gets the older nodes' log
+/// streams too: `service logs` run on it shows their tasks' lines.
+#[test]
+fn logs_reach_a_manager_promoted_later() -> Result<()> {
+    let lab = up("lp", 3, 1, &[])?;
+    lab.mesh_ok(
+        "node1",
+        &[
+            "service",
+            "create",
+            "--name",
+            "hello",
+            "--mode",
+            "global",
+            "--",
+            "sh",
+            "-c",
+            "echo hello-line; sleep 3600",
+        ],
+    )?;
+    let st = status(&lab, "node1", "hello")?;
+    let per = running_per_node(&st);
+    ensure!(per.len() == 3, "one task per node: {per:?}");
+
+    lab.mesh_ok("node1", &["node", "promote", "node3"])?;
+    wait_for("node3 to act as a manager", Duration::from_secs(20), || {
+        let nodes = node_ls(&lab, "node3").ok()?;
+        let row = nodes.iter().find(|n| n["Hostname"] == "node3")?;
+        (row["ManagerStatus"] == "Reachable").then_some(())
+    })?;
+    let (logs, _) = wait_for(
+        "every node's lines in `service logs` on node3",
+        Duration::from_secs(20),
+        || {
+            let logs = lab.mesh_ok("node3", &["service", "logs", "hello"]).ok()?;
+            ["node1", "node2", "node3"]
+                .iter()
+                .all(|n| {
+                    logs.lines()
+                        .any(|l| l.contains(&format!("@{n} ")) && l.ends_with("hello-line"))
+                })
+                .then_some(logs)
+        },
+    )?;
+    println!("{logs}");
+    lab.mesh_ok("node1", &["service", "rm", "hello"])?;
+    lab.down()?;
+    Ok(())
+}

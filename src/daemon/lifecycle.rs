@@ -197,20 +197,21 @@ impl Daemon {
         let (Some(config), Some(certs), Some(identity)) = (&m.config, &m.certs, &m.identity) else {
             bail!("no membership to start a session for");
         };
-        let session = Session::spawn(
-            self.state_dir.clone(),
-            config.clone(),
-            certs.clone(),
-            identity.clone(),
-            m.trusted.clone(),
-            self.events.clone(),
-        )?;
         // The data path follows the node's view from the managers.
         let managers = Managers::new(
             &certs.ca,
             identity.clone(),
             config.managers.clone(),
             m.trusted.clone(),
+        )?;
+        let session = Session::spawn(
+            self.state_dir.clone(),
+            config.clone(),
+            certs.clone(),
+            identity.clone(),
+            m.trusted.clone(),
+            managers.clone(),
+            self.events.clone(),
         )?;
         let local_ip: std::net::Ipv4Addr = config
             .advertise_addr

@@ -7,6 +7,9 @@
 //! makes the node renew its certificate, so the role inside the certificate
 //! follows, and then tells the daemon to start or stop its manager role.
 //! Certificates are also renewed once half their lifetime has passed.
+//!
+//! The managers listed in each heartbeat reply are handed to [`Managers`],
+//! so the node's other calls and its log streams follow the same set.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -20,6 +23,7 @@ use tokio::sync::{mpsc, watch};
 use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
+use crate::managers::Managers;
 use crate::state_dir::{Certs, NodeConfig, StateDir};
 
 const CALL_TIMEOUT: Duration = Duration::from_millis(1500);
@@ -60,7 +64,12 @@ pub struct Session {
     /// The managers this node accepts (shared with every client config of
     /// the node), refreshed from each heartbeat reply.
     trusted: TrustedManagers,
+    /// The channels the node's other calls use; told of every change in
+    /// the set of managers.
+    managers: Managers,
     tls: Arc<rustls::ClientConfig>,
+    /// The heartbeat's own channels: their short connect timeout makes a
+    /// dead leader cost little before the next manager is tried.
     channels: HashMap<String, Channel>,
     /// Index into `config.managers` of the manager to try next.
     next: usize,
@@ -122,13 +131,15 @@ pub enum SessionError {
 
 impl Session {
     /// Starts the heartbeat loop. `identity` is the node's TLS identity, shared
-    /// with its server (if a manager) so renewal updates both.
+    /// with its server (if a manager) so renewal updates both. `managers`
+    /// gets the current set of managers from every heartbeat reply.
     pub fn spawn(
         state_dir: StateDir,
         config: NodeConfig,
         certs: Certs,
         identity: ReloadableIdentity,
         trusted: TrustedManagers,
+        managers: Managers,
         events: mpsc::Sender<SessionEvent>,
     ) -> Result<SessionHandle, SessionError> {
         let tls =
@@ -147,6 +158,7 @@ impl Session {
             certs,
             identity,
             trusted,
+            managers,
             tls,
             channels: HashMap::new(),
             next: 0,
@@ -297,12 +309,14 @@ impl Session {
             .map(|m| (m.node_id.clone(), m.key_fingerprint.clone()))
             .collect();
         if !managers.is_empty() && managers != self.config.managers {
-            self.config.managers = managers;
+            self.config.managers = managers.clone();
             if let Err(e) = self.state_dir.save_config(&self.config) {
                 warn!("cannot save manager list: {e}");
             }
         }
+        // The keys first: a new manager's channel must find it trusted.
         self.learn_managers(keys);
+        self.managers.set_addrs(managers);
         {
             let mut st = self.status.lock().unwrap_or_else(|e| e.into_inner());
             st.connected = true;
@@ -399,6 +413,7 @@ impl Session {
         self.certs = certs;
         // New handshakes must present the new certificate.
         self.channels.clear();
+        self.managers.reconnect();
         self.status
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -1,6 +1,8 @@
 //! The node's side of `mesh service logs`: a stream of log requests kept
 //! open to every manager, answered from the tasks' output files. The node
-//! dials out only; it serves no port.
+//! dials out only; it serves no port. The streams follow the set of
+//! managers in [`Managers`]: a manager promoted later gets one as soon as a
+//! heartbeat reply lists it, so `service logs` run there sees every node.
 
 use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader};
@@ -25,6 +27,9 @@ pub const MAX_LINE: usize = 16 * 1024;
 /// Read buffer per log file.
 const READ_BUFFER: usize = 64 * 1024;
 
+/// How often a stream that ended (its manager restarted) is opened again.
+const REOPEN_EVERY: Duration = Duration::from_secs(2);
+
 /// Keeps one request stream per known manager until `stop`.
 pub async fn serve(
     managers: Managers,
@@ -33,6 +38,7 @@ pub async fn serve(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut streams: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
+    let mut set_changed = managers.subscribe();
     loop {
         let addrs = managers.addrs();
         streams.retain(|a, h| {
@@ -53,7 +59,9 @@ pub async fn serve(
             }
         }
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = tokio::time::sleep(REOPEN_EVERY) => {}
+            // The sender lives as long as `managers`, which this holds.
+            _ = set_changed.changed() => {}
             _ = stop.changed() => break,
         }
     }
