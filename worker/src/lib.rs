@@ -7,7 +7,8 @@
 //! - `session`: the node's link to the managers: heartbeats to the leader,
 //!   following leader changes, renewing its certificate before it expires and
 //!   when its role changes, and noticing that it was removed;
-//! - `managers`: calls to "some manager", accepting only current ones;
+//! - `managers`: one channel per current manager, refreshed from the
+//!   session's heartbeat replies; calls to "some manager" over them;
 //! - `agent`: makes the kernel match the node's view, and re-checks it;
 //! - `overlay`, `link`, `veth`, `netns`: the overlay data path over rtnetlink;
 //! - `local`, `local_networks`: Docker's local drivers for standalone sandboxes;
@@ -15,7 +16,10 @@
 //! - `vip`, `nft`: service VIPs in nftables, and applying our tables;
 //! - `dns`: the embedded resolver at 127.0.0.11 in every sandbox;
 //! - `sandbox`, `sandboxes`: sandboxes and their records, `run` and `rm`;
-//! - `tasks`, `task_logs`: the task runner and the node's side of task logs.
+//! - `tasks`: the task runner, carrying out `task_plan`'s decisions;
+//! - `task_plan`: the runner's decision table (view + records → start, stop,
+//!   remove, report), free of I/O;
+//! - `task_logs`: the node's side of task logs, a stream to every manager.
 //!
 //! It must not touch Raft or cluster state: it only asks managers.
 
@@ -35,6 +39,7 @@ pub mod sandboxes;
 pub mod session;
 pub mod state_dir;
 pub mod task_logs;
+pub mod task_plan;
 pub mod tasks;
 mod veth;
 pub mod vip;

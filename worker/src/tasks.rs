@@ -13,6 +13,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use mesh_common::model::TaskState;
 use mesh_proto::cluster_client::ClusterClient;
 use mesh_proto::{NodeView, TaskAssignment, TaskReport, TaskReports, WaitConvergedRequest};
 use tokio::sync::{Notify, watch};
@@ -20,32 +21,18 @@ use tracing::{debug, info, warn};
 
 use crate::managers::Managers;
 use crate::sandboxes::{DataPath, Sandboxes, check_id};
+use crate::task_plan::{self, Phase, Report};
 
 /// How often running tasks are checked for an exit.
 const EXIT_POLL: Duration = Duration::from_millis(200);
-/// A report the managers have not reflected yet is sent again after this.
-const REPORT_AGAIN: Duration = Duration::from_secs(2);
 /// Longest wait for other nodes to drop a stopping task from their rules.
 const DRAIN_WAIT: Duration = Duration::from_secs(5);
-
-/// What this node knows of one task beyond its sandbox record.
-#[derive(Clone, Debug, PartialEq)]
-enum Phase {
-    /// A start job is running (possibly waiting out the restart delay).
-    Starting,
-    /// The start failed; the error is reported as "rejected".
-    Rejected(String),
-    /// A stop job is running.
-    Stopping,
-    /// Stopped on the managers' request.
-    Stopped,
-}
 
 #[derive(Default)]
 struct Local {
     phases: HashMap<String, Phase>,
     /// Last report sent per task, and when.
-    sent: HashMap<String, (String, Instant)>,
+    sent: HashMap<String, (TaskState, Instant)>,
     /// Task IDs of the view that are not mesh IDs, already warned about.
     refused: HashSet<String>,
 }
@@ -74,15 +61,6 @@ impl TaskRunner {
             local: Mutex::default(),
             wake: Notify::new(),
         })
-    }
-
-    fn phase(&self, id: &str) -> Option<Phase> {
-        self.local
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .phases
-            .get(id)
-            .cloned()
     }
 
     fn set_phase(&self, id: &str, p: Option<Phase>) {
@@ -139,7 +117,8 @@ impl TaskRunner {
         }
     }
 
-    /// One pass over the view's tasks and this node's task sandboxes.
+    /// One pass over the view's tasks and this node's task sandboxes: the
+    /// decisions are [`task_plan::plan`]'s, carried out here.
     async fn pass(self: &Arc<Self>, view: &NodeView) {
         let tasks = self.valid_tasks(view);
         let records: HashMap<String, crate::sandboxes::Record> = self
@@ -149,95 +128,51 @@ impl TaskRunner {
             .filter(|r| r.service.is_some())
             .map(|r| (r.id.clone(), r))
             .collect();
-        let wanted: HashSet<&str> = tasks.iter().map(|t| t.id.as_str()).collect();
-        let mut reports = Vec::new();
-        for &t in &tasks {
-            let rec = records.get(&t.id);
-            let phase = self.phase(&t.id);
-            if t.desired_state == "running" {
-                match (&phase, rec) {
-                    (Some(Phase::Starting | Phase::Stopping), _) => {}
-                    (Some(Phase::Rejected(err)), _) => {
-                        reports.push(report(&t.id, "rejected", "task: failed to start", err, -1));
-                    }
-                    (_, Some(r)) => match r.exit_code {
-                        None => reports.push(report(&t.id, "running", "started", "", 0)),
-                        Some(0) => reports.push(report(&t.id, "complete", "finished", "", 0)),
-                        Some(code) => reports.push(report(
-                            &t.id,
-                            "failed",
-                            "task exited",
-                            &format!("task: non-zero exit ({code})"),
-                            code,
-                        )),
-                    },
-                    (_, None) => {
-                        self.set_phase(&t.id, Some(Phase::Starting));
-                        reports.push(report(&t.id, "starting", "starting", "", 0));
-                        tokio::spawn(self.clone().start(t.clone()));
-                    }
-                }
-            } else {
-                match (&phase, rec) {
-                    (Some(Phase::Stopping), _) => {}
-                    (Some(Phase::Starting), _) => {} // stopped once started
-                    (_, Some(_)) => {
-                        self.set_phase(&t.id, Some(Phase::Stopping));
-                        tokio::spawn(self.clone().stop(t.id.clone()));
-                    }
-                    (Some(Phase::Rejected(err)), None) => {
-                        reports.push(report(&t.id, "rejected", "task: failed to start", err, -1));
-                    }
-                    (_, None) => {
-                        reports.push(report(&t.id, "shutdown", "stopped", "", 0));
-                    }
-                }
-            }
-        }
-        // Sandboxes of tasks that are not ours any more (ended, or moved
-        // while this node was down).
-        for (id, r) in &records {
-            if !wanted.contains(id.as_str()) && self.phase(id).is_none() {
-                info!(task = %r.name, "removing a task this node no longer runs");
-                self.set_phase(id, Some(Phase::Stopping));
-                let me = self.clone();
-                let id = id.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = me.sandboxes.remove_task(&id, &me.dp).await {
-                        warn!("{e}");
-                    }
-                    me.set_phase(&id, None);
-                });
-            }
-        }
-        {
-            let mut l = self.local.lock().unwrap_or_else(|e| e.into_inner());
-            l.phases
-                .retain(|id, p| wanted.contains(id.as_str()) || matches!(p, Phase::Stopping));
-            l.sent.retain(|id, _| wanted.contains(id.as_str()));
-        }
-        let known: HashMap<&str, &TaskAssignment> =
+        let exits: HashMap<String, Option<i32>> = records
+            .iter()
+            .map(|(id, r)| (id.clone(), r.exit_code))
+            .collect();
+        let phases = self
+            .local
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .phases
+            .clone();
+        let plan = task_plan::plan(&tasks, &exits, &phases);
+        let by_id: HashMap<&str, &TaskAssignment> =
             tasks.iter().map(|t| (t.id.as_str(), *t)).collect();
+        for id in &plan.start {
+            if let Some(t) = by_id.get(id.as_str()) {
+                self.set_phase(id, Some(Phase::Starting));
+                tokio::spawn(self.clone().start((*t).clone()));
+            }
+        }
+        for id in &plan.stop {
+            self.set_phase(id, Some(Phase::Stopping));
+            tokio::spawn(self.clone().stop(id.clone()));
+        }
+        for id in &plan.remove {
+            if let Some(r) = records.get(id) {
+                info!(task = %r.name, "removing a task this node no longer runs");
+            }
+            self.set_phase(id, Some(Phase::Stopping));
+            let me = self.clone();
+            let id = id.clone();
+            tokio::spawn(async move {
+                if let Err(e) = me.sandboxes.remove_task(&id, &me.dp).await {
+                    warn!("{e}");
+                }
+                me.set_phase(&id, None);
+            });
+        }
         let due: Vec<TaskReport> = {
             let mut l = self.local.lock().unwrap_or_else(|e| e.into_inner());
-            reports
-                .into_iter()
-                .filter(|r| {
-                    known
-                        .get(r.task_id.as_str())
-                        .is_some_and(|t| t.known_state != r.state)
-                })
-                .filter(|r| {
-                    let fresh = l
-                        .sent
-                        .get(&r.task_id)
-                        .is_none_or(|(s, at)| *s != r.state || at.elapsed() > REPORT_AGAIN);
-                    if fresh {
-                        l.sent
-                            .insert(r.task_id.clone(), (r.state.clone(), Instant::now()));
-                    }
-                    fresh
-                })
+            l.phases
+                .retain(|id, p| by_id.contains_key(id.as_str()) || matches!(p, Phase::Stopping));
+            l.sent.retain(|id, _| by_id.contains_key(id.as_str()));
+            task_plan::due(plan.reports, &mut l.sent, Instant::now())
+                .iter()
+                .map(Report::to_proto)
                 .collect()
         };
         if !due.is_empty() {
@@ -322,15 +257,5 @@ impl TaskRunner {
             warn!("{e}");
         }
         self.set_phase(&id, Some(Phase::Stopped));
-    }
-}
-
-fn report(id: &str, state: &str, message: &str, error: &str, exit_code: i32) -> TaskReport {
-    TaskReport {
-        task_id: id.to_string(),
-        state: state.to_string(),
-        message: message.to_string(),
-        error: error.to_string(),
-        exit_code,
     }
 }
