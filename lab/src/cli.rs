@@ -1,5 +1,5 @@
 //! `mesh lab ...`: the command-line face of the harness. Parsing and printing
-//! only; the work is in [`crate::lab`].
+//! only; the work is in [`crate::Lab`] and the `registry`.
 
 use std::io::Write;
 use std::path::Path;
@@ -8,7 +8,9 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::error::{LabError, Result};
-use crate::lab::{self, Lab, LabListing, UNDERLAY_BRIDGE, UpSpec};
+use crate::lab::{Lab, UNDERLAY_BRIDGE};
+use crate::registry::{self, LabListing};
+use crate::spec::{LabStatus, UpSpec};
 use crate::sys;
 
 /// Output format of `mesh lab ls`.
@@ -105,7 +107,7 @@ fn dispatch(cmd: LabCommand, mesh_bin: &Path) -> Result<()> {
             Ok(())
         }
         LabCommand::Ls { format } => {
-            let labs = lab::list()?;
+            let labs = registry::list()?;
             match format {
                 Format::Table => print_ls_table(&labs),
                 Format::Json => {
@@ -176,7 +178,7 @@ fn dispatch(cmd: LabCommand, mesh_bin: &Path) -> Result<()> {
             Ok(())
         }
         LabCommand::Down { lab } => {
-            lab::down(&lab)?;
+            registry::down(&lab)?;
             println!("lab {lab} removed");
             Ok(())
         }
@@ -252,8 +254,8 @@ fn print_ls_table(labs: &[LabListing]) {
         match &l.lab {
             Some(lab) => {
                 let status = match lab.status {
-                    lab::LabStatus::Ready => "ready",
-                    lab::LabStatus::Creating => {
+                    LabStatus::Ready => "ready",
+                    LabStatus::Creating => {
                         incomplete.push(lab.name.clone());
                         "incomplete"
                     }
@@ -309,8 +311,8 @@ fn listing_json(l: &LabListing) -> serde_json::Value {
         Some(lab) => json!({
             "Name": lab.name,
             "Status": match lab.status {
-                lab::LabStatus::Ready => "ready",
-                lab::LabStatus::Creating => "incomplete",
+                LabStatus::Ready => "ready",
+                LabStatus::Creating => "incomplete",
             },
             "Subnet": lab.subnet(),
             "UnderlayNetns": lab.underlay_netns,

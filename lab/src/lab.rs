@@ -1,5 +1,6 @@
-//! A lab: its namespaces, its daemons, its state file, and the operations the
-//! CLI and the end-to-end tests perform on it.
+//! A lab: building one (namespaces, underlay, daemons, the cluster), its
+//! state file, and cutting and healing its links. Its daemons are in
+//! `daemon.rs`, commands in its nodes in `exec.rs`, removal in `teardown.rs`.
 //!
 //! Layout of lab `L` with nodes `node1..nodeN`:
 //! - netns `mlab-L-ul` holds bridge `br0` (the underlay switch) and one veth
@@ -12,27 +13,24 @@
 //! Nothing is routed out of the lab: the only addresses are on the lab's own
 //! /24 and the host namespace gets no link, so traffic cannot leave it.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::ffi::{OsStr, OsString};
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
-use std::net::Ipv4Addr;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::collections::{BTreeSet, HashMap};
+use std::fs;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use nix::fcntl::{Flock, FlockArg};
-use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{LabError, Result};
 use crate::names;
-use crate::sys::{self, Uts};
-
-/// Where labs keep their state; under /run so a reboot (which also drops
-/// every namespace) forgets them too.
-pub const LAB_ROOT: &str = "/run/mesh-lab";
+use crate::readiness::{NodeRow, cluster_complete, parse_node_ls};
+use crate::registry::{
+    LAB_ROOT, lab_dir, lock_root, owned_netns, read_state, require_root, state_file,
+};
+use crate::spec::{LabNode, LabStatus, Role, UpSpec};
+use crate::sys;
+use crate::teardown::teardown;
 
 /// Port managers listen on for joins, as in Swarm.
 pub const CLUSTER_PORT: u16 = 2377;
@@ -40,159 +38,11 @@ pub const CLUSTER_PORT: u16 = 2377;
 /// Name of the underlay bridge inside the underlay namespace.
 pub const UNDERLAY_BRIDGE: &str = "br0";
 
-/// How long a daemon gets to exit after SIGTERM before it is SIGKILLed:
-/// long enough to remove what it made, as Docker's default stop timeout.
-const DAEMON_STOP_GRACE: Duration = Duration::from_secs(10);
-
 /// Default limit for one command run in a node through the API.
 const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Limit for one `mesh` CLI call made while forming the cluster.
 const MESH_STEP_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Log lines shown in errors about a node.
-const LOG_TAIL_LINES: usize = 30;
-
-/// A node's role in the cluster.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    Manager,
-    Worker,
-}
-
-impl std::fmt::Display for Role {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Role::Manager => "manager",
-            Role::Worker => "worker",
-        })
-    }
-}
-
-/// Whether `up` finished: a lab stuck in `creating` was interrupted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LabStatus {
-    Creating,
-    Ready,
-}
-
-/// One node of a lab: a network namespace with its own `mesh daemon`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct LabNode {
-    /// `node1`, `node2`, ...; also the hostname its daemon sees.
-    pub name: String,
-    pub role: Role,
-    /// Underlay address, on `eth0` in [`LabNode::netns`].
-    pub ip: Ipv4Addr,
-    /// Named network namespace (`ip netns exec` works on it).
-    pub netns: String,
-    /// The bridge-side end of the node's underlay link, in the underlay namespace.
-    pub veth: String,
-    /// Directory holding everything below.
-    pub dir: PathBuf,
-    pub state_dir: PathBuf,
-    pub socket: PathBuf,
-    pub log: PathBuf,
-    /// Pid of the daemon last started (it may have died since).
-    pub pid: Option<i32>,
-    /// Start time of that pid (/proc/PID/stat), so a recycled pid is not taken for it.
-    #[serde(default)]
-    pub pid_start: Option<u64>,
-    /// Pids of earlier daemons of this node (before `kill` + `start`): `down`
-    /// still finds what they left running in their sessions.
-    #[serde(default)]
-    pub previous_pids: Vec<i32>,
-    /// The node's cluster ID once it joined.
-    #[serde(default)]
-    pub id: Option<String>,
-    /// True while its underlay link is cut.
-    #[serde(default)]
-    pub cut: bool,
-}
-
-impl LabNode {
-    /// True while the daemon started for this node is running.
-    pub fn running(&self) -> bool {
-        self.pid.is_some_and(|p| sys::alive(p, self.pid_start))
-    }
-
-    /// The daemon's address in `-H`/`MESH_HOST` form.
-    pub fn host(&self) -> String {
-        format!("unix://{}", self.socket.display())
-    }
-}
-
-/// What `up` builds.
-#[derive(Debug, Clone)]
-pub struct UpSpec {
-    pub name: String,
-    pub nodes: usize,
-    /// The first `managers` nodes are managers (node1 initializes the cluster).
-    pub managers: usize,
-    /// Extra arguments for `mesh init`.
-    pub init_args: Vec<String>,
-    /// Extra arguments for every `mesh daemon`.
-    pub daemon_args: Vec<String>,
-    /// How long a daemon may take until its socket answers.
-    pub socket_timeout: Duration,
-    /// How long the cluster may take until every node is Ready.
-    pub ready_timeout: Duration,
-    /// Print progress lines on stderr (the CLI does; tests need not).
-    pub progress: bool,
-}
-
-impl Default for UpSpec {
-    fn default() -> Self {
-        UpSpec {
-            name: "lab".into(),
-            nodes: 3,
-            managers: 1,
-            init_args: Vec::new(),
-            daemon_args: Vec::new(),
-            socket_timeout: Duration::from_secs(30),
-            ready_timeout: Duration::from_secs(90),
-            progress: false,
-        }
-    }
-}
-
-impl UpSpec {
-    /// A spec with the given name and size and default timeouts.
-    pub fn new(name: &str, nodes: usize, managers: usize) -> Self {
-        UpSpec {
-            name: name.into(),
-            nodes,
-            managers,
-            ..UpSpec::default()
-        }
-    }
-
-    fn validate(&self) -> Result<()> {
-        names::validate_lab_name(&self.name)?;
-        if self.nodes == 0 || self.nodes > names::MAX_NODES {
-            return Err(LabError::InvalidSpec(format!(
-                "--nodes {} is out of range; use 1 to {}",
-                self.nodes,
-                names::MAX_NODES
-            )));
-        }
-        if self.managers == 0 || self.managers > self.nodes {
-            return Err(LabError::InvalidSpec(format!(
-                "--managers {} must be between 1 and --nodes ({})",
-                self.managers, self.nodes
-            )));
-        }
-        if self.managers.is_multiple_of(2) {
-            tracing::warn!(
-                managers = self.managers,
-                "an even number of managers tolerates no more failures than one fewer"
-            );
-        }
-        Ok(())
-    }
-}
 
 /// A running (or half-made, or crashed) lab.
 ///
@@ -218,82 +68,17 @@ pub struct Lab {
     #[serde(default)]
     pub created_unix: u64,
     #[serde(skip, default = "default_command_timeout")]
-    command_timeout: Duration,
+    pub(crate) command_timeout: Duration,
     /// Daemons started by this process, kept to reap them.
     #[serde(skip)]
-    children: HashMap<String, Child>,
+    pub(crate) children: HashMap<String, Child>,
     /// Tear down on drop.
     #[serde(skip)]
-    owned: bool,
+    pub(crate) owned: bool,
 }
 
 fn default_command_timeout() -> Duration {
     DEFAULT_COMMAND_TIMEOUT
-}
-
-/// Directory of lab `name`.
-pub fn lab_dir(name: &str) -> PathBuf {
-    Path::new(LAB_ROOT).join(name)
-}
-
-fn state_file(name: &str) -> PathBuf {
-    lab_dir(name).join("lab.json")
-}
-
-fn require_root() -> Result<()> {
-    if nix::unistd::geteuid().is_root() {
-        Ok(())
-    } else {
-        Err(LabError::NotRoot)
-    }
-}
-
-/// Serializes changes to lab state across `mesh lab` processes (subnet
-/// picking, name reservation, lab.json updates).
-fn lock_root() -> Result<Flock<File>> {
-    fs::create_dir_all(LAB_ROOT).map_err(|e| LabError::io(format!("creating {LAB_ROOT}"), e))?;
-    let path = Path::new(LAB_ROOT).join(".lock");
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| LabError::io(format!("opening {}", path.display()), e))?;
-    Flock::lock(file, FlockArg::LockExclusive)
-        .map_err(|(_, e)| LabError::sys(format!("locking {}", path.display()), e))
-}
-
-/// Reads lab.json of `name`; None if there is none.
-fn read_state(name: &str) -> Result<Option<Lab>> {
-    let path = state_file(name);
-    let text = match fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => {
-            return Err(LabError::State {
-                lab: name.into(),
-                path,
-                reason: e.to_string(),
-            });
-        }
-    };
-    serde_json::from_str(&text)
-        .map(Some)
-        .map_err(|e| LabError::State {
-            lab: name.into(),
-            path,
-            reason: e.to_string(),
-        })
-}
-
-/// Namespaces on this machine that belong to lab `name`.
-fn owned_netns(name: &str) -> Vec<String> {
-    let mut v: Vec<String> = sys::list_netns()
-        .into_iter()
-        .filter(|ns| names::parse_netns(ns).is_some_and(|(lab, _)| lab == name))
-        .collect();
-    v.sort();
-    v
 }
 
 fn now_unix() -> u64 {
@@ -303,323 +88,12 @@ fn now_unix() -> u64 {
         .unwrap_or_default()
 }
 
-fn create_dir(path: &Path, mode: u32) -> Result<()> {
+pub(crate) fn create_dir(path: &Path, mode: u32) -> Result<()> {
     fs::DirBuilder::new()
         .recursive(true)
         .mode(mode)
         .create(path)
         .map_err(|e| LabError::io(format!("creating {}", path.display()), e))
-}
-
-/// One row of `mesh node ls --format json`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NodeRow {
-    pub id: String,
-    pub hostname: String,
-    pub status: String,
-    pub manager_status: String,
-}
-
-/// Parses `mesh node ls --format json`: JSON lines (Docker's style), or one array.
-pub fn parse_node_ls(text: &str) -> Result<Vec<NodeRow>, String> {
-    let trimmed = text.trim();
-    let values: Vec<serde_json::Value> = if trimmed.starts_with('[') {
-        serde_json::from_str(trimmed).map_err(|e| format!("not JSON: {e}"))?
-    } else {
-        trimmed
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(|l| serde_json::from_str(l).map_err(|e| format!("line {l:?} is not JSON: {e}")))
-            .collect::<Result<_, _>>()?
-    };
-    let field = |v: &serde_json::Value, k: &str| {
-        v.get(k)
-            .and_then(|x| x.as_str())
-            .unwrap_or_default()
-            .to_string()
-    };
-    Ok(values
-        .iter()
-        .map(|v| NodeRow {
-            id: field(v, "ID"),
-            hostname: field(v, "Hostname"),
-            status: field(v, "Status"),
-            manager_status: field(v, "ManagerStatus"),
-        })
-        .collect())
-}
-
-/// Whether `rows` show the expected cluster; otherwise what is missing.
-fn cluster_complete(rows: &[NodeRow], expect: &[&str], managers: usize) -> Result<(), String> {
-    let mut problems = Vec::new();
-    let missing: Vec<&str> = expect
-        .iter()
-        .copied()
-        .filter(|n| !rows.iter().any(|r| r.hostname == *n))
-        .collect();
-    if rows.len() != expect.len() {
-        problems.push(format!(
-            "{} of {} nodes listed{}",
-            rows.len(),
-            expect.len(),
-            if missing.is_empty() {
-                String::new()
-            } else {
-                format!(" (missing: {})", missing.join(", "))
-            }
-        ));
-    }
-    let not_ready: Vec<String> = rows
-        .iter()
-        .filter(|r| r.status != "Ready")
-        .map(|r| {
-            format!(
-                "{} is {}",
-                r.hostname,
-                if r.status.is_empty() { "?" } else { &r.status }
-            )
-        })
-        .collect();
-    if !not_ready.is_empty() {
-        problems.push(not_ready.join(", "));
-    }
-    let reachable = rows
-        .iter()
-        .filter(|r| matches!(r.manager_status.as_str(), "Leader" | "Reachable"))
-        .count();
-    let leaders = rows.iter().filter(|r| r.manager_status == "Leader").count();
-    if reachable != managers || leaders != 1 {
-        problems.push(format!(
-            "{reachable} reachable managers of {managers}, {leaders} leader(s)"
-        ));
-    }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(problems.join("; "))
-    }
-}
-
-/// What `mesh lab ls` shows for one lab.
-#[derive(Debug)]
-pub struct LabListing {
-    pub name: String,
-    /// The lab's state, if its lab.json is readable.
-    pub lab: Option<Lab>,
-    /// Why lab.json is unusable, if it is.
-    pub problem: Option<String>,
-    /// Namespaces of this lab name left without a lab.json (a crashed run).
-    pub stale_netns: Vec<String>,
-}
-
-/// Every lab on this machine, including leftovers of crashed runs.
-pub fn list() -> Result<Vec<LabListing>> {
-    let mut out: BTreeMap<String, LabListing> = BTreeMap::new();
-    if let Ok(dir) = fs::read_dir(LAB_ROOT) {
-        for entry in dir.flatten() {
-            let Some(name) = entry.file_name().to_str().map(str::to_string) else {
-                continue;
-            };
-            if names::validate_lab_name(&name).is_err() || !entry.path().is_dir() {
-                continue;
-            }
-            let (lab, problem) = match read_state(&name) {
-                Ok(Some(lab)) => (Some(lab), None),
-                Ok(None) => (None, Some("no lab.json (interrupted run)".to_string())),
-                Err(e) => (None, Some(e.to_string())),
-            };
-            out.insert(
-                name.clone(),
-                LabListing {
-                    name,
-                    lab,
-                    problem,
-                    stale_netns: Vec::new(),
-                },
-            );
-        }
-    }
-    for ns in sys::list_netns() {
-        if let Some((lab, _)) = names::parse_netns(&ns) {
-            let entry = out.entry(lab.clone()).or_insert_with(|| LabListing {
-                name: lab,
-                lab: None,
-                problem: Some("leftover namespaces without lab state (crashed run)".into()),
-                stale_netns: Vec::new(),
-            });
-            if entry.lab.is_none() {
-                entry.stale_netns.push(ns);
-            }
-        }
-    }
-    Ok(out.into_values().collect())
-}
-
-/// Tears down lab `name`: daemons, processes in its namespaces, namespaces,
-/// links, files. Works on half-made and crashed labs (it also finds
-/// namespaces named after the lab without any state), keeps going past
-/// failures and reports them all.
-pub fn down(name: &str) -> Result<()> {
-    names::validate_lab_name(name)?;
-    require_root()?;
-    let nodes = match read_state(name) {
-        Ok(Some(lab)) => lab.nodes.clone(),
-        Ok(None) => Vec::new(),
-        Err(e) => {
-            tracing::warn!(lab = name, error = %e, "lab state unreadable; removing what can be found by name");
-            Vec::new()
-        }
-    };
-    if nodes.is_empty() && !lab_dir(name).exists() && owned_netns(name).is_empty() {
-        return Err(LabError::NotFound(name.into()));
-    }
-    teardown(name, &nodes, &mut HashMap::new())
-}
-
-/// Removes whatever a previous (crashed) run left under lab name `name`;
-/// Ok(false) when there was nothing. Tests call it before [`Lab::up`].
-pub fn cleanup_stale(name: &str) -> Result<bool> {
-    match down(name) {
-        Ok(()) => Ok(true),
-        Err(LabError::NotFound(_)) => Ok(false),
-        Err(e) => Err(e),
-    }
-}
-
-/// Reaps daemons this process started that have exited, so they do not
-/// linger as zombies.
-fn reap(children: &mut HashMap<String, Child>) {
-    children.retain(|_, c| matches!(c.try_wait(), Ok(None)));
-}
-
-/// Namespaces the lab's daemons made for networks and sandboxes: each
-/// daemon names them with the prefix kept in its state dir (`instance`), and
-/// a sandbox's processes live in them, outside the daemon's session.
-fn daemon_netns(nodes: &[LabNode]) -> Vec<String> {
-    let prefixes: Vec<String> = nodes
-        .iter()
-        .filter_map(|n| fs::read_to_string(n.state_dir.join("instance")).ok())
-        .map(|id| format!("mesh{}-", id.trim()))
-        .filter(|p| p.len() > "mesh-".len())
-        .collect();
-    let Ok(entries) = fs::read_dir(sys::NETNS_DIR) else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|e| e.file_name().into_string().ok())
-        .filter(|ns| prefixes.iter().any(|p| ns.starts_with(p.as_str())))
-        .collect()
-}
-
-fn teardown(name: &str, nodes: &[LabNode], children: &mut HashMap<String, Child>) -> Result<()> {
-    let mut problems = Vec::new();
-
-    // Daemons first, politely, so they can remove what they made.
-    let mut daemons = Vec::new();
-    let mut members = Vec::new();
-    for n in nodes {
-        for &old in &n.previous_pids {
-            // Its pid number stays reserved while its session has members.
-            if sys::proc_info(old).is_none() {
-                members.extend(sys::session_members(old));
-            }
-        }
-        let Some(pid) = n.pid else { continue };
-        let Some(start) = n.pid_start.or_else(|| sys::proc_info(pid).map(|i| i.start)) else {
-            members.extend(sys::session_members(pid));
-            continue;
-        };
-        if !sys::alive(pid, Some(start)) {
-            // A dead daemon's pid stays reserved while its session has members
-            // (its sandboxes); if nobody holds the pid now, those are ours.
-            if sys::proc_info(pid).is_none() {
-                members.extend(sys::session_members(pid));
-            }
-            continue;
-        }
-        members.extend(sys::session_members(pid));
-        match sys::signal(pid, Some(start), Signal::SIGTERM) {
-            Ok(()) => daemons.push((pid, start)),
-            Err(e) => problems.push(format!("{}: {e}", n.name)),
-        }
-    }
-    for (pid, start) in sys::wait_gone(&daemons, DAEMON_STOP_GRACE) {
-        tracing::warn!(
-            lab = name,
-            pid,
-            "daemon did not exit on SIGTERM; killing it"
-        );
-        if let Err(e) = sys::signal(pid, Some(start), Signal::SIGKILL) {
-            problems.push(e.to_string());
-        }
-    }
-    reap(children);
-
-    // Then everything else living in the lab's namespaces or the daemons' sessions.
-    let mut namespaces: BTreeSet<String> = owned_netns(name).into_iter().collect();
-    namespaces.extend(nodes.iter().map(|n| n.netns.clone()));
-    namespaces.extend(daemon_netns(nodes));
-    namespaces.insert(names::underlay_netns(name));
-    namespaces.retain(|ns| sys::netns_path(ns).exists());
-    let mut left = Vec::new();
-    for _ in 0..3 {
-        let mut procs: Vec<(i32, u64)> = members
-            .iter()
-            .copied()
-            .filter(|&(p, s)| sys::alive(p, Some(s)))
-            .collect();
-        for ns in &namespaces {
-            procs.extend(sys::netns_members(ns));
-        }
-        procs.sort_unstable();
-        procs.dedup();
-        if procs.is_empty() {
-            left.clear();
-            break;
-        }
-        for &(p, s) in &procs {
-            let _ = sys::signal(p, Some(s), Signal::SIGKILL);
-        }
-        left = sys::wait_gone(&procs, Duration::from_secs(5));
-        reap(children);
-    }
-    for (pid, _) in left {
-        let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        problems.push(format!(
-            "process {pid} ({}) survived SIGKILL (stuck in the kernel?)",
-            comm.trim()
-        ));
-    }
-
-    // Node namespaces (and with them the veths), then the underlay.
-    let ul = names::underlay_netns(name);
-    let ordered = namespaces
-        .iter()
-        .filter(|ns| **ns != ul)
-        .chain(namespaces.iter().filter(|ns| **ns == ul));
-    for ns in ordered {
-        if let Err(e) = sys::ip(&["netns", "del", ns.as_str()]) {
-            problems.push(e.to_string());
-        }
-    }
-
-    let dir = lab_dir(name);
-    if dir.exists() {
-        problems.extend(sys::unmount_below(&dir));
-        if let Err(e) = fs::remove_dir_all(&dir) {
-            problems.push(format!("removing {}: {e}", dir.display()));
-        }
-    }
-    if problems.is_empty() {
-        tracing::info!(lab = name, "lab removed");
-        Ok(())
-    } else {
-        Err(LabError::Teardown {
-            lab: name.into(),
-            problems,
-        })
-    }
 }
 
 impl Lab {
@@ -764,7 +238,7 @@ impl Lab {
     }
 
     /// Records the current state in lab.json for other `mesh lab` invocations.
-    fn save(&self) -> Result<()> {
+    pub(crate) fn save(&self) -> Result<()> {
         let _lock = lock_root()?;
         self.write_state()
     }
@@ -860,104 +334,8 @@ impl Lab {
         Ok(())
     }
 
-    /// Starts node `i`'s daemon in its netns and a fresh UTS namespace whose
-    /// hostname is the node's name, detached, logging to daemon.log.
-    fn spawn_daemon(&mut self, i: usize) -> Result<()> {
-        let node = &self.nodes[i];
-        create_dir(&node.state_dir, 0o700)?;
-        let mut log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o644)
-            .open(&node.log)
-            .map_err(|e| LabError::io(format!("opening {}", node.log.display()), e))?;
-        let mut cmd = Command::new(&self.mesh_bin);
-        cmd.arg("daemon")
-            .arg("--state-dir")
-            .arg(&node.state_dir)
-            .arg("--socket")
-            .arg(&node.socket)
-            .args(&self.daemon_args)
-            .current_dir(&node.dir)
-            .env_remove("MESH_HOST")
-            // Plain text in daemon.log: its tail goes into error messages.
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null());
-        let line = sys::cmd_line(&cmd);
-        let _ = writeln!(log, "--- mesh lab: {} starting `{line}` ---", node.name);
-        let err_log = log
-            .try_clone()
-            .map_err(|e| LabError::io(format!("opening {}", node.log.display()), e))?;
-        cmd.stdout(log).stderr(err_log);
-        sys::enter_node(&mut cmd, &node.netns, Uts::New(node.name.clone()), true)?;
-        let child = cmd
-            .spawn()
-            .map_err(|error| LabError::Spawn { cmd: line, error })?;
-        let pid = i32::try_from(child.id()).map_err(|_| {
-            LabError::InvalidSpec(format!("pid {} does not fit a pid_t", child.id()))
-        })?;
-        let name = node.name.clone();
-        let node = &mut self.nodes[i];
-        if let Some(old) = node.pid {
-            node.previous_pids.push(old);
-        }
-        node.pid = Some(pid);
-        node.pid_start = sys::proc_info(pid).map(|p| p.start);
-        self.children.insert(name, child);
-        tracing::debug!(lab = %self.name, node = %self.nodes[i].name, pid, "daemon started");
-        Ok(())
-    }
-
-    /// An error about node `i`, with the tail of its daemon log.
-    fn node_error(&self, i: usize, msg: String) -> LabError {
-        let node = &self.nodes[i];
-        LabError::Node {
-            lab: self.name.clone(),
-            node: node.name.clone(),
-            msg,
-            log: node.log.clone(),
-            tail: sys::log_tail(&node.log, LOG_TAIL_LINES),
-        }
-    }
-
-    /// Waits until node `i`'s socket answers `mesh info`.
-    fn wait_socket(&self, i: usize, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        let mut last;
-        loop {
-            sys::check_interrupt()?;
-            if !self.nodes[i].running() {
-                return Err(
-                    self.node_error(i, "its daemon exited before its socket answered".into())
-                );
-            }
-            // Spawn `mesh info` only once the socket exists: cheap for big labs.
-            if !self.nodes[i].socket.exists() {
-                last = "the socket was not created".to_string();
-            } else {
-                match self.mesh_idx(i, &["info"], Duration::from_secs(5)) {
-                    Ok(out) if out.status.success() => return Ok(()),
-                    Ok(out) => last = String::from_utf8_lossy(&out.stderr).trim().to_string(),
-                    Err(LabError::Timeout { .. }) => last = "`mesh info` hung for 5s".into(),
-                    Err(e) => return Err(e),
-                }
-            }
-            if Instant::now() >= deadline {
-                return Err(self.node_error(
-                    i,
-                    format!(
-                        "its socket {} did not answer `mesh info` within {}s (last: {last})",
-                        self.nodes[i].socket.display(),
-                        timeout.as_secs()
-                    ),
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
     /// Runs a `mesh` step of cluster formation on node `i`; fails with the node's log.
-    fn mesh_step(&self, i: usize, args: &[&str]) -> Result<String> {
+    pub(crate) fn mesh_step(&self, i: usize, args: &[&str]) -> Result<String> {
         let shown = format!("mesh {}", args.join(" "));
         match self.mesh_idx(i, args, MESH_STEP_TIMEOUT) {
             Ok(out) if out.status.success() => {
@@ -1109,7 +487,7 @@ impl Lab {
         }
     }
 
-    fn index(&self, node: &str) -> Result<usize> {
+    pub(crate) fn index(&self, node: &str) -> Result<usize> {
         let want = names::normalize_node_arg(node);
         self.nodes
             .iter()
@@ -1145,146 +523,6 @@ impl Lab {
     /// Leaves the lab running when this value is dropped (prints nothing).
     pub fn keep(mut self) {
         self.owned = false;
-    }
-
-    /// PATH for commands in a node: the mesh binary's directory first, so
-    /// `mesh` works there even when it is not installed.
-    fn path_env(&self) -> OsString {
-        let default =
-            OsString::from("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
-        let old = std::env::var_os("PATH").unwrap_or(default);
-        let mut dirs: Vec<PathBuf> = self
-            .mesh_bin
-            .parent()
-            .map(Path::to_path_buf)
-            .into_iter()
-            .collect();
-        dirs.extend(std::env::split_paths(&old));
-        std::env::join_paths(dirs).unwrap_or(old)
-    }
-
-    /// The node's UTS namespace: the running daemon's, else a new one with
-    /// the node's hostname.
-    fn uts_for(&self, node: &LabNode) -> Uts {
-        if let Some(pid) = node.pid
-            && node.running()
-            && let Ok(f) = File::open(format!("/proc/{pid}/ns/uts"))
-            // Re-check: the fd must be the daemon's, not a recycled pid's.
-            && node.running()
-        {
-            return Uts::Join(f.into());
-        }
-        Uts::New(node.name.clone())
-    }
-
-    fn command_idx(&self, i: usize, program: &OsStr) -> Result<Command> {
-        let node = &self.nodes[i];
-        let mut cmd = Command::new(program);
-        cmd.env("MESH_HOST", node.host())
-            .env("MESH_LAB", &self.name)
-            .env("MESH_LAB_NODE", &node.name)
-            .env("PATH", self.path_env());
-        sys::enter_node(&mut cmd, &node.netns, self.uts_for(node), false)?;
-        Ok(cmd)
-    }
-
-    /// A `Command` that runs `program` inside `node` (its network and UTS
-    /// namespaces, `MESH_HOST` set): for background processes such as
-    /// `iperf3 -s` that the caller spawns and stops itself.
-    pub fn command(&self, node: &str, program: impl AsRef<OsStr>) -> Result<Command> {
-        self.command_idx(self.index(node)?, program.as_ref())
-    }
-
-    /// Runs `argv` inside `node`, capturing its output; the exit status is
-    /// the caller's to check.
-    pub fn exec<S: AsRef<OsStr>>(&self, node: &str, argv: &[S]) -> Result<Output> {
-        let i = self.index(node)?;
-        let (program, args) = argv
-            .split_first()
-            .ok_or_else(|| LabError::InvalidSpec("exec needs a command to run".into()))?;
-        let mut cmd = self.command_idx(i, program.as_ref())?;
-        cmd.args(args);
-        sys::run_capture(cmd, Some(self.command_timeout))
-    }
-
-    /// Like [`Lab::exec`], but fails unless the command exits 0; returns its stdout.
-    pub fn exec_ok<S: AsRef<OsStr>>(&self, node: &str, argv: &[S]) -> Result<String> {
-        let out = self.exec(node, argv)?;
-        let shown = argv
-            .iter()
-            .map(|a| a.as_ref().to_string_lossy())
-            .collect::<Vec<_>>()
-            .join(" ");
-        sys::check(&format!("{shown} (on {node})"), &out)?;
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-
-    fn mesh_idx<S: AsRef<OsStr>>(&self, i: usize, args: &[S], timeout: Duration) -> Result<Output> {
-        let mut cmd = self.command_idx(i, self.mesh_bin.as_os_str())?;
-        cmd.arg("-H").arg(self.nodes[i].host()).args(args);
-        sys::run_capture(cmd, Some(timeout))
-    }
-
-    /// Runs `mesh -H unix://SOCK ARGS` inside `node`.
-    pub fn mesh<S: AsRef<OsStr>>(&self, node: &str, args: &[S]) -> Result<Output> {
-        self.mesh_idx(self.index(node)?, args, self.command_timeout)
-    }
-
-    /// Like [`Lab::mesh`], but fails unless it exits 0; returns its stdout.
-    pub fn mesh_ok<S: AsRef<OsStr>>(&self, node: &str, args: &[S]) -> Result<String> {
-        let out = self.mesh(node, args)?;
-        let shown = args
-            .iter()
-            .map(|a| a.as_ref().to_string_lossy())
-            .collect::<Vec<_>>()
-            .join(" ");
-        sys::check(&format!("mesh {shown} (on {node})"), &out)?;
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-
-    /// SIGKILLs `node`'s daemon (a crash: it removes nothing). Ok(false) if it
-    /// was not running.
-    pub fn kill(&mut self, node: &str) -> Result<bool> {
-        let i = self.index(node)?;
-        let n = &self.nodes[i];
-        let (Some(pid), true) = (n.pid, n.running()) else {
-            return Ok(false);
-        };
-        let start = n
-            .pid_start
-            .or_else(|| sys::proc_info(pid).map(|p| p.start))
-            .unwrap_or(0);
-        sys::signal(pid, Some(start), Signal::SIGKILL)?;
-        if !sys::wait_gone(&[(pid, start)], Duration::from_secs(10)).is_empty() {
-            return Err(self.node_error(i, format!("daemon pid {pid} survived SIGKILL for 10s")));
-        }
-        reap(&mut self.children);
-        tracing::info!(lab = %self.name, node = %self.nodes[i].name, pid, "daemon killed");
-        Ok(true)
-    }
-
-    /// Starts `node`'s daemon again on the same state dir and socket and waits
-    /// until its socket answers.
-    pub fn start(&mut self, node: &str) -> Result<()> {
-        let i = self.index(node)?;
-        let n = &self.nodes[i];
-        if let (Some(pid), true) = (n.pid, n.running()) {
-            return Err(LabError::AlreadyRunning {
-                lab: self.name.clone(),
-                node: n.name.clone(),
-                pid,
-            });
-        }
-        if !sys::netns_path(&n.netns).exists() {
-            return Err(LabError::InvalidSpec(format!(
-                "{}'s namespace {} is gone; the lab is broken: `mesh lab down {}` and `up` again",
-                n.name, n.netns, self.name
-            )));
-        }
-        reap(&mut self.children);
-        self.spawn_daemon(i)?;
-        self.save()?;
-        self.wait_socket(i, UpSpec::default().socket_timeout)
     }
 
     fn set_link(&mut self, node: &str, up: bool) -> Result<()> {
@@ -1342,82 +580,5 @@ impl Drop for Lab {
             tracing::error!(lab = %self.name, error = %e, "lab teardown failed");
             eprintln!("mesh-lab: {e}");
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn row(h: &str, status: &str, ms: &str) -> NodeRow {
-        NodeRow {
-            id: format!("id-{h}"),
-            hostname: h.into(),
-            status: status.into(),
-            manager_status: ms.into(),
-        }
-    }
-
-    #[test]
-    fn node_ls_parsing() {
-        let lines = concat!(
-            r#"{"ID":"a1","Hostname":"node1","Status":"Ready","Availability":"Active","ManagerStatus":"Leader"}"#,
-            "\n",
-            r#"{"ID":"b2","Hostname":"node2","Status":"Down","Availability":"Active","ManagerStatus":""}"#,
-            "\n"
-        );
-        let rows = parse_node_ls(lines).expect("valid JSON lines");
-        assert_eq!(rows.len(), 2);
-        assert_eq!(rows[0], row_with("a1", "node1", "Ready", "Leader"));
-        assert_eq!(rows[1].status, "Down");
-        let arr = r#"[{"ID":"a1","Hostname":"node1","Status":"Ready"}]"#;
-        assert_eq!(parse_node_ls(arr).expect("array").len(), 1);
-        assert_eq!(parse_node_ls("").expect("empty").len(), 0);
-        assert!(parse_node_ls("ID HOSTNAME\n").is_err());
-    }
-
-    fn row_with(id: &str, h: &str, s: &str, m: &str) -> NodeRow {
-        NodeRow {
-            id: id.into(),
-            hostname: h.into(),
-            status: s.into(),
-            manager_status: m.into(),
-        }
-    }
-
-    #[test]
-    fn completeness() {
-        let expect = ["node1", "node2", "node3"];
-        let full = vec![
-            row("node1", "Ready", "Leader"),
-            row("node2", "Ready", "Reachable"),
-            row("node3", "Ready", ""),
-        ];
-        assert!(cluster_complete(&full, &expect, 2).is_ok());
-        let e = cluster_complete(&full, &expect, 3).expect_err("wants 3 managers");
-        assert!(e.contains("2 reachable managers of 3"), "{e}");
-        let e = cluster_complete(&full[..2], &expect, 2).expect_err("node3 missing");
-        assert!(e.contains("missing: node3"), "{e}");
-        let mut down = full.clone();
-        down[2].status = "Down".into();
-        let e = cluster_complete(&down, &expect, 2).expect_err("node3 down");
-        assert!(e.contains("node3 is Down"), "{e}");
-        let mut two_leaders = full;
-        two_leaders[1].manager_status = "Leader".into();
-        assert!(cluster_complete(&two_leaders, &expect, 2).is_err());
-    }
-
-    #[test]
-    fn spec_validation() {
-        assert!(UpSpec::new("ok", 3, 1).validate().is_ok());
-        assert!(UpSpec::new("ok", 0, 1).validate().is_err());
-        assert!(UpSpec::new("ok", 3, 4).validate().is_err());
-        assert!(UpSpec::new("ok", 3, 0).validate().is_err());
-        assert!(
-            UpSpec::new("ok", names::MAX_NODES + 1, 1)
-                .validate()
-                .is_err()
-        );
-        assert!(UpSpec::new("Bad", 3, 1).validate().is_err());
     }
 }

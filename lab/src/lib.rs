@@ -9,6 +9,19 @@
 //! cannot leave the lab. It drives the `mesh` binary only through its
 //! command line, like a user would.
 //!
+//! Modules:
+//! - `cli`: `mesh lab ...` parsing and printing;
+//! - `spec`: what a lab is made of (nodes, roles, the spec `up` builds from);
+//! - `lab`: building a lab (namespaces, underlay, cluster) and its links;
+//! - `daemon`: a node's daemon: start, wait for its socket, kill, restart;
+//! - `exec`: commands (and `mesh`) run inside a node;
+//! - `readiness`: whether the cluster is complete, from `mesh node ls`;
+//! - `registry`: the labs on this machine, their state files and lock;
+//! - `teardown`: removing a lab, also a half-made or crashed one;
+//! - `names`: lab, node and namespace names, subnets and addresses;
+//! - `sys`: processes, namespaces, signals and `ip`, for the rest;
+//! - `error`: [`LabError`], one line a user can act on.
+//!
 //! ```no_run
 //! use mesh_lab::{Lab, UpSpec};
 //! # fn main() -> Result<(), mesh_lab::LabError> {
@@ -21,17 +34,23 @@
 //! ```
 
 mod cli;
+mod daemon;
 mod error;
+mod exec;
 mod lab;
 mod names;
+mod readiness;
+mod registry;
+mod spec;
 mod sys;
+mod teardown;
 
 pub use cli::{Format, LabCommand, run};
 pub use error::{LabError, Result};
-pub use lab::{
-    CLUSTER_PORT, LAB_ROOT, Lab, LabListing, LabNode, LabStatus, NodeRow, Role, UNDERLAY_BRIDGE,
-    UpSpec, cleanup_stale, down, lab_dir, list, parse_node_ls,
-};
+pub use lab::{CLUSTER_PORT, Lab, UNDERLAY_BRIDGE};
 pub use names::{
     MAX_LAB_NAME, MAX_NODES, node_name, node_netns, underlay_netns, validate_lab_name,
 };
+pub use readiness::{NodeRow, parse_node_ls};
+pub use registry::{LAB_ROOT, LabListing, cleanup_stale, down, lab_dir, list};
+pub use spec::{LabNode, LabStatus, Role, UpSpec};
