@@ -1,6 +1,15 @@
 //! `mesh`: the command line and the daemon in one binary. This crate only
 //! parses commands, talks to the daemon, prints results, and wires the
 //! daemon's parts together; the logic lives in the library crates.
+//!
+//! - `cli`: the command line (clap), in Docker's words and flags; refuses
+//!   unknown flags and what is not built yet before anything runs;
+//! - `client`: the CLI's connection to its local daemon;
+//! - `cluster_cmd` (init, join, join-token, leave, info), `node_cmd`,
+//!   `network_cmd`, `sandbox_cmd` (run, ps, exec, rm), `service_cmd`: one
+//!   command group each: build the request, print the answer;
+//! - `table`: aligned tables as Docker prints them;
+//! - `daemon`: `mesh daemon`, the node agent process and its wiring.
 
 mod cli;
 mod client;

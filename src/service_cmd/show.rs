@@ -1,0 +1,223 @@
+//! How services and tasks are printed: Docker's durations and states,
+//! short IDs, the command column, `service inspect`'s JSON, `service ps`.
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use mesh_manager::services::is_terminal;
+use mesh_proto::control_client::ControlClient;
+use mesh_proto::*;
+use serde_json::json;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use tonic::transport::Channel;
+
+use super::progress::NO_NODE;
+use crate::client::status;
+use crate::table::{self, title};
+
+pub(super) const COMMAND_WIDTH: usize = 30;
+
+/// Docker's `units.HumanDuration`, lowercased as `service ps` shows it.
+pub(super) fn human_duration(d: Duration) -> String {
+    let secs = d.as_secs();
+    let minutes = secs / 60;
+    let hours = (d.as_secs_f64() / 3600.0 + 0.5) as u64;
+    match () {
+        _ if secs < 1 => "less than a second".into(),
+        _ if secs == 1 => "1 second".into(),
+        _ if secs < 60 => format!("{secs} seconds"),
+        _ if minutes == 1 => "about a minute".into(),
+        _ if minutes < 60 => format!("{minutes} minutes"),
+        _ if hours == 1 => "about an hour".into(),
+        _ if hours < 48 => format!("{hours} hours"),
+        _ if hours < 24 * 7 * 2 => format!("{} days", hours / 24),
+        _ if hours < 24 * 30 * 2 => format!("{} weeks", hours / 24 / 7),
+        _ if hours < 24 * 365 * 2 => format!("{} months", hours / 24 / 30),
+        _ => format!("{} years", secs / 3600 / 24 / 365),
+    }
+}
+
+pub(super) fn timestamp(s: &str) -> Option<OffsetDateTime> {
+    OffsetDateTime::parse(s, &Rfc3339).ok()
+}
+
+/// "Running 3 seconds ago".
+pub(super) fn current_state(t: &Task, now: OffsetDateTime) -> String {
+    match timestamp(&t.updated_at) {
+        Some(at) => {
+            let age = Duration::try_from(now - at).unwrap_or_default();
+            format!("{} {} ago", title(&t.state), human_duration(age))
+        }
+        None => title(&t.state),
+    }
+}
+
+/// What went wrong with a task, in one phrase (may be empty).
+pub(super) fn why(t: &Task) -> String {
+    if !t.error.is_empty() {
+        t.error.clone()
+    } else if !t.message.is_empty() && (t.state == "pending" || is_terminal(&t.state)) {
+        t.message.clone()
+    } else if t.exit_code != 0 {
+        format!("exit code {}", t.exit_code)
+    } else {
+        String::new()
+    }
+}
+
+pub(super) fn short(id: &str, no_trunc: bool) -> String {
+    if no_trunc {
+        id.to_string()
+    } else {
+        id.chars().take(12).collect()
+    }
+}
+
+pub(super) fn command_column(cmd: &[String]) -> String {
+    let s = cmd.join(" ");
+    if s.chars().count() <= COMMAND_WIDTH {
+        s
+    } else {
+        s.chars().take(COMMAND_WIDTH - 1).collect::<String>() + "…"
+    }
+}
+
+/// Docker's `service inspect` shape.
+pub(super) fn inspect_json(s: &Service) -> serde_json::Value {
+    let mode = if s.mode == "global" {
+        json!({"Global": {}})
+    } else {
+        json!({"Replicated": {"Replicas": s.replicas}})
+    };
+    let labels: BTreeMap<&String, &String> = s.labels.iter().collect();
+    let mut v = json!({
+        "ID": s.id,
+        "Version": {"Index": s.version},
+        "CreatedAt": s.created_at,
+        "UpdatedAt": s.updated_at,
+        "Spec": {
+            "Name": s.name,
+            "Labels": labels,
+            "TaskTemplate": {
+                "ContainerSpec": {"Command": s.cmd, "Env": s.env},
+                "RestartPolicy": {
+                    "Condition": s.restart_condition,
+                    // Nanoseconds, as Docker's API has it.
+                    "Delay": s.restart_delay_ms.saturating_mul(1_000_000),
+                    "MaxAttempts": s.restart_max_attempts,
+                },
+                "Placement": {"Constraints": s.constraints},
+                "Networks": s.network_ids.iter().map(|id| json!({"Target": id})).collect::<Vec<_>>(),
+            },
+            "Mode": mode,
+            "EndpointSpec": {"Mode": s.endpoint_mode},
+        },
+        "Endpoint": {
+            "Spec": {"Mode": s.endpoint_mode},
+            "VirtualIPs": s.vips.iter().map(|v| json!({"NetworkID": v.network_id, "Addr": v.addr})).collect::<Vec<_>>(),
+        },
+    });
+    if !s.update_state.is_empty() {
+        v["UpdateStatus"] = json!({"State": s.update_state, "Message": s.update_message});
+    }
+    v
+}
+
+pub(super) async fn ps(
+    c: &mut ControlClient<Channel>,
+    services: Vec<String>,
+    format: Option<String>,
+    quiet: bool,
+    no_trunc: bool,
+) -> Result<ExitCode> {
+    if format.as_deref().is_some_and(|f| f != "json") {
+        bail!("unsupported --format {format:?}: use json or leave it out for a table");
+    }
+    let mut tasks = Vec::new();
+    for s in services {
+        let st = c
+            .service_status(ServiceRef { service: s })
+            .await
+            .map_err(status)?
+            .into_inner();
+        tasks.extend(st.tasks);
+    }
+    let now = OffsetDateTime::now_utc();
+    let error_column = |t: &Task| {
+        let e = if !t.error.is_empty() {
+            t.error.clone()
+        } else if t.state == "pending" && t.message.starts_with(NO_NODE) {
+            t.message.clone()
+        } else {
+            String::new()
+        };
+        if e.is_empty() { e } else { format!("{e:?}") }
+    };
+    if quiet {
+        for t in &tasks {
+            println!("{}", short(&t.id, no_trunc));
+        }
+    } else if format.is_some() {
+        for t in &tasks {
+            let v = json!({
+                "ID": t.id,
+                "Name": t.name,
+                "Node": t.node,
+                "DesiredState": title(&t.desired_state),
+                "CurrentState": current_state(t, now),
+                "Error": t.error,
+                "Message": t.message,
+                "Ports": "",
+            });
+            println!("{v}");
+        }
+    } else {
+        let mut rows = Vec::new();
+        let mut previous: Option<&str> = None;
+        for t in &tasks {
+            // Older tasks of a slot follow its newest, as Docker shows them.
+            let name = if previous == Some(t.name.as_str()) {
+                format!(" \\_ {}", t.name)
+            } else {
+                t.name.clone()
+            };
+            previous = Some(t.name.as_str());
+            rows.push(vec![
+                short(&t.id, no_trunc),
+                name,
+                t.node.clone(),
+                title(&t.desired_state),
+                current_state(t, now),
+                error_column(t),
+            ]);
+        }
+        table::print(
+            &[
+                "ID",
+                "NAME",
+                "NODE",
+                "DESIRED STATE",
+                "CURRENT STATE",
+                "ERROR",
+            ],
+            &rows,
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_truncation() {
+        assert_eq!(command_column(&["sleep".into(), "100".into()]), "sleep 100");
+        let long = command_column(&["x".repeat(50)]);
+        assert_eq!(long.chars().count(), COMMAND_WIDTH);
+        assert!(long.ends_with('…'));
+    }
+}
