@@ -11,7 +11,6 @@
 use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::os::fd::AsFd;
-use std::process::{Command, Output};
 use std::time::Duration;
 
 use mesh_worker::link::Netlink;
@@ -19,55 +18,8 @@ use mesh_worker::local::{self, BridgeSpec};
 use mesh_worker::netns::{self, NetError};
 use mesh_worker::overlay::{Attachment, Node, mac_for};
 
-/// Removes the namespaces it lists when dropped, so a failing assertion
-/// leaves nothing behind.
-struct Cleanup(Vec<String>);
-
-impl Cleanup {
-    fn add(&mut self, ns: &str) {
-        self.0.push(ns.to_string());
-    }
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        for ns in self.0.iter().rev() {
-            if let Err(e) = netns::delete(ns) {
-                eprintln!("cleanup: {e}");
-            }
-        }
-    }
-}
-
-/// These tests need root: without it they fail, so a run that could not
-/// test says so instead of passing.
-fn require_root() {
-    assert!(
-        nix::unistd::Uid::effective().is_root(),
-        "needs root: local driver tests make namespaces and devices"
-    );
-}
-
-fn run(args: &[&str]) -> Output {
-    Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"))
-}
-
-/// Runs a command inside a namespace and insists it succeeds.
-fn exec_ok(ns: &str, args: &[&str]) -> String {
-    let mut full = vec!["ip", "netns", "exec", ns];
-    full.extend_from_slice(args);
-    let out = run(&full);
-    assert!(
-        out.status.success(),
-        "{full:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+mod common;
+use common::*;
 
 fn ping_once(from_ns: &str, to: Ipv4Addr, count: &str) -> bool {
     let to = to.to_string();
@@ -119,15 +71,6 @@ fn udp_source_seen(from_ns: &str, to_ns: &str, to: Ipv4Addr) -> Option<Ipv4Addr>
     None
 }
 
-/// Makes a namespace with `lo` up.
-async fn namespace(name: &str, cleanup: &mut Cleanup) -> Netlink {
-    cleanup.add(name);
-    netns::create(name).expect("create namespace");
-    let nl = Netlink::open(Some(name)).await.expect("netlink");
-    nl.set_up("lo").await.expect("lo up");
-    nl
-}
-
 fn bridge_spec(name: &str, bridge: &str, subnet: &str, internal: bool) -> BridgeSpec {
     let subnet: ipnet::Ipv4Net = subnet.parse().expect("subnet");
     BridgeSpec {
@@ -164,7 +107,7 @@ const OUTSIDE: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 2);
 
 #[tokio::test]
 async fn bridge_networks_masquerade_isolate_and_clean_up() {
-    require_root();
+    require_root("local driver tests");
     let tag = format!("t{}", std::process::id());
     let names = |s: &str| format!("{tag}-{s}");
     let (node_ns, out_ns) = (names("n"), names("o"));
@@ -361,7 +304,7 @@ async fn bridge_networks_masquerade_isolate_and_clean_up() {
 
 #[tokio::test]
 async fn macvlan_sandboxes_talk_over_a_parent_and_missing_parent_is_clear() {
-    require_root();
+    require_root("local driver tests");
     let tag = format!("t{}", std::process::id());
     let (node_ns, m1, m2) = (format!("{tag}-m"), format!("{tag}-m1"), format!("{tag}-m2"));
     let mut cleanup = Cleanup(Vec::new());

@@ -9,7 +9,7 @@
 use std::net::Ipv4Addr;
 use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use mesh_worker::link::Netlink;
@@ -18,55 +18,8 @@ use mesh_worker::overlay::{
     self, Attachment, Node, OverlaySpec, Peer, SyncReport, mac_for, network_ns_name,
 };
 
-/// Removes the namespaces it lists when dropped, so a failing assertion
-/// leaves nothing behind. Devices go with their namespaces.
-struct Cleanup(Vec<String>);
-
-impl Cleanup {
-    fn add(&mut self, ns: &str) {
-        self.0.push(ns.to_string());
-    }
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        for ns in self.0.iter().rev() {
-            if let Err(e) = netns::delete(ns) {
-                eprintln!("cleanup: {e}");
-            }
-        }
-    }
-}
-
-/// These tests need root: without it they fail, so a run that could not
-/// test says so instead of passing.
-fn require_root() {
-    assert!(
-        nix::unistd::Uid::effective().is_root(),
-        "needs root: overlay namespace tests make namespaces and devices"
-    );
-}
-
-fn run(args: &[&str]) -> Output {
-    Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"))
-}
-
-/// Runs a command inside a namespace and insists it succeeds.
-fn exec_ok(ns: &str, args: &[&str]) -> String {
-    let mut full = vec!["ip", "netns", "exec", ns];
-    full.extend_from_slice(args);
-    let out = run(&full);
-    assert!(
-        out.status.success(),
-        "{full:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+mod common;
+use common::*;
 
 fn ping(from_ns: &str, to: Ipv4Addr, count: &str, wait: &str) -> bool {
     let to = to.to_string();
@@ -110,11 +63,7 @@ fn peer(a: &Attachment, node_ip: Ipv4Addr) -> Peer {
 
 /// Makes a namespace that stands for one host, with `lo` up.
 async fn host(name: &str, cleanup: &mut Cleanup) -> Netlink {
-    cleanup.add(name);
-    netns::create(name).expect("create host namespace");
-    let nl = Netlink::open(Some(name)).await.expect("netlink in host");
-    nl.set_up("lo").await.expect("lo up");
-    nl
+    namespace(name, cleanup).await
 }
 
 /// Starts `tcpdump` on the underlay when it is installed; returns the child
@@ -164,7 +113,7 @@ fn finish_capture(mut child: std::process::Child) -> String {
 
 #[tokio::test]
 async fn two_hosts_ping_over_vxlan_heal_drift_and_isolate_vnis() {
-    require_root();
+    require_root("overlay namespace tests");
     let tag = format!("t{}-h", std::process::id());
     let (h1, h2) = (format!("{tag}1"), format!("{tag}2"));
     let mut cleanup = Cleanup(Vec::new());
@@ -439,7 +388,7 @@ async fn two_hosts_ping_over_vxlan_heal_drift_and_isolate_vnis() {
 
 #[tokio::test]
 async fn ensure_network_is_idempotent_and_repairs_pieces() {
-    require_root();
+    require_root("overlay namespace tests");
     let tag = format!("t{}-n", std::process::id());
     let mut cleanup = Cleanup(Vec::new());
     let hostn = host(&tag, &mut cleanup).await;
