@@ -18,6 +18,9 @@ use tonic::transport::Channel;
 
 /// How long dialling one manager may take before the next is tried.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// A kept channel pings its manager this often: calls made on a dead
+/// connection (a cut link) fail within about twice this, not minutes.
+const PING_EVERY: Duration = Duration::from_secs(5);
 
 #[derive(Clone)]
 pub struct Managers {
@@ -60,11 +63,12 @@ impl Managers {
     }
 
     fn dial(&self, addr: &str) -> Result<Channel, String> {
-        tls::channel(
+        tls::kept_channel(
             addr,
             self.tls.clone(),
             tls::MANAGER_SERVER_NAME,
             CONNECT_TIMEOUT,
+            PING_EVERY,
         )
         .map_err(|e| e.to_string())
     }

@@ -29,6 +29,26 @@ pub fn channel(
     Ok(endpoint.connect_with_connector_lazy(dialer.into_service(None)))
 }
 
+/// Like [`channel`], for a channel kept for long and shared by many calls:
+/// an HTTP/2 ping every `ping_every`, unanswered for as long, closes a
+/// connection whose peer went silent (behind a cut link, say), so calls on
+/// it fail and the caller can try another peer instead of waiting for TCP
+/// to give up.
+pub fn kept_channel(
+    addr: &str,
+    config: Arc<ClientConfig>,
+    server_name: &'static str,
+    connect_timeout: Duration,
+    ping_every: Duration,
+) -> Result<Channel, TlsError> {
+    let (endpoint, dialer) = prepare(addr, config, server_name, connect_timeout)?;
+    Ok(endpoint
+        .http2_keep_alive_interval(ping_every)
+        .keep_alive_timeout(ping_every)
+        .keep_alive_while_idle(true)
+        .connect_with_connector_lazy(dialer.into_service(None)))
+}
+
 /// Like [`channel`] but connects now, so a wrong address, an unreachable
 /// peer or a certificate problem is reported here with the address in it.
 pub async fn connect(
