@@ -121,6 +121,14 @@ impl TaskRunner {
     /// decisions are [`task_plan::plan`]'s, carried out here.
     async fn pass(self: &Arc<Self>, view: &NodeView) {
         let tasks = self.valid_tasks(view);
+        // Phases before records: a start that ends in between then shows
+        // as its sandbox, never as "no job and no sandbox" (a second start).
+        let phases = self
+            .local
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .phases
+            .clone();
         let records: HashMap<String, crate::sandboxes::Record> = self
             .sandboxes
             .list()
@@ -132,12 +140,6 @@ impl TaskRunner {
             .iter()
             .map(|(id, r)| (id.clone(), r.exit_code))
             .collect();
-        let phases = self
-            .local
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .phases
-            .clone();
         let plan = task_plan::plan(&tasks, &exits, &phases);
         let by_id: HashMap<&str, &TaskAssignment> =
             tasks.iter().map(|t| (t.id.as_str(), *t)).collect();
