@@ -15,7 +15,13 @@
 //! - `dispatcher`: each node's view (its networks, peers, tasks) derived from the state;
 //! - `services`: services and tasks inside the state machine (scheduling,
 //!   addresses, restarts, rolling updates);
-//! - `logs`: routing task-log requests to nodes and their answers back.
+//! - `logs`: routing task-log requests to nodes and their answers back;
+//! - `control`: the Control API's cluster calls (nodes, networks, services,
+//!   join tokens): their policy and defaults, served by the daemon;
+//! - `pb`: conversions of nodes, networks, services and tasks to the
+//!   Control API's messages;
+//! - `refusal`: the typed "no" of the state machine and the control API,
+//!   mapped once to gRPC codes.
 //!
 //! It must not touch the kernel's networking: that belongs to the worker.
 
@@ -24,11 +30,14 @@ use std::io::Cursor;
 pub mod authz;
 pub mod ca;
 pub mod cluster_service;
+pub mod control;
 pub mod dispatcher;
 pub mod join_limit;
 pub mod logs;
 pub mod manager;
 pub mod network;
+pub mod pb;
+pub mod refusal;
 pub mod server;
 pub mod services;
 pub mod state;

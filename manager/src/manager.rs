@@ -21,6 +21,7 @@ use crate::authz::{self, Need};
 use crate::network::Peers;
 use crate::state::{ClusterState, Command, CommandResult, Node};
 use crate::store::{self, StateMachineStore};
+use mesh_common::model::NodeState;
 
 /// How often nodes heartbeat, and how long a silent node stays Ready. Swarm
 /// waits ~15 s; a 500 ms period with a 2 s grace shows a dead node as Down
@@ -49,9 +50,24 @@ pub enum ManagerError {
     #[error("cannot forward the write to the leader at {addr}: {msg}")]
     Forward { addr: String, msg: String },
     #[error("{0}")]
-    Refused(String),
+    Refused(crate::refusal::Refusal),
     #[error("raft: {0}")]
     Raft(String),
+}
+
+/// The one mapping of a manager's failures to gRPC codes: refusals keep
+/// their kind; no quorum, no leader or an unreachable leader are worth a
+/// retry; anything else is ours.
+impl From<ManagerError> for tonic::Status {
+    fn from(e: ManagerError) -> Self {
+        match e {
+            ManagerError::Refused(r) => r.into(),
+            ManagerError::NoQuorum(..)
+            | ManagerError::NoLeader(_)
+            | ManagerError::Forward { .. } => tonic::Status::unavailable(e.to_string()),
+            other => tonic::Status::internal(other.to_string()),
+        }
+    }
 }
 
 pub struct Manager {
@@ -388,11 +404,11 @@ impl Manager {
             .insert(node.id.clone(), digest);
         self.acked.notify_waiters();
         let addr = self.accepted_addr(node, addr, peer);
-        if node.state != "ready" || addr.is_some() {
+        if node.state != NodeState::Ready || addr.is_some() {
             info!(node = %node.id, "node is ready");
             self.write(Command::SetNodeState {
                 id: node.id.clone(),
-                state: "ready".into(),
+                state: NodeState::Ready,
                 addr,
                 at: now(),
             })
@@ -450,7 +466,7 @@ impl Manager {
         self.read(|s| {
             s.nodes
                 .values()
-                .filter(|n| n.state == "ready" && n.id != exclude)
+                .filter(|n| n.state == NodeState::Ready && n.id != exclude)
                 .filter(|n| {
                     let want = mesh_proto::view_digest(&crate::dispatcher::view_for(s, &n.id, 0));
                     acks.get(&n.id).is_none_or(|a| *a != want)
@@ -689,7 +705,7 @@ async fn monitor(mgr: std::sync::Weak<Manager>, mut stop: watch::Receiver<bool>)
             mgr.read(|s| {
                 s.nodes
                     .values()
-                    .filter(|n| n.state == "ready")
+                    .filter(|n| n.state == NodeState::Ready)
                     .filter(|n| {
                         seen.get(&n.id)
                             .is_none_or(|t| t.elapsed() > NODE_DOWN_AFTER)
@@ -702,7 +718,7 @@ async fn monitor(mgr: std::sync::Weak<Manager>, mut stop: watch::Receiver<bool>)
             info!(node = %id, "no heartbeat for {NODE_DOWN_AFTER:?}: marking node down");
             let cmd = Command::SetNodeState {
                 id,
-                state: "down".into(),
+                state: NodeState::Down,
                 addr: None,
                 at: now(),
             };
@@ -725,7 +741,10 @@ impl Manager {
             if self.is_leader() && req.remove {
                 let raft_id = self.read(|s| s.nodes.get(&req.node_id).map(|n| n.raft_id));
                 let raft_id = raft_id.ok_or_else(|| {
-                    ManagerError::Refused(format!("node {} not found", req.node_id))
+                    ManagerError::Refused(crate::refusal::Refusal::not_found(format!(
+                        "node {} not found",
+                        req.node_id
+                    )))
                 })?;
                 return self.remove_voter(raft_id).await;
             }

@@ -6,10 +6,16 @@
 //! nothing in flight.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
 
+use mesh_common::model::{
+    Availability, DriverKind, EndpointMode, Mac, NodeState, RestartCondition, ServiceMode,
+    TaskState,
+};
 use serde::{Deserialize, Serialize};
 
-use crate::state::{ClusterState, CommandResult, Endpoint, mac_for};
+use crate::refusal::Refusal;
+use crate::state::{ClusterState, CommandResult, Endpoint};
 
 /// Most replicas a service may ask for: far more than a small cluster can
 /// run, small enough that a typo (an extra zero or three) is caught.
@@ -25,17 +31,14 @@ pub const DEFAULT_RESTART_DELAY_MS: u64 = 5_000;
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct ServiceSpec {
     pub name: String,
-    /// "replicated" | "global"
-    pub mode: String,
+    pub mode: ServiceMode,
     pub replicas: u64,
     pub networks: Vec<String>,
-    /// "vip" | "dnsrr"
-    pub endpoint_mode: String,
+    pub endpoint_mode: EndpointMode,
     /// K=V, in the order given.
     pub env: Vec<String>,
     pub constraints: Vec<String>,
-    /// "any" | "on-failure" | "none"
-    pub restart_condition: String,
+    pub restart_condition: RestartCondition,
     pub restart_delay_ms: u64,
     /// 0 = unlimited.
     pub restart_max_attempts: u64,
@@ -48,15 +51,14 @@ pub struct Service {
     pub id: String,
     pub spec: ServiceSpec,
     /// Network ID to the service's virtual IP on it (VIP mode).
-    pub vips: BTreeMap<String, String>,
+    pub vips: BTreeMap<String, Ipv4Addr>,
     /// Raft index of the last change that needs tasks replaced; tasks made
     /// before it are rolled over one at a time.
     pub spec_version: u64,
     pub created_at: String,
     pub updated_at: String,
     pub version: u64,
-    /// "" | "updating" | "completed"
-    pub update_state: String,
+    pub update_state: UpdateState,
     pub update_message: String,
 }
 
@@ -69,10 +71,9 @@ pub struct Task {
     pub slot: u64,
     /// Empty while pending.
     pub node_id: String,
-    /// "running" | "shutdown"
-    pub desired_state: String,
-    /// pending|assigned|starting|running|complete|failed|rejected|shutdown|orphaned
-    pub state: String,
+    /// Running or Shutdown.
+    pub desired_state: TaskState,
+    pub state: TaskState,
     pub message: String,
     pub error: String,
     pub exit_code: i32,
@@ -92,26 +93,49 @@ pub struct Task {
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct TaskReport {
     pub task_id: String,
-    pub state: String,
+    pub state: TaskState,
     pub message: String,
     pub error: String,
     pub exit_code: i32,
 }
 
-pub fn is_terminal(state: &str) -> bool {
-    matches!(
-        state,
-        "complete" | "failed" | "rejected" | "shutdown" | "orphaned"
-    )
+/// Where a service's rolling update stands; written as the words older
+/// versions wrote ("" before any update).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UpdateState {
+    #[default]
+    #[serde(rename = "")]
+    None,
+    #[serde(rename = "updating")]
+    Updating,
+    #[serde(rename = "completed")]
+    Completed,
 }
 
-/// States a node may report, in the order a task goes through them.
-fn rank(state: &str) -> u8 {
+impl UpdateState {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            UpdateState::None => "",
+            UpdateState::Updating => "updating",
+            UpdateState::Completed => "completed",
+        }
+    }
+}
+
+/// Whether a task state word read from the wire is final; unknown words
+/// are not (the CLI shows them as they come).
+pub fn is_terminal(state: &str) -> bool {
+    state.parse::<TaskState>().is_ok_and(TaskState::is_terminal)
+}
+
+/// How far along a task is: every terminal state counts the same, so a
+/// report never moves a task from one ending to another.
+fn rank(state: TaskState) -> u8 {
     match state {
-        "pending" => 0,
-        "assigned" => 1,
-        "starting" => 2,
-        "running" => 3,
+        TaskState::Pending => 0,
+        TaskState::Assigned => 1,
+        TaskState::Starting => 2,
+        TaskState::Running => 3,
         _ => 4,
     }
 }
@@ -125,15 +149,15 @@ pub struct Constraint {
 }
 
 impl Constraint {
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, Refusal> {
         let (key, equal, value) = if let Some((k, v)) = s.split_once("==") {
             (k, true, v)
         } else if let Some((k, v)) = s.split_once("!=") {
             (k, false, v)
         } else {
-            return Err(format!(
+            return Err(Refusal::invalid(format!(
                 "invalid constraint {s:?}: use node.role==worker, node.hostname==H, node.id==ID or node.labels.K==V (or !=)"
-            ));
+            )));
         };
         let key = key.trim();
         let value = value.trim();
@@ -142,14 +166,14 @@ impl Constraint {
                 .strip_prefix("node.labels.")
                 .is_some_and(|k| !k.is_empty());
         if !known || value.is_empty() {
-            return Err(format!(
+            return Err(Refusal::invalid(format!(
                 "invalid constraint {s:?}: use node.role==worker, node.hostname==H, node.id==ID or node.labels.K==V (or !=)"
-            ));
+            )));
         }
         if key == "node.role" && !matches!(value, "worker" | "manager") {
-            return Err(format!(
+            return Err(Refusal::invalid(format!(
                 "invalid constraint {s:?}: node.role is worker or manager"
-            ));
+            )));
         }
         Ok(Constraint {
             key: key.to_string(),
@@ -173,55 +197,39 @@ impl Constraint {
 }
 
 /// Checks a spec for what `apply` can decide alone.
-pub fn validate(spec: &ServiceSpec) -> Result<(), String> {
+pub fn validate(spec: &ServiceSpec) -> Result<(), Refusal> {
     if !mesh_common::id::valid_name(&spec.name) || spec.name.len() > 63 {
-        return Err(format!(
+        return Err(Refusal::invalid(format!(
             "invalid service name {:?}: use letters, digits, '_', '.' and '-', starting with a letter or digit, at most 63 characters",
             spec.name
-        ));
-    }
-    match spec.mode.as_str() {
-        "replicated" | "global" => {}
-        m => {
-            return Err(format!("invalid mode {m:?}: use replicated or global"));
-        }
+        )));
     }
     if spec.replicas > MAX_REPLICAS {
-        return Err(format!(
+        return Err(Refusal::invalid(format!(
             "{} replicas is more than the limit of {MAX_REPLICAS}",
             spec.replicas
-        ));
-    }
-    match spec.endpoint_mode.as_str() {
-        "vip" | "dnsrr" => {}
-        m => {
-            return Err(format!("invalid endpoint mode {m:?}: use vip or dnsrr"));
-        }
-    }
-    match spec.restart_condition.as_str() {
-        "any" | "on-failure" | "none" => {}
-        c => {
-            return Err(format!(
-                "invalid restart condition {c:?}: use any, on-failure or none"
-            ));
-        }
+        )));
     }
     for c in &spec.constraints {
         Constraint::parse(c)?;
     }
     for e in &spec.env {
         if e.split_once('=').is_none_or(|(k, _)| k.is_empty()) {
-            return Err(format!("invalid environment variable {e:?}: use KEY=VALUE"));
+            return Err(Refusal::invalid(format!(
+                "invalid environment variable {e:?}: use KEY=VALUE"
+            )));
         }
     }
     if spec.cmd.is_empty() {
-        return Err("no command given: mesh service create [OPTIONS] -- CMD [ARG...]".into());
+        return Err(Refusal::invalid(
+            "no command given: mesh service create [OPTIONS] -- CMD [ARG...]",
+        ));
     }
     let mut nets = spec.networks.clone();
     nets.sort();
     nets.dedup();
     if nets.len() != spec.networks.len() {
-        return Err("a network is given twice".into());
+        return Err(Refusal::invalid("a network is given twice"));
     }
     Ok(())
 }
@@ -238,7 +246,7 @@ fn task_relevant(a: &ServiceSpec) -> ServiceSpec {
 
 impl ClusterState {
     /// Finds a service by full ID, then name, then unique ID prefix.
-    pub fn find_service(&self, r: &str) -> Result<&Service, String> {
+    pub fn find_service(&self, r: &str) -> Result<&Service, Refusal> {
         if let Some(s) = self.services.get(r) {
             return Ok(s);
         }
@@ -252,10 +260,12 @@ impl ClusterState {
             .collect();
         match by_prefix.as_slice() {
             [s] => Ok(s),
-            [] => Err(format!("service {r} not found; see `mesh service ls`")),
-            _ => Err(format!(
+            [] => Err(Refusal::not_found(format!(
+                "service {r} not found; see `mesh service ls`"
+            ))),
+            _ => Err(Refusal::precondition(format!(
                 "service reference {r:?} is ambiguous: it matches several services; use more of the ID"
-            )),
+            ))),
         }
     }
 
@@ -277,30 +287,35 @@ impl ClusterState {
         format!("{}.{}", self.task_name(t), t.id)
     }
 
-    fn check_spec(&self, id: &str, spec: &ServiceSpec) -> Result<(), String> {
+    fn check_spec(&self, id: &str, spec: &ServiceSpec) -> Result<(), Refusal> {
         validate(spec)?;
         if self
             .services
             .values()
             .any(|s| s.spec.name == spec.name && s.id != id)
         {
-            return Err(format!("service with name {} already exists", spec.name));
+            return Err(Refusal::already_exists(format!(
+                "service with name {} already exists",
+                spec.name
+            )));
         }
         for n in &spec.networks {
             let Some(net) = self.networks.get(n) else {
-                return Err(format!("network {n} not found; see `mesh network ls`"));
+                return Err(Refusal::not_found(format!(
+                    "network {n} not found; see `mesh network ls`"
+                )));
             };
             if net.spec.ingress {
-                return Err(format!(
+                return Err(Refusal::invalid(format!(
                     "network {} is the ingress network: it carries published ports, and services cannot attach to it directly",
                     net.spec.name
-                ));
+                )));
             }
-            if net.spec.driver != "overlay" {
-                return Err(format!(
+            if net.spec.driver != DriverKind::Overlay {
+                return Err(Refusal::invalid(format!(
                     "network {} has driver {}: services need an overlay network",
                     net.spec.name, net.spec.driver
-                ));
+                )));
             }
         }
         Ok(())
@@ -337,8 +352,8 @@ impl ClusterState {
     }
 
     /// A VIP on every network of a VIP-mode service; freed where it left.
-    fn allocate_vips(&self, svc: &mut Service) -> Result<(), String> {
-        let wanted: BTreeSet<&String> = if svc.spec.endpoint_mode == "vip" {
+    fn allocate_vips(&self, svc: &mut Service) -> Result<(), Refusal> {
+        let wanted: BTreeSet<&String> = if svc.spec.endpoint_mode == EndpointMode::Vip {
             svc.spec.networks.iter().collect()
         } else {
             BTreeSet::new()
@@ -351,15 +366,10 @@ impl ClusterState {
             let net = self
                 .networks
                 .get(n)
-                .ok_or_else(|| format!("network {n} not found"))?;
-            let mut extra: BTreeSet<std::net::Ipv4Addr> = BTreeSet::new();
-            extra.extend(
-                svc.vips
-                    .values()
-                    .filter_map(|v| v.parse::<std::net::Ipv4Addr>().ok()),
-            );
+                .ok_or_else(|| Refusal::not_found(format!("network {n} not found")))?;
+            let extra: BTreeSet<Ipv4Addr> = svc.vips.values().copied().collect();
             let ip = self.allocate_address_except(net, &extra)?;
-            svc.vips.insert(n.clone(), ip.to_string());
+            svc.vips.insert(n.clone(), ip);
         }
         Ok(())
     }
@@ -374,16 +384,16 @@ impl ClusterState {
         at: &str,
     ) -> CommandResult {
         let Some(old) = self.services.get(id).cloned() else {
-            return CommandResult::Refused(format!("service {id} not found"));
+            return CommandResult::Refused(Refusal::not_found(format!("service {id} not found")));
         };
         if expected_version != 0 && old.version != expected_version {
-            return CommandResult::Refused(format!(
+            return CommandResult::Refused(Refusal::precondition(format!(
                 "service {} was changed by someone else meanwhile (version {} is now {}); run the update again",
                 old.spec.name, expected_version, old.version
-            ));
+            )));
         }
         if old.spec.mode != spec.mode {
-            return CommandResult::Refused("a service's mode cannot be changed".into());
+            return CommandResult::Refused(Refusal::invalid("a service's mode cannot be changed"));
         }
         if let Err(why) = self.check_spec(id, spec) {
             return CommandResult::Refused(why);
@@ -395,7 +405,7 @@ impl ClusterState {
         }
         if force || task_relevant(&old.spec) != task_relevant(spec) {
             svc.spec_version = index;
-            svc.update_state = "updating".into();
+            svc.update_state = UpdateState::Updating;
             svc.update_message = "update in progress".into();
         }
         svc.updated_at = at.to_string();
@@ -410,7 +420,7 @@ impl ClusterState {
 
     pub(crate) fn remove_service(&mut self, index: u64, id: &str, at: &str) -> CommandResult {
         let Some(svc) = self.services.remove(id) else {
-            return CommandResult::Refused(format!("service {id} not found"));
+            return CommandResult::Refused(Refusal::not_found(format!("service {id} not found")));
         };
         // Tasks are told to stop; they and their addresses go once their
         // node says they have (or at once if they never started anywhere).
@@ -424,11 +434,11 @@ impl ClusterState {
             let gone = self
                 .tasks
                 .get(&tid)
-                .is_some_and(|t| is_terminal(&t.state) || t.node_id.is_empty());
+                .is_some_and(|t| t.state.is_terminal() || t.node_id.is_empty());
             if gone {
                 self.drop_task(&tid);
             } else if let Some(t) = self.tasks.get_mut(&tid) {
-                t.desired_state = "shutdown".into();
+                t.desired_state = TaskState::Shutdown;
                 t.version = index;
                 t.updated_at = at.to_string();
             }
@@ -450,19 +460,19 @@ impl ClusterState {
             let Some(t) = self.tasks.get_mut(&r.task_id) else {
                 continue;
             };
-            if t.node_id != node_id || is_terminal(&t.state) {
+            if t.node_id != node_id || t.state.is_terminal() {
                 continue;
             }
-            if rank(&r.state) < rank(&t.state) || r.state == t.state && r.message == t.message {
+            if rank(r.state) < rank(t.state) || r.state == t.state && r.message == t.message {
                 continue;
             }
-            t.state = r.state.clone();
+            t.state = r.state;
             t.message = r.message.clone();
             t.error = r.error.clone();
             t.exit_code = r.exit_code;
             t.updated_at = at.to_string();
             t.version = index;
-            if is_terminal(&r.state) {
+            if r.state.is_terminal() {
                 let t = t.clone();
                 self.task_ended(index, &t, at);
             }
@@ -479,12 +489,12 @@ impl ClusterState {
             self.drop_task(&t.id);
             return;
         };
-        if t.desired_state != "running" {
+        if t.desired_state != TaskState::Running {
             return; // stopped on purpose: orchestrate decides what follows
         }
-        let restart = match svc.spec.restart_condition.as_str() {
-            "none" => false,
-            "on-failure" => t.state != "complete",
+        let restart = match svc.spec.restart_condition {
+            RestartCondition::None => false,
+            RestartCondition::OnFailure => t.state != TaskState::Complete,
             _ => true,
         } && (svc.spec.restart_max_attempts == 0
             || t.attempt < svc.spec.restart_max_attempts);
@@ -493,7 +503,7 @@ impl ClusterState {
             return;
         }
         if let Some(old) = self.tasks.get_mut(&t.id) {
-            old.desired_state = "shutdown".into();
+            old.desired_state = TaskState::Shutdown;
         }
         let mut next = self.new_task(index, &svc, t.slot, at);
         next.attempt = t.attempt + 1;
@@ -513,8 +523,8 @@ impl ClusterState {
             id,
             service_id: svc.id.clone(),
             slot,
-            desired_state: "running".into(),
-            state: "pending".into(),
+            desired_state: TaskState::Running,
+            state: TaskState::Pending,
             spec_version: svc.spec_version,
             created_at: at.to_string(),
             updated_at: at.to_string(),
@@ -538,7 +548,7 @@ impl ClusterState {
             .collect();
         self.nodes
             .values()
-            .filter(|n| n.state == "ready" && n.availability == "active")
+            .filter(|n| n.state == NodeState::Ready && n.availability == Availability::Active)
             .filter(|n| constraints.iter().all(|c| c.matches(n)))
             .map(|n| n.id.clone())
             .collect()
@@ -549,7 +559,7 @@ impl ClusterState {
         let ready: Vec<&crate::state::Node> = self
             .nodes
             .values()
-            .filter(|n| n.state == "ready" && n.availability == "active")
+            .filter(|n| n.state == NodeState::Ready && n.availability == Availability::Active)
             .collect();
         if ready.is_empty() || svc.spec.constraints.is_empty() {
             return "no suitable node (no node is ready and active)".into();
@@ -579,8 +589,8 @@ impl ClusterState {
                     .values()
                     .filter(|x| {
                         x.node_id == *n
-                            && x.desired_state == "running"
-                            && !is_terminal(&x.state)
+                            && x.desired_state == TaskState::Running
+                            && !x.state.is_terminal()
                             && (!service || x.service_id == svc.id)
                     })
                     .count()
@@ -593,9 +603,9 @@ impl ClusterState {
         let Some(node) = node else {
             let reason = self.no_node_reason(&svc);
             if let Some(t) = self.tasks.get_mut(task_id)
-                && (t.state != "pending" || t.message != reason)
+                && (t.state != TaskState::Pending || t.message != reason)
             {
-                t.state = "pending".into();
+                t.state = TaskState::Pending;
                 t.message = reason;
                 t.version = index;
                 t.updated_at = at.to_string();
@@ -616,8 +626,8 @@ impl ClusterState {
                         node_id: node.clone(),
                         sandbox: sandbox.clone(),
                         sandbox_id: task_id.to_string(),
-                        ip: ip.to_string(),
-                        mac: mac_for(ip),
+                        ip,
+                        mac: Mac::for_ip(ip),
                         aliases: Vec::new(),
                         created_at: at.to_string(),
                     };
@@ -629,7 +639,7 @@ impl ClusterState {
                         self.endpoints.remove(&id);
                     }
                     if let Some(t) = self.tasks.get_mut(task_id) {
-                        t.state = "pending".into();
+                        t.state = TaskState::Pending;
                         t.message = format!("cannot allocate an address: {why}");
                         t.version = index;
                     }
@@ -639,7 +649,7 @@ impl ClusterState {
         }
         if let Some(t) = self.tasks.get_mut(task_id) {
             t.node_id = node;
-            t.state = "assigned".into();
+            t.state = TaskState::Assigned;
             t.message = "scheduled".into();
             t.version = index;
             t.updated_at = at.to_string();
@@ -656,7 +666,7 @@ impl ClusterState {
             let Some(svc) = self.services.get(&id).cloned() else {
                 continue;
             };
-            if svc.spec.mode == "global" {
+            if svc.spec.mode == ServiceMode::Global {
                 self.orchestrate_global(index, &svc, at);
             } else {
                 self.orchestrate_replicated(index, &svc, at);
@@ -667,7 +677,7 @@ impl ClusterState {
         let pending: Vec<String> = self
             .tasks
             .values()
-            .filter(|t| t.state == "pending" && t.desired_state == "running")
+            .filter(|t| t.state == TaskState::Pending && t.desired_state == TaskState::Running)
             .map(|t| t.id.clone())
             .collect();
         for id in pending {
@@ -683,10 +693,12 @@ impl ClusterState {
         let lost: Vec<(String, String)> = self
             .tasks
             .values()
-            .filter(|t| !t.node_id.is_empty() && !is_terminal(&t.state))
+            .filter(|t| !t.node_id.is_empty() && !t.state.is_terminal())
             .filter_map(|t| match self.nodes.get(&t.node_id) {
                 None => Some((t.id.clone(), "node was removed".to_string())),
-                Some(n) if n.state == "down" => Some((t.id.clone(), "node is down".into())),
+                Some(n) if n.state == NodeState::Down => {
+                    Some((t.id.clone(), "node is down".into()))
+                }
                 _ => None,
             })
             .collect();
@@ -695,9 +707,9 @@ impl ClusterState {
             let Some(t) = self.tasks.get_mut(&id) else {
                 continue;
             };
-            t.state = "orphaned".into();
+            t.state = TaskState::Orphaned;
             t.message = why;
-            t.desired_state = "shutdown".into();
+            t.desired_state = TaskState::Shutdown;
             t.version = index;
             t.updated_at = at.to_string();
             if !self.services.contains_key(&t.service_id) {
@@ -708,17 +720,17 @@ impl ClusterState {
         let drained: Vec<String> = self
             .tasks
             .values()
-            .filter(|t| t.desired_state == "running" && !is_terminal(&t.state))
+            .filter(|t| t.desired_state == TaskState::Running && !t.state.is_terminal())
             .filter(|t| {
                 self.nodes
                     .get(&t.node_id)
-                    .is_some_and(|n| n.availability == "drain")
+                    .is_some_and(|n| n.availability == Availability::Drain)
             })
             .map(|t| t.id.clone())
             .collect();
         for id in drained {
             if let Some(t) = self.tasks.get_mut(&id) {
-                t.desired_state = "shutdown".into();
+                t.desired_state = TaskState::Shutdown;
                 t.message = "node is drained".into();
                 t.version = index;
             }
@@ -731,7 +743,7 @@ impl ClusterState {
         for t in self
             .tasks
             .values()
-            .filter(|t| t.service_id == service_id && t.desired_state == "running")
+            .filter(|t| t.service_id == service_id && t.desired_state == TaskState::Running)
         {
             let key = if t.slot == 0 {
                 (0, t.node_id.clone())
@@ -747,13 +759,13 @@ impl ClusterState {
         let Some(t) = self.tasks.get_mut(id) else {
             return;
         };
-        t.desired_state = "shutdown".into();
+        t.desired_state = TaskState::Shutdown;
         t.message = why.to_string();
         t.version = index;
         // A task no node has yet is over at once; others end when their
         // node says so.
-        if t.node_id.is_empty() && !is_terminal(&t.state) {
-            t.state = "shutdown".into();
+        if t.node_id.is_empty() && !t.state.is_terminal() {
+            t.state = TaskState::Shutdown;
             t.updated_at = at.to_string();
             self.endpoints.retain(|_, e| e.sandbox_id != id);
         }
@@ -782,9 +794,12 @@ impl ClusterState {
         let current = self.current_tasks(&svc.id);
         let eligible: BTreeSet<String> = self.eligible(svc).into_iter().collect();
         for ((_, node), tid) in &current {
-            let running_elsewhere = self.tasks.get(tid).is_some_and(|t| !is_terminal(&t.state));
+            let running_elsewhere = self.tasks.get(tid).is_some_and(|t| !t.state.is_terminal());
             if !eligible.contains(node) && running_elsewhere {
-                let ready = self.nodes.get(node).is_some_and(|n| n.state == "ready");
+                let ready = self
+                    .nodes
+                    .get(node)
+                    .is_some_and(|n| n.state == NodeState::Ready);
                 if ready {
                     self.shutdown_task(index, tid, "node no longer satisfies the service", at);
                 }
@@ -808,12 +823,12 @@ impl ClusterState {
         let mine: Vec<&Task> = self
             .tasks
             .values()
-            .filter(|t| t.service_id == svc.id && t.desired_state == "running")
+            .filter(|t| t.service_id == svc.id && t.desired_state == TaskState::Running)
             .collect();
         let in_flight = mine.iter().any(|t| {
             t.spec_version == svc.spec_version
-                && !matches!(t.state.as_str(), "running")
-                && !is_terminal(&t.state)
+                && t.state != TaskState::Running
+                && !t.state.is_terminal()
         });
         let outdated: Vec<(u64, String, String)> = mine
             .iter()
@@ -821,10 +836,10 @@ impl ClusterState {
             .map(|t| (t.slot, t.node_id.clone(), t.id.clone()))
             .collect();
         if outdated.is_empty() {
-            if svc.update_state == "updating"
+            if svc.update_state == UpdateState::Updating
                 && let Some(s) = self.services.get_mut(&svc.id)
             {
-                s.update_state = "completed".into();
+                s.update_state = UpdateState::Completed;
                 s.update_message = "update completed".into();
                 s.version = index;
             }
@@ -859,7 +874,7 @@ impl ClusterState {
             } else {
                 (t.slot, String::new())
             };
-            if is_terminal(&t.state) && t.desired_state != "running" {
+            if t.state.is_terminal() && t.desired_state != TaskState::Running {
                 by_slot
                     .entry(key)
                     .or_default()
@@ -875,7 +890,7 @@ impl ClusterState {
                 .values()
                 .filter(|t| {
                     t.service_id == service_id
-                        && !(is_terminal(&t.state) && t.desired_state != "running")
+                        && !(t.state.is_terminal() && t.desired_state != TaskState::Running)
                         && (if t.slot == 0 {
                             (0, t.node_id.clone()) == key
                         } else {
@@ -906,25 +921,25 @@ impl ClusterState {
 
     /// Addresses of a service's running tasks on a network: what its VIP
     /// balances over and what `tasks.NAME` answers.
-    pub fn backends(&self, service_id: &str, network_id: &str) -> Vec<String> {
+    pub fn backends(&self, service_id: &str, network_id: &str) -> Vec<Ipv4Addr> {
         let running: BTreeSet<&str> = self
             .tasks
             .values()
             .filter(|t| {
                 t.service_id == service_id
-                    && t.desired_state == "running"
-                    && t.state == "running"
+                    && t.desired_state == TaskState::Running
+                    && t.state == TaskState::Running
                     && self
                         .nodes
                         .get(&t.node_id)
-                        .is_some_and(|n| n.state == "ready")
+                        .is_some_and(|n| n.state == NodeState::Ready)
             })
             .map(|t| t.id.as_str())
             .collect();
         self.endpoints
             .values()
             .filter(|e| e.network_id == network_id && running.contains(e.sandbox_id.as_str()))
-            .map(|e| e.ip.clone())
+            .map(|e| e.ip)
             .collect()
     }
 }
@@ -945,9 +960,9 @@ mod tests {
             let node = |id: &str| Node {
                 id: id.into(),
                 hostname: id.into(),
-                role: "worker".into(),
-                availability: "active".into(),
-                state: "ready".into(),
+                role: mesh_common::model::NodeRole::Worker,
+                availability: Availability::Active,
+                state: NodeState::Ready,
                 addr: format!("192.168.0.{}", id.len()),
                 ..Default::default()
             };
@@ -970,7 +985,7 @@ mod tests {
                 id: "net".into(),
                 spec: NetworkSpec {
                     name: "app".into(),
-                    driver: "overlay".into(),
+                    driver: DriverKind::Overlay,
                     ..Default::default()
                 },
                 at: "t".into(),
@@ -986,11 +1001,11 @@ mod tests {
         fn create(&mut self, id: &str, f: impl FnOnce(&mut ServiceSpec)) -> CommandResult {
             let mut spec = ServiceSpec {
                 name: id.into(),
-                mode: "replicated".into(),
+                mode: ServiceMode::Replicated,
                 replicas: 1,
                 networks: vec!["net".into()],
-                endpoint_mode: "vip".into(),
-                restart_condition: "any".into(),
+                endpoint_mode: EndpointMode::Vip,
+                restart_condition: RestartCondition::Any,
                 cmd: vec!["sleep".into(), "1000".into()],
                 ..Default::default()
             };
@@ -1006,7 +1021,7 @@ mod tests {
             self.s
                 .tasks
                 .values()
-                .filter(|t| t.service_id == svc && t.desired_state == "running")
+                .filter(|t| t.service_id == svc && t.desired_state == TaskState::Running)
                 .cloned()
                 .collect()
         }
@@ -1019,12 +1034,12 @@ mod tests {
             m
         }
 
-        fn report(&mut self, task: &Task, state: &str, code: i32) {
+        fn report(&mut self, task: &Task, state: TaskState, code: i32) {
             self.cmd(Command::ReportTasks {
                 node_id: task.node_id.clone(),
                 reports: vec![TaskReport {
                     task_id: task.id.clone(),
-                    state: state.into(),
+                    state,
                     exit_code: code,
                     ..Default::default()
                 }],
@@ -1034,8 +1049,8 @@ mod tests {
 
         fn run_all(&mut self, svc: &str) {
             for t in self.live(svc) {
-                if t.state != "running" {
-                    self.report(&t, "running", 0);
+                if t.state != TaskState::Running {
+                    self.report(&t, TaskState::Running, 0);
                 }
             }
         }
@@ -1064,12 +1079,15 @@ mod tests {
         let per = lab.per_node("web");
         assert_eq!(per.values().copied().collect::<Vec<_>>(), vec![2, 2, 2]);
         let svc = &lab.s.services["web"];
-        let vip = svc.vips.get("net").cloned().unwrap_or_default();
-        assert!(!vip.is_empty());
-        let ips: BTreeSet<String> = lab.s.endpoints.values().map(|e| e.ip.clone()).collect();
+        let vip = svc.vips.get("net").copied().expect("a VIP on net");
+        let ips: BTreeSet<Ipv4Addr> = lab.s.endpoints.values().map(|e| e.ip).collect();
         assert_eq!(ips.len(), 6, "one address per task");
         assert!(!ips.contains(&vip), "no task gets the VIP");
-        assert!(lab.live("web").iter().all(|t| t.state == "assigned"));
+        assert!(
+            lab.live("web")
+                .iter()
+                .all(|t| t.state == TaskState::Assigned)
+        );
         assert!(lab.s.backends("web", "net").is_empty(), "nothing runs yet");
         lab.run_all("web");
         assert_eq!(lab.s.backends("web", "net").len(), 6);
@@ -1092,7 +1110,7 @@ mod tests {
             .s
             .tasks
             .values()
-            .filter(|t| t.desired_state == "shutdown")
+            .filter(|t| t.desired_state == TaskState::Shutdown)
             .cloned()
             .collect();
         assert_eq!(stopping.len(), 4);
@@ -1104,7 +1122,7 @@ mod tests {
         // Their addresses stay theirs until they are down.
         assert_eq!(lab.s.endpoints.len(), 6);
         for t in &stopping {
-            lab.report(t, "shutdown", 0);
+            lab.report(t, TaskState::Shutdown, 0);
         }
         assert_eq!(lab.s.endpoints.len(), 2);
         lab.scale("web", 6);
@@ -1119,7 +1137,7 @@ mod tests {
         lab.run_all("web");
         lab.cmd(Command::SetNodeState {
             id: "bb".into(),
-            state: "down".into(),
+            state: NodeState::Down,
             addr: None,
             at: "t".into(),
         });
@@ -1130,7 +1148,7 @@ mod tests {
             lab.s
                 .tasks
                 .values()
-                .filter(|t| t.state == "orphaned")
+                .filter(|t| t.state == TaskState::Orphaned)
                 .count()
                 == 2
         );
@@ -1142,10 +1160,10 @@ mod tests {
             .s
             .tasks
             .values()
-            .find(|t| t.state == "orphaned")
+            .find(|t| t.state == TaskState::Orphaned)
             .cloned();
         if let Some(old) = old {
-            lab.report(&old, "running", 0);
+            lab.report(&old, TaskState::Running, 0);
             assert_eq!(lab.s.tasks[&old.id].state, "orphaned");
         }
     }
@@ -1156,16 +1174,16 @@ mod tests {
         lab.create("any", |s| s.restart_delay_ms = 100);
         lab.run_all("any");
         let t = lab.live("any")[0].clone();
-        lab.report(&t, "complete", 0);
+        lab.report(&t, TaskState::Complete, 0);
         let next = lab.live("any");
         assert_eq!(next.len(), 1);
         assert_ne!(next[0].id, t.id);
         assert_eq!((next[0].attempt, next[0].start_delay_ms), (1, 100));
 
-        lab.create("onf", |s| s.restart_condition = "on-failure".into());
+        lab.create("onf", |s| s.restart_condition = RestartCondition::OnFailure);
         lab.run_all("onf");
         let t = lab.live("onf")[0].clone();
-        lab.report(&t, "complete", 0);
+        lab.report(&t, TaskState::Complete, 0);
         let after = lab.live("onf");
         assert_eq!(after.len(), 1);
         assert_eq!(after[0].id, t.id, "a clean exit is not restarted");
@@ -1173,10 +1191,10 @@ mod tests {
         lab.create("max", |s| s.restart_max_attempts = 2);
         for _ in 0..5 {
             let t = lab.live("max")[0].clone();
-            if is_terminal(&t.state) {
+            if t.state.is_terminal() {
                 break;
             }
-            lab.report(&t, "failed", 1);
+            lab.report(&t, TaskState::Failed, 1);
         }
         let total = lab
             .s
@@ -1214,15 +1232,15 @@ mod tests {
             let new: Vec<Task> = lab
                 .live("web")
                 .into_iter()
-                .filter(|t| t.spec_version == v && t.state != "running")
+                .filter(|t| t.spec_version == v && t.state != TaskState::Running)
                 .collect();
             for t in new {
-                lab.report(&t, "running", 0);
+                lab.report(&t, TaskState::Running, 0);
             }
             assert_eq!(fresh(&lab), round);
         }
         lab.run_all("web");
-        assert_eq!(lab.s.services["web"].update_state, "completed");
+        assert_eq!(lab.s.services["web"].update_state, UpdateState::Completed);
         // Stale version: refused.
         let stale = lab.cmd(Command::UpdateService {
             id: "web".into(),
@@ -1256,13 +1274,13 @@ mod tests {
             vec!["bb"]
         );
         lab.create("g", |s| {
-            s.mode = "global".into();
+            s.mode = ServiceMode::Global;
             s.replicas = 0;
         });
         assert_eq!(lab.per_node("g").len(), 3);
         lab.cmd(Command::UpdateNode {
             id: "a".into(),
-            availability: Some("drain".into()),
+            availability: Some(Availability::Drain),
             role: None,
             label_add: Default::default(),
             label_rm: vec![],

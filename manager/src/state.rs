@@ -4,8 +4,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use mesh_common::ipam;
+use std::net::Ipv4Addr;
+
+use mesh_common::ipam::{self, Ipv4Net};
+use mesh_common::model::{Availability, DriverKind, Mac, NodeRole, NodeState};
 use serde::{Deserialize, Serialize};
+
+use crate::refusal::Refusal;
 
 pub use crate::services::{Service, ServiceSpec, Task, TaskReport};
 
@@ -34,10 +39,11 @@ pub struct ClusterInfo {
 
 /// What a user asks for in `mesh network create`. Addresses are kept as the
 /// user typed them and checked in `apply`, so every manager decides alike.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct NetworkSpec {
     pub name: String,
-    pub driver: String,
+    /// Always overlay today: local drivers never reach the managers.
+    pub driver: DriverKind,
     pub subnet: Option<String>,
     pub gateway: Option<String>,
     pub ip_range: Option<String>,
@@ -50,7 +56,7 @@ pub struct NetworkSpec {
 
 /// A sandbox's attachment to a cluster network: the address and MAC the
 /// managers gave it, and the node it lives on (where its traffic goes).
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Endpoint {
     pub id: String,
     pub network_id: String,
@@ -58,19 +64,36 @@ pub struct Endpoint {
     /// The sandbox's name (standalone) or task name (service).
     pub sandbox: String,
     pub sandbox_id: String,
-    pub ip: String,
-    pub mac: String,
+    pub ip: Ipv4Addr,
+    pub mac: Mac,
     pub aliases: Vec<String>,
     pub created_at: String,
 }
 
+impl Default for NetworkSpec {
+    fn default() -> Self {
+        NetworkSpec {
+            name: String::new(),
+            driver: DriverKind::Overlay,
+            subnet: None,
+            gateway: None,
+            ip_range: None,
+            attachable: false,
+            internal: false,
+            ingress: false,
+            options: BTreeMap::new(),
+            labels: BTreeMap::new(),
+        }
+    }
+}
+
 /// A cluster network with its allocations.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Network {
     pub id: String,
     pub spec: NetworkSpec,
-    pub subnet: String,
-    pub gateway: String,
+    pub subnet: Ipv4Net,
+    pub gateway: Ipv4Addr,
     pub vni: u32,
     pub created_at: String,
     pub version: u64,
@@ -82,13 +105,15 @@ pub struct Node {
     /// Raft ID, derived from the node ID (used once the node manages).
     pub raft_id: u64,
     pub hostname: String,
-    pub role: String,
-    pub availability: String,
+    pub role: NodeRole,
+    pub availability: Availability,
     pub labels: BTreeMap<String, String>,
+    /// Underlay address as the node advertised it; kept as text because
+    /// a node may advertise IPv6, and older states hold it so.
     pub addr: String,
     /// ADDR:PORT of the cluster port (managers).
     pub manager_addr: String,
-    pub state: String,
+    pub state: NodeState,
     pub created_at: String,
     pub updated_at: String,
     pub version: u64,
@@ -134,15 +159,15 @@ pub enum Command {
     },
     UpdateNode {
         id: String,
-        availability: Option<String>,
-        role: Option<String>,
+        availability: Option<Availability>,
+        role: Option<NodeRole>,
         label_add: BTreeMap<String, String>,
         label_rm: Vec<String>,
         at: String,
     },
     SetNodeState {
         id: String,
-        state: String,
+        state: NodeState,
         addr: Option<String>,
         at: String,
     },
@@ -157,6 +182,8 @@ pub enum Command {
         serial: String,
         not_after: String,
     },
+    /// `role` stays the word the proposer sent: a log written by older
+    /// versions may hold one that `apply` refused.
     RotateToken {
         role: String,
         token: String,
@@ -222,7 +249,7 @@ pub enum CommandResult {
     Endpoint(Box<Endpoint>),
     Service(Box<Service>),
     /// Refused by the state machine; the message is shown to the user.
-    Refused(String),
+    Refused(Refusal),
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -265,14 +292,16 @@ impl ClusterState {
                 ingress,
             } => {
                 if self.cluster.is_some() {
-                    return CommandResult::Refused("the cluster is already initialized".into());
+                    return CommandResult::Refused(Refusal::precondition(
+                        "the cluster is already initialized",
+                    ));
                 }
                 self.cluster = Some(cluster.clone());
                 if let Some(ingress) = ingress {
                     // Swarm's ingress: 10.0.0.0/24, outside any pool logic.
                     let spec = NetworkSpec {
                         name: "ingress".into(),
-                        driver: "overlay".into(),
+                        driver: DriverKind::Overlay,
                         subnet: Some(INGRESS_SUBNET.into()),
                         ingress: true,
                         ..Default::default()
@@ -291,10 +320,13 @@ impl ClusterState {
             }
             Command::AddNode { node } => {
                 if self.removed.contains(&node.id) {
-                    return CommandResult::Refused(format!("node {} was removed", node.id));
+                    return CommandResult::Refused(Refusal::precondition(format!(
+                        "node {} was removed",
+                        node.id
+                    )));
                 }
                 if let Some(why) = self.hostname_taken(&node.hostname, &node.id) {
-                    return CommandResult::Refused(why);
+                    return CommandResult::Refused(Refusal::already_exists(why));
                 }
                 let mut node = node.clone();
                 node.version = index;
@@ -310,13 +342,15 @@ impl ClusterState {
                 at,
             } => {
                 let Some(node) = self.nodes.get_mut(id) else {
-                    return CommandResult::Refused(format!("node {id} not found"));
+                    return CommandResult::Refused(Refusal::not_found(format!(
+                        "node {id} not found"
+                    )));
                 };
                 if let Some(a) = availability {
-                    node.availability = a.clone();
+                    node.availability = *a;
                 }
                 if let Some(r) = role {
-                    node.role = r.clone();
+                    node.role = *r;
                     if node.raft_id == 0 {
                         node.raft_id = mesh_common::id::raft_id(&node.id);
                     }
@@ -338,9 +372,11 @@ impl ClusterState {
                 at,
             } => {
                 let Some(node) = self.nodes.get_mut(id) else {
-                    return CommandResult::Refused(format!("node {id} not found"));
+                    return CommandResult::Refused(Refusal::not_found(format!(
+                        "node {id} not found"
+                    )));
                 };
-                node.state = state.clone();
+                node.state = *state;
                 if let Some(a) = addr {
                     node.addr = a.clone();
                 }
@@ -350,7 +386,9 @@ impl ClusterState {
             }
             Command::RemoveNode { id } => {
                 if self.nodes.remove(id).is_none() {
-                    return CommandResult::Refused(format!("node {id} not found"));
+                    return CommandResult::Refused(Refusal::not_found(format!(
+                        "node {id} not found"
+                    )));
                 }
                 // Its sandboxes are gone with it.
                 self.endpoints.retain(|_, e| e.node_id != *id);
@@ -364,12 +402,14 @@ impl ClusterState {
                 not_after,
             } => {
                 let Some(node) = self.nodes.get_mut(id) else {
-                    return CommandResult::Refused(format!("node {id} not found"));
+                    return CommandResult::Refused(Refusal::not_found(format!(
+                        "node {id} not found"
+                    )));
                 };
                 if node.key_fingerprint != *key_fingerprint {
-                    return CommandResult::Refused(format!(
+                    return CommandResult::Refused(Refusal::precondition(format!(
                         "node {id} asked for a certificate for another key; a node keeps its key for as long as it is a member (leave and join again for a new one)"
-                    ));
+                    )));
                 }
                 node.cert_serial = serial.clone();
                 node.cert_not_after = not_after.clone();
@@ -378,12 +418,18 @@ impl ClusterState {
             }
             Command::RotateToken { role, token } => {
                 let Some(c) = self.cluster.as_mut() else {
-                    return CommandResult::Refused("the cluster is not initialized".into());
+                    return CommandResult::Refused(Refusal::precondition(
+                        "the cluster is not initialized",
+                    ));
                 };
                 match role.as_str() {
                     "worker" => c.worker_token = token.clone(),
                     "manager" => c.manager_token = token.clone(),
-                    other => return CommandResult::Refused(format!("unknown role {other}")),
+                    other => {
+                        return CommandResult::Refused(Refusal::invalid(format!(
+                            "unknown role {other}"
+                        )));
+                    }
                 }
                 CommandResult::Ok
             }
@@ -400,46 +446,50 @@ impl ClusterState {
             } => {
                 if let Some(e) = self.endpoints.get(id) {
                     if e.node_id != *node_id {
-                        return CommandResult::Refused(format!(
+                        return CommandResult::Refused(Refusal::precondition(format!(
                             "endpoint {id} belongs to another node"
-                        ));
+                        )));
                     }
                     return CommandResult::Endpoint(Box::new(e.clone()));
                 }
                 let Some(net) = self.networks.get(network_id) else {
-                    return CommandResult::Refused(format!("network {network_id} not found"));
+                    return CommandResult::Refused(Refusal::not_found(format!(
+                        "network {network_id} not found"
+                    )));
                 };
                 if let Some(why) = self.foreign_sandbox(node_id, sandbox_id, *standalone) {
-                    return CommandResult::Refused(why);
+                    return CommandResult::Refused(Refusal::precondition(why));
                 }
                 if let Some(alias) = aliases.iter().find(|a| {
                     self.services.values().any(|s| {
                         s.spec.networks.contains(network_id) && s.spec.name.eq_ignore_ascii_case(a)
                     })
                 }) {
-                    return CommandResult::Refused(format!(
+                    return CommandResult::Refused(Refusal::already_exists(format!(
                         "alias {alias} is the name of a service on network {}: choose another alias",
                         net.spec.name
-                    ));
+                    )));
                 }
                 if *standalone && !net.spec.attachable {
-                    return CommandResult::Refused(format!(
+                    return CommandResult::Refused(Refusal::precondition(format!(
                         "network {} is not manually attachable: create it with --attachable to use it with `mesh run`",
                         net.spec.name
-                    ));
+                    )));
                 }
                 if !self.nodes.contains_key(node_id) {
-                    return CommandResult::Refused(format!("node {node_id} not found"));
+                    return CommandResult::Refused(Refusal::not_found(format!(
+                        "node {node_id} not found"
+                    )));
                 }
                 if self
                     .endpoints
                     .values()
                     .any(|e| e.network_id == *network_id && e.sandbox_id == *sandbox_id)
                 {
-                    return CommandResult::Refused(format!(
+                    return CommandResult::Refused(Refusal::already_exists(format!(
                         "{sandbox} is already connected to network {}",
                         net.spec.name
-                    ));
+                    )));
                 }
                 match self.allocate_address(net) {
                     Ok(ip) => {
@@ -449,8 +499,8 @@ impl ClusterState {
                             node_id: node_id.clone(),
                             sandbox: sandbox.clone(),
                             sandbox_id: sandbox_id.clone(),
-                            ip: ip.to_string(),
-                            mac: mac_for(ip),
+                            ip,
+                            mac: Mac::for_ip(ip),
                             aliases: aliases.clone(),
                             created_at: at.clone(),
                         };
@@ -462,7 +512,9 @@ impl ClusterState {
             }
             Command::RemoveEndpoint { id } => {
                 if self.endpoints.remove(id).is_none() {
-                    return CommandResult::Refused(format!("endpoint {id} not found"));
+                    return CommandResult::Refused(Refusal::not_found(format!(
+                        "endpoint {id} not found"
+                    )));
                 }
                 CommandResult::Ok
             }
@@ -482,7 +534,9 @@ impl ClusterState {
             } => self.report_tasks(index, node_id, reports, at),
             Command::RemoveNetwork { id } => {
                 let Some(net) = self.networks.get(id) else {
-                    return CommandResult::Refused(format!("network {id} not found"));
+                    return CommandResult::Refused(Refusal::not_found(format!(
+                        "network {id} not found"
+                    )));
                 };
                 let services: Vec<&str> = self
                     .services
@@ -491,19 +545,19 @@ impl ClusterState {
                     .map(|s| s.spec.name.as_str())
                     .collect();
                 if !services.is_empty() {
-                    return CommandResult::Refused(format!(
+                    return CommandResult::Refused(Refusal::precondition(format!(
                         "network {} is in use by service {}; remove the service or `mesh service update --network-rm` first",
                         net.spec.name,
                         services.join(", ")
-                    ));
+                    )));
                 }
                 let users = self.network_users(id);
                 if !users.is_empty() {
-                    return CommandResult::Refused(format!(
+                    return CommandResult::Refused(Refusal::precondition(format!(
                         "network {} is in use by {}; remove those first",
                         net.spec.name,
                         users.join(", ")
-                    ));
+                    )));
                 }
                 self.networks.remove(id);
                 CommandResult::Ok
@@ -550,7 +604,7 @@ impl ClusterState {
 
     /// Finds a network by full ID, then exact name, then unique ID prefix,
     /// as Docker resolves references.
-    pub fn find_network(&self, r: &str) -> Result<&Network, String> {
+    pub fn find_network(&self, r: &str) -> Result<&Network, Refusal> {
         if let Some(n) = self.networks.get(r) {
             return Ok(n);
         }
@@ -564,10 +618,10 @@ impl ClusterState {
             .collect();
         match by_prefix.as_slice() {
             [n] => Ok(n),
-            [] => Err(format!("network {r} not found; see `mesh network ls`")),
-            _ => Err(format!(
+            [] => Err(no_such_network(r)),
+            _ => Err(Refusal::precondition(format!(
                 "network reference {r:?} is ambiguous: it matches several networks; use more of the ID"
-            )),
+            ))),
         }
     }
 
@@ -587,7 +641,7 @@ impl ClusterState {
     }
 
     /// Next free address of a network (within --ip-range if given).
-    fn allocate_address(&self, net: &Network) -> Result<std::net::Ipv4Addr, String> {
+    fn allocate_address(&self, net: &Network) -> Result<Ipv4Addr, Refusal> {
         self.allocate_address_except(net, &BTreeSet::new())
     }
 
@@ -595,39 +649,35 @@ impl ClusterState {
     pub(crate) fn allocate_address_except(
         &self,
         net: &Network,
-        extra: &BTreeSet<std::net::Ipv4Addr>,
-    ) -> Result<std::net::Ipv4Addr, String> {
-        let subnet: ipam::Ipv4Net = net
-            .subnet
-            .parse()
-            .map_err(|_| format!("bad subnet {}", net.subnet))?;
-        let gateway: std::net::Ipv4Addr = net
-            .gateway
-            .parse()
-            .map_err(|_| format!("bad gateway {}", net.gateway))?;
+        extra: &BTreeSet<Ipv4Addr>,
+    ) -> Result<Ipv4Addr, Refusal> {
         let range = match &net.spec.ip_range {
-            Some(r) => Some(ipam::parse_ip_range(r, &subnet).map_err(|e| e.to_string())?),
+            Some(r) => Some(ipam::parse_ip_range(r, &net.subnet)?),
             None => None,
         };
-        let mut used: BTreeSet<std::net::Ipv4Addr> = self
+        let mut used: BTreeSet<Ipv4Addr> = self
             .endpoints
             .values()
             .filter(|e| e.network_id == net.id)
-            .filter_map(|e| e.ip.parse().ok())
+            .map(|e| e.ip)
             .collect();
         used.extend(extra);
         used.extend(
             self.services
                 .values()
-                .filter_map(|s| s.vips.get(&net.id))
-                .filter_map(|v| v.parse::<std::net::Ipv4Addr>().ok()),
+                .filter_map(|s| s.vips.get(&net.id).copied()),
         );
-        ipam::next_host(&subnet, range.as_ref(), gateway, &used).map_err(|e| e.to_string())
+        Ok(ipam::next_host(
+            &net.subnet,
+            range.as_ref(),
+            net.gateway,
+            &used,
+        )?)
     }
 
     /// Checks a spec and allocates its subnet and VNI. Everything is
     /// decided from the replicated state, so allocations never collide.
-    fn create_network(
+    pub(crate) fn create_network(
         &mut self,
         index: u64,
         id: &str,
@@ -639,7 +689,7 @@ impl ClusterState {
             return if existing.spec == *spec {
                 CommandResult::Network(Box::new(existing.clone()))
             } else {
-                CommandResult::Refused(format!("network ID {id} is taken"))
+                CommandResult::Refused(Refusal::already_exists(format!("network ID {id} is taken")))
             };
         }
         match self.allocate_network(spec) {
@@ -647,8 +697,8 @@ impl ClusterState {
                 let net = Network {
                     id: id.to_string(),
                     spec: spec.clone(),
-                    subnet: subnet.to_string(),
-                    gateway: gateway.to_string(),
+                    subnet,
+                    gateway,
                     vni,
                     created_at: at.to_string(),
                     version: index,
@@ -660,44 +710,42 @@ impl ClusterState {
         }
     }
 
-    fn allocate_network(
-        &self,
-        spec: &NetworkSpec,
-    ) -> Result<(ipam::Ipv4Net, std::net::Ipv4Addr, u32), String> {
+    fn allocate_network(&self, spec: &NetworkSpec) -> Result<(Ipv4Net, Ipv4Addr, u32), Refusal> {
         if self.networks.values().any(|n| n.spec.name == spec.name) {
-            return Err(format!("network with name {} already exists", spec.name));
+            return Err(Refusal::already_exists(format!(
+                "network with name {} already exists",
+                spec.name
+            )));
         }
         if spec.ingress
             && let Some(other) = self.networks.values().find(|n| n.spec.ingress)
         {
-            return Err(format!(
+            return Err(Refusal::already_exists(format!(
                 "an ingress network already exists ({}); a cluster has one, remove it first",
                 other.spec.name
-            ));
+            )));
         }
-        let used: Vec<(&str, ipam::Ipv4Net)> = self
+        let used: Vec<(&str, Ipv4Net)> = self
             .networks
             .values()
-            .filter_map(|n| n.subnet.parse().ok().map(|s| (n.spec.name.as_str(), s)))
+            .map(|n| (n.spec.name.as_str(), n.subnet))
             .collect();
         let subnet = match &spec.subnet {
             Some(s) => {
-                let subnet = ipam::parse_subnet(s).map_err(|e| e.to_string())?;
-                ipam::check_overlap(&subnet, used.iter().map(|(n, s)| (*n, s)))
-                    .map_err(|e| e.to_string())?;
+                let subnet = ipam::parse_subnet(s)?;
+                ipam::check_overlap(&subnet, used.iter().map(|(n, s)| (*n, s)))?;
                 subnet
             }
             None => {
                 let cluster = self
                     .cluster
                     .as_ref()
-                    .ok_or("the cluster is not initialized")?;
+                    .ok_or_else(|| Refusal::precondition("the cluster is not initialized"))?;
                 let pools = cluster
                     .address_pools
                     .iter()
                     .map(|p| ipam::parse_pool(p))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| e.to_string())?;
+                    .collect::<Result<Vec<_>, _>>()?;
                 let pools = if pools.is_empty() {
                     vec![default_pool()]
                 } else {
@@ -708,28 +756,29 @@ impl ClusterState {
                 } else {
                     cluster.pool_mask_len
                 };
-                let taken: Vec<ipam::Ipv4Net> = used.iter().map(|(_, s)| *s).collect();
-                ipam::carve(&pools, mask, &taken).map_err(|e| e.to_string())?
+                let taken: Vec<Ipv4Net> = used.iter().map(|(_, s)| *s).collect();
+                ipam::carve(&pools, mask, &taken)?
             }
         };
         let gateway = match &spec.gateway {
-            Some(g) => ipam::parse_gateway(g, &subnet).map_err(|e| e.to_string())?,
+            Some(g) => ipam::parse_gateway(g, &subnet)?,
             None => ipam::default_gateway(&subnet),
         };
         if let Some(r) = &spec.ip_range {
-            ipam::parse_ip_range(r, &subnet).map_err(|e| e.to_string())?;
+            ipam::parse_ip_range(r, &subnet)?;
         }
         let vnis: BTreeSet<u32> = self.networks.values().map(|n| n.vni).collect();
-        let vni = ipam::next_vni(&vnis).map_err(|e| e.to_string())?;
+        let vni = ipam::next_vni(&vnis)?;
         Ok((subnet, gateway, vni))
     }
 }
 
-/// Docker's MAC for an address: 02:42 followed by the IPv4 octets, so a MAC
-/// never needs allocating and a peer's MAC follows from its address.
-pub fn mac_for(ip: std::net::Ipv4Addr) -> String {
-    let o = ip.octets();
-    format!("02:42:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3])
+/// Docker's refusal for a network nobody has, as `docker network inspect`
+/// words it (the tail keeps the "not found" older scripts look for).
+pub fn no_such_network(r: &str) -> Refusal {
+    Refusal::not_found(format!(
+        "No such network: {r} (not found; see `mesh network ls`)"
+    ))
 }
 
 pub const INGRESS_SUBNET: &str = "10.0.0.0/24";
@@ -737,8 +786,8 @@ pub const DEFAULT_POOL: &str = "10.0.0.0/8";
 pub const DEFAULT_MASK_LEN: u8 = 24;
 pub const DEFAULT_DATA_PATH_PORT: u16 = 4789;
 
-fn default_pool() -> ipam::Ipv4Net {
-    ipam::Ipv4Net::new(std::net::Ipv4Addr::new(10, 0, 0, 0), 8).unwrap_or_default()
+fn default_pool() -> Ipv4Net {
+    Ipv4Net::new(Ipv4Addr::new(10, 0, 0, 0), 8).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -748,9 +797,9 @@ mod tests {
     fn node(id: &str) -> Node {
         Node {
             id: id.into(),
-            role: "worker".into(),
-            availability: "active".into(),
-            state: "unknown".into(),
+            role: NodeRole::Worker,
+            availability: Availability::Active,
+            state: NodeState::Unknown,
             ..Default::default()
         }
     }
@@ -763,7 +812,7 @@ mod tests {
             ..Default::default()
         };
         let mut first = node("m1");
-        first.role = "manager".into();
+        first.role = NodeRole::Manager;
         assert!(matches!(
             s.apply(
                 1,
@@ -798,7 +847,7 @@ mod tests {
         s.apply(2, &Command::AddNode { node: node("w1") });
         let cmd = Command::UpdateNode {
             id: "w1".into(),
-            availability: Some("drain".into()),
+            availability: Some(Availability::Drain),
             role: None,
             label_add: [
                 ("a".to_string(), "1".to_string()),
@@ -812,7 +861,7 @@ mod tests {
         let rm = Command::UpdateNode {
             id: "w1".into(),
             availability: None,
-            role: Some("manager".into()),
+            role: Some(NodeRole::Manager),
             label_add: Default::default(),
             label_rm: vec!["a".into()],
             at: "t2".into(),
@@ -853,7 +902,7 @@ mod tests {
         ));
         let st = Command::SetNodeState {
             id: "w1".into(),
-            state: "ready".into(),
+            state: NodeState::Ready,
             addr: None,
             at: "t".into(),
         };
@@ -891,7 +940,7 @@ mod tests {
             Command::AddNode { node: node("a") },
             Command::SetNodeState {
                 id: "a".into(),
-                state: "ready".into(),
+                state: NodeState::Ready,
                 addr: Some("10.0.0.1".into()),
                 at: "t".into(),
             },
@@ -917,7 +966,7 @@ mod tests {
     ) -> CommandResult {
         let spec = NetworkSpec {
             name: name.into(),
-            driver: "overlay".into(),
+            driver: DriverKind::Overlay,
             subnet: subnet.map(String::from),
             ..Default::default()
         };
@@ -937,14 +986,22 @@ mod tests {
         init(&mut s);
         let ingress = s.networks.get("ing").expect("ingress made at init");
         assert_eq!(
-            (ingress.subnet.as_str(), ingress.vni, ingress.spec.ingress),
+            (
+                ingress.subnet.to_string().as_str(),
+                ingress.vni,
+                ingress.spec.ingress
+            ),
             ("10.0.0.0/24", 4096, true)
         );
         let CommandResult::Network(a) = create(&mut s, 2, "a", "front", None) else {
             panic!("create refused")
         };
         assert_eq!(
-            (a.subnet.as_str(), a.gateway.as_str(), a.vni),
+            (
+                a.subnet.to_string().as_str(),
+                a.gateway.to_string().as_str(),
+                a.vni
+            ),
             ("10.0.1.0/24", "10.0.1.1", 4097)
         );
         // A retried proposal returns the same network, allocating nothing.
@@ -968,13 +1025,13 @@ mod tests {
             panic!("create refused")
         };
         assert_eq!(
-            (d.subnet.as_str(), d.vni),
+            (d.subnet.to_string().as_str(), d.vni),
             ("10.0.1.0/24", 4097),
             "freed subnet and VNI are reused"
         );
         let spec = NetworkSpec {
             name: "ing2".into(),
-            driver: "overlay".into(),
+            driver: DriverKind::Overlay,
             ingress: true,
             ..Default::default()
         };
@@ -1048,7 +1105,7 @@ mod tests {
         init(&mut s);
         let spec = NetworkSpec {
             name: "app".into(),
-            driver: "overlay".into(),
+            driver: DriverKind::Overlay,
             subnet: Some("10.9.0.0/24".into()),
             ip_range: Some("10.9.0.128/25".into()),
             attachable: true,
@@ -1066,16 +1123,16 @@ mod tests {
             panic!("refused")
         };
         assert_eq!(
-            (a.ip.as_str(), a.mac.as_str()),
+            (a.ip.to_string().as_str(), a.mac.to_string().as_str()),
             ("10.9.0.128", "02:42:0a:09:00:80")
         );
         let CommandResult::Endpoint(b) = attach(&mut s, 4, "e2", "app", "db", true) else {
             panic!("refused")
         };
-        assert_eq!(b.ip, "10.9.0.129");
+        assert_eq!(b.ip.to_string(), "10.9.0.129");
         // Retried proposal: same endpoint, nothing new.
         assert!(
-            matches!(attach(&mut s, 5, "e2", "app", "db", true), CommandResult::Endpoint(e) if e.ip == "10.9.0.129")
+            matches!(attach(&mut s, 5, "e2", "app", "db", true), CommandResult::Endpoint(e) if e.ip.to_string() == "10.9.0.129")
         );
         assert!(
             matches!(attach(&mut s, 6, "e3", "app", "db", true), CommandResult::Refused(m) if m.contains("already connected"))
@@ -1095,7 +1152,7 @@ mod tests {
         let CommandResult::Endpoint(c) = attach(&mut s, 10, "e5", "app", "cache", true) else {
             panic!("refused")
         };
-        assert_eq!(c.ip, "10.9.0.128", "a freed address is reused");
+        assert_eq!(c.ip.to_string(), "10.9.0.128", "a freed address is reused");
         s.apply(11, &Command::AddNode { node: node("w9") });
         let ep = Command::CreateEndpoint {
             id: "e6".into(),
