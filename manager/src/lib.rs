@@ -13,8 +13,9 @@
 //! - `server`: the cluster port serving it and the Raft service over TLS;
 //! - `join_limit`: failed joins counted per source address;
 //! - `dispatcher`: each node's view (its networks, peers, tasks) derived from the state;
-//! - `services`: services and tasks inside the state machine (scheduling,
+//! - `services`: services and tasks inside the state machine (orchestration,
 //!   addresses, restarts, rolling updates);
+//! - `scheduler`: which nodes may take a task and which one does (pure);
 //! - `logs`: routing task-log requests to nodes and their answers back;
 //! - `control`: the Control API's cluster calls (nodes, networks, services,
 //!   join tokens): their policy and defaults, served by the daemon;
@@ -38,6 +39,7 @@ pub mod manager;
 pub mod network;
 pub mod pb;
 pub mod refusal;
+pub mod scheduler;
 pub mod server;
 pub mod services;
 pub mod state;
