@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use mesh_common::model::{Availability, NodeState, UnknownWord};
+use mesh_common::model::{Availability, NodeRole, NodeState, UnknownWord};
 use mesh_common::pki::{NodeIdentity, Role};
 use mesh_common::token::{self, ProofSide};
 use mesh_common::{id, tls};
@@ -122,7 +122,7 @@ pub fn managers_of(mgr: &Manager) -> Vec<RemoteManager> {
     mgr.read(|s| {
         s.nodes
             .values()
-            .filter(|n| n.role == "manager" && !n.manager_addr.is_empty())
+            .filter(|n| n.role == NodeRole::Manager && !n.manager_addr.is_empty())
             .map(|n| RemoteManager {
                 node_id: n.id.clone(),
                 addr: n.manager_addr.clone(),

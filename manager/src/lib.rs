@@ -2,7 +2,8 @@
 //!
 //! Owns the Raft-replicated cluster state and everything that changes it:
 //! - `authz`: who may call what, decided from the current state;
-//! - `state`: the deterministic state machine (cluster, nodes, tokens) and its commands;
+//! - `state`: the deterministic state machine (cluster, nodes, tokens, networks,
+//!   endpoints and their allocations) and its commands;
 //! - `store`: openraft log and snapshot storage on disk (redb);
 //! - `network`: Raft RPCs between managers over mutual TLS, one channel per peer;
 //! - `ca`: the cluster root CA that signs node certificates;

@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use mesh_common::model::DriverKind;
 use mesh_manager::control;
 use mesh_manager::manager::{Manager, now};
 use mesh_manager::state::no_such_network;
@@ -245,7 +246,7 @@ impl Control for ControlService {
         req: Request<NetworkCreateRequest>,
     ) -> Result<Response<mesh_proto::Network>, Status> {
         let r = req.into_inner();
-        if control::networks::driver_of(&r) != "overlay" {
+        if control::networks::driver_of(&r) != DriverKind::Overlay.as_str() {
             let spec = super::networks::local_spec_from(r)?;
             let exists =
                 |ifname: &str| std::path::Path::new("/sys/class/net").join(ifname).exists();

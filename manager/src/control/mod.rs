@@ -3,6 +3,7 @@
 //! a manager. The daemon only routes each call to these functions (or to
 //! the node's own sandboxes and local networks) and prints nothing.
 //!
+//! - `cluster`: `init`'s network settings and first manager;
 //! - `nodes`: references, demotion and removal rules, updates;
 //! - `networks`: cluster network specs, create, inspect, remove, prune;
 //! - `services`: service specs with Docker's defaults, create, update with
@@ -12,6 +13,7 @@
 //! Every function answers with a `tonic::Status` built from a typed
 //! `Refusal` or `ManagerError`, so each refusal keeps its gRPC code.
 
+pub mod cluster;
 pub mod networks;
 pub mod nodes;
 pub mod services;

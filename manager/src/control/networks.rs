@@ -12,8 +12,8 @@ use tonic::Status;
 
 use crate::manager::{Manager, ManagerError, now};
 use crate::pb::network::network_to_pb;
-use crate::refusal::Refusal;
-use crate::state::{Command, CommandResult, Network, NetworkSpec};
+use crate::refusal::{Refusal, RefusalKind};
+use crate::state::{Command, CommandResult, Network, NetworkSpec, no_such_network};
 
 const MTU_OPTIONS: [&str; 2] = ["mtu", "com.docker.network.driver.mtu"];
 
@@ -137,8 +137,14 @@ pub fn list(mgr: &Manager) -> Vec<mesh_proto::Network> {
     })
 }
 
+/// One network, or Docker's "No such network" (an ambiguous prefix keeps
+/// its own refusal).
 pub fn inspect(mgr: &Manager, r: &str) -> Result<mesh_proto::Network, Refusal> {
-    mgr.read(|s| s.find_network(r).map(|n| network_to_pb(s, n, &mgr.node_id)))
+    mgr.read(|s| match s.find_network(r) {
+        Ok(n) => Ok(network_to_pb(s, n, &mgr.node_id)),
+        Err(e) if e.kind == RefusalKind::NotFound => Err(no_such_network(r)),
+        Err(e) => Err(e),
+    })
 }
 
 pub async fn remove(mgr: &Manager, r: &str) -> Result<mesh_proto::Network, Status> {

@@ -176,7 +176,9 @@ impl ClusterState {
             .collect();
         match by_prefix.as_slice() {
             [n] => Ok(n),
-            [] => Err(no_such_network(r)),
+            [] => Err(Refusal::not_found(format!(
+                "network {r} not found; see `mesh network ls`"
+            ))),
             _ => Err(Refusal::precondition(format!(
                 "network reference {r:?} is ambiguous: it matches several networks; use more of the ID"
             ))),
