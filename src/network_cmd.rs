@@ -172,26 +172,16 @@ pub async fn run(host: &str, cmd: NetworkCmd) -> Result<ExitCode> {
             }
         }
         NetworkCmd::Inspect { networks } => {
-            let all = c
-                .network_list(Empty {})
-                .await
-                .map_err(status)?
-                .into_inner()
-                .networks;
+            // The daemon resolves each reference (local networks first),
+            // and says NotFound with Docker's words when none matches.
             let mut out = Vec::new();
-            for r in &networks {
-                let found: Vec<&Network> = match all.iter().find(|n| n.id == *r || n.name == *r) {
-                    Some(n) => vec![n],
-                    None => all
-                        .iter()
-                        .filter(|n| n.id.starts_with(r.as_str()))
-                        .collect(),
-                };
-                match found.as_slice() {
-                    [n] => out.push(inspect_json(n)),
-                    [] => bail!("network {r} not found"),
-                    _ => bail!("network reference {r:?} is ambiguous; use more of the ID"),
-                }
+            for r in networks {
+                let n = c
+                    .network_inspect(NetworkRef { network: r })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                out.push(inspect_json(&n));
             }
             println!("{}", serde_json::to_string_pretty(&out)?);
         }

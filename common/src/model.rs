@@ -3,7 +3,9 @@
 //! Each enum is written to disk, to the Raft log and to the wire as the same
 //! lowercase word the code used when these fields were strings, so a state
 //! dir or log written by an older version still loads. Parsing an unknown
-//! word is an error naming the words that are allowed.
+//! word is an error naming the words that are allowed. Where an enum has a
+//! `Default`, it is the value a new object starts with (a joining node is an
+//! active worker in state unknown; a new task is pending).
 
 use std::fmt;
 use std::net::Ipv4Addr;
@@ -91,15 +93,19 @@ macro_rules! word_enum {
 
 word_enum! {
     /// What a node may do in the cluster.
+    #[derive(Default)]
     NodeRole, "role" {
         Manager = "manager",
+        #[default]
         Worker = "worker",
     }
 }
 
 word_enum! {
     /// Whether the scheduler may place tasks on a node (Docker's words).
+    #[derive(Default)]
     Availability, "availability" {
+        #[default]
         Active = "active",
         Pause = "pause",
         Drain = "drain",
@@ -108,7 +114,9 @@ word_enum! {
 
 word_enum! {
     /// A node's liveness as the leader sees it from heartbeats.
+    #[derive(Default)]
     NodeState, "node state" {
+        #[default]
         Unknown = "unknown",
         Ready = "ready",
         Down = "down",
@@ -118,7 +126,9 @@ word_enum! {
 word_enum! {
     /// A task's state, observed or desired, in the order a task goes through
     /// them; the last five are terminal.
+    #[derive(Default)]
     TaskState, "task state" {
+        #[default]
         Pending = "pending",
         Assigned = "assigned",
         Starting = "starting",
@@ -147,7 +157,9 @@ impl TaskState {
 
 word_enum! {
     /// How a service's tasks are counted.
+    #[derive(Default)]
     ServiceMode, "mode" {
+        #[default]
         Replicated = "replicated",
         Global = "global",
     }
@@ -155,7 +167,9 @@ word_enum! {
 
 word_enum! {
     /// How a service's name resolves: to one VIP, or to its tasks.
+    #[derive(Default)]
     EndpointMode, "endpoint mode" {
+        #[default]
         Vip = "vip",
         Dnsrr = "dnsrr",
     }
@@ -163,7 +177,9 @@ word_enum! {
 
 word_enum! {
     /// When a stopped task is replaced.
+    #[derive(Default)]
     RestartCondition, "restart condition" {
+        #[default]
         Any = "any",
         OnFailure = "on-failure",
         None = "none",

@@ -96,6 +96,25 @@ impl Role {
     }
 }
 
+/// The certificate's role and the state's role are the same two words.
+impl From<Role> for crate::model::NodeRole {
+    fn from(r: Role) -> Self {
+        match r {
+            Role::Manager => crate::model::NodeRole::Manager,
+            Role::Worker => crate::model::NodeRole::Worker,
+        }
+    }
+}
+
+impl From<crate::model::NodeRole> for Role {
+    fn from(r: crate::model::NodeRole) -> Self {
+        match r {
+            crate::model::NodeRole::Manager => Role::Manager,
+            crate::model::NodeRole::Worker => Role::Worker,
+        }
+    }
+}
+
 impl fmt::Display for Role {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())

@@ -127,6 +127,7 @@ pub fn raft_caller(
 mod tests {
     use super::*;
     use crate::state::ClusterInfo;
+    use mesh_common::model::NodeRole;
     use std::time::SystemTime;
 
     fn id(node: &str, role: Role, key: &str) -> NodeIdentity {
@@ -149,12 +150,12 @@ mod tests {
             }),
             ..Default::default()
         };
-        for (n, role, raft_id) in [("m1", "manager", 1), ("w1", "worker", 2)] {
+        for (n, role, raft_id) in [("m1", NodeRole::Manager, 1), ("w1", NodeRole::Worker, 2)] {
             s.nodes.insert(
                 n.into(),
                 Node {
                     id: n.into(),
-                    role: role.into(),
+                    role,
                     raft_id,
                     key_fingerprint: format!("key-{n}"),
                     ..Default::default()

@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use mesh_common::model::{Availability, NodeRole, NodeState, UnknownWord};
 use mesh_common::pki::{NodeIdentity, Role};
 use mesh_common::token::{self, ProofSide};
 use mesh_common::{id, tls};
@@ -113,13 +114,7 @@ async fn revoked(mgr: &Manager, who: &NodeIdentity, need: Need) -> Status {
 }
 
 fn to_status(e: ManagerError) -> Status {
-    match e {
-        ManagerError::Refused(m) => Status::failed_precondition(m),
-        ManagerError::NoQuorum(..) | ManagerError::NoLeader(_) => {
-            Status::unavailable(e.to_string())
-        }
-        other => Status::internal(other.to_string()),
-    }
+    e.into()
 }
 
 /// The current managers, with the keys nodes must see them present.
@@ -127,7 +122,7 @@ pub fn managers_of(mgr: &Manager) -> Vec<RemoteManager> {
     mgr.read(|s| {
         s.nodes
             .values()
-            .filter(|n| n.role == "manager" && !n.manager_addr.is_empty())
+            .filter(|n| n.role == NodeRole::Manager && !n.manager_addr.is_empty())
             .map(|n| RemoteManager {
                 node_id: n.id.clone(),
                 addr: n.manager_addr.clone(),
@@ -193,12 +188,12 @@ impl cluster_server::Cluster for ClusterService {
             // needs no new allocation.
             raft_id: id::raft_id(&node_id),
             hostname: r.hostname,
-            role: role.as_str().into(),
-            availability: "active".into(),
+            role: role.into(),
+            availability: Availability::Active,
             addr: r.advertise_addr.clone(),
             joined_addr: r.advertise_addr,
             manager_addr: r.manager_addr,
-            state: "unknown".into(),
+            state: NodeState::Unknown,
             created_at: at.clone(),
             updated_at: at,
             os: r.os,
@@ -246,7 +241,7 @@ impl cluster_server::Cluster for ClusterService {
             .await
             .map_err(to_status)?;
         Ok(Response::new(HeartbeatResponse {
-            role: node.role,
+            role: node.role.to_string(),
             managers: managers_of(&self.mgr),
             leader_id: self.mgr.node_id.clone(),
             period_ms: HEARTBEAT_PERIOD.as_millis() as u32,
@@ -262,10 +257,7 @@ impl cluster_server::Cluster for ClusterService {
         req: Request<RenewCertRequest>,
     ) -> Result<Response<RenewCertResponse>, Status> {
         let (_, node) = self.caller(&req, Need::Renewal)?;
-        let role: Role = node
-            .role
-            .parse()
-            .map_err(|_| Status::internal("bad role in state"))?;
+        let role: Role = node.role.into();
         let cluster = self
             .mgr
             .read(|s| s.cluster.clone())
@@ -288,7 +280,7 @@ impl cluster_server::Cluster for ClusterService {
         info!(node = %node.id, role = role.as_str(), "renewed node certificate");
         Ok(Response::new(RenewCertResponse {
             cert_pem,
-            role: node.role,
+            role: node.role.to_string(),
         }))
     }
 
@@ -380,10 +372,7 @@ impl cluster_server::Cluster for ClusterService {
     async fn attach(&self, req: Request<AttachRequest>) -> Result<Response<EndpointInfo>, Status> {
         let (_, node) = self.member(&req)?;
         let r = req.into_inner();
-        let net = self
-            .mgr
-            .read(|s| s.find_network(&r.network).cloned())
-            .map_err(Status::not_found)?;
+        let net = self.mgr.read(|s| s.find_network(&r.network).cloned())?;
         let cmd = Command::CreateEndpoint {
             id: if r.endpoint_id.is_empty() {
                 id::new_id()
@@ -412,14 +401,19 @@ impl cluster_server::Cluster for ClusterService {
             .into_inner()
             .reports
             .into_iter()
-            .map(|r| crate::services::TaskReport {
-                task_id: r.task_id,
-                state: r.state,
-                message: r.message,
-                error: r.error,
-                exit_code: r.exit_code,
+            .map(|r| {
+                let state = r.state.parse().map_err(|e: UnknownWord| {
+                    Status::invalid_argument(format!("task {}: {e}", r.task_id))
+                })?;
+                Ok(crate::services::TaskReport {
+                    task_id: r.task_id,
+                    state,
+                    message: r.message,
+                    error: r.error,
+                    exit_code: r.exit_code,
+                })
             })
-            .collect();
+            .collect::<Result<Vec<_>, Status>>()?;
         self.mgr
             .write(Command::ReportTasks {
                 node_id: node.id,

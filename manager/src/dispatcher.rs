@@ -7,7 +7,6 @@ use mesh_proto::{
     EndpointInfo, NetworkAssignment, NodeView, PeerEntry, ServiceEntry, TaskAssignment,
 };
 
-use crate::services::is_terminal;
 use crate::state::{ClusterState, DEFAULT_DATA_PATH_PORT, Endpoint, Network};
 
 pub fn endpoint_info(s: &ClusterState, e: &Endpoint) -> EndpointInfo {
@@ -19,13 +18,10 @@ pub fn endpoint_info(s: &ClusterState, e: &Endpoint) -> EndpointInfo {
         node_id: e.node_id.clone(),
         sandbox: e.sandbox.clone(),
         sandbox_id: e.sandbox_id.clone(),
-        ip: e.ip.clone(),
-        prefix: net
-            .and_then(|n| n.subnet.split_once('/'))
-            .and_then(|(_, p)| p.parse().ok())
-            .unwrap_or(24),
-        mac: e.mac.clone(),
-        gateway: net.map(|n| n.gateway.clone()).unwrap_or_default(),
+        ip: e.ip.to_string(),
+        prefix: net.map_or(24, |n| u32::from(n.subnet.prefix_len())),
+        mac: e.mac.to_string(),
+        gateway: net.map(|n| n.gateway.to_string()).unwrap_or_default(),
         aliases: e.aliases.clone(),
         vni: net.map(|n| n.vni).unwrap_or_default(),
         mtu: net
@@ -45,8 +41,8 @@ fn assignment(s: &ClusterState, net: &Network, node_id: &str) -> NetworkAssignme
             local.push(endpoint_info(s, e));
         } else if let Some(n) = s.nodes.get(&e.node_id) {
             peers.push(PeerEntry {
-                ip: e.ip.clone(),
-                mac: e.mac.clone(),
+                ip: e.ip.to_string(),
+                mac: e.mac.to_string(),
                 node_addr: n.addr.clone(),
                 name: e.sandbox.clone(),
                 aliases: e.aliases.clone(),
@@ -57,8 +53,8 @@ fn assignment(s: &ClusterState, net: &Network, node_id: &str) -> NetworkAssignme
         id: net.id.clone(),
         name: net.spec.name.clone(),
         vni: net.vni,
-        subnet: net.subnet.clone(),
-        gateway: net.gateway.clone(),
+        subnet: net.subnet.to_string(),
+        gateway: net.gateway.to_string(),
         mtu: net
             .spec
             .options
@@ -76,8 +72,16 @@ fn assignment(s: &ClusterState, net: &Network, node_id: &str) -> NetworkAssignme
             .map(|svc| ServiceEntry {
                 id: svc.id.clone(),
                 name: svc.spec.name.clone(),
-                vip: svc.vips.get(&net.id).cloned().unwrap_or_default(),
-                backends: s.backends(&svc.id, &net.id),
+                vip: svc
+                    .vips
+                    .get(&net.id)
+                    .map(ToString::to_string)
+                    .unwrap_or_default(),
+                backends: s
+                    .backends(&svc.id, &net.id)
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect(),
             })
             .collect(),
     }
@@ -89,7 +93,7 @@ fn assignment(s: &ClusterState, net: &Network, node_id: &str) -> NetworkAssignme
 fn tasks_for(s: &ClusterState, node_id: &str) -> Vec<TaskAssignment> {
     s.tasks
         .values()
-        .filter(|t| t.node_id == node_id && !is_terminal(&t.state))
+        .filter(|t| t.node_id == node_id && !t.state.is_terminal())
         .map(|t| {
             let svc = s.services.get(&t.service_id);
             let order = |net: &str| {
@@ -107,12 +111,12 @@ fn tasks_for(s: &ClusterState, node_id: &str) -> Vec<TaskAssignment> {
                 name: s.task_sandbox_name(t),
                 service_id: t.service_id.clone(),
                 service_name: svc.map(|v| v.spec.name.clone()).unwrap_or_default(),
-                desired_state: t.desired_state.clone(),
+                desired_state: t.desired_state.to_string(),
                 cmd: svc.map(|v| v.spec.cmd.clone()).unwrap_or_default(),
                 env: svc.map(|v| v.spec.env.clone()).unwrap_or_default(),
                 networks: eps.into_iter().map(|e| endpoint_info(s, e)).collect(),
                 start_delay_ms: t.start_delay_ms,
-                known_state: t.state.clone(),
+                known_state: t.state.to_string(),
             }
         })
         .collect()
@@ -161,7 +165,7 @@ mod tests {
         Node {
             id: id.into(),
             addr: addr.into(),
-            role: "worker".into(),
+            role: mesh_common::model::NodeRole::Worker,
             ..Default::default()
         }
     }
@@ -211,7 +215,7 @@ mod tests {
         for (i, name) in ["red", "blue"].iter().enumerate() {
             let spec = NetworkSpec {
                 name: name.to_string(),
-                driver: "overlay".into(),
+                driver: mesh_common::model::DriverKind::Overlay,
                 attachable: true,
                 ..Default::default()
             };

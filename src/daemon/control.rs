@@ -1,14 +1,15 @@
-//! The Control API the CLI calls over the daemon's unix socket. Cluster-wide
-//! calls need the manager role; writes go through Raft (forwarded to the
-//! leader when this manager follows).
+//! The Control API the CLI calls over the daemon's unix socket: wiring
+//! only. Cluster calls need the manager role and go to
+//! `mesh_manager::control`, which decides; calls about this node's
+//! sandboxes and local networks go to the worker's `Sandboxes`.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mesh_common::{pki, token};
-use mesh_manager::manager::{Manager, ManagerError, now};
-use mesh_manager::state::{Command, CommandResult, Node};
+use mesh_common::model::DriverKind;
+use mesh_manager::control;
+use mesh_manager::manager::{Manager, now};
+use mesh_manager::state::no_such_network;
 use mesh_proto::control_server::Control;
 use mesh_proto::*;
 use tonic::{Request, Response, Status};
@@ -57,81 +58,29 @@ impl ControlService {
             Err(Status::failed_precondition(NOT_IN_CLUSTER))
         }
     }
+
+    /// `network connect` and `disconnect`: one path, so both answer alike.
+    async fn attachment(
+        &self,
+        r: ConnectRequest,
+        connect: bool,
+    ) -> Result<Response<mesh_proto::Sandbox>, Status> {
+        let (dp, managers) = (self.d.datapath(), self.d.managers_link());
+        let rec = if connect {
+            let s = &self.d.sandboxes;
+            s.connect(&r.sandbox, &r.network, r.aliases, &dp, managers.as_ref())
+                .await
+        } else {
+            let s = &self.d.sandboxes;
+            s.disconnect(&r.sandbox, &r.network, &dp, managers.as_ref())
+                .await
+        };
+        self.reply(rec)
+    }
 }
 
 fn err(e: anyhow::Error) -> Status {
     Status::failed_precondition(format!("{e:#}"))
-}
-
-pub(super) fn mgr_err(e: ManagerError) -> Status {
-    match e {
-        ManagerError::NoQuorum(..) | ManagerError::NoLeader(_) => {
-            Status::unavailable(e.to_string())
-        }
-        other => Status::failed_precondition(other.to_string()),
-    }
-}
-
-/// Finds a node by ID, unique ID prefix, or hostname, as Docker does.
-pub fn resolve_node(
-    nodes: &BTreeMap<String, Node>,
-    r: &str,
-    self_id: &str,
-) -> Result<Node, Status> {
-    let r = if r == "self" { self_id } else { r };
-    if let Some(n) = nodes.get(r) {
-        return Ok(n.clone());
-    }
-    let by_name: Vec<&Node> = nodes.values().filter(|n| n.hostname == r).collect();
-    let by_prefix: Vec<&Node> = nodes
-        .values()
-        .filter(|n| !r.is_empty() && n.id.starts_with(r))
-        .collect();
-    match (by_name.as_slice(), by_prefix.as_slice()) {
-        ([n], _) | ([], [n]) => Ok((*n).clone()),
-        ([], []) => Err(Status::not_found(format!(
-            "node {r} not found; see `mesh node ls`"
-        ))),
-        _ => Err(Status::failed_precondition(format!(
-            "node reference {r:?} is ambiguous: it matches several nodes; use the node ID"
-        ))),
-    }
-}
-
-fn to_pb(mgr: &Manager, n: &Node) -> mesh_proto::Node {
-    let leader = mgr.raft.metrics().borrow().current_leader;
-    let is_manager = n.role == "manager";
-    mesh_proto::Node {
-        id: n.id.clone(),
-        hostname: n.hostname.clone(),
-        role: n.role.clone(),
-        availability: n.availability.clone(),
-        labels: n.labels.clone().into_iter().collect(),
-        addr: n.addr.clone(),
-        state: n.state.clone(),
-        manager_addr: if is_manager {
-            n.manager_addr.clone()
-        } else {
-            String::new()
-        },
-        leader: is_manager && leader == Some(n.raft_id),
-        reachability: if !is_manager {
-            String::new()
-        } else if n.state == "ready" || leader == Some(n.raft_id) {
-            "reachable".into()
-        } else {
-            "unreachable".into()
-        },
-        created_at: n.created_at.clone(),
-        updated_at: n.updated_at.clone(),
-        version: n.version,
-        os: n.os.clone(),
-        architecture: n.architecture.clone(),
-        message: String::new(),
-        tls_not_after: n.cert_not_after.clone(),
-        tls_serial: n.cert_serial.clone(),
-        tls_key_fingerprint: n.key_fingerprint.clone(),
-    }
 }
 
 fn secs_to_rfc3339(t: std::time::SystemTime) -> String {
@@ -257,34 +206,7 @@ impl Control for ControlService {
     ) -> Result<Response<JoinTokenResponse>, Status> {
         let mgr = self.manager()?;
         let r = req.into_inner();
-        if r.role != "worker" && r.role != "manager" {
-            return Err(Status::invalid_argument(format!(
-                "unknown role {:?}: use worker or manager",
-                r.role
-            )));
-        }
-        if r.rotate {
-            let ca = mgr
-                .read(|s| s.cluster.as_ref().map(|c| c.ca_cert_pem.clone()))
-                .ok_or_else(|| Status::failed_precondition("no cluster state"))?;
-            let der = pki::pem_to_der(&ca).map_err(|e| Status::internal(e.to_string()))?;
-            let cmd = Command::RotateToken {
-                role: r.role.clone(),
-                token: token::generate(&der),
-            };
-            mgr.write(cmd).await.map_err(mgr_err)?;
-        }
-        let token = mgr
-            .read(|s| {
-                s.cluster.as_ref().map(|c| {
-                    if r.role == "worker" {
-                        c.worker_token.clone()
-                    } else {
-                        c.manager_token.clone()
-                    }
-                })
-            })
-            .ok_or_else(|| Status::failed_precondition("no cluster state"))?;
+        let token = control::tokens::join_token(&mgr, &r.role, r.rotate).await?;
         let manager_addr = self
             .d
             .config
@@ -300,98 +222,22 @@ impl Control for ControlService {
     }
 
     async fn node_list(&self, _req: Request<Empty>) -> Result<Response<NodeList>, Status> {
-        let mgr = self.manager()?;
-        let nodes = mgr.read(|s| s.nodes.values().cloned().collect::<Vec<_>>());
-        Ok(Response::new(NodeList {
-            nodes: nodes.iter().map(|n| to_pb(&mgr, n)).collect(),
-        }))
+        Ok(Response::new(control::nodes::list(&*self.manager()?)))
     }
 
     async fn node_update(
         &self,
         req: Request<NodeUpdateRequest>,
     ) -> Result<Response<mesh_proto::Node>, Status> {
-        let mgr = self.manager()?;
-        let r = req.into_inner();
-        let node = mgr.read(|s| resolve_node(&s.nodes, &r.node, &mgr.node_id))?;
-        if !r.availability.is_empty()
-            && !["active", "pause", "drain"].contains(&r.availability.as_str())
-        {
-            return Err(Status::invalid_argument(format!(
-                "invalid availability {:?}: use active, pause or drain",
-                r.availability
-            )));
-        }
-        let mut role = None;
-        if !r.role.is_empty() && r.role != node.role {
-            match r.role.as_str() {
-                "manager" => role = Some("manager".to_string()),
-                "worker" => {
-                    let managers =
-                        mgr.read(|s| s.nodes.values().filter(|n| n.role == "manager").count());
-                    if managers <= 1 {
-                        return Err(Status::failed_precondition(format!(
-                            "cannot demote node {}: it is the last manager of the cluster; promote another node first",
-                            node.id
-                        )));
-                    }
-                    // Leave Raft first, so the voters never count a worker.
-                    let req = JoinRaftRequest {
-                        node_id: node.id.clone(),
-                        addr: String::new(),
-                        remove: true,
-                    };
-                    mgr.membership_call(req).await.map_err(mgr_err)?;
-                    role = Some("worker".to_string());
-                }
-                other => return Err(Status::invalid_argument(format!("unknown role {other:?}"))),
-            }
-        }
-        for k in r.label_add.keys() {
-            if k.is_empty() {
-                return Err(Status::invalid_argument(
-                    "a label needs a key: use --label-add KEY=VALUE",
-                ));
-            }
-        }
-        let cmd = Command::UpdateNode {
-            id: node.id.clone(),
-            availability: (!r.availability.is_empty()).then_some(r.availability),
-            role,
-            label_add: r.label_add.into_iter().collect(),
-            label_rm: r.label_rm,
-            at: now(),
-        };
-        // The write may have gone through another manager; read the result
-        // from what it returned.
-        match mgr.write(cmd).await.map_err(mgr_err)? {
-            CommandResult::Node(n) => Ok(Response::new(to_pb(&mgr, &n))),
-            _ => Err(Status::internal("unexpected result")),
-        }
+        let node = control::nodes::update(&*self.manager()?, req.into_inner()).await?;
+        Ok(Response::new(node))
     }
 
     async fn node_remove(
         &self,
         req: Request<NodeRemoveRequest>,
     ) -> Result<Response<Empty>, Status> {
-        let mgr = self.manager()?;
-        let r = req.into_inner();
-        let node = mgr.read(|s| resolve_node(&s.nodes, &r.node, &mgr.node_id))?;
-        if node.role == "manager" {
-            return Err(Status::failed_precondition(format!(
-                "node {} is a cluster manager and a member of Raft; demote it with `mesh node demote` before removing it",
-                node.id
-            )));
-        }
-        if node.state == "ready" && !r.force {
-            return Err(Status::failed_precondition(format!(
-                "node {} is not down and can't be removed; stop its daemon first, or use --force",
-                node.id
-            )));
-        }
-        mgr.write(Command::RemoveNode { id: node.id })
-            .await
-            .map_err(mgr_err)?;
+        control::nodes::remove(&*self.manager()?, req.into_inner()).await?;
         Ok(Response::new(Empty {}))
     }
 
@@ -400,7 +246,7 @@ impl Control for ControlService {
         req: Request<NetworkCreateRequest>,
     ) -> Result<Response<mesh_proto::Network>, Status> {
         let r = req.into_inner();
-        if super::networks::driver_of(&r) != "overlay" {
+        if control::networks::driver_of(&r) != DriverKind::Overlay.as_str() {
             let spec = super::networks::local_spec_from(r)?;
             let exists =
                 |ifname: &str| std::path::Path::new("/sys/class/net").join(ifname).exists();
@@ -413,24 +259,9 @@ impl Control for ControlService {
             return Ok(Response::new(super::networks::local_to_pb(&net, &[])));
         }
         let mgr = self.manager()?;
-        let spec = super::networks::spec_from(r)?;
-        if self.d.sandboxes.local.find(&spec.name).is_some() {
-            return Err(Status::failed_precondition(format!(
-                "network with name {} already exists on this node",
-                spec.name
-            )));
-        }
-        let cmd = Command::CreateNetwork {
-            id: mesh_common::id::new_id(),
-            spec,
-            at: now(),
-        };
-        match mgr.write(cmd).await.map_err(mgr_err)? {
-            CommandResult::Network(n) => Ok(Response::new(
-                mgr.read(|s| super::networks::to_pb(s, &n, &mgr.node_id)),
-            )),
-            _ => Err(Status::internal("unexpected result")),
-        }
+        let local_taken = self.d.sandboxes.local.find(&r.name).is_some();
+        let net = control::networks::create(&mgr, r, local_taken).await?;
+        Ok(Response::new(net))
     }
 
     async fn network_list(&self, _req: Request<Empty>) -> Result<Response<NetworkList>, Status> {
@@ -445,14 +276,26 @@ impl Control for ControlService {
             .map(|n| super::networks::local_to_pb(n, &records))
             .collect();
         if let Some(mgr) = self.d.manager() {
-            networks.extend(mgr.read(|s| {
-                s.networks
-                    .values()
-                    .map(|n| super::networks::to_pb(s, n, &mgr.node_id))
-                    .collect::<Vec<_>>()
-            }));
+            networks.extend(control::networks::list(&mgr));
         }
         Ok(Response::new(NetworkList { networks }))
+    }
+
+    async fn network_inspect(
+        &self,
+        req: Request<NetworkRef>,
+    ) -> Result<Response<mesh_proto::Network>, Status> {
+        let r = req.into_inner().network;
+        if let Some(l) = self.d.sandboxes.local.find(&r) {
+            let records = self.d.sandboxes.list();
+            return Ok(Response::new(super::networks::local_to_pb(&l, &records)));
+        }
+        // A worker knows its local networks only: for it, no such network.
+        let net = match self.d.manager() {
+            Some(mgr) => control::networks::inspect(&mgr, &r)?,
+            None => return Err(no_such_network(&r).into()),
+        };
+        Ok(Response::new(net))
     }
 
     async fn network_remove(
@@ -478,14 +321,8 @@ impl Control for ControlService {
             self.d.remove_local_bridge(&removed).await;
             return Ok(Response::new(super::networks::local_to_pb(&removed, &[])));
         }
-        let mgr = self.manager()?;
-        let net = mgr.read(|s| super::networks::resolve(s, &r.network))?;
-        mgr.write(Command::RemoveNetwork { id: net.id.clone() })
-            .await
-            .map_err(mgr_err)?;
-        Ok(Response::new(
-            mgr.read(|s| super::networks::to_pb(s, &net, &mgr.node_id)),
-        ))
+        let net = control::networks::remove(&*self.manager()?, &r.network).await?;
+        Ok(Response::new(net))
     }
 
     async fn network_prune(&self, _req: Request<Empty>) -> Result<Response<NetworkList>, Status> {
@@ -510,24 +347,8 @@ impl Control for ControlService {
                 removed.push(super::networks::local_to_pb(&n, &[]));
             }
         }
-        let Some(mgr) = self.d.manager() else {
-            return Ok(Response::new(NetworkList { networks: removed }));
-        };
-        // Unused cluster networks; ingress belongs to the cluster and stays.
-        let unused: Vec<mesh_manager::state::Network> = mgr.read(|s| {
-            s.networks
-                .values()
-                .filter(|n| !n.spec.ingress && s.network_users(&n.id).is_empty())
-                .cloned()
-                .collect()
-        });
-        for n in unused {
-            match mgr.write(Command::RemoveNetwork { id: n.id.clone() }).await {
-                Ok(_) => removed.push(mgr.read(|s| super::networks::to_pb(s, &n, &mgr.node_id))),
-                // Someone started using it meanwhile: keep it.
-                Err(ManagerError::Refused(_)) => {}
-                Err(e) => return Err(mgr_err(e)),
-            }
+        if let Some(mgr) = self.d.manager() {
+            removed.extend(control::networks::prune(&mgr).await?);
         }
         Ok(Response::new(NetworkList { networks: removed }))
     }
@@ -600,37 +421,14 @@ impl Control for ControlService {
         &self,
         req: Request<ConnectRequest>,
     ) -> Result<Response<mesh_proto::Sandbox>, Status> {
-        let r = req.into_inner();
-        let rec = self
-            .d
-            .sandboxes
-            .connect(
-                &r.sandbox,
-                &r.network,
-                r.aliases,
-                &self.d.datapath(),
-                self.d.managers_link().as_ref(),
-            )
-            .await;
-        self.reply(rec)
+        self.attachment(req.into_inner(), true).await
     }
 
     async fn network_disconnect(
         &self,
         req: Request<ConnectRequest>,
     ) -> Result<Response<mesh_proto::Sandbox>, Status> {
-        let r = req.into_inner();
-        let rec = self
-            .d
-            .sandboxes
-            .disconnect(
-                &r.sandbox,
-                &r.network,
-                &self.d.datapath(),
-                self.d.managers_link().as_ref(),
-            )
-            .await;
-        self.reply(rec)
+        self.attachment(req.into_inner(), false).await
     }
 
     async fn service_create(
@@ -638,13 +436,13 @@ impl Control for ControlService {
         req: Request<ServiceCreateRequest>,
     ) -> Result<Response<mesh_proto::Service>, Status> {
         let mgr = self.manager()?;
-        let svc = super::services::create(&self.d, &mgr, req.into_inner()).await?;
+        let local = |n: &str| self.d.sandboxes.local.find(n).map(|l| l.driver);
+        let svc = control::services::create(&mgr, req.into_inner(), &local).await?;
         Ok(Response::new(svc))
     }
 
     async fn service_list(&self, _req: Request<Empty>) -> Result<Response<ServiceList>, Status> {
-        let mgr = self.manager()?;
-        Ok(Response::new(super::services::list(&mgr)))
+        Ok(Response::new(control::services::list(&*self.manager()?)))
     }
 
     async fn service_status(
@@ -652,7 +450,7 @@ impl Control for ControlService {
         req: Request<ServiceRef>,
     ) -> Result<Response<ServiceStatusReply>, Status> {
         let mgr = self.manager()?;
-        let reply = super::services::status(&mgr, &req.into_inner().service).await?;
+        let reply = control::services::status(&mgr, &req.into_inner().service).await?;
         Ok(Response::new(reply))
     }
 
@@ -661,7 +459,8 @@ impl Control for ControlService {
         req: Request<ServiceUpdateRequest>,
     ) -> Result<Response<mesh_proto::Service>, Status> {
         let mgr = self.manager()?;
-        let svc = super::services::update(&self.d, &mgr, req.into_inner()).await?;
+        let local = |n: &str| self.d.sandboxes.local.find(n).map(|l| l.driver);
+        let svc = control::services::update(&mgr, req.into_inner(), &local).await?;
         Ok(Response::new(svc))
     }
 
@@ -670,7 +469,7 @@ impl Control for ControlService {
         req: Request<ServiceRef>,
     ) -> Result<Response<mesh_proto::Service>, Status> {
         let mgr = self.manager()?;
-        let svc = super::services::remove(&mgr, &req.into_inner().service).await?;
+        let svc = control::services::remove(&mgr, &req.into_inner().service).await?;
         Ok(Response::new(svc))
     }
 
@@ -681,7 +480,7 @@ impl Control for ControlService {
         req: Request<ServiceRef>,
     ) -> Result<Response<Self::ServiceLogsStream>, Status> {
         let mgr = self.manager()?;
-        let lines = super::services::logs(mgr, &req.into_inner().service)?;
+        let lines = control::services::logs(mgr, &req.into_inner().service)?;
         Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
             lines,
         )))

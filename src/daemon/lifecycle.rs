@@ -34,48 +34,6 @@ pub struct InitParams {
     pub data_path_port: u32,
 }
 
-/// Checks the address pools, mask length and data-path port before
-/// anything is created. Returns them with defaults filled in.
-fn network_defaults(p: &InitParams) -> Result<(Vec<String>, u8, u16)> {
-    use mesh_common::ipam;
-    use mesh_manager::state::{DEFAULT_DATA_PATH_PORT, DEFAULT_MASK_LEN, DEFAULT_POOL};
-    let pools = if p.pools.is_empty() {
-        vec![DEFAULT_POOL.to_string()]
-    } else {
-        p.pools.clone()
-    };
-    let parsed = pools
-        .iter()
-        .map(|s| ipam::parse_pool(s).map_err(|e| anyhow!("--default-addr-pool: {e}")))
-        .collect::<Result<Vec<_>>>()?;
-    for (i, a) in parsed.iter().enumerate() {
-        for b in &parsed[i + 1..] {
-            if ipam::overlaps(a, b) {
-                bail!("--default-addr-pool {a} overlaps {b}: give pools that do not overlap");
-            }
-        }
-    }
-    let mask = match p.mask_len {
-        0 => DEFAULT_MASK_LEN,
-        m if m > 29 => {
-            bail!("--default-addr-pool-mask-length {m} is too long: networks need at least a /29")
-        }
-        m => m as u8,
-    };
-    if let Some(short) = parsed.iter().find(|n| n.prefix_len() > mask) {
-        bail!(
-            "--default-addr-pool-mask-length {mask} is shorter than pool {short}'s prefix: use a mask of at least /{}",
-            short.prefix_len()
-        );
-    }
-    let port = match p.data_path_port {
-        0 => DEFAULT_DATA_PATH_PORT,
-        n if (1024..=49151).contains(&n) => n as u16,
-        n => bail!("--data-path-port {n} is out of range: use a port between 1024 and 49151"),
-    };
-    Ok((pools, mask, port))
-}
-
 pub struct JoinParams {
     pub token: String,
     pub remote: String,
@@ -334,7 +292,11 @@ impl Daemon {
             bail!(ALREADY_IN_CLUSTER);
         }
         let (ip, listen, cluster_addr) = addresses(&p.advertise_addr, &p.listen_addr, None)?;
-        let (pools, mask_len, data_path_port) = network_defaults(&p)?;
+        let settings = mesh_manager::control::cluster::network_settings(
+            &p.pools,
+            p.mask_len,
+            p.data_path_port,
+        )?;
         let cluster_id = id::new_id();
         let node_id = id::new_id();
         let ca = CertAuthority::generate(&cluster_id)?;
@@ -369,19 +331,16 @@ impl Daemon {
                 worker_token: token::generate(&ca_der),
                 manager_token: token::generate(&ca_der),
                 cert_expiry_secs: p.cert_expiry.as_secs(),
-                address_pools: pools.clone(),
-                pool_mask_len: mask_len,
-                data_path_port,
+                address_pools: settings.pools.clone(),
+                pool_mask_len: settings.mask_len,
+                data_path_port: settings.data_path_port,
             };
-            let node = Node {
+            let node = mesh_manager::control::cluster::first_manager(Node {
                 id: node_id.clone(),
                 raft_id: mgr.raft_id,
                 hostname: hostname(),
-                role: "manager".into(),
-                availability: "active".into(),
                 addr: ip.clone(),
                 manager_addr: cluster_addr.clone(),
-                state: "unknown".into(),
                 created_at: at.clone(),
                 updated_at: at,
                 os: std::env::consts::OS.into(),
@@ -391,7 +350,7 @@ impl Daemon {
                 cert_serial: own.serial.clone(),
                 cert_not_after: mesh_manager::manager::rfc3339(own.not_after),
                 ..Default::default()
-            };
+            });
             mgr.write(Command::Init {
                 cluster,
                 node,

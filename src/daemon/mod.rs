@@ -10,7 +10,6 @@ mod control;
 mod lifecycle;
 mod networks;
 mod sandboxes;
-mod services;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};

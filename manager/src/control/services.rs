@@ -1,22 +1,24 @@
-//! Service requests from the CLI: resolves network names, fills in Docker's
-//! defaults and checks the spec before proposing it, so mistakes are refused
-//! at once rather than by Raft; placement, addresses and rollouts are decided
-//! inside the state machine (`mesh_manager::services`).
+//! `mesh service create|ls|ps|inspect|update|scale|rm|logs`: resolves
+//! network names, fills in Docker's defaults and checks the spec before
+//! proposing it, so mistakes are refused at once rather than by Raft;
+//! placement, addresses and rollouts are decided inside the state machine
+//! (`crate::services`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use mesh_manager::logs::LogError;
-use mesh_manager::manager::{Manager, ManagerError, now};
-use mesh_manager::services::{DEFAULT_RESTART_DELAY_MS, Service, ServiceSpec, Task, validate};
-use mesh_manager::state::{ClusterState, Command, CommandResult};
+use mesh_common::model::{EndpointMode, NodeState, RestartCondition, ServiceMode, TaskState};
 use mesh_proto::{LogLine, ServiceCreateRequest, ServiceStatusReply, ServiceUpdateRequest};
 use tokio::sync::mpsc;
 use tonic::Status;
 
-use super::Daemon;
-use super::control::mgr_err;
+use crate::logs::LogError;
+use crate::manager::{Manager, ManagerError, now};
+use crate::pb::service::{service_to_pb, task_to_pb};
+use crate::refusal::Refusal;
+use crate::services::{DEFAULT_RESTART_DELAY_MS, Service, ServiceSpec, Task, validate};
+use crate::state::{ClusterState, Command, CommandResult};
 
 /// How long a write's result may take to reach this manager's copy of the
 /// state (it was committed by the leader, which may be another manager).
@@ -25,15 +27,12 @@ const LOCAL_APPLY_WAIT: Duration = Duration::from_secs(2);
 /// retried this many times before the user is told.
 const UPDATE_RETRIES: usize = 3;
 
-#[allow(clippy::result_large_err)]
-fn find(s: &ClusterState, r: &str) -> Result<Service, Status> {
-    s.find_service(r).cloned().map_err(|m| {
-        if m.contains("not found") {
-            Status::not_found(m)
-        } else {
-            Status::failed_precondition(m)
-        }
-    })
+/// Which local driver serves a network name on this node, if one does:
+/// the daemon knows its local networks, the managers do not.
+pub type LocalDriver<'a> = &'a (dyn Fn(&str) -> Option<String> + Sync);
+
+fn find(s: &ClusterState, r: &str) -> Result<Service, Refusal> {
+    s.find_service(r).cloned()
 }
 
 /// A `--network` reference as a cluster network ID. Local networks (bridge,
@@ -42,17 +41,28 @@ fn find(s: &ClusterState, r: &str) -> Result<Service, Status> {
 fn resolve_network(
     s: &ClusterState,
     r: &str,
-    local_driver: &dyn Fn(&str) -> Option<String>,
-) -> Result<String, Status> {
+    local_driver: LocalDriver,
+) -> Result<String, Refusal> {
     match s.find_network(r) {
         Ok(n) => Ok(n.id.clone()),
-        Err(m) => match local_driver(r) {
-            Some(driver) => Err(Status::failed_precondition(format!(
+        Err(e) => match local_driver(r) {
+            Some(driver) => Err(Refusal::precondition(format!(
                 "network {r} is a local network (driver {driver}); services need an overlay network: create one with `mesh network create -d overlay {r}`"
             ))),
-            None if m.contains("not found") => Err(Status::not_found(m)),
-            None => Err(Status::failed_precondition(m)),
+            None => Err(e),
         },
+    }
+}
+
+/// A word of a create request, or its default when left out.
+fn word<T: std::str::FromStr<Err = mesh_common::model::UnknownWord>>(
+    s: &str,
+    default: T,
+) -> Result<T, Refusal> {
+    if s.is_empty() {
+        Ok(default)
+    } else {
+        Ok(s.parse()?)
     }
 }
 
@@ -61,32 +71,27 @@ fn resolve_network(
 pub fn spec_from_create(
     r: ServiceCreateRequest,
     networks: Vec<String>,
-) -> Result<ServiceSpec, String> {
-    let mode = if r.mode.is_empty() {
-        "replicated".to_string()
-    } else {
-        r.mode
-    };
-    if mode == "global" && r.has_replicas {
-        return Err("replicas can only be used with replicated mode".into());
+) -> Result<ServiceSpec, Refusal> {
+    let mode = word(&r.mode, ServiceMode::Replicated)?;
+    if mode == ServiceMode::Global && r.has_replicas {
+        return Err(Refusal::invalid(
+            "replicas can only be used with replicated mode",
+        ));
     }
-    let replicas = match (mode.as_str(), r.has_replicas) {
-        ("global", _) => 0,
+    let replicas = match (mode, r.has_replicas) {
+        (ServiceMode::Global, _) => 0,
         (_, true) => r.replicas,
         (_, false) => 1,
-    };
-    let or = |s: String, default: &str| {
-        if s.is_empty() { default.to_string() } else { s }
     };
     let spec = ServiceSpec {
         name: r.name,
         mode,
         replicas,
         networks,
-        endpoint_mode: or(r.endpoint_mode, "vip"),
+        endpoint_mode: word(&r.endpoint_mode, EndpointMode::Vip)?,
         env: r.env,
         constraints: r.constraints,
-        restart_condition: or(r.restart_condition, "any"),
+        restart_condition: word(&r.restart_condition, RestartCondition::Any)?,
         restart_delay_ms: if r.has_restart_delay {
             r.restart_delay_ms
         } else {
@@ -125,11 +130,13 @@ pub fn updated_spec(
     r: &ServiceUpdateRequest,
     net_add: &[(String, String)],
     net_rm: &[(String, String)],
-) -> Result<ServiceSpec, String> {
+) -> Result<ServiceSpec, Refusal> {
     let mut spec = old.clone();
     if let Some(n) = r.replicas {
-        if spec.mode != "replicated" {
-            return Err("replicas can only be used with replicated mode".into());
+        if spec.mode != ServiceMode::Replicated {
+            return Err(Refusal::invalid(
+                "replicas can only be used with replicated mode",
+            ));
         }
         spec.replicas = n;
     }
@@ -137,18 +144,18 @@ pub fn updated_spec(
         let before = spec.networks.len();
         spec.networks.retain(|n| n != id);
         if spec.networks.len() == before {
-            return Err(format!(
+            return Err(Refusal::invalid(format!(
                 "service {} is not attached to network {given}",
                 old.name
-            ));
+            )));
         }
     }
     for (given, id) in net_add {
         if spec.networks.contains(id) {
-            return Err(format!(
+            return Err(Refusal::invalid(format!(
                 "service {} is already attached to network {given}",
                 old.name
-            ));
+            )));
         }
         spec.networks.push(id.clone());
     }
@@ -157,9 +164,9 @@ pub fn updated_spec(
     }
     for kv in &r.env_add {
         if kv.split_once('=').is_none_or(|(k, _)| k.is_empty()) {
-            return Err(format!(
+            return Err(Refusal::invalid(format!(
                 "invalid environment variable {kv:?}: use --env-add KEY=VALUE"
-            ));
+            )));
         }
         env_set(&mut spec.env, kv);
     }
@@ -200,30 +207,29 @@ async fn wait_local(mgr: &Manager, done: impl Fn(&ClusterState) -> bool) {
 
 fn service_reply(mgr: &Manager, r: CommandResult) -> Result<mesh_proto::Service, Status> {
     match r {
-        CommandResult::Service(svc) => Ok(mgr.read(|s| to_pb(s, &svc))),
+        CommandResult::Service(svc) => Ok(mgr.read(|s| service_to_pb(s, &svc))),
         _ => Err(Status::internal("unexpected result")),
     }
 }
 
 pub async fn create(
-    d: &Daemon,
     mgr: &Manager,
     r: ServiceCreateRequest,
+    local: LocalDriver<'_>,
 ) -> Result<mesh_proto::Service, Status> {
-    let local = |n: &str| d.sandboxes.local.find(n).map(|l| l.driver);
     let networks = mgr.read(|s| {
         r.networks
             .iter()
-            .map(|n| resolve_network(s, n, &local))
+            .map(|n| resolve_network(s, n, local))
             .collect::<Result<Vec<_>, _>>()
     })?;
-    let spec = spec_from_create(r, networks).map_err(Status::invalid_argument)?;
+    let spec = spec_from_create(r, networks)?;
     let cmd = Command::CreateService {
         id: mesh_common::id::new_id(),
         spec,
         at: now(),
     };
-    let res = mgr.write(cmd).await.map_err(mgr_err)?;
+    let res = mgr.write(cmd).await?;
     if let CommandResult::Service(svc) = &res {
         let (id, v) = (svc.id.clone(), svc.version);
         wait_local(mgr, |s| s.services.get(&id).is_some_and(|x| x.version >= v)).await;
@@ -233,8 +239,11 @@ pub async fn create(
 
 pub fn list(mgr: &Manager) -> mesh_proto::ServiceList {
     mgr.read(|s| {
-        let mut services: Vec<mesh_proto::Service> =
-            s.services.values().map(|svc| to_pb(s, svc)).collect();
+        let mut services: Vec<mesh_proto::Service> = s
+            .services
+            .values()
+            .map(|svc| service_to_pb(s, svc))
+            .collect();
         services.sort_by(|a, b| a.name.cmp(&b.name));
         mesh_proto::ServiceList { services }
     })
@@ -255,17 +264,14 @@ pub async fn status(mgr: &Manager, r: &str) -> Result<ServiceStatusReply, Status
             (
                 t.slot,
                 if t.slot == 0 { host(t) } else { None },
-                t.desired_state != "running",
+                t.desired_state != TaskState::Running,
                 std::cmp::Reverse((rfc3339(&t.created_at), t.version)),
             )
         });
         let tasks: Vec<mesh_proto::Task> = tasks.into_iter().map(|t| task_to_pb(s, t)).collect();
-        Ok::<_, Status>((to_pb(s, &svc), tasks))
+        Ok::<_, Refusal>((service_to_pb(s, &svc), tasks))
     })?;
-    let behind = mgr
-        .wait_converged("", Duration::ZERO)
-        .await
-        .map_err(mgr_err)?;
+    let behind = mgr.wait_converged("", Duration::ZERO).await?;
     let behind: Vec<String> = mgr.read(|s| {
         behind
             .iter()
@@ -281,11 +287,10 @@ pub async fn status(mgr: &Manager, r: &str) -> Result<ServiceStatusReply, Status
 }
 
 pub async fn update(
-    d: &Daemon,
     mgr: &Manager,
     r: ServiceUpdateRequest,
+    local: LocalDriver<'_>,
 ) -> Result<mesh_proto::Service, Status> {
-    let local = |n: &str| d.sandboxes.local.find(n).map(|l| l.driver);
     let mut attempt = 0;
     loop {
         attempt += 1;
@@ -293,13 +298,13 @@ pub async fn update(
             let svc = find(s, &r.service)?;
             let resolve = |refs: &[String]| {
                 refs.iter()
-                    .map(|n| Ok((n.clone(), resolve_network(s, n, &local)?)))
-                    .collect::<Result<Vec<_>, Status>>()
+                    .map(|n| Ok((n.clone(), resolve_network(s, n, local)?)))
+                    .collect::<Result<Vec<_>, Refusal>>()
             };
             let add = resolve(&r.network_add)?;
             let rm = resolve(&r.network_rm)?;
-            let spec = updated_spec(&svc.spec, &r, &add, &rm).map_err(Status::invalid_argument)?;
-            Ok::<_, Status>((svc.id, svc.version, spec))
+            let spec = updated_spec(&svc.spec, &r, &add, &rm)?;
+            Ok::<_, Refusal>((svc.id, svc.version, spec))
         })?;
         let cmd = Command::UpdateService {
             id: id.clone(),
@@ -327,7 +332,7 @@ pub async fn update(
                 .await;
                 tokio::time::sleep(jitter(attempt)).await;
             }
-            Err(e) => return Err(mgr_err(e)),
+            Err(e) => return Err(e.into()),
         }
     }
 }
@@ -338,7 +343,7 @@ pub async fn remove(mgr: &Manager, r: &str) -> Result<mesh_proto::Service, Statu
         id: svc.id.clone(),
         at: now(),
     };
-    let res = mgr.write(cmd).await.map_err(mgr_err)?;
+    let res = mgr.write(cmd).await?;
     wait_local(mgr, |s| !s.services.contains_key(&svc.id)).await;
     service_reply(mgr, res)
 }
@@ -354,7 +359,11 @@ pub fn logs(mgr: Arc<Manager>, r: &str) -> Result<mpsc::Receiver<Result<LogLine,
         let mut out = Asks::new();
         let mut names = HashMap::new();
         for t in s.tasks.values().filter(|t| t.service_id == svc.id) {
-            let Some(node) = s.nodes.get(&t.node_id).filter(|n| n.state == "ready") else {
+            let Some(node) = s
+                .nodes
+                .get(&t.node_id)
+                .filter(|n| n.state == NodeState::Ready)
+            else {
                 continue;
             };
             out.entry(node.id.clone())
@@ -363,7 +372,7 @@ pub fn logs(mgr: Arc<Manager>, r: &str) -> Result<mpsc::Receiver<Result<LogLine,
                 .push(t.id.clone());
             names.insert(t.id.clone(), s.task_sandbox_name(t));
         }
-        Ok::<_, Status>((out, names))
+        Ok::<_, Refusal>((out, names))
     })?;
     let names = Arc::new(names);
     let (tx, rx) = mpsc::channel(256);
@@ -422,97 +431,6 @@ fn rfc3339(s: &str) -> Option<time::OffsetDateTime> {
     time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()
 }
 
-fn net_name(s: &ClusterState, id: &str) -> String {
-    s.networks
-        .get(id)
-        .map_or_else(|| id.to_string(), |n| n.spec.name.clone())
-}
-
-/// A service as the API shows it, with its running and desired task counts.
-pub fn to_pb(s: &ClusterState, svc: &Service) -> mesh_proto::Service {
-    let current: Vec<&Task> = s
-        .tasks
-        .values()
-        .filter(|t| t.service_id == svc.id && t.desired_state == "running")
-        .collect();
-    let running = current.iter().filter(|t| t.state == "running").count() as u64;
-    let desired = if svc.spec.mode == "global" {
-        current.len() as u64
-    } else {
-        svc.spec.replicas
-    };
-    let vips = svc
-        .vips
-        .iter()
-        .map(|(net, ip)| {
-            let prefix = s
-                .networks
-                .get(net)
-                .and_then(|n| n.subnet.split_once('/'))
-                .map_or("32", |(_, p)| p);
-            mesh_proto::ServiceVip {
-                network_id: net.clone(),
-                network: net_name(s, net),
-                addr: format!("{ip}/{prefix}"),
-            }
-        })
-        .collect();
-    let spec = &svc.spec;
-    mesh_proto::Service {
-        id: svc.id.clone(),
-        name: spec.name.clone(),
-        mode: spec.mode.clone(),
-        replicas: spec.replicas,
-        networks: spec.networks.iter().map(|n| net_name(s, n)).collect(),
-        endpoint_mode: spec.endpoint_mode.clone(),
-        env: spec.env.clone(),
-        constraints: spec.constraints.clone(),
-        restart_condition: spec.restart_condition.clone(),
-        restart_delay_ms: spec.restart_delay_ms,
-        restart_max_attempts: spec.restart_max_attempts,
-        cmd: spec.cmd.clone(),
-        labels: spec.labels.clone().into_iter().collect(),
-        vips,
-        created_at: svc.created_at.clone(),
-        updated_at: svc.updated_at.clone(),
-        version: svc.version,
-        running,
-        desired,
-        update_state: svc.update_state.clone(),
-        update_message: svc.update_message.clone(),
-        network_ids: spec.networks.clone(),
-    }
-}
-
-fn task_to_pb(s: &ClusterState, t: &Task) -> mesh_proto::Task {
-    let addresses = s
-        .endpoints
-        .values()
-        .filter(|e| e.sandbox_id == t.id)
-        .map(|e| format!("{}={}", net_name(s, &e.network_id), e.ip))
-        .collect();
-    mesh_proto::Task {
-        id: t.id.clone(),
-        name: s.task_name(t),
-        service_id: t.service_id.clone(),
-        slot: t.slot,
-        node_id: t.node_id.clone(),
-        node: s
-            .nodes
-            .get(&t.node_id)
-            .map_or_else(|| t.node_id.clone(), |n| n.hostname.clone()),
-        desired_state: t.desired_state.clone(),
-        state: t.state.clone(),
-        message: t.message.clone(),
-        error: t.error.clone(),
-        exit_code: t.exit_code,
-        created_at: t.created_at.clone(),
-        updated_at: t.updated_at.clone(),
-        addresses,
-        spec_version: t.spec_version,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -528,10 +446,10 @@ mod tests {
     #[test]
     fn create_defaults() {
         let spec = spec_from_create(create_req(), vec![]).expect("valid");
-        assert_eq!(spec.mode, "replicated");
+        assert_eq!(spec.mode, ServiceMode::Replicated);
         assert_eq!(spec.replicas, 1);
-        assert_eq!(spec.endpoint_mode, "vip");
-        assert_eq!(spec.restart_condition, "any");
+        assert_eq!(spec.endpoint_mode, EndpointMode::Vip);
+        assert_eq!(spec.restart_condition, RestartCondition::Any);
         assert_eq!(spec.restart_delay_ms, DEFAULT_RESTART_DELAY_MS);
 
         let mut r = create_req();
@@ -550,7 +468,10 @@ mod tests {
         r.has_replicas = true;
         r.replicas = 2;
         assert_eq!(
-            spec_from_create(r, vec![]).err().as_deref(),
+            spec_from_create(r, vec![])
+                .err()
+                .map(|e| e.message)
+                .as_deref(),
             Some("replicas can only be used with replicated mode")
         );
         let mut r = create_req();
@@ -608,7 +529,7 @@ mod tests {
         assert!(updated_spec(&old, &bad, &[], &[]).is_err());
 
         let mut global = old.clone();
-        global.mode = "global".into();
+        global.mode = ServiceMode::Global;
         assert!(updated_spec(&global, &r, &[], &[]).is_err_and(|e| e.contains("replicated mode")));
     }
 }

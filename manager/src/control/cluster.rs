@@ -1,0 +1,118 @@
+//! `mesh init`: the cluster's network settings with Docker's defaults,
+//! checked before anything is created, and the first manager's record.
+
+use mesh_common::ipam;
+use mesh_common::model::{Availability, NodeRole, NodeState};
+
+use crate::refusal::Refusal;
+use crate::state::{DEFAULT_DATA_PATH_PORT, DEFAULT_MASK_LEN, DEFAULT_POOL, Node};
+
+/// Address pools, carve mask and VXLAN port a cluster starts with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetworkSettings {
+    pub pools: Vec<String>,
+    pub mask_len: u8,
+    pub data_path_port: u16,
+}
+
+/// `--default-addr-pool`, `--default-addr-pool-mask-length` and
+/// `--data-path-port` as given (empty or 0 when left out), checked, with
+/// the defaults filled in.
+pub fn network_settings(
+    pools: &[String],
+    mask_len: u32,
+    data_path_port: u32,
+) -> Result<NetworkSettings, Refusal> {
+    let pools = if pools.is_empty() {
+        vec![DEFAULT_POOL.to_string()]
+    } else {
+        pools.to_vec()
+    };
+    let parsed = pools
+        .iter()
+        .map(|s| {
+            ipam::parse_pool(s).map_err(|e| Refusal::invalid(format!("--default-addr-pool: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    for (i, a) in parsed.iter().enumerate() {
+        for b in &parsed[i + 1..] {
+            if ipam::overlaps(a, b) {
+                return Err(Refusal::invalid(format!(
+                    "--default-addr-pool {a} overlaps {b}: give pools that do not overlap"
+                )));
+            }
+        }
+    }
+    let mask_len = match mask_len {
+        0 => DEFAULT_MASK_LEN,
+        m if m > 29 => {
+            return Err(Refusal::invalid(format!(
+                "--default-addr-pool-mask-length {m} is too long: networks need at least a /29"
+            )));
+        }
+        m => m as u8,
+    };
+    if let Some(short) = parsed.iter().find(|n| n.prefix_len() > mask_len) {
+        return Err(Refusal::invalid(format!(
+            "--default-addr-pool-mask-length {mask_len} is shorter than pool {short}'s prefix: use a mask of at least /{}",
+            short.prefix_len()
+        )));
+    }
+    let data_path_port = match data_path_port {
+        0 => DEFAULT_DATA_PATH_PORT,
+        n if (1024..=49151).contains(&n) => n as u16,
+        n => {
+            return Err(Refusal::invalid(format!(
+                "--data-path-port {n} is out of range: use a port between 1024 and 49151"
+            )));
+        }
+    };
+    Ok(NetworkSettings {
+        pools,
+        mask_len,
+        data_path_port,
+    })
+}
+
+/// The node that initializes a cluster: its first manager, active, in
+/// state unknown until its first heartbeat. Identity fields (ID, Raft ID,
+/// addresses, certificate) are the caller's.
+pub fn first_manager(node: Node) -> Node {
+    Node {
+        role: NodeRole::Manager,
+        availability: Availability::Active,
+        state: NodeState::Unknown,
+        ..node
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_fill_in() {
+        assert_eq!(
+            network_settings(&[], 0, 0),
+            Ok(NetworkSettings {
+                pools: vec!["10.0.0.0/8".into()],
+                mask_len: 24,
+                data_path_port: 4789,
+            })
+        );
+    }
+
+    #[test]
+    fn bad_settings_are_refused_before_anything_is_made() {
+        let two = ["10.0.0.0/8".to_string(), "10.1.0.0/16".into()];
+        assert!(network_settings(&two, 0, 0).is_err_and(|e| e.contains("overlaps")));
+        assert!(network_settings(&[], 30, 0).is_err_and(|e| e.contains("too long")));
+        let narrow = ["10.20.0.0/20".to_string()];
+        assert!(network_settings(&narrow, 16, 0).is_err_and(|e| e.contains("shorter than pool")));
+        assert!(network_settings(&[], 0, 80).is_err_and(|e| e.contains("out of range")));
+        assert!(
+            network_settings(&["nope".into()], 0, 0)
+                .is_err_and(|e| e.contains("--default-addr-pool"))
+        );
+    }
+}

@@ -1,0 +1,231 @@
+//! `mesh network create|ls|inspect|rm|prune` for cluster (overlay)
+//! networks: checks what can be checked before Raft (names, options, flag
+//! combinations), then proposes; subnets and VNIs are allocated inside the
+//! state machine. Local networks are the node's own (see the daemon).
+
+use std::collections::BTreeMap;
+
+use mesh_common::id::valid_name;
+use mesh_common::model::DriverKind;
+use mesh_proto::NetworkCreateRequest;
+use tonic::Status;
+
+use crate::manager::{Manager, ManagerError, now};
+use crate::pb::network::network_to_pb;
+use crate::refusal::{Refusal, RefusalKind};
+use crate::state::{Command, CommandResult, Network, NetworkSpec, no_such_network};
+
+const MTU_OPTIONS: [&str; 2] = ["mtu", "com.docker.network.driver.mtu"];
+
+/// The driver a create asks for (Docker's default is a local bridge).
+pub fn driver_of(r: &NetworkCreateRequest) -> &str {
+    if r.driver.is_empty() {
+        DriverKind::Bridge.as_str()
+    } else {
+        r.driver.as_str()
+    }
+}
+
+/// The refusal for a malformed network name, shared with local networks.
+pub fn check_name(name: &str) -> Result<(), Refusal> {
+    if valid_name(name) {
+        return Ok(());
+    }
+    Err(Refusal::invalid(format!(
+        "invalid network name {name:?}: use letters, digits, '_', '.' and '-', starting with a letter or digit"
+    )))
+}
+
+/// A cluster network request, checked, with Docker's option spellings
+/// folded into ours.
+pub fn spec_from(r: NetworkCreateRequest) -> Result<NetworkSpec, Refusal> {
+    check_name(&r.name)?;
+    if driver_of(&r) != DriverKind::Overlay.as_str() {
+        return Err(Refusal::invalid(format!(
+            "{} is a local driver, not a cluster one",
+            driver_of(&r)
+        )));
+    }
+    let mut options = BTreeMap::new();
+    for (k, v) in r.options {
+        match k.as_str() {
+            "encrypted" => {
+                if !v.is_empty() && v != "true" {
+                    return Err(Refusal::invalid(format!(
+                        "invalid value {v:?} for option encrypted: use --opt encrypted"
+                    )));
+                }
+                options.insert(k, String::new());
+            }
+            k2 if MTU_OPTIONS.contains(&k2) => match v.parse::<u32>() {
+                Ok(mtu) if (576..=9000).contains(&mtu) => {
+                    options.insert("mtu".into(), mtu.to_string());
+                }
+                _ => {
+                    return Err(Refusal::invalid(format!(
+                        "invalid mtu {v:?}: use --opt mtu=N with N between 576 and 9000"
+                    )));
+                }
+            },
+            _ => {
+                return Err(Refusal::invalid(format!(
+                    "unknown option {k:?} for the overlay driver: use --opt encrypted or --opt mtu=N"
+                )));
+            }
+        }
+    }
+    if r.subnet.is_empty() && (!r.gateway.is_empty() || !r.ip_range.is_empty()) {
+        return Err(Refusal::invalid("--gateway and --ip-range need --subnet"));
+    }
+    if r.ingress && r.attachable {
+        return Err(Refusal::invalid(
+            "an ingress network cannot be attachable; drop --attachable",
+        ));
+    }
+    if r.ingress && r.internal {
+        return Err(Refusal::invalid(
+            "an ingress network cannot be internal; drop --internal",
+        ));
+    }
+    let opt = |s: String| (!s.is_empty()).then_some(s);
+    Ok(NetworkSpec {
+        name: r.name,
+        driver: DriverKind::Overlay,
+        subnet: opt(r.subnet),
+        gateway: opt(r.gateway),
+        ip_range: opt(r.ip_range),
+        attachable: r.attachable,
+        internal: r.internal,
+        ingress: r.ingress,
+        options,
+        labels: r.labels.into_iter().collect(),
+    })
+}
+
+/// Creates a cluster network. `local_taken` says whether this node already
+/// has a local network of that name (names are unique across both).
+pub async fn create(
+    mgr: &Manager,
+    r: NetworkCreateRequest,
+    local_taken: bool,
+) -> Result<mesh_proto::Network, Status> {
+    let spec = spec_from(r)?;
+    if local_taken {
+        return Err(Refusal::already_exists(format!(
+            "network with name {} already exists on this node",
+            spec.name
+        ))
+        .into());
+    }
+    let cmd = Command::CreateNetwork {
+        id: mesh_common::id::new_id(),
+        spec,
+        at: now(),
+    };
+    match mgr.write(cmd).await? {
+        CommandResult::Network(n) => Ok(mgr.read(|s| network_to_pb(s, &n, &mgr.node_id))),
+        _ => Err(Status::internal("unexpected result")),
+    }
+}
+
+pub fn list(mgr: &Manager) -> Vec<mesh_proto::Network> {
+    mgr.read(|s| {
+        s.networks
+            .values()
+            .map(|n| network_to_pb(s, n, &mgr.node_id))
+            .collect()
+    })
+}
+
+/// One network, or Docker's "No such network" (an ambiguous prefix keeps
+/// its own refusal).
+pub fn inspect(mgr: &Manager, r: &str) -> Result<mesh_proto::Network, Refusal> {
+    mgr.read(|s| match s.find_network(r) {
+        Ok(n) => Ok(network_to_pb(s, n, &mgr.node_id)),
+        Err(e) if e.kind == RefusalKind::NotFound => Err(no_such_network(r)),
+        Err(e) => Err(e),
+    })
+}
+
+pub async fn remove(mgr: &Manager, r: &str) -> Result<mesh_proto::Network, Status> {
+    let net = mgr.read(|s| s.find_network(r).cloned())?;
+    mgr.write(Command::RemoveNetwork { id: net.id.clone() })
+        .await?;
+    Ok(mgr.read(|s| network_to_pb(s, &net, &mgr.node_id)))
+}
+
+/// Removes every cluster network nothing uses; ingress belongs to the
+/// cluster and stays.
+pub async fn prune(mgr: &Manager) -> Result<Vec<mesh_proto::Network>, Status> {
+    let unused: Vec<Network> = mgr.read(|s| {
+        s.networks
+            .values()
+            .filter(|n| !n.spec.ingress && s.network_users(&n.id).is_empty())
+            .cloned()
+            .collect()
+    });
+    let mut removed = Vec::new();
+    for n in unused {
+        match mgr.write(Command::RemoveNetwork { id: n.id.clone() }).await {
+            Ok(_) => removed.push(mgr.read(|s| network_to_pb(s, &n, &mgr.node_id))),
+            // Someone started using it meanwhile: keep it.
+            Err(ManagerError::Refused(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::refusal::RefusalKind;
+
+    fn req(name: &str) -> NetworkCreateRequest {
+        NetworkCreateRequest {
+            name: name.into(),
+            driver: "overlay".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn names() {
+        assert!(valid_name("front-end_1.x"));
+        assert!(!valid_name(""));
+        assert!(!valid_name("-x"));
+        assert!(!valid_name("a b"));
+        assert!(spec_from(req("bad name")).is_err());
+    }
+
+    #[test]
+    fn drivers_and_options() {
+        let mut r = req("n");
+        r.driver = String::new();
+        assert!(spec_from(r).is_err_and(|e| e.contains("local driver")));
+        let mut r = req("n");
+        r.options.insert("encrypted".into(), String::new());
+        r.options
+            .insert("com.docker.network.driver.mtu".into(), "1400".into());
+        let spec = spec_from(r).expect("valid");
+        assert_eq!(spec.options.get("mtu").map(String::as_str), Some("1400"));
+        assert!(spec.options.contains_key("encrypted"));
+        let mut r = req("n");
+        r.options.insert("mtu".into(), "70000".into());
+        assert!(spec_from(r).is_err());
+        let mut r = req("n");
+        r.options.insert("colour".into(), "blue".into());
+        assert!(spec_from(r).is_err_and(|e| e.contains("unknown option")));
+    }
+
+    #[test]
+    fn flag_combinations() {
+        let mut r = req("n");
+        r.gateway = "10.1.0.1".into();
+        assert!(spec_from(r).is_err_and(|e| e.contains("need --subnet")));
+        let mut r = req("n");
+        r.ingress = true;
+        r.attachable = true;
+        assert!(spec_from(r).is_err_and(|e| e.kind == RefusalKind::InvalidArgument));
+    }
+}

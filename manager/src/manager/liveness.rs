@@ -1,0 +1,227 @@
+//! Heartbeats, convergence (which nodes applied the current view) and the
+//! leader's monitor that marks silent nodes down.
+
+use super::*;
+
+impl Manager {
+    /// Records a heartbeat and marks the node Ready again if it was not.
+    pub async fn heartbeat(
+        &self,
+        node: &Node,
+        addr: &str,
+        peer: Option<IpAddr>,
+        digest: u64,
+    ) -> Result<(), ManagerError> {
+        self.last_seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(node.id.clone(), Instant::now());
+        self.applied
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(node.id.clone(), digest);
+        self.acked.notify_waiters();
+        let addr = self.accepted_addr(node, addr, peer);
+        if node.state != NodeState::Ready || addr.is_some() {
+            info!(node = %node.id, "node is ready");
+            self.write(Command::SetNodeState {
+                id: node.id.clone(),
+                state: NodeState::Ready,
+                addr,
+                at: now(),
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// The new underlay address a heartbeat may set, if any. A node may
+    /// only move to the address it joined with or the one its connection
+    /// comes from (it cannot point traffic at a third party), and at most
+    /// once per [`ADDR_CHANGE_EVERY`].
+    fn accepted_addr(&self, node: &Node, addr: &str, peer: Option<IpAddr>) -> Option<String> {
+        if addr.is_empty() || node.addr == addr {
+            return None;
+        }
+        let from_peer = peer.is_some_and(|p| addr.parse::<IpAddr>().ok() == Some(p));
+        if addr != node.joined_addr && !from_peer {
+            self.log_addr_refusal(node, addr, "it is neither the address the node joined with nor the one its connection comes from");
+            return None;
+        }
+        let mut changed = self.addr_changed.lock().unwrap_or_else(|e| e.into_inner());
+        if changed
+            .get(&node.id)
+            .is_some_and(|t| t.elapsed() < ADDR_CHANGE_EVERY)
+        {
+            return None;
+        }
+        changed.insert(node.id.clone(), Instant::now());
+        info!(node = %node.id, from = %node.addr, to = %addr, "node's underlay address changed");
+        Some(addr.to_string())
+    }
+
+    /// Logs a refused address change once per node per rate-limit period.
+    fn log_addr_refusal(&self, node: &Node, addr: &str, why: &str) {
+        let mut logged = self.addr_refused.lock().unwrap_or_else(|e| e.into_inner());
+        if logged
+            .get(&node.id)
+            .is_none_or(|t| t.elapsed() >= ADDR_CHANGE_EVERY)
+        {
+            logged.insert(node.id.clone(), Instant::now());
+            warn!(node = %node.id, claimed = %addr, "heartbeat address refused: {why}");
+        }
+    }
+
+    /// Ready nodes (but `exclude`) whose last applied view differs from
+    /// the one they should have now. Meaningful on the leader, which gets
+    /// the heartbeats.
+    pub fn behind(&self, exclude: &str) -> Vec<String> {
+        let acks = self
+            .applied
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        self.read(|s| {
+            s.nodes
+                .values()
+                .filter(|n| n.state == NodeState::Ready && n.id != exclude)
+                .filter(|n| {
+                    let want = mesh_proto::view_digest(&crate::dispatcher::view_for(s, &n.id, 0));
+                    acks.get(&n.id).is_none_or(|a| *a != want)
+                })
+                .map(|n| n.id.clone())
+                .collect()
+        })
+    }
+
+    /// Waits until every Ready node (but `exclude`) has applied its current
+    /// view, or `timeout` passes; returns the nodes still behind. Asks the
+    /// leader, which is where the acknowledgements arrive.
+    pub async fn wait_converged(
+        &self,
+        exclude: &str,
+        timeout: Duration,
+    ) -> Result<Vec<String>, ManagerError> {
+        if !self.is_leader() {
+            let addr = self
+                .leader_addr()
+                .ok_or_else(|| ManagerError::NoLeader(self.quorum_note()))?;
+            let channel = self
+                .peers
+                .channel(&addr)
+                .map_err(|e| ManagerError::Forward {
+                    addr: addr.clone(),
+                    msg: e.to_string(),
+                })?;
+            let r = ClusterClient::new(channel)
+                .wait_converged(mesh_proto::WaitConvergedRequest {
+                    exclude_node: exclude.to_string(),
+                    timeout_ms: timeout.as_millis() as u64,
+                })
+                .await
+                .map_err(|s| ManagerError::Forward {
+                    addr,
+                    msg: s.message().to_string(),
+                })?;
+            return Ok(r.into_inner().behind);
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut state = self.sm.subscribe();
+        loop {
+            let acked = self.acked.notified();
+            let behind = self.behind(exclude);
+            if behind.is_empty() || tokio::time::Instant::now() >= deadline {
+                return Ok(behind);
+            }
+            tokio::select! {
+                _ = acked => {}
+                _ = state.changed() => {}
+                _ = tokio::time::sleep_until(deadline) => {}
+            }
+        }
+    }
+}
+
+/// While this manager leads, marks nodes whose heartbeats stopped as down.
+pub(super) async fn monitor(mgr: std::sync::Weak<Manager>, mut stop: watch::Receiver<bool>) {
+    let mut was_leader = false;
+    // The leader seen before this manager took over: most likely dead.
+    let mut previous_leader: Option<u64> = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let Some(mgr) = mgr.upgrade() else { return };
+        let leader = mgr.is_leader();
+        if !leader {
+            previous_leader = mgr
+                .raft
+                .metrics()
+                .borrow()
+                .current_leader
+                .or(previous_leader);
+        }
+        if leader && !was_leader {
+            // A new leader gives every node a grace period: nodes re-home
+            // within a few hundred ms of an election (see the worker's
+            // session), so a shorter grace than NODE_DOWN_AFTER suffices.
+            let now = Instant::now()
+                .checked_sub(NODE_DOWN_AFTER - NEW_LEADER_GRACE)
+                .unwrap_or_else(Instant::now);
+            let ids: Vec<String> = mgr.read(|s| s.nodes.keys().cloned().collect());
+            let prev = previous_leader.filter(|p| *p != mgr.raft_id).and_then(|p| {
+                mgr.read(|s| {
+                    s.nodes
+                        .values()
+                        .find(|n| n.raft_id == p)
+                        .map(|n| n.id.clone())
+                })
+            });
+            let mut seen = mgr.last_seen.lock().unwrap_or_else(|e| e.into_inner());
+            seen.clear();
+            for id in ids {
+                seen.insert(id, now);
+            }
+            // If the old leader is alive it heartbeats within one period; if
+            // not, calling it down early is what the user wants to see.
+            if let Some(prev) = prev {
+                let t = Instant::now()
+                    .checked_sub(NODE_DOWN_AFTER - PREVIOUS_LEADER_GRACE)
+                    .unwrap_or_else(Instant::now);
+                seen.insert(prev, t);
+            }
+        }
+        was_leader = leader;
+        if !leader {
+            continue;
+        }
+        let silent: Vec<String> = {
+            let seen = mgr.last_seen.lock().unwrap_or_else(|e| e.into_inner());
+            mgr.read(|s| {
+                s.nodes
+                    .values()
+                    .filter(|n| n.state == NodeState::Ready)
+                    .filter(|n| {
+                        seen.get(&n.id)
+                            .is_none_or(|t| t.elapsed() > NODE_DOWN_AFTER)
+                    })
+                    .map(|n| n.id.clone())
+                    .collect()
+            })
+        };
+        for id in silent {
+            info!(node = %id, "no heartbeat for {NODE_DOWN_AFTER:?}: marking node down");
+            let cmd = Command::SetNodeState {
+                id,
+                state: NodeState::Down,
+                addr: None,
+                at: now(),
+            };
+            if let Err(e) = mgr.write(cmd).await {
+                warn!("cannot mark node down: {e}");
+            }
+        }
+    }
+}

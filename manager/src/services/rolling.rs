@@ -1,0 +1,138 @@
+//! Rolling updates one task at a time, the history kept per slot, and the
+//! running tasks a service's VIP balances over.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+use mesh_common::model::{NodeState, TaskState};
+
+use super::{Service, TASK_HISTORY, Task, UpdateState};
+use crate::state::ClusterState;
+
+impl ClusterState {
+    /// Rolling update, one task at a time: the next outdated task is
+    /// replaced only once the previous replacement runs.
+    pub(crate) fn roll(&mut self, index: u64, svc: &Service, at: &str) {
+        let mine: Vec<&Task> = self
+            .tasks
+            .values()
+            .filter(|t| t.service_id == svc.id && t.desired_state == TaskState::Running)
+            .collect();
+        let in_flight = mine.iter().any(|t| {
+            t.spec_version == svc.spec_version
+                && t.state != TaskState::Running
+                && !t.state.is_terminal()
+        });
+        let outdated: Vec<(u64, String, String)> = mine
+            .iter()
+            .filter(|t| t.spec_version < svc.spec_version)
+            .map(|t| (t.slot, t.node_id.clone(), t.id.clone()))
+            .collect();
+        if outdated.is_empty() {
+            if svc.update_state == UpdateState::Updating
+                && let Some(s) = self.services.get_mut(&svc.id)
+            {
+                s.update_state = UpdateState::Completed;
+                s.update_message = "update completed".into();
+                s.version = index;
+            }
+            return;
+        }
+        if in_flight {
+            return;
+        }
+        let Some((slot, node, old)) = outdated.into_iter().min() else {
+            return;
+        };
+        self.shutdown_task(index, &old, "replaced by an update", at);
+        let Some(svc) = self.services.get(&svc.id).cloned() else {
+            return;
+        };
+        let mut t = self.new_task(index, &svc, slot, at);
+        if slot == 0 {
+            t.node_id = node;
+        }
+        let id = t.id.clone();
+        self.tasks.insert(id.clone(), t);
+        self.assign(index, &id, at);
+    }
+
+    /// Keeps at most TASK_HISTORY tasks per slot; the oldest finished ones
+    /// go first.
+    pub(crate) fn prune_history(&mut self, service_id: &str) {
+        let mut by_slot: BTreeMap<(u64, String), Vec<(u64, String)>> = BTreeMap::new();
+        for t in self.tasks.values().filter(|t| t.service_id == service_id) {
+            let key = if t.slot == 0 {
+                (0, t.node_id.clone())
+            } else {
+                (t.slot, String::new())
+            };
+            if t.state.is_terminal() && t.desired_state != TaskState::Running {
+                by_slot
+                    .entry(key)
+                    .or_default()
+                    .push((t.version, t.id.clone()));
+            } else {
+                by_slot.entry(key).or_default();
+            }
+        }
+        let mut drop = Vec::new();
+        for (key, mut done) in by_slot {
+            let live = self
+                .tasks
+                .values()
+                .filter(|t| {
+                    t.service_id == service_id
+                        && !(t.state.is_terminal() && t.desired_state != TaskState::Running)
+                        && (if t.slot == 0 {
+                            (0, t.node_id.clone()) == key
+                        } else {
+                            (t.slot, String::new()) == key
+                        })
+                })
+                .count();
+            let keep = TASK_HISTORY.saturating_sub(live);
+            done.sort();
+            while done.len() > keep {
+                drop.push(done.remove(0).1);
+            }
+            // Slots beyond the replica count keep no history.
+            if key.0 > 0
+                && self
+                    .services
+                    .get(service_id)
+                    .is_some_and(|s| key.0 > s.spec.replicas)
+                && live == 0
+            {
+                drop.extend(done.into_iter().map(|(_, id)| id));
+            }
+        }
+        for id in drop {
+            self.drop_task(&id);
+        }
+    }
+
+    /// Addresses of a service's running tasks on a network: what its VIP
+    /// balances over and what `tasks.NAME` answers.
+    pub fn backends(&self, service_id: &str, network_id: &str) -> Vec<Ipv4Addr> {
+        let running: BTreeSet<&str> = self
+            .tasks
+            .values()
+            .filter(|t| {
+                t.service_id == service_id
+                    && t.desired_state == TaskState::Running
+                    && t.state == TaskState::Running
+                    && self
+                        .nodes
+                        .get(&t.node_id)
+                        .is_some_and(|n| n.state == NodeState::Ready)
+            })
+            .map(|t| t.id.as_str())
+            .collect();
+        self.endpoints
+            .values()
+            .filter(|e| e.network_id == network_id && running.contains(e.sandbox_id.as_str()))
+            .map(|e| e.ip)
+            .collect()
+    }
+}

@@ -1,0 +1,351 @@
+//! Applying network and endpoint commands, with their allocations: a
+//! subnet and VNI per network, an address per endpoint, all decided from
+//! the replicated state so that managers never hand out the same one.
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+
+use mesh_common::ipam::{self, Ipv4Net};
+use mesh_common::model::Mac;
+
+use super::{ClusterState, Command, CommandResult, Endpoint, Network, NetworkSpec};
+use crate::refusal::Refusal;
+
+impl ClusterState {
+    pub(super) fn apply_network_command(&mut self, index: u64, cmd: &Command) -> CommandResult {
+        match cmd {
+            Command::CreateNetwork { id, spec, at } => self.create_network(index, id, spec, at),
+            Command::CreateEndpoint {
+                id,
+                network_id,
+                node_id,
+                sandbox,
+                sandbox_id,
+                aliases,
+                standalone,
+                at,
+            } => {
+                if let Some(e) = self.endpoints.get(id) {
+                    if e.node_id != *node_id {
+                        return CommandResult::Refused(Refusal::precondition(format!(
+                            "endpoint {id} belongs to another node"
+                        )));
+                    }
+                    return CommandResult::Endpoint(Box::new(e.clone()));
+                }
+                let Some(net) = self.networks.get(network_id) else {
+                    return CommandResult::Refused(Refusal::not_found(format!(
+                        "network {network_id} not found"
+                    )));
+                };
+                if let Some(why) = self.foreign_sandbox(node_id, sandbox_id, *standalone) {
+                    return CommandResult::Refused(Refusal::precondition(why));
+                }
+                if let Some(alias) = aliases.iter().find(|a| {
+                    self.services.values().any(|s| {
+                        s.spec.networks.contains(network_id) && s.spec.name.eq_ignore_ascii_case(a)
+                    })
+                }) {
+                    return CommandResult::Refused(Refusal::already_exists(format!(
+                        "alias {alias} is the name of a service on network {}: choose another alias",
+                        net.spec.name
+                    )));
+                }
+                if *standalone && !net.spec.attachable {
+                    return CommandResult::Refused(Refusal::precondition(format!(
+                        "network {} is not manually attachable: create it with --attachable to use it with `mesh run`",
+                        net.spec.name
+                    )));
+                }
+                if !self.nodes.contains_key(node_id) {
+                    return CommandResult::Refused(Refusal::not_found(format!(
+                        "node {node_id} not found"
+                    )));
+                }
+                if self
+                    .endpoints
+                    .values()
+                    .any(|e| e.network_id == *network_id && e.sandbox_id == *sandbox_id)
+                {
+                    return CommandResult::Refused(Refusal::already_exists(format!(
+                        "{sandbox} is already connected to network {}",
+                        net.spec.name
+                    )));
+                }
+                match self.allocate_address(net) {
+                    Ok(ip) => {
+                        let ep = Endpoint {
+                            id: id.clone(),
+                            network_id: network_id.clone(),
+                            node_id: node_id.clone(),
+                            sandbox: sandbox.clone(),
+                            sandbox_id: sandbox_id.clone(),
+                            ip,
+                            mac: Mac::for_ip(ip),
+                            aliases: aliases.clone(),
+                            created_at: at.clone(),
+                        };
+                        self.endpoints.insert(id.clone(), ep.clone());
+                        CommandResult::Endpoint(Box::new(ep))
+                    }
+                    Err(why) => CommandResult::Refused(why),
+                }
+            }
+            Command::RemoveEndpoint { id } => {
+                if self.endpoints.remove(id).is_none() {
+                    return CommandResult::Refused(Refusal::not_found(format!(
+                        "endpoint {id} not found"
+                    )));
+                }
+                CommandResult::Ok
+            }
+            Command::RemoveNetwork { id } => {
+                let Some(net) = self.networks.get(id) else {
+                    return CommandResult::Refused(Refusal::not_found(format!(
+                        "network {id} not found"
+                    )));
+                };
+                let services: Vec<&str> = self
+                    .services
+                    .values()
+                    .filter(|s| s.spec.networks.contains(id))
+                    .map(|s| s.spec.name.as_str())
+                    .collect();
+                if !services.is_empty() {
+                    return CommandResult::Refused(Refusal::precondition(format!(
+                        "network {} is in use by service {}; remove the service or `mesh service update --network-rm` first",
+                        net.spec.name,
+                        services.join(", ")
+                    )));
+                }
+                let users = self.network_users(id);
+                if !users.is_empty() {
+                    return CommandResult::Refused(Refusal::precondition(format!(
+                        "network {} is in use by {}; remove those first",
+                        net.spec.name,
+                        users.join(", ")
+                    )));
+                }
+                self.networks.remove(id);
+                CommandResult::Ok
+            }
+            _ => CommandResult::Refused(Refusal::invalid("not a network command")),
+        }
+    }
+
+    /// Why node `node_id` may not attach `sandbox_id`, if it belongs to
+    /// someone else: another node's endpoint, or a service task (tasks are
+    /// attached by the orchestrator, never by a node).
+    pub(crate) fn foreign_sandbox(
+        &self,
+        node_id: &str,
+        sandbox_id: &str,
+        standalone: bool,
+    ) -> Option<String> {
+        if sandbox_id.is_empty() {
+            return Some("a sandbox ID is required".into());
+        }
+        if self
+            .endpoints
+            .values()
+            .any(|e| e.sandbox_id == sandbox_id && e.node_id != node_id)
+        {
+            return Some(format!("sandbox {sandbox_id} belongs to another node"));
+        }
+        if standalone && self.tasks.contains_key(sandbox_id) {
+            return Some(format!(
+                "sandbox {sandbox_id} is a service task: tasks are attached by the managers"
+            ));
+        }
+        None
+    }
+
+    /// Finds a network by full ID, then exact name, then unique ID prefix,
+    /// as Docker resolves references.
+    pub fn find_network(&self, r: &str) -> Result<&Network, Refusal> {
+        if let Some(n) = self.networks.get(r) {
+            return Ok(n);
+        }
+        if let Some(n) = self.networks.values().find(|n| n.spec.name == r) {
+            return Ok(n);
+        }
+        let by_prefix: Vec<&Network> = self
+            .networks
+            .values()
+            .filter(|n| !r.is_empty() && n.id.starts_with(r))
+            .collect();
+        match by_prefix.as_slice() {
+            [n] => Ok(n),
+            [] => Err(Refusal::not_found(format!(
+                "network {r} not found; see `mesh network ls`"
+            ))),
+            _ => Err(Refusal::precondition(format!(
+                "network reference {r:?} is ambiguous: it matches several networks; use more of the ID"
+            ))),
+        }
+    }
+
+    /// Who uses a network, for refusals that name them.
+    pub fn network_users(&self, id: &str) -> Vec<String> {
+        self.endpoints
+            .values()
+            .filter(|e| e.network_id == id)
+            .map(|e| {
+                let host = self
+                    .nodes
+                    .get(&e.node_id)
+                    .map_or(e.node_id.as_str(), |n| n.hostname.as_str());
+                format!("{} on {host}", e.sandbox)
+            })
+            .collect()
+    }
+
+    /// Next free address of a network (within --ip-range if given).
+    pub(crate) fn allocate_address(&self, net: &Network) -> Result<Ipv4Addr, Refusal> {
+        self.allocate_address_except(net, &BTreeSet::new())
+    }
+
+    /// Next free address, also avoiding `extra` and every service VIP.
+    pub(crate) fn allocate_address_except(
+        &self,
+        net: &Network,
+        extra: &BTreeSet<Ipv4Addr>,
+    ) -> Result<Ipv4Addr, Refusal> {
+        let range = match &net.spec.ip_range {
+            Some(r) => Some(ipam::parse_ip_range(r, &net.subnet)?),
+            None => None,
+        };
+        let mut used: BTreeSet<Ipv4Addr> = self
+            .endpoints
+            .values()
+            .filter(|e| e.network_id == net.id)
+            .map(|e| e.ip)
+            .collect();
+        used.extend(extra);
+        used.extend(
+            self.services
+                .values()
+                .filter_map(|s| s.vips.get(&net.id).copied()),
+        );
+        Ok(ipam::next_host(
+            &net.subnet,
+            range.as_ref(),
+            net.gateway,
+            &used,
+        )?)
+    }
+
+    /// Checks a spec and allocates its subnet and VNI. Everything is
+    /// decided from the replicated state, so allocations never collide.
+    pub(crate) fn create_network(
+        &mut self,
+        index: u64,
+        id: &str,
+        spec: &NetworkSpec,
+        at: &str,
+    ) -> CommandResult {
+        if let Some(existing) = self.networks.get(id) {
+            // A retried proposal that was committed the first time.
+            return if existing.spec == *spec {
+                CommandResult::Network(Box::new(existing.clone()))
+            } else {
+                CommandResult::Refused(Refusal::already_exists(format!("network ID {id} is taken")))
+            };
+        }
+        match self.allocate_network(spec) {
+            Ok((subnet, gateway, vni)) => {
+                let net = Network {
+                    id: id.to_string(),
+                    spec: spec.clone(),
+                    subnet,
+                    gateway,
+                    vni,
+                    created_at: at.to_string(),
+                    version: index,
+                };
+                self.networks.insert(id.to_string(), net.clone());
+                CommandResult::Network(Box::new(net))
+            }
+            Err(why) => CommandResult::Refused(why),
+        }
+    }
+
+    fn allocate_network(&self, spec: &NetworkSpec) -> Result<(Ipv4Net, Ipv4Addr, u32), Refusal> {
+        if self.networks.values().any(|n| n.spec.name == spec.name) {
+            return Err(Refusal::already_exists(format!(
+                "network with name {} already exists",
+                spec.name
+            )));
+        }
+        if spec.ingress
+            && let Some(other) = self.networks.values().find(|n| n.spec.ingress)
+        {
+            return Err(Refusal::already_exists(format!(
+                "an ingress network already exists ({}); a cluster has one, remove it first",
+                other.spec.name
+            )));
+        }
+        let used: Vec<(&str, Ipv4Net)> = self
+            .networks
+            .values()
+            .map(|n| (n.spec.name.as_str(), n.subnet))
+            .collect();
+        let subnet = match &spec.subnet {
+            Some(s) => {
+                let subnet = ipam::parse_subnet(s)?;
+                ipam::check_overlap(&subnet, used.iter().map(|(n, s)| (*n, s)))?;
+                subnet
+            }
+            None => {
+                let cluster = self
+                    .cluster
+                    .as_ref()
+                    .ok_or_else(|| Refusal::precondition("the cluster is not initialized"))?;
+                let pools = cluster
+                    .address_pools
+                    .iter()
+                    .map(|p| ipam::parse_pool(p))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let pools = if pools.is_empty() {
+                    vec![default_pool()]
+                } else {
+                    pools
+                };
+                let mask = if cluster.pool_mask_len == 0 {
+                    DEFAULT_MASK_LEN
+                } else {
+                    cluster.pool_mask_len
+                };
+                let taken: Vec<Ipv4Net> = used.iter().map(|(_, s)| *s).collect();
+                ipam::carve(&pools, mask, &taken)?
+            }
+        };
+        let gateway = match &spec.gateway {
+            Some(g) => ipam::parse_gateway(g, &subnet)?,
+            None => ipam::default_gateway(&subnet),
+        };
+        if let Some(r) = &spec.ip_range {
+            ipam::parse_ip_range(r, &subnet)?;
+        }
+        let vnis: BTreeSet<u32> = self.networks.values().map(|n| n.vni).collect();
+        let vni = ipam::next_vni(&vnis)?;
+        Ok((subnet, gateway, vni))
+    }
+}
+
+/// Docker's refusal for a network nobody has, as `docker network inspect`
+/// words it (the tail keeps the "not found" older scripts look for).
+pub fn no_such_network(r: &str) -> Refusal {
+    Refusal::not_found(format!(
+        "No such network: {r} (not found; see `mesh network ls`)"
+    ))
+}
+
+pub const INGRESS_SUBNET: &str = "10.0.0.0/24";
+pub const DEFAULT_POOL: &str = "10.0.0.0/8";
+pub const DEFAULT_MASK_LEN: u8 = 24;
+pub const DEFAULT_DATA_PATH_PORT: u16 = 4789;
+
+fn default_pool() -> Ipv4Net {
+    Ipv4Net::new(Ipv4Addr::new(10, 0, 0, 0), 8).unwrap_or_default()
+}

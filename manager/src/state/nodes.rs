@@ -1,0 +1,178 @@
+//! Applying node commands: init, joins, updates, liveness, removal,
+//! certificates and join tokens.
+
+use mesh_common::model::DriverKind;
+
+use super::networks::INGRESS_SUBNET;
+use super::{ClusterState, Command, CommandResult, NetworkSpec, short_id};
+use crate::refusal::Refusal;
+
+impl ClusterState {
+    pub(super) fn apply_node_command(&mut self, index: u64, cmd: &Command) -> CommandResult {
+        match cmd {
+            Command::Init {
+                cluster,
+                node,
+                ingress,
+            } => {
+                if self.cluster.is_some() {
+                    return CommandResult::Refused(Refusal::precondition(
+                        "the cluster is already initialized",
+                    ));
+                }
+                self.cluster = Some(cluster.clone());
+                if let Some(ingress) = ingress {
+                    // Swarm's ingress: 10.0.0.0/24, outside any pool logic.
+                    let spec = NetworkSpec {
+                        name: "ingress".into(),
+                        driver: DriverKind::Overlay,
+                        subnet: Some(INGRESS_SUBNET.into()),
+                        ingress: true,
+                        ..Default::default()
+                    };
+                    if let CommandResult::Refused(why) =
+                        self.create_network(index, ingress, &spec, &cluster.created_at)
+                    {
+                        self.cluster = None;
+                        return CommandResult::Refused(why);
+                    }
+                }
+                let mut node = node.clone();
+                node.version = index;
+                self.nodes.insert(node.id.clone(), node.clone());
+                CommandResult::Node(Box::new(node))
+            }
+            Command::AddNode { node } => {
+                if self.removed.contains(&node.id) {
+                    return CommandResult::Refused(Refusal::precondition(format!(
+                        "node {} was removed",
+                        node.id
+                    )));
+                }
+                if let Some(why) = self.hostname_taken(&node.hostname, &node.id) {
+                    return CommandResult::Refused(Refusal::already_exists(why));
+                }
+                let mut node = node.clone();
+                node.version = index;
+                self.nodes.insert(node.id.clone(), node.clone());
+                CommandResult::Node(Box::new(node))
+            }
+            Command::UpdateNode {
+                id,
+                availability,
+                role,
+                label_add,
+                label_rm,
+                at,
+            } => {
+                let Some(node) = self.nodes.get_mut(id) else {
+                    return CommandResult::Refused(Refusal::not_found(format!(
+                        "node {id} not found"
+                    )));
+                };
+                if let Some(a) = availability {
+                    node.availability = *a;
+                }
+                if let Some(r) = role {
+                    node.role = *r;
+                    if node.raft_id == 0 {
+                        node.raft_id = mesh_common::id::raft_id(&node.id);
+                    }
+                }
+                for k in label_rm {
+                    node.labels.remove(k);
+                }
+                for (k, v) in label_add {
+                    node.labels.insert(k.clone(), v.clone());
+                }
+                node.updated_at = at.clone();
+                node.version = index;
+                CommandResult::Node(Box::new(node.clone()))
+            }
+            Command::SetNodeState {
+                id,
+                state,
+                addr,
+                at,
+            } => {
+                let Some(node) = self.nodes.get_mut(id) else {
+                    return CommandResult::Refused(Refusal::not_found(format!(
+                        "node {id} not found"
+                    )));
+                };
+                node.state = *state;
+                if let Some(a) = addr {
+                    node.addr = a.clone();
+                }
+                node.updated_at = at.clone();
+                node.version = index;
+                CommandResult::Node(Box::new(node.clone()))
+            }
+            Command::RemoveNode { id } => {
+                if self.nodes.remove(id).is_none() {
+                    return CommandResult::Refused(Refusal::not_found(format!(
+                        "node {id} not found"
+                    )));
+                }
+                // Its sandboxes are gone with it.
+                self.endpoints.retain(|_, e| e.node_id != *id);
+                self.removed.insert(id.clone());
+                CommandResult::Ok
+            }
+            Command::SetNodeCert {
+                id,
+                key_fingerprint,
+                serial,
+                not_after,
+            } => {
+                let Some(node) = self.nodes.get_mut(id) else {
+                    return CommandResult::Refused(Refusal::not_found(format!(
+                        "node {id} not found"
+                    )));
+                };
+                if node.key_fingerprint != *key_fingerprint {
+                    return CommandResult::Refused(Refusal::precondition(format!(
+                        "node {id} asked for a certificate for another key; a node keeps its key for as long as it is a member (leave and join again for a new one)"
+                    )));
+                }
+                node.cert_serial = serial.clone();
+                node.cert_not_after = not_after.clone();
+                node.version = index;
+                CommandResult::Node(Box::new(node.clone()))
+            }
+            Command::RotateToken { role, token } => {
+                let Some(c) = self.cluster.as_mut() else {
+                    return CommandResult::Refused(Refusal::precondition(
+                        "the cluster is not initialized",
+                    ));
+                };
+                match role.as_str() {
+                    "worker" => c.worker_token = token.clone(),
+                    "manager" => c.manager_token = token.clone(),
+                    other => {
+                        return CommandResult::Refused(Refusal::invalid(format!(
+                            "unknown role {other}"
+                        )));
+                    }
+                }
+                CommandResult::Ok
+            }
+            _ => CommandResult::Refused(Refusal::invalid("not a node command")),
+        }
+    }
+
+    /// Why `hostname` cannot be given to node `id`, if another current node
+    /// has it: constraints such as `node.hostname==H` must not be captured
+    /// by whoever holds a join token.
+    pub fn hostname_taken(&self, hostname: &str, id: &str) -> Option<String> {
+        self.nodes
+            .values()
+            .find(|n| n.id != id && !hostname.is_empty() && n.hostname == hostname)
+            .map(|n| {
+                format!(
+                    "hostname {hostname} is taken by node {}: remove that node first (`mesh node rm`)",
+                    short_id(&n.id)
+                )
+            })
+    }
+}
