@@ -15,6 +15,7 @@ use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use mesh_worker::firewall::Drift;
 use mesh_worker::netns;
 use mesh_worker::vip::{self, VipService};
 use nix::sys::signal::{Signal, killpg};
@@ -195,10 +196,10 @@ fn expected(backends: &[Ipv4Addr], each: usize) -> BTreeMap<String, usize> {
 
 #[test]
 fn vip_round_robin_refuse_and_remove() {
-    if !is_root() {
-        eprintln!("SKIPPED: VIP tests need root");
-        return;
-    }
+    assert!(
+        is_root(),
+        "VIP tests create namespaces and nftables tables: run them as root"
+    );
     let tag = format!("vip{}", std::process::id());
     let (hub, client) = (format!("{tag}-hub"), format!("{tag}-c"));
     let task_ns: Vec<String> = (0..3).map(|i| format!("{tag}-t{i}")).collect();
@@ -244,6 +245,11 @@ fn vip_round_robin_refuse_and_remove() {
 
     // Two tasks: only they answer.
     vip::sync(&client, &web(&backends[..2])).expect("sync with 2 tasks");
+    // What the reconcile loop asks: the kernel's copy reads back as made.
+    let drift = vip::drift(&client, &web(&backends[..2])).expect("drift");
+    assert_eq!(drift, Drift::InSync);
+    let drift = vip::drift(&client, &web(&backends)).expect("drift");
+    assert_eq!(drift, Drift::Differs, "a VIP table for other tasks");
     assert_eq!(tally(&client, 20), expected(&backends[..2], 10));
     // Every protocol goes to a task: a ping to the VIP is answered.
     assert!(ping(&client, VIP), "ping to the VIP with tasks");
@@ -251,14 +257,12 @@ fn vip_round_robin_refuse_and_remove() {
     // No task: refused at once rather than hanging, TCP and UDP alike.
     vip::sync(&client, &web(&[])).expect("sync with no task");
     for vip_ in [VIP, IDLE_VIP] {
-        let started = Instant::now();
+        // Refused, not timed out: the reject rule answered at once.
         let err = ask(&client, vip_).expect_err("no task, no answer");
         assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused, "{err}");
-        assert!(started.elapsed() < Duration::from_secs(1), "slow refusal");
 
         // A dropped locally generated datagram fails its send with EPERM
         // (as under kube-proxy); a later read would see the ICMP error.
-        let started = Instant::now();
         let udp = netns::run_in(&client, || -> io::Result<usize> {
             let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
             s.set_read_timeout(Some(Duration::from_secs(2)))?;
@@ -275,7 +279,6 @@ fn vip_round_robin_refuse_and_remove() {
             ),
             "{err}"
         );
-        assert!(started.elapsed() < Duration::from_secs(1), "slow refusal");
         assert!(!ping(&client, vip_), "ping to a VIP without tasks");
     }
     let listed = nft_in(&client, &["list", "table", "ip", vip::TABLE]);
@@ -286,7 +289,17 @@ fn vip_round_robin_refuse_and_remove() {
     assert_eq!(vip::render(&web(&[])), vip::render(&web(&[])));
     assert_ne!(vip::render(&web(&[])), vip::render(&web(&backends)));
 
+    let flushed = Command::new("ip")
+        .args(["netns", "exec", &client, "nft", "flush", "chain", "ip"])
+        .args([vip::TABLE, "output_filter"])
+        .status()
+        .expect("run nft");
+    assert!(flushed.success());
+    let drift = vip::drift(&client, &web(&[])).expect("drift");
+    assert_eq!(drift, Drift::Differs, "a flushed chain");
     vip::remove(&client).expect("remove");
+    let drift = vip::drift(&client, &web(&[])).expect("drift");
+    assert_eq!(drift, Drift::Missing);
     let tables = nft_in(&client, &["list", "tables"]);
     assert!(!tables.contains(vip::TABLE), "{tables}");
     vip::remove(&client).expect("remove again: missing is fine");
@@ -297,10 +310,10 @@ fn vip_round_robin_refuse_and_remove() {
 
 #[test]
 fn sync_many_updates_every_namespace_and_reports_failures() {
-    if !is_root() {
-        eprintln!("SKIPPED: VIP tests need root");
-        return;
-    }
+    assert!(
+        is_root(),
+        "VIP tests create namespaces and nftables tables: run them as root"
+    );
     let tag = format!("vipm{}", std::process::id());
     let mut spaces = Namespaces(Vec::new());
     let names: Vec<String> = (0..20).map(|i| format!("{tag}-{i}")).collect();
