@@ -4,46 +4,40 @@
 //!
 //! Every function takes the node's namespace explicitly (`None` = the
 //! namespace the daemon runs in), so a test or a lab can stand a namespace
-//! in for a host. Links are driven with the `ip` command and nftables with
-//! `nft -j` (JSON built with the `nftables` crate); every exit status is
-//! checked and stderr ends up in the error. The daemon never changes its own
-//! namespace: commands enter the node namespace in the forked child, and the
-//! one sysctl write happens on a short-lived thread of its own.
+//! in for a host. Links, addresses and routes are driven over rtnetlink, as
+//! the rest of the data path; the NAT is the `ip mesh_egress` table of
+//! `crate::firewall::egress`, replaced in one atomic batch.
 //!
-//! The nftables side is one table of our own, `ip mesh_egress`, replaced in
-//! one atomic batch; rules we did not make are never touched.
+//! The functions are synchronous, for callers that are not async or hold a
+//! lock: each runs its netlink work on a thread of its own
+//! ([`crate::netns::block_on`]), so none blocks an async worker thread
+//! beyond what `block_in_place` allows, and the daemon never changes its
+//! own namespace.
 
 use std::fmt;
-use std::fs::File;
-use std::io::{self, Write};
 use std::net::Ipv4Addr;
-use std::os::fd::OwnedFd;
-use std::os::unix::process::CommandExt;
-use std::process::{Command, Output, Stdio};
+use std::os::fd::AsFd;
 
 use mesh_common::ipam::{self, IpamError, Ipv4Net};
-use nftables::batch::Batch;
-use nftables::expr::{Expression, MetaKey, NamedExpression};
-use nftables::stmt::{Match, Operator, Statement};
-use nftables::types::{NfChainType, NfHook};
-use nix::sched::CloneFlags;
 use tracing::{debug, info};
 
-use crate::nft;
-use crate::sandbox::netns_path;
+use crate::firewall::egress::EgressTable;
+use crate::firewall::{self, Drift, FirewallError};
+use crate::link::Netlink;
+use crate::netns::{self, NetError};
 
 /// The node's egress bridge, as `docker_gwbridge`.
 pub const GWBRIDGE: &str = "mesh_gwbridge";
 /// Docker's usual gwbridge subnet.
 pub const DEFAULT_GW_SUBNET: &str = "172.18.0.0/16";
 /// Our nftables table (family `ip`) in the node namespace.
-pub const TABLE: &str = "mesh_egress";
+pub use crate::firewall::egress::TABLE;
 /// Name of the egress interface inside a sandbox; overlay interfaces are
 /// `ethN`, so this one cannot collide with them.
 pub const SANDBOX_IFNAME: &str = "gw0";
 
-const POSTROUTING: &str = "postrouting";
-const FORWARD: &str = "forward";
+/// MTU of the bridge and of the veths we create, as `ip link add` gives.
+const MTU: u32 = 1500;
 
 /// Why an egress operation failed; each message says what to fix.
 #[derive(Debug, thiserror::Error)]
@@ -60,20 +54,13 @@ pub enum EgressError {
     NetnsMissing(String),
     #[error("{GWBRIDGE} does not exist in {ns}: call ensure_gwbridge before attaching sandboxes")]
     NoBridge { ns: Ns },
-    #[error("`{command}` in {ns} failed: {reason}")]
-    Command {
-        ns: Ns,
-        command: String,
-        reason: String,
-    },
+    /// A netlink request failed; the error names the device and namespace.
+    #[error(transparent)]
+    Net(#[from] NetError),
+    #[error("table {TABLE} in {ns}: {source}")]
+    Firewall { ns: Ns, source: FirewallError },
     #[error("cannot turn on IP forwarding in {ns}: {source}")]
-    Forwarding { ns: Ns, source: io::Error },
-    #[error("unexpected output from `{command}` in {ns}: {reason}")]
-    Output {
-        ns: Ns,
-        command: String,
-        reason: String,
-    },
+    Forwarding { ns: Ns, source: FirewallError },
     #[error("removing egress in {ns} was incomplete: {}", join(.errors))]
     Teardown { ns: Ns, errors: Vec<EgressError> },
 }
@@ -105,213 +92,41 @@ impl fmt::Display for Ns {
     }
 }
 
-/// Opens a named namespace for setns, or says it is missing.
-fn open_netns(name: &str) -> Result<OwnedFd, EgressError> {
-    File::open(netns_path(name))
-        .map(OwnedFd::from)
-        .map_err(|_| EgressError::NetnsMissing(name.to_owned()))
+/// What [`check_gwbridge`] found wrong and put right.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Repaired {
+    /// `mesh_gwbridge` was missing and was created.
+    pub bridge: bool,
+    /// Its address was missing or wrong.
+    pub address: bool,
+    /// It was down.
+    pub up: bool,
+    /// The `ip mesh_egress` table was missing or differed.
+    pub table: bool,
 }
 
-/// Runs `program ARGS` in namespace `ns` (entered in the child before exec)
-/// and returns its output, whatever its exit status.
-fn output(
-    ns: Option<&str>,
-    program: &str,
-    args: &[&str],
-    stdin: Option<&[u8]>,
-) -> Result<(String, Output), EgressError> {
-    let command = format!("{program} {}", args.join(" "));
-    let fail = |reason: String| EgressError::Command {
-        ns: Ns::of(ns),
-        command: command.clone(),
-        reason,
-    };
-    let mut cmd = Command::new(program);
-    cmd.args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    if let Some(name) = ns {
-        let fd = open_netns(name)?;
-        // SAFETY: runs in the forked child; setns(2) on an fd opened before
-        // the fork is a plain system call: no allocation, no locks.
-        unsafe {
-            cmd.pre_exec(move || {
-                nix::sched::setns(&fd, CloneFlags::CLONE_NEWNET).map_err(io::Error::from)
-            });
-        }
-    }
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| fail(format!("cannot run {program}: {e}")))?;
-    // A program that exits before reading all its input breaks the pipe;
-    // its own stderr then says more than EPIPE, so that wins.
-    let written = match (stdin, child.stdin.take()) {
-        (Some(input), Some(mut pipe)) => pipe.write_all(input),
-        _ => Ok(()),
-    };
-    let out = child
-        .wait_with_output()
-        .map_err(|e| fail(format!("waiting for {program}: {e}")))?;
-    match written {
-        Err(e) if out.status.success() => Err(fail(format!("writing to {program}: {e}"))),
-        _ => Ok((command, out)),
+impl Repaired {
+    /// Whether anything had drifted.
+    pub fn any(&self) -> bool {
+        self.bridge || self.address || self.up || self.table
     }
 }
 
-/// Like [`output`], but a non-zero exit is an error carrying stderr.
-fn run(
-    ns: Option<&str>,
-    program: &str,
-    args: &[&str],
-    stdin: Option<&[u8]>,
-) -> Result<String, EgressError> {
-    let (command, out) = output(ns, program, args, stdin)?;
-    if !out.status.success() {
-        return Err(EgressError::Command {
-            ns: Ns::of(ns),
-            command,
-            reason: failure_reason(&out),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn failure_reason(out: &Output) -> String {
-    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
-    if stderr.is_empty() {
-        out.status.to_string()
-    } else {
-        stderr
+/// Fails with [`EgressError::NetnsMissing`] unless the named namespace
+/// exists (`None`, the daemon's own, always does).
+fn require_ns(ns: Option<&str>) -> Result<(), EgressError> {
+    match ns.map(netns::open) {
+        None | Some(Ok(_)) => Ok(()),
+        Some(Err(NetError::NoNamespace(name))) => Err(EgressError::NetnsMissing(name)),
+        Some(Err(e)) => Err(e.into()),
     }
 }
 
-fn ip(ns: Option<&str>, args: &[&str]) -> Result<String, EgressError> {
-    run(ns, "ip", args, None)
-}
-
-/// Whether link `name` exists in `ns`.
-fn link_exists(ns: Option<&str>, name: &str) -> Result<bool, EgressError> {
-    let (command, out) = output(ns, "ip", &["-o", "link", "show", "dev", name], None)?;
-    if out.status.success() {
-        return Ok(true);
-    }
-    let reason = failure_reason(&out);
-    if reason.contains("does not exist") {
-        return Ok(false);
-    }
-    Err(EgressError::Command {
-        ns: Ns::of(ns),
-        command,
-        reason,
-    })
-}
-
-/// Deletes link `name` in `ns`; fine if it is not there.
-fn delete_link(ns: Option<&str>, name: &str) -> Result<(), EgressError> {
-    if link_exists(ns, name)? {
-        ip(ns, &["link", "del", "dev", name])?;
-    }
-    Ok(())
-}
-
-/// The IPv4 addresses on `dev`, as `ADDR/PREFIX`.
-fn addresses(ns: Option<&str>, dev: &str) -> Result<Vec<String>, EgressError> {
-    let args = ["-j", "-4", "addr", "show", "dev", dev];
-    let json = ip(ns, &args)?;
-    let bad = |reason: String| EgressError::Output {
-        ns: Ns::of(ns),
-        command: format!("ip {}", args.join(" ")),
-        reason,
-    };
-    let links: serde_json::Value = serde_json::from_str(&json).map_err(|e| bad(e.to_string()))?;
-    let mut found = Vec::new();
-    for link in links.as_array().into_iter().flatten() {
-        for a in link["addr_info"].as_array().into_iter().flatten() {
-            match (a["local"].as_str(), a["prefixlen"].as_u64()) {
-                (Some(local), Some(len)) => found.push(format!("{local}/{len}")),
-                _ => return Err(bad(format!("address without local/prefixlen: {a}"))),
-            }
-        }
-    }
-    Ok(found)
-}
-
-/// The whole `ip mesh_egress` table as one batch. It starts with "add
-/// table; delete table" so that applying it replaces whatever an earlier
-/// run left, atomically, whether or not the table existed.
-fn egress_batch(net: &Ipv4Net) -> Batch<'static> {
-    let mut b = Batch::new();
-    b.add(nft::table(TABLE));
-    b.delete(nft::table(TABLE));
-    b.add(nft::table(TABLE));
-    // srcnat priority, as Docker's and netavark's NAT.
-    b.add(nft::chain(
-        TABLE,
-        POSTROUTING.into(),
-        Some((NfChainType::NAT, NfHook::Postrouting, 100)),
-    ));
-    b.add(nft::rule(
-        TABLE,
-        POSTROUTING.into(),
-        vec![
-            nft::saddr_in(net),
-            nft::meta_is(MetaKey::Oifname, Operator::NEQ, nft::name_expr(GWBRIDGE)),
-            nft::counter(),
-            Statement::Masquerade(None),
-        ],
-        "sandbox traffic leaving the node takes the node's address",
-    ));
-    b.add(nft::chain(
-        TABLE,
-        FORWARD.into(),
-        Some((NfChainType::Filter, NfHook::Forward, 0)),
-    ));
-    b.add(nft::rule(
-        TABLE,
-        FORWARD.into(),
-        vec![
-            nft::meta_is(MetaKey::Iifname, Operator::EQ, nft::name_expr(GWBRIDGE)),
-            nft::meta_is(MetaKey::Oifname, Operator::EQ, nft::name_expr(GWBRIDGE)),
-            nft::counter(),
-            Statement::Drop(None),
-        ],
-        "no sandbox-to-sandbox traffic routed over the gateway bridge",
-    ));
-    b.add(nft::rule(
-        TABLE,
-        FORWARD.into(),
-        vec![
-            Statement::Match(Match {
-                left: Expression::Named(NamedExpression::CT(nftables::expr::CT {
-                    key: "state".into(),
-                    family: None,
-                    dir: None,
-                })),
-                right: Expression::List(vec![
-                    Expression::String("established".into()),
-                    Expression::String("related".into()),
-                ]),
-                op: Operator::IN,
-            }),
-            Statement::Accept(None),
-        ],
-        "replies to sandbox connections",
-    ));
-    b
-}
-
-/// Applies a batch to our table, naming the namespace in the error.
-fn apply(ns: Option<&str>, batch: Batch<'_>) -> Result<(), EgressError> {
-    nft::apply(ns, batch).map_err(|e| EgressError::Command {
-        ns: Ns::of(ns),
-        command: "nft -j -f -".into(),
-        reason: e.to_string(),
-    })
+/// Runs async netlink work for a synchronous caller.
+fn run<T: Send>(
+    work: impl Future<Output = Result<T, EgressError>> + Send,
+) -> Result<T, EgressError> {
+    netns::block_on(work)?
 }
 
 /// The gateway of a gw subnet: its first address, as Docker's IPAM gives it.
@@ -326,29 +141,73 @@ fn gateway(net: &Ipv4Net) -> Ipv4Addr {
 /// second call fixes the address and replaces the table.
 pub fn ensure_gwbridge(node_ns: Option<&str>, subnet: &str) -> Result<(), EgressError> {
     let net = ipam::parse_subnet(subnet)?;
-    let gw = format!("{}/{}", gateway(&net), net.prefix_len());
-    if let Some(name) = node_ns {
-        open_netns(name)?;
+    run(ensure(node_ns, net, true)).map(drop)
+}
+
+/// The reconcile loop's check of egress: the same result as
+/// [`ensure_gwbridge`], but the table is only rebuilt when the kernel's copy
+/// is missing or drifted (see `crate::firewall::drift`), so calling it every
+/// pass costs a few netlink requests and one `nft` run. Returns what it had
+/// to repair.
+pub fn check_gwbridge(node_ns: Option<&str>, subnet: &str) -> Result<Repaired, EgressError> {
+    let net = ipam::parse_subnet(subnet)?;
+    run(ensure(node_ns, net, false))
+}
+
+async fn ensure(
+    node_ns: Option<&str>,
+    net: Ipv4Net,
+    replace: bool,
+) -> Result<Repaired, EgressError> {
+    let ns = Ns::of(node_ns);
+    let gw = gateway(&net);
+    require_ns(node_ns)?;
+    let host = Netlink::open(node_ns).await?;
+    let mut fixed = Repaired::default();
+    let link =
+        match host.link(GWBRIDGE).await? {
+            Some(l) => l,
+            None => {
+                host.create_bridge(GWBRIDGE, MTU).await?;
+                info!(%ns, "created {GWBRIDGE}");
+                fixed.bridge = true;
+                host.link(GWBRIDGE).await?.ok_or_else(|| NetError::NoDevice {
+                dev: GWBRIDGE.into(),
+                ns: host.ns().into(),
+                hint: "it vanished right after being created; is another agent managing it?",
+            })?
+            }
+        };
+    let want = (gw, net.prefix_len());
+    if host.addresses_v4(GWBRIDGE).await? != [want] {
+        debug!(%ns, "setting the address of {GWBRIDGE}");
+        host.ensure_only_address_v4(GWBRIDGE, want.0, want.1)
+            .await?;
+        fixed.address = true;
     }
-    if !link_exists(node_ns, GWBRIDGE)? {
-        ip(node_ns, &["link", "add", GWBRIDGE, "type", "bridge"])?;
-        info!(ns = %Ns::of(node_ns), "created {GWBRIDGE}");
+    if !link.up {
+        host.set_up(GWBRIDGE).await?;
+        fixed.up = !fixed.bridge;
     }
-    for stale in addresses(node_ns, GWBRIDGE)?
-        .into_iter()
-        .filter(|a| *a != gw)
-    {
-        debug!(address = %stale, "removing stale {GWBRIDGE} address");
-        ip(node_ns, &["addr", "del", &stale, "dev", GWBRIDGE])?;
-    }
-    ip(node_ns, &["addr", "replace", &gw, "dev", GWBRIDGE])?;
-    ip(node_ns, &["link", "set", GWBRIDGE, "up"])?;
-    nft::enable_forwarding(node_ns).map_err(|source| EgressError::Forwarding {
-        ns: Ns::of(node_ns),
+    firewall::enable_forwarding(node_ns).map_err(|source| EgressError::Forwarding {
+        ns: ns.clone(),
         source,
     })?;
-    apply(node_ns, egress_batch(&net))?;
-    Ok(())
+    let table = EgressTable { subnet: net };
+    let fw = |source| EgressError::Firewall {
+        ns: ns.clone(),
+        source,
+    };
+    if replace {
+        firewall::sync(node_ns, &table).map_err(fw)?;
+    } else {
+        let found = firewall::repair(node_ns, &table).map_err(fw)?;
+        fixed.table = found != Drift::InSync;
+    }
+    if fixed.any() {
+        info!(%ns, ?fixed, "repaired egress");
+    }
+    Ok(fixed)
 }
 
 /// The node-side name of a sandbox's egress veth: derived from the sandbox
@@ -364,6 +223,22 @@ pub fn host_ifname(sandbox_ns: &str) -> String {
     format!("mgw{:012x}", h & 0xffff_ffff_ffff)
 }
 
+/// Checks an egress address and returns its gateway: the first address of
+/// its subnet, which must not be the address itself.
+fn egress_gateway(ip: Ipv4Addr, prefix: u8) -> Result<Ipv4Addr, EgressError> {
+    if !(1..=30).contains(&prefix) {
+        return Err(EgressError::Prefix { ip, prefix });
+    }
+    let net = Ipv4Net::new(ip, prefix)
+        .map_err(|_| EgressError::Prefix { ip, prefix })?
+        .trunc();
+    let gw = gateway(&net);
+    if ip == net.network() || ip == net.broadcast() || ip == gw {
+        return Err(EgressError::Address { ip, prefix });
+    }
+    Ok(gw)
+}
+
 /// Gives a sandbox egress: a veth whose sandbox end `gw0` has `ip/prefix`
 /// and whose node end is an isolated port of `mesh_gwbridge`. The default
 /// route goes through the bridge address when `default_route` is true, or
@@ -376,113 +251,69 @@ pub fn attach(
     prefix: u8,
     default_route: bool,
 ) -> Result<(), EgressError> {
-    if !(1..=30).contains(&prefix) {
-        return Err(EgressError::Prefix {
-            ip: ip_addr,
-            prefix,
-        });
-    }
-    let net = Ipv4Net::new(ip_addr, prefix)
-        .map_err(|_| EgressError::Prefix {
-            ip: ip_addr,
-            prefix,
-        })?
-        .trunc();
-    let gw = gateway(&net);
-    if ip_addr == net.network() || ip_addr == net.broadcast() || ip_addr == gw {
-        return Err(EgressError::Address {
-            ip: ip_addr,
-            prefix,
-        });
-    }
-    open_netns(sandbox_ns)?;
-    if !link_exists(node_ns, GWBRIDGE)? {
-        return Err(EgressError::NoBridge {
-            ns: Ns::of(node_ns),
-        });
-    }
-    let host_if = host_ifname(sandbox_ns);
-    let sb = Some(sandbox_ns);
-    let have_host = link_exists(node_ns, &host_if)?;
-    let have_inner = link_exists(sb, SANDBOX_IFNAME)?;
-    if have_host != have_inner {
-        // Half of a pair (an interrupted attach): start over.
-        delete_link(node_ns, &host_if)?;
-        delete_link(sb, SANDBOX_IFNAME)?;
-    }
-    if !(have_host && have_inner) {
-        ip(
-            node_ns,
-            &[
-                "link",
-                "add",
-                &host_if,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                SANDBOX_IFNAME,
-                "netns",
-                sandbox_ns,
-            ],
-        )?;
-    }
-    let configure = || -> Result<(), EgressError> {
-        ip(
-            node_ns,
-            &["link", "set", "dev", &host_if, "master", GWBRIDGE],
-        )?;
-        // Isolated ports cannot talk to each other at layer 2: sandboxes
-        // reach only the gateway through this bridge.
-        ip(
-            node_ns,
-            &[
-                "link",
-                "set",
-                "dev",
-                &host_if,
-                "type",
-                "bridge_slave",
-                "isolated",
-                "on",
-            ],
-        )?;
-        ip(node_ns, &["link", "set", "dev", &host_if, "up"])?;
-        let cidr = format!("{ip_addr}/{prefix}");
-        ip(sb, &["addr", "replace", &cidr, "dev", SANDBOX_IFNAME])?;
-        ip(sb, &["link", "set", "dev", SANDBOX_IFNAME, "up"])?;
-        ip(sb, &["link", "set", "dev", "lo", "up"])?;
-        let gw = gw.to_string();
-        let route = ["default", "via", gw.as_str(), "dev", SANDBOX_IFNAME];
-        if default_route {
-            ip(sb, &[&["route", "replace"][..], &route[..]].concat())?;
-        } else if ip(sb, &["-4", "route", "show", "default"])?
-            .trim()
-            .is_empty()
-        {
-            ip(sb, &[&["route", "add"][..], &route[..]].concat())?;
+    let gw = egress_gateway(ip_addr, prefix)?;
+    require_ns(Some(sandbox_ns))?;
+    run(async {
+        let host = Netlink::open(node_ns).await?;
+        let Some(bridge) = host.link(GWBRIDGE).await? else {
+            return Err(EgressError::NoBridge {
+                ns: Ns::of(node_ns),
+            });
+        };
+        let sb = Netlink::open(Some(sandbox_ns)).await?;
+        let host_if = host_ifname(sandbox_ns);
+        let have_host = host.link(&host_if).await?.is_some();
+        let have_inner = sb.link(SANDBOX_IFNAME).await?.is_some();
+        if have_host != have_inner {
+            // Half of a pair (an interrupted attach): start over.
+            host.delete(&host_if).await?;
+            sb.delete(SANDBOX_IFNAME).await?;
         }
+        if !(have_host && have_inner) {
+            let sb_fd = netns::open(sandbox_ns)?;
+            host.create_veth(&host_if, SANDBOX_IFNAME, bridge.mtu, Some(sb_fd.as_fd()))
+                .await?;
+        }
+        let configure = async {
+            host.set_master(&host_if, GWBRIDGE).await?;
+            // Isolated ports cannot talk to each other at layer 2:
+            // sandboxes reach only the gateway through this bridge.
+            host.set_bridge_port_isolated(&host_if, true).await?;
+            host.set_up(&host_if).await?;
+            sb.ensure_only_address_v4(SANDBOX_IFNAME, ip_addr, prefix)
+                .await?;
+            sb.set_up(SANDBOX_IFNAME).await?;
+            sb.set_up("lo").await?;
+            if default_route || !sb.has_default_route_v4().await? {
+                sb.replace_default_route(gw, SANDBOX_IFNAME).await?;
+            }
+            Ok::<(), NetError>(())
+        };
+        if let Err(e) = configure.await {
+            let _ = host.delete(&host_if).await;
+            return Err(e.into());
+        }
+        info!(sandbox = sandbox_ns, address = %ip_addr, port = %host_if, "attached sandbox to {GWBRIDGE}");
         Ok(())
-    };
-    if let Err(e) = configure() {
-        let _ = delete_link(node_ns, &host_if);
-        return Err(e);
-    }
-    info!(sandbox = sandbox_ns, address = %ip_addr, port = %host_if, "attached sandbox to {GWBRIDGE}");
-    Ok(())
+    })
 }
 
 /// Removes a sandbox's egress veth (both ends go together). Fine if it is
 /// already gone, or if the sandbox namespace is.
 pub fn detach(node_ns: Option<&str>, sandbox_ns: &str) -> Result<(), EgressError> {
-    delete_link(node_ns, &host_ifname(sandbox_ns))?;
-    // The node end may have gone another way (a half-made attach); the
-    // sandbox end is only worth looking for while its namespace exists.
-    if netns_path(sandbox_ns).exists() {
-        delete_link(Some(sandbox_ns), SANDBOX_IFNAME)?;
-    }
-    debug!(sandbox = sandbox_ns, "detached sandbox from {GWBRIDGE}");
-    Ok(())
+    require_ns(node_ns)?;
+    run(async {
+        let host = Netlink::open(node_ns).await?;
+        host.delete(&host_ifname(sandbox_ns)).await?;
+        // The node end may have gone another way (a half-made attach); the
+        // sandbox end is only worth looking for while its namespace exists.
+        if netns::exists(sandbox_ns) {
+            let sb = Netlink::open(Some(sandbox_ns)).await?;
+            sb.delete(SANDBOX_IFNAME).await?;
+        }
+        debug!(sandbox = sandbox_ns, "detached sandbox from {GWBRIDGE}");
+        Ok(())
+    })
 }
 
 /// Removes the bridge and our nftables table from the node; keeps going past
@@ -490,25 +321,27 @@ pub fn detach(node_ns: Option<&str>, sandbox_ns: &str) -> Result<(), EgressError
 /// the node may rely on it. Ports still on the bridge are released, not
 /// deleted: detach sandboxes first.
 pub fn remove_gwbridge(node_ns: Option<&str>) -> Result<(), EgressError> {
+    let ns = Ns::of(node_ns);
     let mut errors = Vec::new();
-    // "add; delete" removes the table whether or not it exists.
-    let mut b = Batch::new();
-    b.add(nft::table(TABLE));
-    b.delete(nft::table(TABLE));
-    if let Err(e) = apply(node_ns, b) {
-        errors.push(e);
+    if let Err(source) = firewall::remove(node_ns, firewall::egress::ID) {
+        errors.push(EgressError::Firewall {
+            ns: ns.clone(),
+            source,
+        });
     }
-    if let Err(e) = delete_link(node_ns, GWBRIDGE) {
+    let link = run(async {
+        require_ns(node_ns)?;
+        Netlink::open(node_ns).await?.delete(GWBRIDGE).await?;
+        Ok(())
+    });
+    if let Err(e) = link {
         errors.push(e);
     }
     if errors.is_empty() {
-        info!(ns = %Ns::of(node_ns), "removed {GWBRIDGE} and table {TABLE}");
+        info!(%ns, "removed {GWBRIDGE} and table {TABLE}");
         Ok(())
     } else {
-        Err(EgressError::Teardown {
-            ns: Ns::of(node_ns),
-            errors,
-        })
+        Err(EgressError::Teardown { ns, errors })
     }
 }
 
@@ -532,28 +365,21 @@ mod tests {
     }
 
     #[test]
-    fn batch_replaces_only_our_table() {
-        let net = ipam::parse_subnet("172.18.0.0/16").expect("subnet");
-        let json = serde_json::to_value(egress_batch(&net).to_nftables()).expect("json");
-        let cmds = json["nftables"].as_array().expect("array");
-        // add table, delete table, add table: an atomic replace.
-        assert_eq!(cmds[0]["add"]["table"]["name"], TABLE);
-        assert_eq!(cmds[1]["delete"]["table"]["name"], TABLE);
-        assert_eq!(cmds[2]["add"]["table"]["name"], TABLE);
-        for c in cmds {
-            let obj = c
-                .as_object()
-                .and_then(|o| o.values().next())
-                .expect("command");
-            let inner = obj
-                .as_object()
-                .and_then(|o| o.values().next())
-                .expect("object");
-            let table = inner.get("table").or_else(|| inner.get("name"));
-            assert_eq!(table.and_then(|t| t.as_str()), Some(TABLE), "{c}");
+    fn egress_addresses_are_host_addresses_other_than_the_gateway() {
+        let ip = Ipv4Addr::new(172, 18, 0, 2);
+        assert_eq!(
+            egress_gateway(ip, 16).ok(),
+            Some(Ipv4Addr::new(172, 18, 0, 1))
+        );
+        assert!(matches!(
+            egress_gateway(ip, 31),
+            Err(EgressError::Prefix { .. })
+        ));
+        for bad in [[172, 18, 0, 0], [172, 18, 0, 1], [172, 18, 255, 255]] {
+            assert!(matches!(
+                egress_gateway(Ipv4Addr::from(bad), 16),
+                Err(EgressError::Address { .. })
+            ));
         }
-        let text = json.to_string();
-        assert!(text.contains("\"masquerade\""), "{text}");
-        assert!(text.contains("172.18.0.0"), "{text}");
     }
 }

@@ -13,7 +13,9 @@
 //! - `overlay`, `link`, `veth`, `netns`: the overlay data path over rtnetlink;
 //! - `local`, `local_networks`: Docker's local drivers for standalone sandboxes;
 //! - `egress`: `mesh_gwbridge` and NAT for traffic leaving the node;
-//! - `vip`, `nft`: service VIPs in nftables, and applying our tables;
+//! - `vip`: which sandboxes get which service VIPs;
+//! - `firewall`: our nftables tables (egress NAT, bridge NAT, VIP), one type
+//!   each, the one way to apply a batch in a namespace, and drift checks;
 //! - `dns`: the embedded resolver at 127.0.0.11 in every sandbox;
 //! - `sandbox`, `sandboxes`: sandboxes and their records, `run` and `rm`;
 //! - `tasks`: the task runner, carrying out `task_plan`'s decisions;
@@ -26,12 +28,12 @@
 pub mod agent;
 pub mod dns;
 pub mod egress;
+pub mod firewall;
 pub mod link;
 pub mod local;
 pub mod local_networks;
 pub mod managers;
 pub mod netns;
-mod nft;
 pub mod overlay;
 pub mod private_fs;
 pub mod sandbox;

@@ -18,10 +18,11 @@ use netlink_packet_route::link::{
 use netlink_packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
-use netlink_packet_route::route::RouteScope;
+use netlink_packet_route::route::{RouteHeader, RouteMessage, RouteScope, RouteType};
 use nix::errno::Errno;
 use rtnetlink::{
-    AddressMessageBuilder, Handle, LinkBridge, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder,
+    AddressMessageBuilder, Handle, LinkBridge, LinkBridgePort, LinkUnspec, LinkVeth, LinkVxlan,
+    RouteMessageBuilder,
 };
 use tracing::debug;
 
@@ -192,6 +193,33 @@ pub struct NeighEntry {
     pub ip: Ipv4Addr,
     pub mac: Option<Mac>,
     pub permanent: bool,
+}
+
+/// One entry of a neighbour dump, before it is read as an FDB or ARP entry.
+struct Neighbour {
+    mac: Option<Mac>,
+    dst: Option<NeighbourAddress>,
+    flags: NeighbourFlags,
+    permanent: bool,
+}
+
+impl Neighbour {
+    fn from_message(m: NeighbourMessage) -> Self {
+        let mut n = Neighbour {
+            mac: None,
+            dst: None,
+            flags: m.header.flags,
+            permanent: m.header.state == NeighbourState::Permanent,
+        };
+        for a in m.attributes {
+            match a {
+                NeighbourAttribute::LinkLayerAddress(l) => n.mac = mac_from(&l),
+                NeighbourAttribute::Destination(d) => n.dst = Some(d),
+                _ => {}
+            }
+        }
+        n
+    }
 }
 
 /// Longest interface name the kernel accepts (IFNAMSIZ less the NUL).
@@ -626,8 +654,15 @@ impl Netlink {
             .map_err(|e| self.err(format!("add route {dst}/{prefix} dev {dev}"), e))
     }
 
-    /// FDB entries of a device (both its own and the bridge's about it).
-    pub async fn fdb_entries(&self, dev: &str) -> Result<Vec<FdbEntry>, NetError> {
+    /// The neighbour table of one family (AF_BRIDGE: the FDB; AF_INET:
+    /// ARP) restricted to device `dev`, with each entry's link-layer
+    /// address and destination. `what` names the table in errors.
+    async fn neighbour_dump(
+        &self,
+        dev: &str,
+        family: AddressFamily,
+        what: &str,
+    ) -> Result<Vec<Neighbour>, NetError> {
         let idx = self.require_any(dev).await?;
         // The kernel dumps every device's table; filtering here is simpler
         // than the two filter dialects (legacy and strict) it accepts.
@@ -635,29 +670,46 @@ impl Netlink {
             .handle
             .neighbours()
             .get()
-            .set_address_family(AddressFamily::Bridge)
+            .set_address_family(family)
             .execute()
             .try_collect()
             .await
-            .map_err(|e| self.err(format!("list the FDB of {dev}"), e))?;
+            .map_err(|e| self.err(format!("list the {what} of {dev}"), e))?;
         Ok(msgs
-            .iter()
+            .into_iter()
             .filter(|m| m.header.ifindex == idx)
-            .filter_map(|m| {
-                let mut mac = None;
-                let mut dst = None;
-                for a in &m.attributes {
-                    match a {
-                        NeighbourAttribute::LinkLayerAddress(l) => mac = mac_from(l),
-                        NeighbourAttribute::Destination(a) => dst = fdb_dst(a),
-                        _ => {}
-                    }
+            .map(Neighbour::from_message)
+            .collect())
+    }
+
+    /// Deletes one neighbour (or FDB) entry; absent is fine.
+    async fn neighbour_del(&self, msg: NeighbourMessage, what: String) -> Result<(), NetError> {
+        match self.handle.neighbours().del(msg).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let e = self.err(what, e);
+                if e.errno() == Some(Errno::ENOENT) {
+                    Ok(())
+                } else {
+                    Err(e)
                 }
+            }
+        }
+    }
+
+    /// FDB entries of a device (both its own and the bridge's about it).
+    pub async fn fdb_entries(&self, dev: &str) -> Result<Vec<FdbEntry>, NetError> {
+        let entries = self
+            .neighbour_dump(dev, AddressFamily::Bridge, "FDB")
+            .await?;
+        Ok(entries
+            .into_iter()
+            .filter_map(|n| {
                 Some(FdbEntry {
-                    mac: mac?,
-                    dst,
-                    own: m.header.flags.contains(NeighbourFlags::Own),
-                    permanent: m.header.state == NeighbourState::Permanent,
+                    mac: n.mac?,
+                    dst: n.dst.as_ref().and_then(fdb_dst),
+                    own: n.flags.contains(NeighbourFlags::Own),
+                    permanent: n.permanent,
                 })
             })
             .collect())
@@ -704,51 +756,24 @@ impl Netlink {
             msg.attributes
                 .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(dst)));
         }
-        match self.handle.neighbours().del(msg).execute().await {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                let e = self.err(format!("delete FDB entry {} on {dev}", fmt_mac(&mac)), e);
-                if e.errno() == Some(Errno::ENOENT) {
-                    Ok(())
-                } else {
-                    Err(e)
-                }
-            }
-        }
+        self.neighbour_del(msg, format!("delete FDB entry {} on {dev}", fmt_mac(&mac)))
+            .await
     }
 
     /// IPv4 neighbour entries of a device.
     pub async fn neighbours_v4(&self, dev: &str) -> Result<Vec<NeighEntry>, NetError> {
-        let idx = self.require_any(dev).await?;
-        let msgs: Vec<NeighbourMessage> = self
-            .handle
-            .neighbours()
-            .get()
-            .set_address_family(AddressFamily::Inet)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(|e| self.err(format!("list the neighbours of {dev}"), e))?;
-        Ok(msgs
-            .iter()
-            .filter(|m| m.header.ifindex == idx)
-            .filter_map(|m| {
-                let mut ip = None;
-                let mut mac = None;
-                for a in &m.attributes {
-                    match a {
-                        NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => {
-                            ip = Some(*v4)
-                        }
-                        NeighbourAttribute::LinkLayerAddress(l) => mac = mac_from(l),
-                        _ => {}
-                    }
-                }
-                Some(NeighEntry {
-                    ip: ip?,
-                    mac,
-                    permanent: m.header.state == NeighbourState::Permanent,
-                })
+        let entries = self
+            .neighbour_dump(dev, AddressFamily::Inet, "neighbours")
+            .await?;
+        Ok(entries
+            .into_iter()
+            .filter_map(|n| match n.dst {
+                Some(NeighbourAddress::Inet(ip)) => Some(NeighEntry {
+                    ip,
+                    mac: n.mac,
+                    permanent: n.permanent,
+                }),
+                _ => None,
             })
             .collect())
     }
@@ -780,17 +805,40 @@ impl Netlink {
         msg.header.ifindex = idx;
         msg.attributes
             .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
-        match self.handle.neighbours().del(msg).execute().await {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                let e = self.err(format!("delete neighbour {ip} on {dev}"), e);
-                if e.errno() == Some(Errno::ENOENT) {
-                    Ok(())
-                } else {
-                    Err(e)
-                }
-            }
-        }
+        self.neighbour_del(msg, format!("delete neighbour {ip} on {dev}"))
+            .await
+    }
+
+    /// Makes a bridge port isolated (or not): isolated ports of one bridge
+    /// cannot reach each other, only the bridge itself and other ports.
+    pub async fn set_bridge_port_isolated(&self, name: &str, on: bool) -> Result<(), NetError> {
+        let idx = self.require_any(name).await?;
+        // Port settings need RTM_NEWLINK; RTM_SETLINK ignores them.
+        let msg = LinkBridgePort::new(idx).isolated(on).build();
+        self.handle
+            .link()
+            .set_port(msg)
+            .execute()
+            .await
+            .map_err(|e| self.err(format!("set bridge port {name} isolated {on}"), e))
+    }
+
+    /// Whether the main table has an IPv4 default route.
+    pub async fn has_default_route_v4(&self) -> Result<bool, NetError> {
+        let query = RouteMessageBuilder::<Ipv4Addr>::new().build();
+        let routes: Vec<RouteMessage> = self
+            .handle
+            .route()
+            .get(query)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| self.err("list the routes", e))?;
+        Ok(routes.iter().any(|r| {
+            r.header.destination_prefix_length == 0
+                && r.header.table == RouteHeader::RT_TABLE_MAIN
+                && r.header.kind == RouteType::Unicast
+        }))
     }
 }
 

@@ -28,7 +28,6 @@
 //! Addresses of local networks are not replicated: the node picks them with
 //! [`next_address`] from what its own sandboxes use.
 
-use std::borrow::Cow;
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::os::fd::AsFd;
@@ -36,24 +35,23 @@ use std::os::fd::AsFd;
 use ipnet::Ipv4Net;
 use mesh_common::ipam;
 use netlink_packet_route::link::MacVlanMode;
-use nftables::batch::Batch;
-use nftables::expr::{Expression, MetaKey, NamedExpression, SetItem};
-use nftables::stmt::{JumpTarget, Operator, Statement};
-use nftables::types::{NfChainType, NfHook};
 use nix::errno::Errno;
 use rtnetlink::LinkMacVlan;
 use tracing::{debug, info, warn};
 
+use crate::firewall::bridge_nat::forwarding_on;
 use crate::link::{Link, Netlink, check_ifname, fmt_mac};
 use crate::netns::{self, NetError};
-use crate::nft;
 use crate::overlay::{Attachment, Node};
 use crate::veth;
 
 /// Bridge device of the default `bridge` network (Docker's `docker0`).
 pub const DEFAULT_BRIDGE: &str = "mesh0";
 /// Our nftables table (family `ip`) in the node's namespace.
-pub const TABLE: &str = "mesh_local";
+pub use crate::firewall::bridge_nat::TABLE;
+/// The NAT and isolation table of all bridge networks; it lives with the
+/// other tables in `crate::firewall`.
+pub use crate::firewall::bridge_nat::sync_nat;
 
 /// Alias of a bridge we made, followed by the network's name.
 const BRIDGE_ALIAS: &str = "mesh bridge network ";
@@ -61,9 +59,6 @@ const BRIDGE_ALIAS: &str = "mesh bridge network ";
 const PORT_ALIAS: &str = "mesh bridge port ";
 /// Alias of a sandbox's macvlan, followed by the parent's name.
 const MACVLAN_ALIAS: &str = "mesh macvlan on ";
-
-const POSTROUTING: &str = "postrouting";
-const FORWARD: &str = "forward";
 
 /// One `bridge` network as this node must have it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -151,7 +146,7 @@ fn macvlan_tmp(a: &Attachment) -> String {
     format!("mlm{h:012x}")
 }
 
-fn validate_bridge(spec: &BridgeSpec) -> Result<(), NetError> {
+pub(crate) fn validate_bridge(spec: &BridgeSpec) -> Result<(), NetError> {
     let bad = |msg: String| {
         Err(NetError::Invalid(format!(
             "bridge network {:?} (device {}): {msg}",
@@ -344,177 +339,6 @@ pub async fn bridges_in_kernel(node: &Node) -> Result<Vec<String>, NetError> {
         .collect();
     names.sort();
     Ok(names)
-}
-
-fn jump(chain: String) -> Statement<'static> {
-    Statement::Jump(JumpTarget {
-        target: Cow::Owned(chain),
-    })
-}
-
-/// Per-network chain of the forward hook: what traffic coming from the
-/// network's bridge may not do.
-fn fwd_chain(bridge: &str) -> String {
-    format!("fwd-{bridge}")
-}
-
-/// Per-network chain of the postrouting hook: the network's NAT.
-fn nat_chain(bridge: &str) -> String {
-    format!("nat-{bridge}")
-}
-
-/// The whole `ip mesh_local` table for these networks as one batch. It
-/// starts with "add table; delete table" so that applying it replaces
-/// whatever an earlier run left, atomically, whether or not the table
-/// existed; with no networks it only removes the table.
-fn nat_batch(nets: &[BridgeSpec]) -> Batch<'static> {
-    let mut b = Batch::new();
-    b.add(nft::table(TABLE));
-    b.delete(nft::table(TABLE));
-    if nets.is_empty() {
-        return b;
-    }
-    b.add(nft::table(TABLE));
-    // srcnat priority, as Docker's and netavark's NAT.
-    b.add(nft::chain(
-        TABLE,
-        POSTROUTING.into(),
-        Some((NfChainType::NAT, NfHook::Postrouting, 100)),
-    ));
-    b.add(nft::chain(
-        TABLE,
-        FORWARD.into(),
-        Some((NfChainType::Filter, NfHook::Forward, 0)),
-    ));
-    for net in nets {
-        let br = net.bridge.as_str();
-        let fwd = fwd_chain(br);
-        b.add(nft::chain(TABLE, fwd.clone(), None));
-        b.add(nft::rule(
-            TABLE,
-            FORWARD.into(),
-            vec![
-                nft::meta_is(MetaKey::Iifname, Operator::EQ, nft::name_expr(br)),
-                jump(fwd.clone()),
-            ],
-            "traffic routed out of a mesh bridge network",
-        ));
-        if net.internal {
-            b.add(nft::rule(
-                TABLE,
-                fwd,
-                vec![
-                    nft::meta_is(MetaKey::Oifname, Operator::NEQ, nft::name_expr(br)),
-                    nft::counter(),
-                    Statement::Drop(None),
-                ],
-                "internal network: nothing leaves it",
-            ));
-            b.add(nft::rule(
-                TABLE,
-                FORWARD.into(),
-                vec![
-                    nft::meta_is(MetaKey::Oifname, Operator::EQ, nft::name_expr(br)),
-                    nft::meta_is(MetaKey::Iifname, Operator::NEQ, nft::name_expr(br)),
-                    nft::counter(),
-                    Statement::Drop(None),
-                ],
-                "internal network: nothing enters it from elsewhere",
-            ));
-            continue;
-        }
-        // Docker's DOCKER-ISOLATION: one bridge network never reaches
-        // another through the node. Drops on the way in to the others are
-        // their own chains' rules.
-        let others: Vec<SetItem<'static>> = nets
-            .iter()
-            .filter(|o| o.bridge != net.bridge)
-            .map(|o| SetItem::Element(nft::name_expr(&o.bridge)))
-            .collect();
-        if !others.is_empty() {
-            b.add(nft::rule(
-                TABLE,
-                fwd,
-                vec![
-                    nft::meta_is(
-                        MetaKey::Oifname,
-                        Operator::EQ,
-                        Expression::Named(NamedExpression::Set(others)),
-                    ),
-                    nft::counter(),
-                    Statement::Drop(None),
-                ],
-                "isolation between bridge networks",
-            ));
-        }
-        let nat = nat_chain(br);
-        b.add(nft::chain(TABLE, nat.clone(), None));
-        b.add(nft::rule(
-            TABLE,
-            POSTROUTING.into(),
-            vec![nft::saddr_in(&net.subnet), jump(nat.clone())],
-            "traffic from a mesh bridge network",
-        ));
-        b.add(nft::rule(
-            TABLE,
-            nat,
-            vec![
-                nft::meta_is(MetaKey::Oifname, Operator::NEQ, nft::name_expr(br)),
-                nft::counter(),
-                Statement::Masquerade(None),
-            ],
-            "sandbox traffic leaving the node takes the node's address",
-        ));
-    }
-    b
-}
-
-/// IPv4 forwarding on in the node's namespace, as routing from a bridge to
-/// the uplink needs.
-fn forwarding_on(ns: Option<&str>) -> Result<(), NetError> {
-    match nft::enable_forwarding(ns) {
-        Ok(true) => {
-            info!(ns = %netns::label(ns), "turned on IPv4 forwarding");
-            Ok(())
-        }
-        Ok(false) => Ok(()),
-        Err(source) => Err(NetError::Namespace {
-            action: "turn on IPv4 forwarding in",
-            name: netns::label(ns),
-            source,
-        }),
-    }
-}
-
-/// Makes the node's `ip mesh_local` table exactly what `nets` (every bridge
-/// network the node has) needs, in one atomic batch: per non-internal
-/// network MASQUERADE for its subnet leaving through any other interface
-/// and a drop of anything forwarded to another of our bridges; per internal
-/// network a drop of anything forwarded out of it or into it. Removing a
-/// network is calling this without it; with none left the table goes.
-/// Blocking (it runs `nft`): async callers use `spawn_blocking`.
-pub fn sync_nat(node: &Node, nets: &[BridgeSpec]) -> Result<(), NetError> {
-    let mut seen = BTreeSet::new();
-    for net in nets {
-        validate_bridge(net)?;
-        if !seen.insert(net.bridge.as_str()) {
-            return Err(NetError::Invalid(format!(
-                "bridge networks: device {} is listed twice; each network needs its own bridge",
-                net.bridge
-            )));
-        }
-    }
-    let ns = node.ns.as_deref();
-    if nets.iter().any(|n| !n.internal) {
-        forwarding_on(ns)?;
-    }
-    nft::apply(ns, nat_batch(nets)).map_err(|source| NetError::Namespace {
-        action: "apply the nftables table `ip mesh_local` in",
-        name: netns::label(ns),
-        source,
-    })?;
-    debug!(ns = %netns::label(ns), networks = nets.len(), "rebuilt table {TABLE}");
-    Ok(())
 }
 
 /// Connects a sandbox to a bridge network: a veth pair whose node end is a
@@ -822,56 +646,5 @@ mod tests {
         assert!(validate_bridge(&s).is_err());
         let s = spec("a-bridge-name-too-long", "10.88.0.0/24", false);
         assert!(validate_bridge(&s).is_err());
-    }
-
-    #[test]
-    fn batch_masquerades_isolates_and_keeps_internal_in() {
-        let nets = [
-            spec("mbr-a", "10.88.0.0/24", false),
-            spec("mbr-b", "10.89.0.0/24", false),
-            spec("mbr-i", "10.90.0.0/24", true),
-        ];
-        let json = serde_json::to_value(nat_batch(&nets).to_nftables()).expect("json");
-        let cmds = json["nftables"].as_array().expect("array");
-        assert_eq!(cmds[0]["add"]["table"]["name"], TABLE);
-        assert_eq!(cmds[1]["delete"]["table"]["name"], TABLE);
-        assert_eq!(cmds[2]["add"]["table"]["name"], TABLE);
-        let text = json.to_string();
-        // NAT for the two non-internal subnets, none for the internal one.
-        assert_eq!(text.matches("\"masquerade\"").count(), 2, "{text}");
-        assert!(
-            text.contains("10.88.0.0") && text.contains("10.89.0.0"),
-            "{text}"
-        );
-        assert!(!text.contains("10.90.0.0"), "{text}");
-        // A's isolation set names the other bridges, not A.
-        let a_drop = cmds
-            .iter()
-            .find(|c| c["add"]["rule"]["chain"] == "fwd-mbr-a")
-            .expect("rule in fwd-mbr-a");
-        let set = a_drop.to_string();
-        assert!(set.contains("mbr-b") && set.contains("mbr-i"), "{set}");
-        assert!(!set.contains("\"mbr-a\""), "{set}");
-        // Every object is in our table.
-        for c in &cmds[1..] {
-            let obj = c
-                .as_object()
-                .and_then(|o| o.values().next())
-                .expect("command");
-            let inner = obj
-                .as_object()
-                .and_then(|o| o.values().next())
-                .expect("object");
-            let t = inner.get("table").or_else(|| inner.get("name"));
-            assert_eq!(t.and_then(|t| t.as_str()), Some(TABLE), "{c}");
-        }
-    }
-
-    #[test]
-    fn empty_list_only_removes_the_table() {
-        let json = serde_json::to_value(nat_batch(&[]).to_nftables()).expect("json");
-        let cmds = json["nftables"].as_array().expect("array");
-        assert_eq!(cmds.len(), 2);
-        assert_eq!(cmds[1]["delete"]["table"]["name"], TABLE);
     }
 }

@@ -142,14 +142,7 @@ pub fn create(name: &str) -> Result<(), NetError> {
     if is_nsfs(&target) {
         return Ok(());
     }
-    prepare_dir()?;
-    OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o444)
-        .open(&target)
-        .map_err(|e| NetError::ns("create the mount point of", name, e))?;
+    make_mount_point(name, &target)?;
 
     // The new namespace exists only as long as something refers to it: the
     // thread that unshared it, until the bind mount takes over.
@@ -178,6 +171,20 @@ pub fn create(name: &str) -> Result<(), NetError> {
         debug!(netns = name, "created network namespace");
     }
     result
+}
+
+/// Creates the empty file a namespace is bind-mounted on (and /run/netns
+/// around it).
+fn make_mount_point(name: &str, target: &Path) -> Result<(), NetError> {
+    prepare_dir()?;
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o444)
+        .open(target)
+        .map_err(|e| NetError::ns("create the mount point of", name, e))?;
+    Ok(())
 }
 
 /// Makes /run/netns exist and be a shared mount point, as `ip netns add`
@@ -244,6 +251,29 @@ pub fn delete(name: &str) -> Result<(), NetError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(NetError::ns("remove the mount point of", name, e)),
     }
+}
+
+/// [`create`] for async callers: the mounts and the thread that unshares
+/// run on tokio's blocking pool, never on an async worker.
+pub async fn create_async(name: &str) -> Result<(), NetError> {
+    let owned = name.to_string();
+    off_thread(name, "create", move || create(&owned)).await
+}
+
+/// [`delete`] for async callers, on tokio's blocking pool.
+pub async fn delete_async(name: &str) -> Result<(), NetError> {
+    let owned = name.to_string();
+    off_thread(name, "delete", move || delete(&owned)).await
+}
+
+async fn off_thread(
+    name: &str,
+    action: &'static str,
+    f: impl FnOnce() -> Result<(), NetError> + Send + 'static,
+) -> Result<(), NetError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| NetError::ns(action, name, io::Error::other(e.to_string())))?
 }
 
 /// Names of the namespaces under /run/netns that start with `prefix`, sorted;
@@ -362,6 +392,36 @@ pub async fn handle_in(ns: Option<&str>) -> Result<rtnetlink::Handle, NetError> 
     Ok(handle)
 }
 
+/// Runs async netlink work to completion for a synchronous caller, on a
+/// thread of its own with a small runtime: callable from plain threads and,
+/// through `block_in_place`, from async code (a runtime cannot be nested in
+/// the caller's thread). The thread starts in the caller's namespace; the
+/// work enters others only through [`handle_in`].
+pub fn block_on<F>(work: F) -> Result<F::Output, NetError>
+where
+    F: Future + Send,
+    F::Output: Send,
+{
+    let joined = std::thread::scope(|s| {
+        std::thread::Builder::new()
+            .name("mesh-netlink".into())
+            .spawn_scoped(s, || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| NetError::NoRuntime(e.to_string()))?;
+                Ok(runtime.block_on(work))
+            })
+            .map_err(|e| NetError::ns("start a thread for", "netlink", e))
+            .map(|t| t.join())
+    })?;
+    match joined {
+        Ok(r) => r,
+        // A panic in `work` is the caller's bug: surface it as if it ran here.
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
+}
+
 /// Gives the daemon's own network namespace a name under /run/netns (as
 /// `ip netns attach NAME $$` does), so `host` sandboxes can join it the same
 /// way other sandboxes join theirs. Idempotent.
@@ -372,14 +432,7 @@ pub fn attach_current(name: &str) -> Result<(), NetError> {
     if is_nsfs(&target) {
         return Ok(());
     }
-    prepare_dir()?;
-    OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o444)
-        .open(&target)
-        .map_err(|e| NetError::ns("create the mount point of", name, e))?;
+    make_mount_point(name, &target)?;
     nix::mount::mount(
         Some("/proc/self/ns/net"),
         &target,

@@ -11,7 +11,10 @@
 //!
 //! The daemon never changes namespace itself: every namespace step runs in
 //! the forked child between `fork` and `exec` (`Command::pre_exec`), where
-//! only raw system calls on data prepared before the fork are made.
+//! only raw system calls on data prepared before the fork are made; `lo` is
+//! brought up over netlink (a socket opened in the sandbox's namespace).
+//! Creating, deleting and stopping are async, so none of them holds an
+//! async worker thread while the kernel or a slow process takes its time.
 
 use std::collections::BTreeMap;
 use std::ffi::{CStr, CString, OsStr, OsString};
@@ -24,8 +27,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::Mutex;
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
@@ -34,7 +36,10 @@ use nix::sched::CloneFlags;
 use nix::sys::signal::{self, Signal};
 use nix::sys::wait::{self, Id, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
+use tokio::time::Instant;
 use tracing::{info, warn};
+
+use crate::link::Netlink;
 
 /// Where named network namespaces live, as iproute2 keeps them.
 pub const NETNS_DIR: &str = "/run/netns";
@@ -120,8 +125,6 @@ pub enum SandboxError {
     Signal { pid: u32, source: Errno },
     #[error("sandbox process {pid} did not exit {waited:?} after SIGKILL")]
     Unkillable { pid: u32, waited: Duration },
-    #[error("`{command}` failed: {reason}")]
-    Tool { command: String, reason: String },
     #[error("cannot remove network namespace {name:?}: {source}")]
     Delete { name: String, source: io::Error },
 }
@@ -159,39 +162,18 @@ fn is_netns(path: &Path) -> bool {
         .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::NSFS_MAGIC)
 }
 
-/// Runs `ip ARGS`, turning a failure into an error that carries its stderr.
-fn ip(args: &[&str]) -> Result<(), SandboxError> {
-    let command = format!("ip {}", args.join(" "));
-    let out = Command::new("ip")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| SandboxError::Tool {
-            command: command.clone(),
-            reason: format!("{e} (is iproute2 installed?)"),
-        })?;
-    if !out.status.success() {
-        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
-        let reason = if stderr.is_empty() {
-            out.status.to_string()
-        } else {
-            stderr
-        };
-        return Err(SandboxError::Tool { command, reason });
-    }
-    Ok(())
-}
-
 /// Creates the named network namespace `name` (like `ip netns add`) with
-/// `lo` up. Idempotent: an existing namespace is kept, and a leftover plain
-/// file from an interrupted create is replaced.
-pub fn create_netns(name: &str) -> Result<(), SandboxError> {
+/// `lo` up (over netlink). Idempotent: an existing namespace is kept, and a
+/// leftover plain file from an interrupted create is replaced. The mounts
+/// run on tokio's blocking pool, not on the caller's async thread.
+pub async fn create_netns(name: &str) -> Result<(), SandboxError> {
     check_netns_name(name)?;
-    crate::netns::create(name)?;
-    if let Err(e) = ip(&["-n", name, "link", "set", "lo", "up"]) {
+    crate::netns::create_async(name).await?;
+    let lo = async { Netlink::open(Some(name)).await?.set_up("lo").await };
+    if let Err(e) = lo.await {
         // Nothing half-made: a namespace without loopback is useless.
-        let _ = delete_netns(name);
-        return Err(e);
+        let _ = delete_netns(name).await;
+        return Err(e.into());
     }
     Ok(())
 }
@@ -199,9 +181,9 @@ pub fn create_netns(name: &str) -> Result<(), SandboxError> {
 /// Deletes the named network namespace (like `ip netns delete`); fine if it
 /// does not exist. The kernel frees it, and its links, once no process is in
 /// it any more.
-pub fn delete_netns(name: &str) -> Result<(), SandboxError> {
+pub async fn delete_netns(name: &str) -> Result<(), SandboxError> {
     check_netns_name(name)?;
-    Ok(crate::netns::delete(name)?)
+    Ok(crate::netns::delete_async(name).await?)
 }
 
 /// Finds `command` the way a shell would: as given when it holds a '/',
@@ -715,8 +697,10 @@ pub fn alive(pid: u32) -> bool {
 /// Stops a sandbox: SIGTERM to its process group, SIGKILL to the group once
 /// the leader has exited or `grace` has passed (so nothing it left behind
 /// keeps running), then reaps the leader if the daemon is its parent.
-/// Stopping a process that is already gone is not an error.
-pub fn stop(pid: u32, grace: Duration) -> Result<(), SandboxError> {
+/// Stopping a process that is already gone is not an error. Waits with
+/// tokio timers, so it holds no thread while the sandbox takes its time;
+/// callers should not hold a lock across it either.
+pub async fn stop(pid: u32, grace: Duration) -> Result<(), SandboxError> {
     let leader = checked_pid(pid)?;
     let signal_group = |sig: Signal| match signal::killpg(leader, sig) {
         Ok(()) | Err(Errno::ESRCH) => Ok(()),
@@ -730,7 +714,7 @@ pub fn stop(pid: u32, grace: Duration) -> Result<(), SandboxError> {
     signal_group(Signal::SIGTERM)?;
     let deadline = Instant::now() + grace;
     while running(leader) && Instant::now() < deadline {
-        thread::sleep(Duration::from_millis(20));
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     signal_group(Signal::SIGKILL)?;
     // SIGKILL cannot be caught, but a process stuck in the kernel (D state)
@@ -741,7 +725,7 @@ pub fn stop(pid: u32, grace: Duration) -> Result<(), SandboxError> {
         if Instant::now() >= deadline {
             return Err(SandboxError::Unkillable { pid, waited });
         }
-        thread::sleep(Duration::from_millis(10));
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     info!(pid, "stopped sandbox");
     Ok(())

@@ -419,7 +419,7 @@ impl Sandboxes {
             rec.netns = format!("{}-host", dp.prefix);
             crate::netns::attach_current(&rec.netns)?;
         } else {
-            sandbox::create_netns(&rec.netns)?;
+            sandbox::create_netns(&rec.netns).await?;
         }
         for a in &rec.networks {
             self.wire(rec, a, dp).await?;
@@ -476,12 +476,13 @@ impl Sandboxes {
     ) -> Vec<String> {
         let mut errors = Vec::new();
         self.dns.stop_sandbox(&rec.id).await;
-        let kernel = dp.kernel.lock().await;
+        // Before taking the kernel lock: stopping may take seconds.
         if rec.pid != 0
-            && let Err(e) = sandbox::stop(rec.pid, Duration::from_secs(5))
+            && let Err(e) = sandbox::stop(rec.pid, Duration::from_secs(5)).await
         {
             errors.push(e.to_string());
         }
+        let kernel = dp.kernel.lock().await;
         for a in &rec.networks {
             if let Err(e) = self.unwire(rec, a, dp).await {
                 errors.push(e.to_string());
@@ -494,7 +495,7 @@ impl Sandboxes {
         }
         // The host namespace is shared: only a sandbox's own one goes.
         if !rec.host_network
-            && let Err(e) = sandbox::delete_netns(&rec.netns)
+            && let Err(e) = sandbox::delete_netns(&rec.netns).await
         {
             errors.push(e.to_string());
         }
@@ -777,7 +778,7 @@ impl Sandboxes {
         let mut removed = Vec::new();
         for ns in names.into_iter().filter(|n| !known.contains(n)) {
             let _ = egress::detach(None, &ns);
-            match sandbox::delete_netns(&ns) {
+            match sandbox::delete_netns(&ns).await {
                 Ok(()) => removed.push(ns),
                 Err(e) => warn!("cannot remove orphaned namespace {ns}: {e}"),
             }
@@ -1138,9 +1139,7 @@ impl Sandboxes {
         // Stop first, so the whole output is in the log we keep.
         if rec.pid != 0 && rec.exit_code.is_none() {
             let pid = rec.pid;
-            let _ =
-                tokio::task::spawn_blocking(move || sandbox::stop(pid, Duration::from_secs(10)))
-                    .await;
+            let _ = sandbox::stop(pid, Duration::from_secs(10)).await;
         }
         self.keep_task_log(&rec);
         let errors = self.teardown(&rec, dp, None).await;

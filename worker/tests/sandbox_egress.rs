@@ -13,7 +13,7 @@ use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use mesh_worker::egress::{self, DEFAULT_GW_SUBNET, GWBRIDGE, SANDBOX_IFNAME, TABLE};
+use mesh_worker::egress::{self, DEFAULT_GW_SUBNET, GWBRIDGE, Repaired, SANDBOX_IFNAME, TABLE};
 use mesh_worker::sandbox::{self, SandboxSpec};
 
 fn require_root() {
@@ -31,15 +31,16 @@ fn tag() -> String {
 struct Netns(String);
 
 impl Netns {
-    fn new(name: String) -> Self {
-        sandbox::create_netns(&name).expect("create netns");
+    async fn new(name: String) -> Self {
+        sandbox::create_netns(&name).await.expect("create netns");
         Self(name)
     }
 }
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        if let Err(e) = sandbox::delete_netns(&self.0) {
+        // Drop cannot await: the blocking twin of `sandbox::delete_netns`.
+        if let Err(e) = mesh_worker::netns::delete(&self.0) {
             eprintln!("cleanup: {e}");
         }
     }
@@ -50,8 +51,17 @@ struct Running(u32);
 
 impl Drop for Running {
     fn drop(&mut self) {
-        if sandbox::alive(self.0) {
-            let _ = sandbox::stop(self.0, Duration::ZERO);
+        // Drop cannot await `sandbox::stop`: kill the group outright.
+        if sandbox::alive(self.0)
+            && let Ok(raw) = i32::try_from(self.0)
+        {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(raw),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            wait_for("a killed sandbox to exit", Duration::from_secs(5), || {
+                !sandbox::alive(self.0)
+            });
         }
         let _ = sandbox::wait_exit(self.0);
     }
@@ -118,11 +128,11 @@ fn argv(args: &[&str]) -> Vec<String> {
     args.iter().map(|s| s.to_string()).collect()
 }
 
-#[test]
-fn sandbox_gets_its_own_hostname_hosts_and_resolv_conf() {
+#[tokio::test(flavor = "multi_thread")]
+async fn sandbox_gets_its_own_hostname_hosts_and_resolv_conf() {
     require_root();
     let t = tag();
-    let ns = Netns::new(format!("{t}-sa"));
+    let ns = Netns::new(format!("{t}-sa")).await;
     let scratch = Scratch::new(&format!("{t}-sa"));
     let name = format!("{t}-web");
     let host_hosts = fs::read("/etc/hosts").expect("read host /etc/hosts");
@@ -185,7 +195,9 @@ fn sandbox_gets_its_own_hostname_hosts_and_resolv_conf() {
     let status = sandbox::exec(pid, &argv(&["sh", "-c", "exit 3"]), &[]).expect("exec");
     assert_eq!(status.code(), Some(3));
 
-    sandbox::stop(pid, Duration::from_secs(5)).expect("stop");
+    sandbox::stop(pid, Duration::from_secs(5))
+        .await
+        .expect("stop");
     assert!(!sandbox::alive(pid));
     assert_eq!(sandbox::wait_exit(pid), Some(128 + 15), "ended by SIGTERM");
     drop(proc_guard);
@@ -203,7 +215,9 @@ fn sandbox_gets_its_own_hostname_hosts_and_resolv_conf() {
         !sandbox::alive(pid)
     });
     assert_eq!(sandbox::wait_exit(pid), Some(7));
-    sandbox::stop(pid, Duration::ZERO).expect("stopping an exited sandbox is fine");
+    sandbox::stop(pid, Duration::ZERO)
+        .await
+        .expect("stopping an exited sandbox is fine");
 
     // Errors a user can act on.
     let missing = spec(&name, &ns.0, &scratch.0.join("x"), &["no-such-command-xyz"]);
@@ -217,8 +231,10 @@ fn sandbox_gets_its_own_hostname_hosts_and_resolv_conf() {
     assert!(err.to_string().contains("does not exist"), "{err}");
 
     // Namespaces: create is idempotent, delete is fine when absent.
-    sandbox::create_netns(&ns.0).expect("create again");
-    sandbox::delete_netns(&format!("{t}-never-made")).expect("delete absent");
+    sandbox::create_netns(&ns.0).await.expect("create again");
+    sandbox::delete_netns(&format!("{t}-never-made"))
+        .await
+        .expect("delete absent");
 }
 
 /// Accepts one TCP connection inside namespace `ns` and returns the peer
@@ -261,14 +277,14 @@ fn nft_in(ns: &str, args: &[&str]) -> std::process::Output {
         .expect("run nft")
 }
 
-#[test]
-fn gwbridge_masquerades_egress_and_isolates_sandboxes() {
+#[tokio::test(flavor = "multi_thread")]
+async fn gwbridge_masquerades_egress_and_isolates_sandboxes() {
     require_root();
     let t = tag();
-    let host = Netns::new(format!("{t}-h"));
-    let outside = Netns::new(format!("{t}-o"));
-    let s1 = Netns::new(format!("{t}-s1"));
-    let s2 = Netns::new(format!("{t}-s2"));
+    let host = Netns::new(format!("{t}-h")).await;
+    let outside = Netns::new(format!("{t}-o")).await;
+    let s1 = Netns::new(format!("{t}-s1")).await;
+    let s2 = Netns::new(format!("{t}-s2")).await;
     let scratch = Scratch::new(&format!("{t}-gw"));
     let h = host.0.as_str();
 
@@ -299,6 +315,32 @@ fn gwbridge_masquerades_egress_and_isolates_sandboxes() {
     let listed = nft_in(h, &["list", "tables"]);
     let tables = String::from_utf8_lossy(&listed.stdout);
     assert_eq!(tables.matches(TABLE).count(), 1, "{tables}");
+
+    // The reconcile loop's check: nothing to do on what ensure made, and
+    // each part put back once it is broken.
+    let fixed = egress::check_gwbridge(Some(h), DEFAULT_GW_SUBNET).expect("check");
+    assert_eq!(fixed, Repaired::default(), "freshly made egress drifted");
+    assert!(
+        nft_in(h, &["delete", "table", "ip", TABLE])
+            .status
+            .success()
+    );
+    ip(&["-n", h, "addr", "flush", "dev", GWBRIDGE]);
+    ip(&["-n", h, "link", "set", GWBRIDGE, "down"]);
+    let fixed = egress::check_gwbridge(Some(h), DEFAULT_GW_SUBNET).expect("repair");
+    assert!(fixed.table && fixed.address && fixed.up, "{fixed:?}");
+    assert!(nft_in(h, &["list", "table", "ip", TABLE]).status.success());
+    let addrs = ip(&["-n", h, "-4", "-o", "addr", "show", "dev", GWBRIDGE]);
+    assert!(addrs.contains("172.18.0.1/16"), "{addrs}");
+    assert!(
+        nft_in(h, &["flush", "chain", "ip", TABLE, "forward"])
+            .status
+            .success()
+    );
+    let fixed = egress::check_gwbridge(Some(h), DEFAULT_GW_SUBNET).expect("repair rules");
+    assert!(fixed.table && !fixed.address, "{fixed:?}");
+    let fixed = egress::check_gwbridge(Some(h), DEFAULT_GW_SUBNET).expect("check again");
+    assert!(!fixed.any(), "{fixed:?}");
 
     let mut guards = Vec::new();
     let mut pids = Vec::new();
@@ -394,7 +436,9 @@ fn gwbridge_masquerades_egress_and_isolates_sandboxes() {
     assert!(!nft_in(h, &["list", "table", "ip", TABLE]).status.success());
 
     for pid in &pids {
-        sandbox::stop(*pid, Duration::from_secs(2)).expect("stop");
+        sandbox::stop(*pid, Duration::from_secs(2))
+            .await
+            .expect("stop");
     }
     drop(guards);
     let names = [

@@ -15,6 +15,7 @@ use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use mesh_worker::firewall::Drift;
 use mesh_worker::netns;
 use mesh_worker::vip::{self, VipService};
 use nix::sys::signal::{Signal, killpg};
@@ -246,6 +247,11 @@ fn vip_round_robin_refuse_and_remove() {
 
     // Two tasks: only they answer.
     vip::sync(&client, &web(&backends[..2])).expect("sync with 2 tasks");
+    // What the reconcile loop asks: the kernel's copy reads back as made.
+    let drift = vip::drift(&client, &web(&backends[..2])).expect("drift");
+    assert_eq!(drift, Drift::InSync);
+    let drift = vip::drift(&client, &web(&backends)).expect("drift");
+    assert_eq!(drift, Drift::Differs, "a VIP table for other tasks");
     assert_eq!(tally(&client, 20), expected(&backends[..2], 10));
     // Every protocol goes to a task: a ping to the VIP is answered.
     assert!(ping(&client, VIP), "ping to the VIP with tasks");
@@ -287,7 +293,17 @@ fn vip_round_robin_refuse_and_remove() {
     assert_eq!(vip::render(&web(&[])), vip::render(&web(&[])));
     assert_ne!(vip::render(&web(&[])), vip::render(&web(&backends)));
 
+    let flushed = Command::new("ip")
+        .args(["netns", "exec", &client, "nft", "flush", "chain", "ip"])
+        .args([vip::TABLE, "output_filter"])
+        .status()
+        .expect("run nft");
+    assert!(flushed.success());
+    let drift = vip::drift(&client, &web(&[])).expect("drift");
+    assert_eq!(drift, Drift::Differs, "a flushed chain");
     vip::remove(&client).expect("remove");
+    let drift = vip::drift(&client, &web(&[])).expect("drift");
+    assert_eq!(drift, Drift::Missing);
     let tables = nft_in(&client, &["list", "tables"]);
     assert!(!tables.contains(vip::TABLE), "{tables}");
     vip::remove(&client).expect("remove again: missing is fine");
