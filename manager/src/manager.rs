@@ -377,6 +377,7 @@ impl Manager {
         addr: &str,
         peer: Option<IpAddr>,
         digest: u64,
+        datapath_errors: &[String],
     ) -> Result<(), ManagerError> {
         self.last_seen
             .lock()
@@ -395,6 +396,13 @@ impl Manager {
                 state: "ready".into(),
                 addr,
                 at: now(),
+            })
+            .await?;
+        }
+        if node.datapath_errors != datapath_errors {
+            self.write(Command::SetNodeErrors {
+                id: node.id.clone(),
+                errors: datapath_errors.to_vec(),
             })
             .await?;
         }

@@ -107,6 +107,11 @@ pub struct Node {
     /// `addr` only to this or to the address its connection comes from.
     #[serde(default)]
     pub joined_addr: String,
+    /// What the node's data path could not fix on its last pass, as its
+    /// heartbeat reported it; left out of the JSON while empty, so a state
+    /// without faults is written as before.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub datapath_errors: Vec<String>,
 }
 
 /// A short node ID for messages, as Docker shortens IDs.
@@ -148,6 +153,11 @@ pub enum Command {
     },
     RemoveNode {
         id: String,
+    },
+    /// A node's data-path faults changed (sent only on a change).
+    SetNodeErrors {
+        id: String,
+        errors: Vec<String>,
     },
     /// A renewed certificate, recorded before it is handed out; it must be
     /// for the key the node joined with.
@@ -346,6 +356,13 @@ impl ClusterState {
                 }
                 node.updated_at = at.clone();
                 node.version = index;
+                CommandResult::Node(Box::new(node.clone()))
+            }
+            Command::SetNodeErrors { id, errors } => {
+                let Some(node) = self.nodes.get_mut(id) else {
+                    return CommandResult::Refused(format!("node {id} not found"));
+                };
+                node.datapath_errors = errors.clone();
                 CommandResult::Node(Box::new(node.clone()))
             }
             Command::RemoveNode { id } => {

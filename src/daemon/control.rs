@@ -131,6 +131,7 @@ fn to_pb(mgr: &Manager, n: &Node) -> mesh_proto::Node {
         tls_not_after: n.cert_not_after.clone(),
         tls_serial: n.cert_serial.clone(),
         tls_key_fingerprint: n.key_fingerprint.clone(),
+        datapath_errors: n.datapath_errors.clone(),
     }
 }
 
@@ -212,6 +213,7 @@ impl Control for ControlService {
         let mut info = InfoResponse {
             hostname: super::lifecycle::hostname(),
             error: error.clone(),
+            datapath_errors: self.d.sandboxes.faults(),
             ..Default::default()
         };
         let Some(config) = config else {

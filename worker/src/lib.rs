@@ -8,19 +8,27 @@
 //!   following leader changes, renewing its certificate before it expires and
 //!   when its role changes, and noticing that it was removed;
 //! - `managers`: calls to "some manager", accepting only current ones;
-//! - `agent`: makes the kernel match the node's view, and re-checks it;
+//! - `agent`: makes the kernel match the node's view, and re-checks it: one
+//!   reconcile pass over every driver, egress, VIPs and DNS listeners;
+//! - `drivers`: the network drivers behind one trait (overlay, bridge,
+//!   macvlan, host/none) and egress, and their registry;
 //! - `overlay`, `link`, `veth`, `netns`: the overlay data path over rtnetlink;
-//! - `local`, `local_networks`: Docker's local drivers for standalone sandboxes;
+//! - `local`, `local_networks`: Docker's local drivers' kernel code, and the
+//!   node's local networks;
+//! - `stable_hash`: the one hash device names are derived with;
 //! - `egress`: `mesh_gwbridge` and NAT for traffic leaving the node;
 //! - `vip`, `nft`: service VIPs in nftables, and applying our tables;
 //! - `dns`: the embedded resolver at 127.0.0.11 in every sandbox;
-//! - `sandbox`, `sandboxes`: sandboxes and their records, `run` and `rm`;
+//! - `sandbox`: one sandbox's namespaces and process;
+//! - `sandboxes`: the node's sandboxes: records, `run`/`rm`, connect and
+//!   disconnect, task sandboxes, their DNS names and VIP services;
 //! - `tasks`, `task_logs`: the task runner and the node's side of task logs.
 //!
 //! It must not touch Raft or cluster state: it only asks managers.
 
 pub mod agent;
 pub mod dns;
+pub mod drivers;
 pub mod egress;
 pub mod link;
 pub mod local;
@@ -33,6 +41,7 @@ pub mod private_fs;
 pub mod sandbox;
 pub mod sandboxes;
 pub mod session;
+pub mod stable_hash;
 pub mod state_dir;
 pub mod task_logs;
 pub mod tasks;

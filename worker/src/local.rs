@@ -48,6 +48,7 @@ use crate::link::{Link, Netlink, check_ifname, fmt_mac};
 use crate::netns::{self, NetError};
 use crate::nft;
 use crate::overlay::{Attachment, Node};
+use crate::stable_hash::fnv1a48;
 use crate::veth;
 
 /// Bridge device of the default `bridge` network (Docker's `docker0`).
@@ -120,34 +121,22 @@ fn alias_starts(l: &Link, prefix: &str) -> bool {
     l.alias.as_deref().is_some_and(|a| a.starts_with(prefix))
 }
 
-/// FNV-1a 64, cut to 48 bits: stable across builds (std's hasher is not),
-/// so names derived from it are the same after an upgrade or a restart.
-fn fnv48(parts: &[&str]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for part in parts {
-        for b in part.bytes() {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-        // Separator, so ("ab", "c") and ("a", "bc") differ.
-        h ^= 0xff;
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h & 0xffff_ffff_ffff
-}
-
 /// Names of a bridge attachment's veth: the node end (a port of the bridge)
 /// and the temporary name of the sandbox end before its rename. Derived,
 /// not stored, so a restarted agent finds them; 15 characters.
 fn port_names(bridge: &str, a: &Attachment) -> (String, String) {
-    let h = fnv48(&[bridge, &a.sandbox_ns, &a.ifname]);
+    let h = fnv1a48(&[
+        bridge.as_bytes(),
+        a.sandbox_ns.as_bytes(),
+        a.ifname.as_bytes(),
+    ]);
     (format!("mlb{h:012x}"), format!("mlt{h:012x}"))
 }
 
 /// Temporary name of a sandbox's macvlan between its creation in the node's
 /// namespace and its rename inside the sandbox.
 fn macvlan_tmp(a: &Attachment) -> String {
-    let h = fnv48(&["macvlan", &a.sandbox_ns, &a.ifname]);
+    let h = fnv1a48(&[b"macvlan", a.sandbox_ns.as_bytes(), a.ifname.as_bytes()]);
     format!("mlm{h:012x}")
 }
 
@@ -782,7 +771,7 @@ mod tests {
             ifname: "eth0".into(),
             ip: Ipv4Addr::new(10, 88, 0, 2),
             prefix: 24,
-            mac: crate::overlay::mac_for(Ipv4Addr::new(10, 88, 0, 2)),
+            mac: mesh_common::model::Mac::for_ip(Ipv4Addr::new(10, 88, 0, 2)).octets(),
             mtu: 1500,
             default_route: true,
         };

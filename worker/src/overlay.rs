@@ -21,6 +21,7 @@ use tracing::{debug, info, warn};
 use crate::link::{FdbEntry, Mac, NeighEntry, Netlink, VxlanConfig, fmt_mac};
 use crate::netns;
 pub use crate::netns::NetError;
+use crate::stable_hash::fnv1a32;
 use crate::veth;
 
 /// The bridge of a network's namespace, holding the gateway address.
@@ -129,36 +130,12 @@ pub fn network_ns_name(prefix: &str, vni: u32) -> String {
     format!("{prefix}-ov-{vni}")
 }
 
-/// Docker's MAC for an endpoint: 02:42 (locally administered) followed by
-/// the IPv4 address, so MACs never collide within a subnet and need no
-/// allocator.
-pub fn mac_for(ip: Ipv4Addr) -> Mac {
-    let [a, b, c, d] = ip.octets();
-    [0x02, 0x42, a, b, c, d]
-}
-
-/// FNV-1a: a stable hash (std's may change between releases) for names
-/// that must be the same after an upgrade.
-fn fnv1a(parts: &[&[u8]]) -> u32 {
-    let mut h: u32 = 0x811c_9dc5;
-    for part in parts {
-        for b in *part {
-            h ^= u32::from(*b);
-            h = h.wrapping_mul(0x0100_0193);
-        }
-        // Separator, so ("ab", "c") and ("a", "bc") differ.
-        h ^= 0xff;
-        h = h.wrapping_mul(0x0100_0193);
-    }
-    h
-}
-
 /// Names of an attachment's veth: the end on `br0` (in the network's
 /// namespace) and the temporary name of the sandbox end before it is
 /// renamed. Derived, not stored, so a restarted agent finds them; at most 15
 /// characters (IFNAMSIZ).
 fn veth_names(vni: u32, a: &Attachment) -> (String, String) {
-    let h = fnv1a(&[
+    let h = fnv1a32(&[
         &vni.to_be_bytes(),
         a.sandbox_ns.as_bytes(),
         a.ifname.as_bytes(),
@@ -175,7 +152,10 @@ fn veth_owner(a: &Attachment) -> String {
 /// Name of a VXLAN while it is still in the node's namespace, unique per
 /// node prefix and VNI.
 fn temp_vxlan_name(prefix: &str, vni: u32) -> String {
-    format!("vx{vni:06x}{:05x}", fnv1a(&[prefix.as_bytes()]) & 0xf_ffff)
+    format!(
+        "vx{vni:06x}{:05x}",
+        fnv1a32(&[prefix.as_bytes()]) & 0xf_ffff
+    )
 }
 
 fn validate_spec(spec: &OverlaySpec) -> Result<(), NetError> {
@@ -683,6 +663,10 @@ mod tests {
             own: true,
             permanent: true,
         }
+    }
+
+    fn mac_for(ip: Ipv4Addr) -> Mac {
+        mesh_common::model::Mac::for_ip(ip).octets()
     }
 
     #[test]

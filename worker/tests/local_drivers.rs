@@ -14,10 +14,11 @@ use std::os::fd::AsFd;
 use std::process::{Command, Output};
 use std::time::Duration;
 
+use mesh_common::model::Mac;
 use mesh_worker::link::Netlink;
 use mesh_worker::local::{self, BridgeSpec};
 use mesh_worker::netns::{self, NetError};
-use mesh_worker::overlay::{Attachment, Node, mac_for};
+use mesh_worker::overlay::{Attachment, Node};
 
 /// Removes the namespaces it lists when dropped, so a failing assertion
 /// leaves nothing behind.
@@ -144,7 +145,7 @@ fn attachment(sandbox_ns: &str, spec: &BridgeSpec, used: &mut BTreeSet<Ipv4Addr>
         ifname: "eth0".into(),
         ip,
         prefix: spec.subnet.prefix_len(),
-        mac: mac_for(ip),
+        mac: Mac::for_ip(ip).octets(),
         mtu: spec.mtu,
         default_route: true,
     }
@@ -384,7 +385,7 @@ async fn macvlan_sandboxes_talk_over_a_parent_and_missing_parent_is_clear() {
         ifname: "eth0".into(),
         ip,
         prefix: 24,
-        mac: mac_for(ip),
+        mac: Mac::for_ip(ip).octets(),
         mtu: 1500,
         default_route: true,
     };
