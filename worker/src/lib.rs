@@ -13,8 +13,8 @@
 //! - `drivers`: the network drivers behind one trait (overlay, bridge,
 //!   macvlan, host/none) and egress, and their registry;
 //! - `overlay`, `link`, `veth`, `netns`: the overlay data path over rtnetlink;
-//! - `local`, `local_networks`: Docker's local drivers' kernel code, and the
-//!   node's local networks;
+//! - `local`, `macvlan`, `local_networks`: Docker's local drivers' kernel
+//!   code (bridge; macvlan), and the node's local networks;
 //! - `stable_hash`: the one hash device names are derived with;
 //! - `egress`: `mesh_gwbridge` and NAT for traffic leaving the node;
 //! - `vip`, `nft`: service VIPs in nftables, and applying our tables;
@@ -33,6 +33,7 @@ pub mod egress;
 pub mod link;
 pub mod local;
 pub mod local_networks;
+pub mod macvlan;
 pub mod managers;
 pub mod netns;
 mod nft;

@@ -17,6 +17,7 @@ use std::time::Duration;
 use mesh_common::model::Mac;
 use mesh_worker::link::Netlink;
 use mesh_worker::local::{self, BridgeSpec};
+use mesh_worker::macvlan;
 use mesh_worker::netns::{self, NetError};
 use mesh_worker::overlay::{Attachment, Node};
 
@@ -392,7 +393,7 @@ async fn macvlan_sandboxes_talk_over_a_parent_and_missing_parent_is_clear() {
     let att1 = att(&m1, Ipv4Addr::new(10, 50, 0, 2));
     let att2 = att(&m2, Ipv4Addr::new(10, 50, 0, 3));
 
-    let err = local::attach_macvlan(&node, "nope0", &att1, Some(gateway))
+    let err = macvlan::attach_macvlan(&node, "nope0", &att1, Some(gateway))
         .await
         .expect_err("missing parent");
     assert!(
@@ -403,10 +404,10 @@ async fn macvlan_sandboxes_talk_over_a_parent_and_missing_parent_is_clear() {
     assert_eq!(index_of(&s1, "eth0").await, None);
 
     for _ in 0..2 {
-        local::attach_macvlan(&node, "mvp0", &att1, Some(gateway))
+        macvlan::attach_macvlan(&node, "mvp0", &att1, Some(gateway))
             .await
             .expect("attach m1");
-        local::attach_macvlan(&node, "mvp0", &att2, None)
+        macvlan::attach_macvlan(&node, "mvp0", &att2, None)
             .await
             .expect("attach m2");
     }
@@ -433,8 +434,8 @@ async fn macvlan_sandboxes_talk_over_a_parent_and_missing_parent_is_clear() {
     assert_eq!(in_node, vec!["lo", "mvp0", "mvp1"]);
 
     for _ in 0..2 {
-        local::detach_macvlan(&att1).await.expect("detach m1");
-        local::detach_macvlan(&att2).await.expect("detach m2");
+        macvlan::detach_macvlan(&att1).await.expect("detach m1");
+        macvlan::detach_macvlan(&att2).await.expect("detach m2");
     }
     assert_eq!(index_of(&s1, "eth0").await, None);
     assert_eq!(index_of(&s2, "eth0").await, None);

@@ -1,11 +1,11 @@
 //! The `macvlan` driver: a macvlan in bridge mode on the network's parent
-//! interface, moved into each sandbox (the kernel code is [`crate::local`]).
+//! interface, moved into each sandbox (the kernel code is [`crate::macvlan`]).
 
 use async_trait::async_trait;
 use mesh_common::model::DriverKind;
 
 use super::{Ctx, Desired, DriverError, NetworkDriver, Repair};
-use crate::local;
+use crate::macvlan as link;
 use crate::sandboxes::{Attachment, Record};
 
 pub struct Macvlan;
@@ -23,12 +23,12 @@ impl NetworkDriver for Macvlan {
 
     async fn attach(&self, cx: &Ctx<'_>, rec: &Record, a: &Attachment) -> Result<(), DriverError> {
         let parent = a.parent.as_deref().unwrap_or_default();
-        local::attach_macvlan(&cx.dp.node(), parent, &a.link(rec), Some(a.gateway)).await?;
+        link::attach_macvlan(&cx.dp.node(), parent, &a.link(rec), Some(a.gateway)).await?;
         Ok(())
     }
 
     async fn detach(&self, _cx: &Ctx<'_>, rec: &Record, a: &Attachment) -> Result<(), DriverError> {
-        local::detach_macvlan(&a.link(rec)).await?;
+        link::detach_macvlan(&a.link(rec)).await?;
         Ok(())
     }
 
