@@ -112,6 +112,7 @@ pub async fn info(host: &str, a: InfoArgs) -> Result<ExitCode> {
                 "Cluster": {"ID": i.cluster_id},
                 "LeaderID": i.leader_id,
                 "CertNotAfter": i.cert_not_after,
+                "DataPathErrors": i.datapath_errors,
             }
         });
         println!("{v}");
@@ -139,5 +140,11 @@ pub async fn info(host: &str, a: InfoArgs) -> Result<ExitCode> {
         println!("  {}", m.addr);
     }
     println!(" Certificate Expiry: {}", i.cert_not_after);
+    if !i.datapath_errors.is_empty() {
+        println!(" Data Path Errors:");
+        for e in &i.datapath_errors {
+            println!("  {e}");
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -54,7 +54,7 @@ fn inspect_json(n: &Node) -> serde_json::Value {
                 "KeyFingerprint": n.tls_key_fingerprint,
             },
         },
-        "Status": {"State": n.state, "Addr": n.addr},
+        "Status": {"State": n.state, "Addr": n.addr, "DataPathErrors": n.datapath_errors},
     });
     if n.role == "manager" {
         v["ManagerStatus"] =

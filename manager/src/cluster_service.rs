@@ -237,7 +237,7 @@ impl cluster_server::Cluster for ClusterService {
         let peer = tls::peer_info(&req).and_then(|i| i.remote).map(|a| a.ip());
         let r = req.into_inner();
         self.mgr
-            .heartbeat(&node, &r.addr, peer, r.applied_hash)
+            .heartbeat(&node, &r.addr, peer, r.applied_hash, &r.datapath_errors)
             .await
             .map_err(to_status)?;
         Ok(Response::new(HeartbeatResponse {

@@ -161,6 +161,7 @@ impl Control for ControlService {
         let mut info = InfoResponse {
             hostname: super::lifecycle::hostname(),
             error: error.clone(),
+            datapath_errors: self.d.sandboxes.faults(),
             ..Default::default()
         };
         let Some(config) = config else {

@@ -1,12 +1,14 @@
 //! The data-path agent: makes this node's kernel match its view from the
 //! managers, and keeps it so.
 //!
-//! Reconcile, don't replay: each pass compares the whole view with what the
-//! kernel has (networks, FDB and neighbour entries, sandbox links) and fixes
-//! the difference. A pass runs when a new view arrives and every few seconds
-//! anyway, so a restart, a lost message or an entry deleted by hand heals.
+//! Reconcile, don't replay: each pass runs every network driver, egress, the
+//! VIP tables and the DNS listeners, each comparing the whole view with what
+//! the kernel has and fixing the difference. A pass runs when a new view
+//! arrives and every few seconds anyway, so a restart, a lost message or an
+//! entry deleted by hand heals. What a pass cannot fix is collected per
+//! network and per sandbox, never stops the rest, and is the node's status
+//! (`mesh info`, the heartbeat) until a later pass fixes it.
 
-use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,9 +17,11 @@ use mesh_proto::{Empty, NodeView};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
+use mesh_common::model::DriverKind;
+
+use crate::drivers::{self, Desired, Egress, Fault, Repair};
 use crate::managers::Managers;
-use crate::overlay;
-use crate::sandboxes::{DataPath, Sandboxes, overlay_attachment, overlay_spec};
+use crate::sandboxes::{DataPath, Record, Sandboxes};
 
 /// How often the kernel is re-checked without a new view.
 pub const RESYNC_EVERY: Duration = Duration::from_secs(3);
@@ -115,116 +119,93 @@ async fn reconcile_loop(
     loop {
         let view = views.borrow_and_update().clone();
         if let Some(view) = view {
-            match reconcile(&dp, &sandboxes, &view).await {
-                Ok(repairs) => {
-                    if repairs > 0 {
-                        info!(generation = view.generation, repairs, "data path repaired");
-                    }
-                    applied.set(view.generation, mesh_proto::view_digest(&view));
-                }
-                Err(e) => warn!("data path reconcile failed, will retry: {e}"),
+            let pass = reconcile(&dp, &sandboxes, &view).await;
+            if pass.repairs > 0 {
+                info!(
+                    generation = view.generation,
+                    repairs = pass.repairs,
+                    "data path repaired"
+                );
             }
+            let faults: Vec<String> = pass.faults.iter().map(ToString::to_string).collect();
+            if faults != sandboxes.faults() {
+                for f in &faults {
+                    warn!("data path: {f}; will retry");
+                }
+                if faults.is_empty() {
+                    info!("data path: every earlier fault is repaired");
+                }
+            }
+            // The view counts as applied once its overlays are: the
+            // managers wait for that before they call a change converged.
+            if pass.overlays_applied {
+                applied.set(view.generation, mesh_proto::view_digest(&view));
+            }
+            applied.set_faults(faults.clone());
+            sandboxes.set_faults(faults);
         }
         tokio::select! {
             _ = views.changed() => {}
             _ = tokio::time::sleep(RESYNC_EVERY) => {}
-            _ = stop.changed() => return,
+            _ = stop.changed() => {
+                // Out of the cluster, nothing is being reconciled.
+                sandboxes.set_faults(Vec::new());
+                return;
+            }
         }
     }
 }
 
-/// One pass. Returns how many things had to be fixed.
-pub async fn reconcile(
-    dp: &DataPath,
-    sandboxes: &Sandboxes,
-    view: &NodeView,
-) -> Result<usize, crate::netns::NetError> {
+/// What one pass did.
+#[derive(Debug, Default)]
+pub struct Pass {
+    /// Things that had to be fixed.
+    pub repairs: usize,
+    /// What could not be, each with where; the rest was repaired anyway.
+    pub faults: Vec<Fault>,
+    /// Whether every overlay network of the view is in the kernel.
+    pub overlays_applied: bool,
+}
+
+impl Pass {
+    fn add(&mut self, r: Repair) {
+        self.repairs += r.repairs;
+        self.faults.extend(r.faults);
+    }
+}
+
+/// One pass over every part of the data path: each driver, egress, the
+/// service VIP tables and the DNS listeners. A failure in one network or
+/// sandbox is recorded and the pass goes on with the rest.
+pub async fn reconcile(dp: &DataPath, sandboxes: &Sandboxes, view: &NodeView) -> Pass {
     let _kernel = dp.kernel.lock().await;
-    let mut repairs = 0;
     let dp = DataPath {
         port: u16::try_from(view.data_path_port).unwrap_or(dp.port),
         ..dp.clone()
     };
     sandboxes.set_view(view);
-    let records = sandboxes.list();
-    let mut wanted_vnis = Vec::new();
-    for net in &view.networks {
-        wanted_vnis.push(net.vni);
-        let (Ok(subnet), Ok(gateway)) = (
-            net.subnet.parse::<ipnet::Ipv4Net>(),
-            net.gateway.parse::<Ipv4Addr>(),
-        ) else {
-            warn!(network = %net.name, "bad subnet or gateway in the view");
-            continue;
-        };
-        let spec = overlay::OverlaySpec {
-            vni: net.vni,
-            subnet,
-            gateway,
-            mtu: if net.mtu == 0 {
-                dp.overlay_mtu
-            } else {
-                net.mtu
-            },
-            local_ip: dp.local_ip,
-            port: dp.port,
-        };
-        overlay::ensure_network(&dp.node(), &spec).await?;
-        let peers: Vec<overlay::Peer> = net
-            .peers
-            .iter()
-            .filter_map(|p| {
-                let ip: Ipv4Addr = p.ip.parse().ok()?;
-                Some(overlay::Peer {
-                    ip,
-                    mac: overlay::mac_for(ip),
-                    node_ip: p.node_addr.parse().ok()?,
-                })
-            })
-            .collect();
-        let report = overlay::sync_peers(&dp.node(), net.vni, &peers).await?;
-        repairs += report.changed();
-        // Local sandboxes on this network keep their links.
-        for rec in records.iter().filter(|r| r.exit_code.is_none()) {
-            for a in rec
-                .networks
-                .iter()
-                .filter(|a| a.network_id == net.id && a.driver == "overlay")
-            {
-                overlay::attach(
-                    &dp.node(),
-                    &overlay_spec(a, &dp),
-                    &overlay_attachment(rec, a),
-                )
-                .await?;
-            }
+    let live: Vec<Record> = sandboxes
+        .list()
+        .into_iter()
+        .filter(|r| r.running())
+        .collect();
+    let want = Desired {
+        view,
+        sandboxes: &live,
+    };
+    let cx = sandboxes.ctx(&dp);
+    let mut pass = Pass::default();
+    for driver in drivers::all() {
+        let r = driver.repair(&cx, &want).await;
+        if driver.kind() == DriverKind::Overlay {
+            pass.overlays_applied = r.faults.is_empty();
         }
+        pass.add(r);
     }
-    // Local (bridge, macvlan) attachments heal on the same pass, and the
-    // bridge networks' NAT table with them (once, not per attachment).
-    let mut bridges = false;
-    for rec in records.iter().filter(|r| r.exit_code.is_none()) {
-        for a in rec.networks.iter().filter(|a| a.driver != "overlay") {
-            bridges |= a.driver == "bridge";
-            if let Err(e) = sandboxes.wire(rec, a, &dp).await {
-                warn!(sandbox = %rec.name, network = %a.network, "cannot repair local attachment: {e}");
-            }
-        }
-    }
-    if bridges && let Err(e) = sandboxes.sync_local_nat(&dp) {
-        warn!("cannot repair the bridge networks' NAT table: {e}");
-    }
+    pass.add(Egress.repair(&want).await);
     // Service VIPs in every sandbox on an overlay, before the view counts
     // as applied: a task leaving the rotation is gone from here first.
-    sandboxes.sync_vips(&records);
-
-    // Networks this node no longer needs.
-    for vni in overlay::networks_in_kernel(&dp.node())? {
-        if !wanted_vnis.contains(&vni) {
-            info!(vni, "removing a network this node no longer needs");
-            overlay::remove_network(&dp.node(), vni).await?;
-            repairs += 1;
-        }
-    }
-    Ok(repairs)
+    pass.add(sandboxes.sync_vips(&live));
+    pass.add(sandboxes.repair_dns(&live).await);
+    pass
 }

@@ -9,15 +9,22 @@
 //!   when its role changes, and noticing that it was removed;
 //! - `managers`: one channel per current manager, refreshed from the
 //!   session's heartbeat replies; calls to "some manager" over them;
-//! - `agent`: makes the kernel match the node's view, and re-checks it;
+//! - `agent`: makes the kernel match the node's view, and re-checks it: one
+//!   reconcile pass over every driver, egress, VIPs and DNS listeners;
+//! - `drivers`: the network drivers behind one trait (overlay, bridge,
+//!   macvlan, host/none) and egress, and their registry;
 //! - `overlay`, `link`, `veth`, `netns`: the overlay data path over rtnetlink;
-//! - `local`, `local_networks`: Docker's local drivers for standalone sandboxes;
+//! - `local`, `macvlan`, `local_networks`: Docker's local drivers' kernel
+//!   code (bridge; macvlan), and the node's local networks;
+//! - `stable_hash`: the one hash device names are derived with;
 //! - `egress`: `mesh_gwbridge` and NAT for traffic leaving the node;
 //! - `vip`: which sandboxes get which service VIPs;
 //! - `firewall`: our nftables tables (egress NAT, bridge NAT, VIP), one type
 //!   each, the one way to apply a batch in a namespace, and drift checks;
 //! - `dns`: the embedded resolver at 127.0.0.11 in every sandbox;
-//! - `sandbox`, `sandboxes`: sandboxes and their records, `run` and `rm`;
+//! - `sandbox`: one sandbox's namespaces and process;
+//! - `sandboxes`: the node's sandboxes: records, `run`/`rm`, connect and
+//!   disconnect, task sandboxes, their DNS names and VIP services;
 //! - `tasks`: the task runner, carrying out `task_plan`'s decisions;
 //! - `task_plan`: the runner's decision table (view + records → start, stop,
 //!   remove, report), free of I/O;
@@ -27,11 +34,13 @@
 
 pub mod agent;
 pub mod dns;
+pub mod drivers;
 pub mod egress;
 pub mod firewall;
 pub mod link;
 pub mod local;
 pub mod local_networks;
+pub mod macvlan;
 pub mod managers;
 pub mod netns;
 pub mod overlay;
@@ -39,6 +48,7 @@ pub mod private_fs;
 pub mod sandbox;
 pub mod sandboxes;
 pub mod session;
+pub mod stable_hash;
 pub mod state_dir;
 pub mod task_logs;
 pub mod task_plan;

@@ -6,9 +6,7 @@
 //!   subnet, and no forwarding between two bridge networks (Docker's
 //!   DOCKER-ISOLATION chains). An `internal` network gets no NAT and nothing
 //!   leaves or enters it through the node;
-//! - `macvlan` (bridge mode): a macvlan device on a parent interface of the
-//!   node, moved into the sandbox; sandboxes on one parent talk to each other
-//!   through the macvlan's internal switch and to the parent's LAN directly;
+//! - `macvlan` (bridge mode): its kernel code is [`crate::macvlan`];
 //! - `host` and `none` need no kernel code: a `host` sandbox shares the
 //!   node's namespace, a `none` sandbox has only its loopback.
 //!
@@ -30,19 +28,16 @@
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
-use std::os::fd::AsFd;
 
 use ipnet::Ipv4Net;
 use mesh_common::ipam;
-use netlink_packet_route::link::MacVlanMode;
-use nix::errno::Errno;
-use rtnetlink::LinkMacVlan;
 use tracing::{debug, info, warn};
 
 use crate::firewall::bridge_nat::forwarding_on;
 use crate::link::{Link, Netlink, check_ifname, fmt_mac};
-use crate::netns::{self, NetError};
+use crate::netns::NetError;
 use crate::overlay::{Attachment, Node};
+use crate::stable_hash::fnv1a48;
 use crate::veth;
 
 /// Bridge device of the default `bridge` network (Docker's `docker0`).
@@ -57,8 +52,6 @@ pub use crate::firewall::bridge_nat::sync_nat;
 const BRIDGE_ALIAS: &str = "mesh bridge network ";
 /// Alias of the node end of a sandbox's veth, followed by `sandbox/ifname`.
 const PORT_ALIAS: &str = "mesh bridge port ";
-/// Alias of a sandbox's macvlan, followed by the parent's name.
-const MACVLAN_ALIAS: &str = "mesh macvlan on ";
 
 /// One `bridge` network as this node must have it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,43 +100,20 @@ fn port_owner(a: &Attachment) -> String {
     format!("{PORT_ALIAS}{}/{}", a.sandbox_ns, a.ifname)
 }
 
-fn macvlan_owner(parent: &str) -> String {
-    format!("{MACVLAN_ALIAS}{parent}")
-}
-
-fn alias_starts(l: &Link, prefix: &str) -> bool {
+pub(crate) fn alias_starts(l: &Link, prefix: &str) -> bool {
     l.alias.as_deref().is_some_and(|a| a.starts_with(prefix))
-}
-
-/// FNV-1a 64, cut to 48 bits: stable across builds (std's hasher is not),
-/// so names derived from it are the same after an upgrade or a restart.
-fn fnv48(parts: &[&str]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for part in parts {
-        for b in part.bytes() {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-        // Separator, so ("ab", "c") and ("a", "bc") differ.
-        h ^= 0xff;
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h & 0xffff_ffff_ffff
 }
 
 /// Names of a bridge attachment's veth: the node end (a port of the bridge)
 /// and the temporary name of the sandbox end before its rename. Derived,
 /// not stored, so a restarted agent finds them; 15 characters.
 fn port_names(bridge: &str, a: &Attachment) -> (String, String) {
-    let h = fnv48(&[bridge, &a.sandbox_ns, &a.ifname]);
+    let h = fnv1a48(&[
+        bridge.as_bytes(),
+        a.sandbox_ns.as_bytes(),
+        a.ifname.as_bytes(),
+    ]);
     (format!("mlb{h:012x}"), format!("mlt{h:012x}"))
-}
-
-/// Temporary name of a sandbox's macvlan between its creation in the node's
-/// namespace and its rename inside the sandbox.
-fn macvlan_tmp(a: &Attachment) -> String {
-    let h = fnv48(&["macvlan", &a.sandbox_ns, &a.ifname]);
-    format!("mlm{h:012x}")
 }
 
 pub(crate) fn validate_bridge(spec: &BridgeSpec) -> Result<(), NetError> {
@@ -184,7 +154,7 @@ pub(crate) fn validate_bridge(spec: &BridgeSpec) -> Result<(), NetError> {
     Ok(())
 }
 
-fn validate_attachment(a: &Attachment) -> Result<(), NetError> {
+pub(crate) fn validate_attachment(a: &Attachment) -> Result<(), NetError> {
     let bad = |msg: String| {
         Err(NetError::Invalid(format!(
             "attachment of sandbox {} ({}): {msg}",
@@ -433,156 +403,6 @@ pub async fn detach_bridge(node: &Node, spec: &BridgeSpec, a: &Attachment) -> Re
     Ok(())
 }
 
-fn netlink_error(what: String, ns: &str, e: rtnetlink::Error) -> NetError {
-    let errno = match &e {
-        rtnetlink::Error::NetlinkError(m) => m.code.map(|c| Errno::from_raw(c.get().abs())),
-        _ => None,
-    };
-    let reason = match errno {
-        Some(errno) => errno.desc().to_string(),
-        None => e.to_string(),
-    };
-    NetError::Netlink {
-        what,
-        ns: ns.to_string(),
-        errno,
-        reason,
-    }
-}
-
-/// Connects a sandbox to a macvlan network: a macvlan in bridge mode on
-/// `parent`, created in the node's namespace (where the parent is) and
-/// moved into the sandbox, renamed `ifname` there, with the MAC, address
-/// and MTU, up, and the default route via `gateway` when one is given and
-/// the attachment is the sandbox's default (`default_route`). `parent`
-/// must exist on the node; its state is the operator's and is not changed.
-/// Idempotent: fixes settings in place, recreates a macvlan on the wrong
-/// parent.
-pub async fn attach_macvlan(
-    node: &Node,
-    parent: &str,
-    a: &Attachment,
-    gateway: Option<Ipv4Addr>,
-) -> Result<(), NetError> {
-    validate_attachment(a)?;
-    if let Some(gw) = gateway {
-        let net = Ipv4Net::new(a.ip, a.prefix)
-            .map_err(|e| NetError::Invalid(format!("prefix length {}: {e}", a.prefix)))?
-            .trunc();
-        if !net.contains(&gw) || gw == a.ip {
-            return Err(NetError::Invalid(format!(
-                "gateway {gw} for sandbox {} ({}/{}): it must be another address of {net}",
-                a.sandbox_ns, a.ip, a.prefix
-            )));
-        }
-    }
-    let host = Netlink::open(node.ns.as_deref()).await?;
-    let Some(lower) = host.link(parent).await? else {
-        return Err(NetError::Invalid(format!(
-            "option parent={parent}: macvlan parent interface {parent} does not exist on this node (namespace {}); see `ip link` for its interfaces",
-            host.ns()
-        )));
-    };
-    if a.mtu > lower.mtu {
-        return Err(NetError::Invalid(format!(
-            "MTU {} for sandbox {}: a macvlan cannot exceed its parent {parent}'s MTU {}",
-            a.mtu, a.sandbox_ns, lower.mtu
-        )));
-    }
-    if !lower.up {
-        warn!(
-            ns = host.ns(),
-            parent, "macvlan parent is down: its macvlans have no carrier until it is up"
-        );
-    }
-    let sb = Netlink::open(Some(&a.sandbox_ns)).await?;
-    let owner = macvlan_owner(parent);
-    match sb.link(&a.ifname).await? {
-        Some(i) if i.kind.as_deref() == Some("macvlan") && alias_starts(&i, MACVLAN_ALIAS) => {
-            let right = i.alias.as_deref() == Some(owner.as_str()) && i.link == Some(lower.index);
-            if !right {
-                info!(sandbox = %a.sandbox_ns, ifname = %a.ifname, parent, "macvlan is on another parent; recreating it");
-                sb.delete(&a.ifname).await?;
-                create_macvlan(&host, &sb, lower.index, a, &owner).await?;
-            }
-        }
-        Some(i) => {
-            return Err(NetError::Conflict(format!(
-                "interface {} (index {}) already exists in namespace {} and is not a mesh macvlan; detach what owns it or choose another interface name",
-                a.ifname, i.index, a.sandbox_ns
-            )));
-        }
-        None => create_macvlan(&host, &sb, lower.index, a, &owner).await?,
-    }
-    veth::configure_sandbox_end(&sb, a, gateway.filter(|_| a.default_route)).await?;
-    debug!(parent, sandbox = %a.sandbox_ns, ifname = %a.ifname, ip = %a.ip, "attached macvlan");
-    Ok(())
-}
-
-async fn create_macvlan(
-    host: &Netlink,
-    sb: &Netlink,
-    lower: u32,
-    a: &Attachment,
-    owner: &str,
-) -> Result<(), NetError> {
-    let tmp = macvlan_tmp(a);
-    // Leftovers of an interrupted create: before the move, or before the
-    // rename. The hash in the name makes them ours.
-    host.delete(&tmp).await?;
-    sb.delete(&tmp).await?;
-    let sb_fd = netns::open(&a.sandbox_ns)?;
-    let msg = LinkMacVlan::new(&tmp, lower, MacVlanMode::Bridge)
-        .mtu(a.mtu)
-        .address(a.mac.to_vec())
-        .build();
-    host.handle().link().add(msg).execute().await.map_err(|e| {
-        netlink_error(
-            format!(
-                "create macvlan {tmp} for sandbox {} ({})",
-                a.sandbox_ns,
-                fmt_mac(&a.mac)
-            ),
-            host.ns(),
-            e,
-        )
-    })?;
-    if let Err(e) = host.move_to_ns(&tmp, sb_fd.as_fd(), &a.sandbox_ns).await {
-        let _ = host.delete(&tmp).await;
-        return Err(e);
-    }
-    let named = async {
-        sb.set_alias(&tmp, owner).await?;
-        sb.rename(&tmp, &a.ifname).await
-    };
-    if let Err(e) = named.await {
-        let _ = sb.delete(&tmp).await;
-        return Err(e);
-    }
-    Ok(())
-}
-
-/// Disconnects a sandbox from a macvlan network: deletes its macvlan (and
-/// with it the address and routes). Absent is fine, and so is a sandbox
-/// that is already gone; an interface of that name that is not a mesh
-/// macvlan is left alone with a warning.
-pub async fn detach_macvlan(a: &Attachment) -> Result<(), NetError> {
-    if !netns::exists(&a.sandbox_ns) {
-        return Ok(());
-    }
-    let sb = Netlink::open(Some(&a.sandbox_ns)).await?;
-    if let Some(l) = sb.link(&a.ifname).await? {
-        if l.kind.as_deref() == Some("macvlan") && alias_starts(&l, MACVLAN_ALIAS) {
-            sb.delete(&a.ifname).await?;
-            debug!(sandbox = %a.sandbox_ns, ifname = %a.ifname, "detached macvlan");
-        } else {
-            warn!(sandbox = %a.sandbox_ns, ifname = %a.ifname, "not deleting an interface that is not a mesh macvlan");
-        }
-    }
-    sb.delete(&macvlan_tmp(a)).await?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -606,7 +426,7 @@ mod tests {
             ifname: "eth0".into(),
             ip: Ipv4Addr::new(10, 88, 0, 2),
             prefix: 24,
-            mac: crate::overlay::mac_for(Ipv4Addr::new(10, 88, 0, 2)),
+            mac: mesh_common::model::Mac::for_ip(Ipv4Addr::new(10, 88, 0, 2)).octets(),
             mtu: 1500,
             default_route: true,
         };
@@ -614,7 +434,6 @@ mod tests {
         assert_eq!((outer.len(), tmp.len()), (15, 15));
         assert_eq!(port_names("mbr-0123456789a", &a), (outer.clone(), tmp));
         assert_ne!(port_names("mesh0", &a).0, outer);
-        assert_eq!(macvlan_tmp(&a).len(), 15);
         assert_eq!(bridge_name("0123456789abcdef"), "mbr-0123456789a");
         assert!(check_ifname(&bridge_name("0123456789abcdef")).is_ok());
     }

@@ -9,6 +9,7 @@ use std::sync::Mutex;
 
 use ipnet::Ipv4Net;
 use mesh_common::ipam;
+use mesh_common::model::DriverKind;
 use serde::{Deserialize, Serialize};
 
 use crate::local::BridgeSpec;
@@ -31,9 +32,17 @@ pub struct LocalNetwork {
 }
 
 impl LocalNetwork {
+    /// Its driver. The word is kept as written on disk (the file predates
+    /// the typed model); one that is not a driver's is a damaged record.
+    pub fn kind(&self) -> Result<DriverKind, String> {
+        self.driver
+            .parse()
+            .map_err(|e| format!("local network {}: {e}", self.name))
+    }
+
     /// The Linux bridge of a bridge network.
     pub fn bridge_spec(&self, mtu: u32) -> Option<BridgeSpec> {
-        if self.driver != "bridge" {
+        if self.kind() != Ok(DriverKind::Bridge) {
             return None;
         }
         Some(BridgeSpec {
@@ -79,13 +88,13 @@ const LOCAL_POOL: &str = "172.19.0.0/16";
 const LOCAL_POOL_MASK: u8 = 24;
 
 fn builtins(now: &str) -> Vec<LocalNetwork> {
-    let mk = |name: &str, driver: &str, subnet: &str, gateway: &str| LocalNetwork {
+    let mk = |name: &str, driver: DriverKind, subnet: &str, gateway: &str| LocalNetwork {
         id: format!(
             "{:0<25}",
             name.bytes().map(|b| format!("{b:02x}")).collect::<String>()
         ),
         name: name.into(),
-        driver: driver.into(),
+        driver: driver.to_string(),
         subnet: subnet.into(),
         gateway: gateway.into(),
         ip_range: None,
@@ -96,9 +105,14 @@ fn builtins(now: &str) -> Vec<LocalNetwork> {
         builtin: true,
     };
     vec![
-        mk("bridge", "bridge", DEFAULT_BRIDGE_SUBNET, "172.17.0.1"),
-        mk("host", "host", "", ""),
-        mk("none", "none", "", ""),
+        mk(
+            "bridge",
+            DriverKind::Bridge,
+            DEFAULT_BRIDGE_SUBNET,
+            "172.17.0.1",
+        ),
+        mk("host", DriverKind::Host, "", ""),
+        mk("none", DriverKind::None, "", ""),
     ]
 }
 
@@ -159,10 +173,11 @@ impl LocalNetworks {
         if nets.iter().any(|n| n.name == spec.name) {
             return Err(format!("network with name {} already exists", spec.name));
         }
+        let driver: DriverKind = spec.driver.parse().map_err(|e| format!("{e}"))?;
         let mut options = BTreeMap::new();
         for (k, v) in &spec.options {
-            match (spec.driver.as_str(), k.as_str()) {
-                ("macvlan", "parent") => {
+            match (driver, k.as_str()) {
+                (DriverKind::Macvlan, "parent") => {
                     if !parent_exists(v) {
                         return Err(format!(
                             "macvlan parent interface {v} does not exist on this node; see `ip link`"
@@ -183,7 +198,7 @@ impl LocalNetworks {
                 (d, _) => return Err(format!("unknown option {k:?} for the {d} driver")),
             }
         }
-        if spec.driver == "macvlan" && !options.contains_key("parent") {
+        if driver == DriverKind::Macvlan && !options.contains_key("parent") {
             return Err("a macvlan network needs its parent interface: -o parent=IF".into());
         }
         let used: Vec<(&str, Ipv4Net)> = nets

@@ -89,6 +89,8 @@ pub struct Applied {
     generation: std::sync::atomic::AtomicU64,
     digest: std::sync::atomic::AtomicU64,
     changed: tokio::sync::Notify,
+    /// What the agent's last pass could not fix, sent with each heartbeat.
+    faults: Mutex<Vec<String>>,
 }
 
 impl Applied {
@@ -104,6 +106,22 @@ impl Applied {
     pub fn get(&self) -> (u64, u64) {
         use std::sync::atomic::Ordering::Relaxed;
         (self.generation.load(Relaxed), self.digest.load(Relaxed))
+    }
+
+    /// A change is sent at once, as a new generation is.
+    pub fn set_faults(&self, faults: Vec<String>) {
+        let mut cur = self.faults.lock().unwrap_or_else(|e| e.into_inner());
+        if *cur != faults {
+            *cur = faults;
+            self.changed.notify_one();
+        }
+    }
+
+    pub fn faults(&self) -> Vec<String> {
+        self.faults
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -252,6 +270,7 @@ impl Session {
             tls_not_after: String::new(),
             applied_generation: self.applied.get().0,
             applied_hash: self.applied.get().1,
+            datapath_errors: self.applied.faults(),
         });
         req.set_timeout(CALL_TIMEOUT);
         let reply = ClusterClient::new(channel).heartbeat(req).await;

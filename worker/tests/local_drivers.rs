@@ -13,10 +13,12 @@ use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::os::fd::AsFd;
 use std::time::Duration;
 
+use mesh_common::model::Mac;
 use mesh_worker::link::Netlink;
 use mesh_worker::local::{self, BridgeSpec};
+use mesh_worker::macvlan;
 use mesh_worker::netns::{self, NetError};
-use mesh_worker::overlay::{Attachment, Node, mac_for};
+use mesh_worker::overlay::{Attachment, Node};
 
 mod common;
 use common::*;
@@ -92,7 +94,7 @@ fn attachment(sandbox_ns: &str, spec: &BridgeSpec, used: &mut BTreeSet<Ipv4Addr>
         ifname: "eth0".into(),
         ip,
         prefix: spec.subnet.prefix_len(),
-        mac: mac_for(ip),
+        mac: Mac::for_ip(ip).octets(),
         mtu: spec.mtu,
         default_route: true,
     }
@@ -326,14 +328,14 @@ async fn macvlan_sandboxes_talk_over_a_parent_and_missing_parent_is_clear() {
         ifname: "eth0".into(),
         ip,
         prefix: 24,
-        mac: mac_for(ip),
+        mac: Mac::for_ip(ip).octets(),
         mtu: 1500,
         default_route: true,
     };
     let att1 = att(&m1, Ipv4Addr::new(10, 50, 0, 2));
     let att2 = att(&m2, Ipv4Addr::new(10, 50, 0, 3));
 
-    let err = local::attach_macvlan(&node, "nope0", &att1, Some(gateway))
+    let err = macvlan::attach_macvlan(&node, "nope0", &att1, Some(gateway))
         .await
         .expect_err("missing parent");
     assert!(
@@ -344,10 +346,10 @@ async fn macvlan_sandboxes_talk_over_a_parent_and_missing_parent_is_clear() {
     assert_eq!(index_of(&s1, "eth0").await, None);
 
     for _ in 0..2 {
-        local::attach_macvlan(&node, "mvp0", &att1, Some(gateway))
+        macvlan::attach_macvlan(&node, "mvp0", &att1, Some(gateway))
             .await
             .expect("attach m1");
-        local::attach_macvlan(&node, "mvp0", &att2, None)
+        macvlan::attach_macvlan(&node, "mvp0", &att2, None)
             .await
             .expect("attach m2");
     }
@@ -374,8 +376,8 @@ async fn macvlan_sandboxes_talk_over_a_parent_and_missing_parent_is_clear() {
     assert_eq!(in_node, vec!["lo", "mvp0", "mvp1"]);
 
     for _ in 0..2 {
-        local::detach_macvlan(&att1).await.expect("detach m1");
-        local::detach_macvlan(&att2).await.expect("detach m2");
+        macvlan::detach_macvlan(&att1).await.expect("detach m1");
+        macvlan::detach_macvlan(&att2).await.expect("detach m2");
     }
     assert_eq!(index_of(&s1, "eth0").await, None);
     assert_eq!(index_of(&s2, "eth0").await, None);

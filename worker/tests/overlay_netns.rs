@@ -12,10 +12,11 @@ use std::os::unix::fs::MetadataExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use mesh_common::model::Mac;
 use mesh_worker::link::Netlink;
 use mesh_worker::netns;
 use mesh_worker::overlay::{
-    self, Attachment, Node, OverlaySpec, Peer, SyncReport, mac_for, network_ns_name,
+    self, Attachment, Node, OverlaySpec, Peer, SyncReport, network_ns_name,
 };
 
 mod common;
@@ -47,7 +48,7 @@ fn attachment(sandbox_ns: &str, ip: Ipv4Addr) -> Attachment {
         ifname: "eth0".into(),
         ip,
         prefix: 24,
-        mac: mac_for(ip),
+        mac: Mac::for_ip(ip).octets(),
         mtu: 1450,
         default_route: true,
     }
@@ -560,7 +561,7 @@ async fn ensure_network_is_idempotent_and_repairs_pieces() {
     let other = Attachment {
         ifname: "eth0".into(),
         ip: Ipv4Addr::new(10, 77, 0, 10),
-        mac: mac_for(Ipv4Addr::new(10, 77, 0, 10)),
+        mac: Mac::for_ip(Ipv4Addr::new(10, 77, 0, 10)).octets(),
         ..a.clone()
     };
     let s2 = OverlaySpec {

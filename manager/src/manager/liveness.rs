@@ -11,6 +11,7 @@ impl Manager {
         addr: &str,
         peer: Option<IpAddr>,
         digest: u64,
+        datapath_errors: &[String],
     ) -> Result<(), ManagerError> {
         self.last_seen
             .lock()
@@ -29,6 +30,14 @@ impl Manager {
                 state: NodeState::Ready,
                 addr,
                 at: now(),
+            })
+            .await?;
+        }
+        let errors = bounded_errors(datapath_errors);
+        if node.datapath_errors != errors {
+            self.write(Command::SetNodeErrors {
+                id: node.id.clone(),
+                errors,
             })
             .await?;
         }
@@ -223,5 +232,37 @@ pub(super) async fn monitor(mgr: std::sync::Weak<Manager>, mut stop: watch::Rece
                 warn!("cannot mark node down: {e}");
             }
         }
+    }
+}
+
+/// What a node may say about its own faults is bounded, so a node cannot
+/// grow the replicated state by reporting: at most this many lines, each cut
+/// to this many characters.
+const MAX_DATAPATH_ERRORS: usize = 16;
+const MAX_DATAPATH_ERROR_LEN: usize = 300;
+
+fn bounded_errors(errors: &[String]) -> Vec<String> {
+    errors
+        .iter()
+        .take(MAX_DATAPATH_ERRORS)
+        .map(|e| match e.char_indices().nth(MAX_DATAPATH_ERROR_LEN) {
+            Some((i, _)) => format!("{}…", &e[..i]),
+            None => e.clone(),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod bounded_tests {
+    use super::*;
+
+    #[test]
+    fn reported_errors_are_bounded_in_number_and_length() {
+        let many: Vec<String> = (0..40).map(|i| format!("e{i}")).collect();
+        assert_eq!(bounded_errors(&many).len(), MAX_DATAPATH_ERRORS);
+        let long = vec!["é".repeat(1000)];
+        let cut = bounded_errors(&long);
+        assert_eq!(cut[0].chars().count(), MAX_DATAPATH_ERROR_LEN + 1);
+        assert_eq!(bounded_errors(&["ok".to_string()]), ["ok"]);
     }
 }

@@ -41,6 +41,11 @@ pub enum Command {
     RemoveNode {
         id: String,
     },
+    /// A node's data-path faults changed (sent only on a change).
+    SetNodeErrors {
+        id: String,
+        errors: Vec<String>,
+    },
     /// A renewed certificate, recorded before it is handed out; it must be
     /// for the key the node joined with.
     SetNodeCert {

@@ -80,6 +80,7 @@ impl ClusterState {
             | Command::UpdateNode { .. }
             | Command::SetNodeState { .. }
             | Command::RemoveNode { .. }
+            | Command::SetNodeErrors { .. }
             | Command::SetNodeCert { .. }
             | Command::RotateToken { .. } => self.apply_node_command(index, cmd),
             Command::CreateNetwork { .. }

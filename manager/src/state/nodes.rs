@@ -108,6 +108,15 @@ impl ClusterState {
                 node.version = index;
                 CommandResult::Node(Box::new(node.clone()))
             }
+            Command::SetNodeErrors { id, errors } => {
+                let Some(node) = self.nodes.get_mut(id) else {
+                    return CommandResult::Refused(Refusal::not_found(format!(
+                        "node {id} not found"
+                    )));
+                };
+                node.datapath_errors = errors.clone();
+                CommandResult::Node(Box::new(node.clone()))
+            }
             Command::RemoveNode { id } => {
                 if self.nodes.remove(id).is_none() {
                     return CommandResult::Refused(Refusal::not_found(format!(

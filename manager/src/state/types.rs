@@ -128,6 +128,11 @@ pub struct Node {
     /// `addr` only to this or to the address its connection comes from.
     #[serde(default)]
     pub joined_addr: String,
+    /// What the node's data path could not fix on its last pass, as its
+    /// heartbeat reported it; left out of the JSON while empty, so a state
+    /// without faults is written as before.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub datapath_errors: Vec<String>,
 }
 
 /// A short node ID for messages, as Docker shortens IDs.

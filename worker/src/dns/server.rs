@@ -59,6 +59,15 @@ struct Served {
     loops: tokio::task::JoinSet<()>,
 }
 
+impl Served {
+    /// Whether both loops still run; a loop that ended (its socket failed)
+    /// is what the agent's pass re-serves.
+    fn serving(&mut self) -> bool {
+        while self.loops.try_join_next().is_some() {}
+        self.loops.len() == 2
+    }
+}
+
 /// The embedded DNS server. One instance per daemon; one set of sockets per
 /// sandbox.
 pub struct DnsServer {
@@ -109,11 +118,16 @@ impl DnsServer {
         let _serial = self.lifecycle.lock().await;
         let moved = {
             let mut map = self.lock_sandboxes();
+            let current = map
+                .get_mut(sandbox_id)
+                .filter(|s| s.netns == netns)
+                .is_some_and(|s| s.serving());
             match map.get(sandbox_id) {
-                Some(s) if s.netns == netns => {
+                Some(s) if current => {
                     set_networks(&s.networks, networks);
                     return Ok(());
                 }
+                // Moved, or a loop ended: serve it anew.
                 Some(_) => map.remove(sandbox_id),
                 None => None,
             }

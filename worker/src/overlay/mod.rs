@@ -9,8 +9,10 @@
 //! next call. The agent calls [`ensure_network`] then [`sync_peers`] for each
 //! network it needs (a recreated `vxlan0` starts with an empty FDB), and
 //! [`attach`] for each sandbox on it.
+//!
+//! - `peers`: the peer table (static FDB and neighbour entries), planned
+//!   purely and then applied.
 
-use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::os::fd::AsFd;
 
@@ -18,10 +20,15 @@ use ipnet::Ipv4Net;
 use nix::errno::Errno;
 use tracing::{debug, info, warn};
 
-use crate::link::{FdbEntry, Mac, NeighEntry, Netlink, VxlanConfig, fmt_mac};
+use crate::link::{Mac, Netlink, VxlanConfig, fmt_mac};
 use crate::netns;
 pub use crate::netns::NetError;
+use crate::stable_hash::fnv1a32;
 use crate::veth;
+
+mod peers;
+
+pub use peers::{Peer, SyncReport, peers_in_kernel, sync_peers};
 
 /// The bridge of a network's namespace, holding the gateway address.
 pub const BRIDGE: &str = "br0";
@@ -76,16 +83,6 @@ pub struct OverlaySpec {
     pub port: u16,
 }
 
-/// A remote endpoint on the network.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Peer {
-    /// The endpoint's overlay address.
-    pub ip: Ipv4Addr,
-    pub mac: Mac,
-    /// Underlay address of the node the endpoint runs on.
-    pub node_ip: Ipv4Addr,
-}
-
 /// A sandbox's connection to a network.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Attachment {
@@ -101,56 +98,9 @@ pub struct Attachment {
     pub default_route: bool,
 }
 
-/// What [`sync_peers`] changed; all zero when the kernel already matched.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct SyncReport {
-    pub fdb_added: usize,
-    pub fdb_updated: usize,
-    pub fdb_removed: usize,
-    pub neigh_added: usize,
-    pub neigh_updated: usize,
-    pub neigh_removed: usize,
-}
-
-impl SyncReport {
-    /// Entries added, fixed or removed: drift that was repaired.
-    pub fn changed(&self) -> usize {
-        self.fdb_added
-            + self.fdb_updated
-            + self.fdb_removed
-            + self.neigh_added
-            + self.neigh_updated
-            + self.neigh_removed
-    }
-}
-
 /// Name of the namespace of network `vni` on a node.
 pub fn network_ns_name(prefix: &str, vni: u32) -> String {
     format!("{prefix}-ov-{vni}")
-}
-
-/// Docker's MAC for an endpoint: 02:42 (locally administered) followed by
-/// the IPv4 address, so MACs never collide within a subnet and need no
-/// allocator.
-pub fn mac_for(ip: Ipv4Addr) -> Mac {
-    let [a, b, c, d] = ip.octets();
-    [0x02, 0x42, a, b, c, d]
-}
-
-/// FNV-1a: a stable hash (std's may change between releases) for names
-/// that must be the same after an upgrade.
-fn fnv1a(parts: &[&[u8]]) -> u32 {
-    let mut h: u32 = 0x811c_9dc5;
-    for part in parts {
-        for b in *part {
-            h ^= u32::from(*b);
-            h = h.wrapping_mul(0x0100_0193);
-        }
-        // Separator, so ("ab", "c") and ("a", "bc") differ.
-        h ^= 0xff;
-        h = h.wrapping_mul(0x0100_0193);
-    }
-    h
 }
 
 /// Names of an attachment's veth: the end on `br0` (in the network's
@@ -158,7 +108,7 @@ fn fnv1a(parts: &[&[u8]]) -> u32 {
 /// renamed. Derived, not stored, so a restarted agent finds them; at most 15
 /// characters (IFNAMSIZ).
 fn veth_names(vni: u32, a: &Attachment) -> (String, String) {
-    let h = fnv1a(&[
+    let h = fnv1a32(&[
         &vni.to_be_bytes(),
         a.sandbox_ns.as_bytes(),
         a.ifname.as_bytes(),
@@ -175,7 +125,10 @@ fn veth_owner(a: &Attachment) -> String {
 /// Name of a VXLAN while it is still in the node's namespace, unique per
 /// node prefix and VNI.
 fn temp_vxlan_name(prefix: &str, vni: u32) -> String {
-    format!("vx{vni:06x}{:05x}", fnv1a(&[prefix.as_bytes()]) & 0xf_ffff)
+    format!(
+        "vx{vni:06x}{:05x}",
+        fnv1a32(&[prefix.as_bytes()]) & 0xf_ffff
+    )
 }
 
 fn validate_spec(spec: &OverlaySpec) -> Result<(), NetError> {
@@ -226,7 +179,7 @@ fn validate_attachment(a: &Attachment) -> Result<(), NetError> {
 }
 
 /// Opens the network's namespace, which [`ensure_network`] must have made.
-async fn open_network(prefix: &str, vni: u32) -> Result<(String, Netlink), NetError> {
+pub(super) async fn open_network(prefix: &str, vni: u32) -> Result<(String, Netlink), NetError> {
     let ns = network_ns_name(prefix, vni);
     if !netns::exists(&ns) {
         return Err(NetError::NoNamespace(ns));
@@ -371,176 +324,6 @@ async fn create_vxlan_in_node(
     Ok(())
 }
 
-/// Desired FDB (MAC → node) and neighbour (IP → MAC) tables from the peers.
-/// A MAC or IP listed twice keeps its last entry, with a warning: the peer
-/// table is the managers' and a duplicate there is their bug to see.
-fn desired_tables(peers: &[Peer]) -> (BTreeMap<Mac, Ipv4Addr>, BTreeMap<Ipv4Addr, Mac>) {
-    let mut fdb = BTreeMap::new();
-    let mut neigh = BTreeMap::new();
-    for p in peers {
-        if let Some(old) = fdb.insert(p.mac, p.node_ip)
-            && old != p.node_ip
-        {
-            warn!(mac = %fmt_mac(&p.mac), "peer MAC listed on two nodes ({old}, {}); using the last", p.node_ip);
-        }
-        if let Some(old) = neigh.insert(p.ip, p.mac)
-            && old != p.mac
-        {
-            warn!(ip = %p.ip, "peer IP listed with two MACs; using the last");
-        }
-    }
-    (fdb, neigh)
-}
-
-/// The changes that make a table match: entries to add or replace (with
-/// whether it is a fix of an existing one) and entries to remove.
-#[derive(Debug, Default, PartialEq, Eq)]
-struct FdbPlan {
-    set: Vec<(Mac, Ipv4Addr, bool)>,
-    remove: Vec<(Mac, Option<Ipv4Addr>)>,
-}
-
-/// Compares the VXLAN's own FDB entries with the desired ones. An entry
-/// counts as correct only if it is permanent and its MAC has exactly the one
-/// desired remote.
-fn plan_fdb(desired: &BTreeMap<Mac, Ipv4Addr>, current: &[FdbEntry]) -> FdbPlan {
-    let mut by_mac: BTreeMap<Mac, Vec<&FdbEntry>> = BTreeMap::new();
-    for e in current.iter().filter(|e| e.own) {
-        by_mac.entry(e.mac).or_default().push(e);
-    }
-    let mut plan = FdbPlan::default();
-    for (mac, entries) in &by_mac {
-        match desired.get(mac) {
-            None => plan.remove.extend(entries.iter().map(|e| (*mac, e.dst))),
-            Some(want) => {
-                let exact =
-                    entries.len() == 1 && entries[0].dst == Some(*want) && entries[0].permanent;
-                if !exact {
-                    // One entry is fixed in place by the replace (no window
-                    // without it); extra remotes must go first.
-                    if entries.len() > 1 {
-                        plan.remove.extend(
-                            entries
-                                .iter()
-                                .filter(|e| e.dst != Some(*want))
-                                .map(|e| (*mac, e.dst)),
-                        );
-                    }
-                    plan.set.push((*mac, *want, true));
-                }
-            }
-        }
-    }
-    for (mac, want) in desired {
-        if !by_mac.contains_key(mac) {
-            plan.set.push((*mac, *want, false));
-        }
-    }
-    plan
-}
-
-#[derive(Debug, Default, PartialEq, Eq)]
-struct NeighPlan {
-    set: Vec<(Ipv4Addr, Mac, bool)>,
-    remove: Vec<Ipv4Addr>,
-}
-
-fn plan_neigh(desired: &BTreeMap<Ipv4Addr, Mac>, current: &[NeighEntry]) -> NeighPlan {
-    let mut plan = NeighPlan::default();
-    let mut seen = BTreeMap::new();
-    for e in current {
-        seen.insert(e.ip, e);
-    }
-    for (ip, e) in &seen {
-        match desired.get(ip) {
-            None => plan.remove.push(*ip),
-            Some(mac) if e.mac == Some(*mac) && e.permanent => {}
-            Some(mac) => plan.set.push((*ip, *mac, true)),
-        }
-    }
-    for (ip, mac) in desired {
-        if !seen.contains_key(ip) {
-            plan.set.push((*ip, *mac, false));
-        }
-    }
-    plan
-}
-
-/// Makes the static FDB (MAC → node) and neighbour (IP → MAC) entries on
-/// `vxlan0` exactly `peers`: adds missing ones, fixes wrong ones, removes
-/// stale ones and leaves correct ones untouched (no flapping, no window
-/// without an entry). Returns what changed, for drift-repair logs.
-pub async fn sync_peers(node: &Node, vni: u32, peers: &[Peer]) -> Result<SyncReport, NetError> {
-    let (_ns, net) = open_network(&node.prefix, vni).await?;
-    let (fdb_want, neigh_want) = desired_tables(peers);
-    let mut report = SyncReport::default();
-
-    let fdb = plan_fdb(&fdb_want, &net.fdb_entries(VXLAN).await?);
-    for (mac, dst) in &fdb.remove {
-        net.fdb_del(VXLAN, *mac, *dst).await?;
-    }
-    report.fdb_removed = fdb
-        .remove
-        .iter()
-        .filter(|(m, _)| !fdb_want.contains_key(m))
-        .count();
-    for (mac, dst, fix) in &fdb.set {
-        net.fdb_replace(VXLAN, *mac, *dst).await?;
-        if *fix {
-            report.fdb_updated += 1;
-        } else {
-            report.fdb_added += 1;
-        }
-    }
-
-    let neigh = plan_neigh(&neigh_want, &net.neighbours_v4(VXLAN).await?);
-    for ip in &neigh.remove {
-        net.neigh_del(VXLAN, *ip).await?;
-    }
-    report.neigh_removed = neigh.remove.len();
-    for (ip, mac, fix) in &neigh.set {
-        net.neigh_replace(VXLAN, *ip, *mac).await?;
-        if *fix {
-            report.neigh_updated += 1;
-        } else {
-            report.neigh_added += 1;
-        }
-    }
-    if report.changed() > 0 {
-        info!(vni, ?report, "peer entries repaired");
-    }
-    Ok(report)
-}
-
-/// The peers the kernel has now: FDB and neighbour entries of `vxlan0`
-/// joined on the MAC (an entry without its other half is left out). Sorted
-/// by IP.
-pub async fn peers_in_kernel(node: &Node, vni: u32) -> Result<Vec<Peer>, NetError> {
-    let (_ns, net) = open_network(&node.prefix, vni).await?;
-    let fdb: BTreeMap<Mac, Ipv4Addr> = net
-        .fdb_entries(VXLAN)
-        .await?
-        .into_iter()
-        .filter(|e| e.own)
-        .filter_map(|e| Some((e.mac, e.dst?)))
-        .collect();
-    let mut peers: Vec<Peer> = net
-        .neighbours_v4(VXLAN)
-        .await?
-        .into_iter()
-        .filter_map(|n| {
-            let mac = n.mac?;
-            Some(Peer {
-                ip: n.ip,
-                mac,
-                node_ip: *fdb.get(&mac)?,
-            })
-        })
-        .collect();
-    peers.sort();
-    Ok(peers)
-}
-
 /// Connects a sandbox: a veth pair with one end on `br0` in the network's
 /// namespace and the other in the sandbox named `ifname`, with its MAC,
 /// IP/prefix and MTU, up, and (if `default_route`) the default route via the
@@ -674,15 +457,9 @@ mod tests {
     use super::*;
 
     const N1: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
-    const N2: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
 
-    fn fdb(mac: Mac, dst: Ipv4Addr) -> FdbEntry {
-        FdbEntry {
-            mac,
-            dst: Some(dst),
-            own: true,
-            permanent: true,
-        }
+    fn mac_for(ip: Ipv4Addr) -> Mac {
+        mesh_common::model::Mac::for_ip(ip).octets()
     }
 
     #[test]
@@ -738,85 +515,5 @@ mod tests {
         assert!(validate_spec(&spec).is_ok());
         spec.vni = MAX_VNI + 1;
         assert!(validate_spec(&spec).is_err());
-    }
-
-    #[test]
-    fn fdb_plan_adds_fixes_removes_and_leaves_correct_entries() {
-        let (m1, m2, m3) = (
-            [2, 0x42, 0, 0, 0, 1],
-            [2, 0x42, 0, 0, 0, 2],
-            [2, 0x42, 0, 0, 0, 3],
-        );
-        let desired = BTreeMap::from([(m1, N1), (m2, N2)]);
-        // m1 correct, m2 points at the wrong node, m3 stale, and a bridge
-        // (not self) entry that is not ours to touch.
-        let current = vec![
-            fdb(m1, N1),
-            fdb(m2, N1),
-            fdb(m3, N2),
-            FdbEntry {
-                mac: [2, 0, 0, 0, 0, 9],
-                dst: None,
-                own: false,
-                permanent: true,
-            },
-        ];
-        let plan = plan_fdb(&desired, &current);
-        assert_eq!(plan.set, vec![(m2, N2, true)]);
-        assert_eq!(plan.remove, vec![(m3, Some(N2))]);
-        // Two remotes for one MAC: the wrong one goes.
-        let plan = plan_fdb(&desired, &[fdb(m1, N1), fdb(m1, N2), fdb(m2, N2)]);
-        assert_eq!(plan.remove, vec![(m1, Some(N2))]);
-        assert_eq!(plan.set, vec![(m1, N1, true)]);
-        // Nothing to do once the kernel matches.
-        let plan = plan_fdb(&desired, &[fdb(m1, N1), fdb(m2, N2)]);
-        assert_eq!(plan, FdbPlan::default());
-        // Missing entry is added.
-        let plan = plan_fdb(&desired, &[fdb(m1, N1)]);
-        assert_eq!(plan.set, vec![(m2, N2, false)]);
-    }
-
-    #[test]
-    fn neighbour_plan_replaces_non_permanent_entries() {
-        let ip = Ipv4Addr::new(10, 0, 0, 3);
-        let mac = mac_for(ip);
-        let desired = BTreeMap::from([(ip, mac)]);
-        let learned = NeighEntry {
-            ip,
-            mac: Some(mac),
-            permanent: false,
-        };
-        assert_eq!(
-            plan_neigh(&desired, std::slice::from_ref(&learned)).set,
-            vec![(ip, mac, true)]
-        );
-        let ok = NeighEntry {
-            permanent: true,
-            ..learned
-        };
-        assert_eq!(plan_neigh(&desired, &[ok]), NeighPlan::default());
-        let stale = NeighEntry {
-            ip: Ipv4Addr::new(10, 0, 0, 9),
-            mac: None,
-            permanent: false,
-        };
-        assert_eq!(
-            plan_neigh(&desired, &[stale]).remove,
-            vec![Ipv4Addr::new(10, 0, 0, 9)]
-        );
-    }
-
-    #[test]
-    fn duplicate_peers_keep_the_last() {
-        let ip = Ipv4Addr::new(10, 0, 0, 3);
-        let p = Peer {
-            ip,
-            mac: mac_for(ip),
-            node_ip: N1,
-        };
-        let q = Peer { node_ip: N2, ..p };
-        let (fdb, neigh) = desired_tables(&[p, q]);
-        assert_eq!(fdb.get(&p.mac), Some(&N2));
-        assert_eq!(neigh.len(), 1);
     }
 }

@@ -1,0 +1,53 @@
+//! Node-wide data-path settings every driver works with.
+
+use std::net::Ipv4Addr;
+
+use crate::overlay;
+
+/// Node-wide data-path settings the sandboxes are wired with.
+#[derive(Clone, Debug)]
+pub struct DataPath {
+    /// Prefix of every namespace this daemon makes (unique per node).
+    pub prefix: String,
+    pub local_ip: Ipv4Addr,
+    pub port: u16,
+    /// MTU for overlays without --opt mtu: the underlay's, minus VXLAN's 50.
+    pub overlay_mtu: u32,
+    /// Held while changing the kernel: the agent's reconcile passes and a
+    /// sandbox's wiring must not interleave (both create the same VXLAN).
+    pub kernel: std::sync::Arc<tokio::sync::Mutex<()>>,
+}
+
+/// MTU of the interface holding `ip` (the underlay), minus VXLAN's 50 bytes
+/// of headers; 1450 if it cannot be found.
+pub async fn overlay_mtu_for(ip: Ipv4Addr) -> u32 {
+    let Ok(nl) = crate::link::Netlink::open(None).await else {
+        return 1450;
+    };
+    let Ok(links) = nl.links().await else {
+        return 1450;
+    };
+    for l in links {
+        if nl
+            .addresses_v4(&l.name)
+            .await
+            .is_ok_and(|a| a.iter().any(|(a, _)| *a == ip))
+        {
+            return l.mtu.saturating_sub(50).max(576);
+        }
+    }
+    1450
+}
+
+impl DataPath {
+    /// The underlay's MTU: the default for local networks.
+    pub fn underlay_mtu(&self) -> u32 {
+        self.overlay_mtu + 50
+    }
+
+    /// The drivers' view of this node: its namespace prefix, and the
+    /// daemon's own namespace as the underlay.
+    pub fn node(&self) -> overlay::Node {
+        overlay::Node::host(self.prefix.clone())
+    }
+}

@@ -1,0 +1,76 @@
+//! Each sandbox's resolver at 127.0.0.11: its listener, kept serving, and
+//! the names the node's DNS server answers.
+
+use tracing::warn;
+
+use super::{Record, Sandboxes, SandboxesError, files, names};
+use crate::drivers::{Fault, Repair};
+
+/// A sandbox's networks as its resolver needs them: whose names it sees,
+/// and whether each is `--internal` (a sandbox on internal networks only
+/// gets nothing forwarded upstream, as it gets no egress).
+pub(super) fn dns_networks(rec: &Record) -> Vec<crate::dns::SandboxNetwork> {
+    rec.networks
+        .iter()
+        .map(|a| crate::dns::SandboxNetwork::new(a.network_id.clone(), a.internal))
+        .collect()
+}
+
+impl Sandboxes {
+    /// Starts the sandbox's DNS listener and returns its resolv.conf.
+    pub(super) async fn sandbox_dns(&self, rec: &Record) -> Result<String, SandboxesError> {
+        self.dns
+            .serve_sandbox(&rec.id, &rec.netns, dns_networks(rec))
+            .await
+            .map_err(|e| {
+                SandboxesError::Refused(format!("cannot start DNS for {}: {e}", rec.name))
+            })?;
+        Ok(crate::dns::sandbox_resolv_conf(
+            &files::read_host_resolv_conf(),
+        ))
+    }
+
+    /// Keeps the managers' latest view for the DNS records.
+    pub fn set_view(&self, view: &mesh_proto::NodeView) {
+        *self.view.lock().unwrap_or_else(|e| e.into_inner()) = Some(view.clone());
+        self.refresh_dns();
+    }
+
+    /// Rebuilds every network's names from the view and this node's
+    /// sandboxes.
+    pub fn refresh_dns(&self) {
+        let sandboxes = self.list();
+        let records = {
+            let view = self.view.lock().unwrap_or_else(|e| e.into_inner());
+            names::records(view.as_ref(), &sandboxes, |id| {
+                self.local.find(id).is_some_and(|l| l.builtin)
+            })
+        };
+        self.dns.set_records(records);
+    }
+
+    /// After a daemon restart: listeners for every running sandbox again.
+    pub async fn serve_dns_all(&self) {
+        for f in self.repair_dns(&self.list()).await.faults {
+            warn!("cannot restart DNS: {f}");
+        }
+        self.refresh_dns();
+    }
+
+    /// Every running sandbox with a resolver has its listener: serving is
+    /// idempotent, and brings back one whose loops ended.
+    pub async fn repair_dns(&self, records: &[Record]) -> Repair {
+        let mut out = Repair::default();
+        for rec in records.iter().filter(|r| r.running() && r.has_dns()) {
+            if let Err(e) = self
+                .dns
+                .serve_sandbox(&rec.id, &rec.netns, dns_networks(rec))
+                .await
+            {
+                out.faults
+                    .push(Fault::new(format!("sandbox {} DNS", rec.name), e));
+            }
+        }
+        out
+    }
+}

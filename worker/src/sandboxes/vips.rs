@@ -1,0 +1,145 @@
+//! Service VIPs in each sandbox: which services it must balance (pure, from
+//! the view) and keeping its `mesh_vip` table so.
+
+use std::collections::BTreeMap;
+
+use mesh_common::model::DriverKind;
+use mesh_proto::NodeView;
+
+use super::{Record, Sandboxes};
+use crate::drivers::{Fault, Repair};
+use crate::vip::VipService;
+
+/// Services on the sandbox's networks, from the managers' view, in VIP mode
+/// (a dnsrr service has no VIP): what its `mesh_vip` table must balance.
+pub fn vip_services(view: &NodeView, rec: &Record) -> Vec<VipService> {
+    view.networks
+        .iter()
+        .filter(|n| rec.networks.iter().any(|a| a.network_id == n.id))
+        .flat_map(|n| n.services.iter())
+        .filter_map(|svc| {
+            Some(VipService {
+                name: svc.name.clone(),
+                vip: svc.vip.parse().ok()?,
+                backends: svc.backends.iter().filter_map(|b| b.parse().ok()).collect(),
+            })
+        })
+        .collect()
+}
+
+/// Whether a sandbox has a VIP table to keep: running, with a namespace of
+/// its own, on some overlay.
+fn has_vips(r: &Record) -> bool {
+    r.running() && !r.host_network && r.networks.iter().any(|a| a.driver == DriverKind::Overlay)
+}
+
+impl Sandboxes {
+    /// The VIP services of `rec` under the latest view.
+    pub fn vip_services_for(&self, rec: &Record) -> Vec<VipService> {
+        let view = self.view.lock().unwrap_or_else(|e| e.into_inner());
+        view.as_ref()
+            .map(|v| vip_services(v, rec))
+            .unwrap_or_default()
+    }
+
+    /// Brings every running sandbox's VIP table in line with the view; a
+    /// table that fails is retried on the next pass, and reported.
+    pub fn sync_vips(&self, records: &[Record]) -> Repair {
+        let live: Vec<&Record> = records.iter().filter(|r| has_vips(r)).collect();
+        let mut todo = Vec::new();
+        let mut rendered = BTreeMap::new();
+        let mut names = BTreeMap::new();
+        {
+            let applied = self.vip_applied.lock().unwrap_or_else(|e| e.into_inner());
+            for rec in &live {
+                let services = self.vip_services_for(rec);
+                let text = crate::vip::render(&services);
+                if applied.get(&rec.netns) != Some(&text) {
+                    todo.push((rec.netns.clone(), services));
+                }
+                rendered.insert(rec.netns.clone(), text);
+                names.insert(rec.netns.clone(), rec.name.clone());
+            }
+        }
+        let failed = if todo.is_empty() {
+            Vec::new()
+        } else {
+            tokio::task::block_in_place(|| crate::vip::sync_many(&todo))
+        };
+        let mut out = Repair::default();
+        let mut applied = self.vip_applied.lock().unwrap_or_else(|e| e.into_inner());
+        for (ns, e) in &failed {
+            let who = names.get(ns).cloned().unwrap_or_else(|| ns.clone());
+            out.faults.push(Fault::new(
+                format!("sandbox {who} service VIPs ({})", crate::vip::TABLE),
+                e,
+            ));
+            rendered.remove(ns);
+        }
+        *applied = rendered;
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mesh_proto::{NetworkAssignment, ServiceEntry};
+    use std::net::Ipv4Addr;
+
+    fn on(nets: &[&str]) -> Record {
+        let networks: Vec<serde_json::Value> = nets
+            .iter()
+            .map(|n| {
+                serde_json::json!({"network": n, "network_id": n, "endpoint_id": "e",
+                    "ifname": "eth0", "ip": "10.0.1.2", "prefix": 24, "mac": "",
+                    "gateway": "10.0.1.1", "vni": 1, "mtu": 1450, "internal": false})
+            })
+            .collect();
+        serde_json::from_value(serde_json::json!({
+            "id": "x", "name": "x", "netns": "n", "pid": 0, "cmd": [], "env": [],
+            "networks": networks, "egress_ip": null, "created_at": ""
+        }))
+        .expect("record")
+    }
+
+    fn svc(name: &str, vip: &str, backends: &[&str]) -> ServiceEntry {
+        ServiceEntry {
+            name: name.into(),
+            vip: vip.into(),
+            backends: backends.iter().map(|b| b.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn only_vip_services_of_the_sandbox_networks() {
+        let view = NodeView {
+            networks: vec![
+                NetworkAssignment {
+                    id: "a".into(),
+                    services: vec![
+                        svc("api", "10.0.1.100", &["10.0.1.5", "bad"]),
+                        svc("rr", "", &["10.0.1.7"]),
+                    ],
+                    ..Default::default()
+                },
+                NetworkAssignment {
+                    id: "b".into(),
+                    services: vec![svc("other", "10.0.2.100", &[])],
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        let got = vip_services(&view, &on(&["a"]));
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].name, "api");
+        assert_eq!(got[0].vip, Ipv4Addr::new(10, 0, 1, 100));
+        assert_eq!(got[0].backends, vec![Ipv4Addr::new(10, 0, 1, 5)]);
+        assert_eq!(vip_services(&view, &on(&["a", "b"])).len(), 2);
+        assert!(vip_services(&view, &on(&[])).is_empty());
+        assert!(has_vips(&on(&["a"])));
+        assert!(!has_vips(&on(&[])));
+    }
+}
