@@ -72,23 +72,41 @@ pub fn spawn(
     AgentHandle { stop, task }
 }
 
+/// Opens the Assignments stream on the first manager that gives one, and
+/// says which manager that is.
+async fn open_views(
+    managers: &Managers,
+) -> Result<(String, tonic::Streaming<NodeView>), tonic::Status> {
+    let mut last = tonic::Status::unavailable("no manager known");
+    for addr in managers.addrs() {
+        let ch = match managers.channel_to(&addr) {
+            Ok(ch) => ch,
+            Err(e) => {
+                last = tonic::Status::unavailable(e.to_string());
+                continue;
+            }
+        };
+        match ClusterClient::new(ch).assignments(Empty {}).await {
+            Ok(r) => return Ok((addr, r.into_inner())),
+            Err(s) => last = s,
+        }
+    }
+    Err(last)
+}
+
 /// Keeps one Assignments stream open to some manager, reconnecting on loss.
+/// The stream is dropped as soon as its manager leaves the set of current
+/// managers: a connection is checked only when it is made, so a demoted or
+/// removed manager must not go on pushing views (and so tasks) over it.
 async fn follow_views(
     managers: Managers,
     tx: watch::Sender<Option<NodeView>>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let mut set_changed = managers.subscribe();
     loop {
-        let stream = managers
-            .call(|ch| async move {
-                ClusterClient::new(ch)
-                    .assignments(Empty {})
-                    .await
-                    .map(|r| r.into_inner())
-            })
-            .await;
-        match stream {
-            Ok(mut s) => loop {
+        match open_views(&managers).await {
+            Ok((addr, mut s)) => loop {
                 tokio::select! {
                     m = s.message() => match m {
                         Ok(Some(view)) => {
@@ -97,6 +115,12 @@ async fn follow_views(
                         }
                         Ok(None) | Err(_) => break,
                     },
+                    _ = set_changed.changed() => {
+                        if !managers.addrs().contains(&addr) {
+                            info!(manager = %addr, "view stream's manager is no longer a manager; leaving it");
+                            break;
+                        }
+                    }
                     _ = stop.changed() => return,
                 }
             },

@@ -335,6 +335,11 @@ impl Session {
         }
         // The keys first: a new manager's channel must find it trusted.
         self.learn_managers(keys);
+        if !managers.is_empty() {
+            // A connection is checked only when it is made: one kept to a
+            // manager that has since been demoted or removed must go.
+            self.channels.retain(|a, _| managers.contains(a));
+        }
         self.managers.set_addrs(managers);
         {
             let mut st = self.status.lock().unwrap_or_else(|e| e.into_inner());
