@@ -240,7 +240,8 @@ pub fn check_ifname(name: &str) -> Result<(), NetError> {
     Ok(())
 }
 
-fn netlink_error(what: String, ns: &str, e: rtnetlink::Error) -> NetError {
+/// An rtnetlink error as a [`NetError`], keeping the kernel's errno.
+pub(crate) fn netlink_error(what: String, ns: &str, e: rtnetlink::Error) -> NetError {
     let errno = match &e {
         rtnetlink::Error::NetlinkError(m) => m.code.map(|c| Errno::from_raw(c.get().abs())),
         _ => None,
