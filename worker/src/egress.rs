@@ -14,6 +14,7 @@
 //! beyond what `block_in_place` allows, and the daemon never changes its
 //! own namespace.
 
+use std::collections::BTreeSet;
 use std::fmt;
 use std::net::Ipv4Addr;
 use std::os::fd::AsFd;
@@ -44,6 +45,10 @@ const MTU: u32 = 1500;
 pub enum EgressError {
     #[error("invalid gateway bridge subnet: {0}")]
     Subnet(#[from] IpamError),
+    #[error(
+        "no egress address left in {subnet}: every one is taken by a sandbox on this node; remove some sandboxes first"
+    )]
+    Exhausted { subnet: Ipv4Net },
     #[error("invalid egress address {ip}/{prefix}: the prefix must be between 1 and 30")]
     Prefix { ip: Ipv4Addr, prefix: u8 },
     #[error(
@@ -223,6 +228,17 @@ pub fn host_ifname(sandbox_ns: &str) -> String {
     format!("mgw{:012x}", h & 0xffff_ffff_ffff)
 }
 
+/// The lowest free egress address of the gwbridge `subnet`, skipping its
+/// network, broadcast and gateway addresses and `used` (the egress
+/// addresses of the node's sandboxes). A full subnet is an error, never a
+/// reused address.
+pub fn next_address(subnet: &Ipv4Net, used: &BTreeSet<Ipv4Addr>) -> Result<Ipv4Addr, EgressError> {
+    ipam::next_host(subnet, None, gateway(subnet), used).map_err(|e| match e {
+        IpamError::HostsExhausted(_) => EgressError::Exhausted { subnet: *subnet },
+        other => EgressError::Subnet(other),
+    })
+}
+
 /// Checks an egress address and returns its gateway: the first address of
 /// its subnet, which must not be the address itself.
 fn egress_gateway(ip: Ipv4Addr, prefix: u8) -> Result<Ipv4Addr, EgressError> {
@@ -253,6 +269,7 @@ pub fn attach(
 ) -> Result<(), EgressError> {
     let gw = egress_gateway(ip_addr, prefix)?;
     require_ns(Some(sandbox_ns))?;
+    require_ns(node_ns)?;
     run(async {
         let host = Netlink::open(node_ns).await?;
         let Some(bridge) = host.link(GWBRIDGE).await? else {
@@ -362,6 +379,17 @@ mod tests {
     fn gateway_is_the_first_address() {
         let net = ipam::parse_subnet(DEFAULT_GW_SUBNET).expect("subnet");
         assert_eq!(gateway(&net), Ipv4Addr::new(172, 18, 0, 1));
+    }
+
+    #[test]
+    fn next_address_skips_the_gateway_and_fails_when_full() {
+        let net = ipam::parse_subnet("172.18.0.0/30").expect("subnet");
+        let mut used = BTreeSet::new();
+        let first = next_address(&net, &used).expect("one free");
+        assert_eq!(first, Ipv4Addr::new(172, 18, 0, 2));
+        used.insert(first);
+        let err = next_address(&net, &used).expect_err("full");
+        assert!(matches!(err, EgressError::Exhausted { .. }), "{err}");
     }
 
     #[test]

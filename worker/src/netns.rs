@@ -136,6 +136,33 @@ pub fn exists(name: &str) -> bool {
 /// existing namespace is kept as it is; an empty mount point left by an
 /// interrupted create is reused.
 pub fn create(name: &str) -> Result<(), NetError> {
+    name_and_bind(name, |target| {
+        // The new namespace exists only as long as something refers to it:
+        // the thread that unshared it, until the bind mount takes over.
+        let mounted = std::thread::scope(|s| {
+            s.spawn(|| -> Result<(), NetError> {
+                nix::sched::unshare(CloneFlags::CLONE_NEWNET)
+                    .map_err(|e| NetError::ns("unshare", name, e))?;
+                bind(THREAD_NETNS, target, name)
+            })
+            .join()
+        });
+        match mounted {
+            Ok(r) => r,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    })?;
+    debug!(netns = name, "created network namespace");
+    Ok(())
+}
+
+/// What [`create`] and [`attach_current`] share: under the lock, unless the
+/// name already holds a namespace, make its mount point and have `mount`
+/// bind a namespace on it; a failed mount leaves no empty file behind.
+fn name_and_bind(
+    name: &str,
+    mount: impl FnOnce(&Path) -> Result<(), NetError>,
+) -> Result<(), NetError> {
     check_name(name)?;
     let _guard = NS_LOCK.lock().unwrap_or_else(|p| p.into_inner());
     let target = path(name);
@@ -143,34 +170,23 @@ pub fn create(name: &str) -> Result<(), NetError> {
         return Ok(());
     }
     make_mount_point(name, &target)?;
-
-    // The new namespace exists only as long as something refers to it: the
-    // thread that unshared it, until the bind mount takes over.
-    let mounted = std::thread::scope(|s| {
-        s.spawn(|| -> Result<(), NetError> {
-            nix::sched::unshare(CloneFlags::CLONE_NEWNET)
-                .map_err(|e| NetError::ns("unshare", name, e))?;
-            nix::mount::mount(
-                Some(THREAD_NETNS),
-                &target,
-                None::<&str>,
-                MsFlags::MS_BIND,
-                None::<&str>,
-            )
-            .map_err(|e| NetError::ns("bind-mount", name, e))
-        })
-        .join()
-    });
-    let result = match mounted {
-        Ok(r) => r,
-        Err(panic) => std::panic::resume_unwind(panic),
-    };
+    let result = mount(&target);
     if result.is_err() {
         let _ = fs::remove_file(&target);
-    } else {
-        debug!(netns = name, "created network namespace");
     }
     result
+}
+
+/// Bind-mounts the namespace file `source` on `target`.
+fn bind(source: &str, target: &Path, name: &str) -> Result<(), NetError> {
+    nix::mount::mount(
+        Some(source),
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(|e| NetError::ns("bind-mount", name, e))
 }
 
 /// Creates the empty file a namespace is bind-mounted on (and /run/netns
@@ -426,21 +442,7 @@ where
 /// `ip netns attach NAME $$` does), so `host` sandboxes can join it the same
 /// way other sandboxes join theirs. Idempotent.
 pub fn attach_current(name: &str) -> Result<(), NetError> {
-    check_name(name)?;
-    let _guard = NS_LOCK.lock().unwrap_or_else(|p| p.into_inner());
-    let target = path(name);
-    if is_nsfs(&target) {
-        return Ok(());
-    }
-    make_mount_point(name, &target)?;
-    nix::mount::mount(
-        Some("/proc/self/ns/net"),
-        &target,
-        None::<&str>,
-        MsFlags::MS_BIND,
-        None::<&str>,
-    )
-    .map_err(|e| NetError::ns("bind-mount", name, e))
+    name_and_bind(name, |target| bind("/proc/self/ns/net", target, name))
 }
 
 #[cfg(test)]

@@ -223,7 +223,7 @@ pub fn repair_nat(node: &Node, nets: &[BridgeSpec]) -> Result<super::Drift, NetE
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::firewall::batch;
+    use crate::firewall::{batch, table_of};
     use ipnet::Ipv4Net;
     use mesh_common::ipam;
 
@@ -273,16 +273,7 @@ mod tests {
         assert!(!set.contains("\"mbr-a\""), "{set}");
         // Every object is in our table.
         for c in &cmds[1..] {
-            let obj = c
-                .as_object()
-                .and_then(|o| o.values().next())
-                .expect("command");
-            let inner = obj
-                .as_object()
-                .and_then(|o| o.values().next())
-                .expect("object");
-            let t = inner.get("table").or_else(|| inner.get("name"));
-            assert_eq!(t.and_then(|t| t.as_str()), Some(TABLE), "{c}");
+            assert_eq!(table_of(c), Some(TABLE), "{c}");
         }
     }
 

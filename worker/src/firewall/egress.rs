@@ -87,7 +87,7 @@ impl Table for EgressTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::firewall::batch;
+    use crate::firewall::{batch, table_of};
     use mesh_common::ipam;
 
     fn egress_batch(net: &Ipv4Net) -> nftables::batch::Batch<'static> {
@@ -104,16 +104,7 @@ mod tests {
         assert_eq!(cmds[1]["delete"]["table"]["name"], TABLE);
         assert_eq!(cmds[2]["add"]["table"]["name"], TABLE);
         for c in cmds {
-            let obj = c
-                .as_object()
-                .and_then(|o| o.values().next())
-                .expect("command");
-            let inner = obj
-                .as_object()
-                .and_then(|o| o.values().next())
-                .expect("object");
-            let table = inner.get("table").or_else(|| inner.get("name"));
-            assert_eq!(table.and_then(|t| t.as_str()), Some(TABLE), "{c}");
+            assert_eq!(table_of(c), Some(TABLE), "{c}");
         }
         let text = json.to_string();
         assert!(text.contains("\"masquerade\""), "{text}");

@@ -235,6 +235,17 @@ fn nft(ns: Option<&str>, args: &[&str], input: Option<&[u8]>) -> Result<String, 
     })
 }
 
+/// The table a command of a batch (`{"add": {"rule": {...}}}`) is about,
+/// for tests that check a batch never touches another table.
+#[cfg(test)]
+pub(crate) fn table_of(cmd: &serde_json::Value) -> Option<&str> {
+    fn first(v: &serde_json::Value) -> Option<&serde_json::Value> {
+        v.as_object()?.values().next()
+    }
+    let inner = first(first(cmd)?)?;
+    inner.get("table").or_else(|| inner.get("name"))?.as_str()
+}
+
 fn in_ns<T: Send>(
     ns: Option<&str>,
     f: impl FnOnce() -> Result<T, FirewallError> + Send,

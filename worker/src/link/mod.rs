@@ -5,28 +5,27 @@
 //! Every helper works on one namespace through a [`Netlink`] (a handle opened
 //! with [`crate::netns::handle_in`]) and reports failures with the device and
 //! the namespace, so a log line is enough to find the culprit.
+//!
+//! - this file: devices (look up, create, move, rename, configure, delete);
+//! - `addr`: IPv4 addresses and routes;
+//! - `neigh`: FDB and ARP entries.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
 use futures::TryStreamExt;
-use netlink_packet_route::AddressFamily;
-use netlink_packet_route::address::AddressAttribute;
 use netlink_packet_route::link::{
     InfoData, InfoVeth, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
-use netlink_packet_route::neighbour::{
-    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
-};
-use netlink_packet_route::route::{RouteHeader, RouteMessage, RouteScope, RouteType};
 use nix::errno::Errno;
-use rtnetlink::{
-    AddressMessageBuilder, Handle, LinkBridge, LinkBridgePort, LinkUnspec, LinkVeth, LinkVxlan,
-    RouteMessageBuilder,
-};
+use rtnetlink::{Handle, LinkBridge, LinkBridgePort, LinkUnspec, LinkVeth, LinkVxlan};
 use tracing::debug;
 
 pub use crate::netns::NetError;
+pub use neigh::{FdbEntry, NeighEntry};
+
+mod addr;
+mod neigh;
 
 /// A MAC address.
 pub type Mac = [u8; 6];
@@ -37,7 +36,7 @@ pub fn fmt_mac(mac: &Mac) -> String {
     format!("{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{f:02x}")
 }
 
-fn mac_from(bytes: &[u8]) -> Option<Mac> {
+pub(crate) fn mac_from(bytes: &[u8]) -> Option<Mac> {
     bytes.try_into().ok()
 }
 
@@ -163,65 +162,6 @@ impl VxlanConfig {
     }
 }
 
-/// One FDB entry of a device (AF_BRIDGE neighbour).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FdbEntry {
-    pub mac: Mac,
-    /// For a VXLAN entry: the remote node's underlay address.
-    pub dst: Option<Ipv4Addr>,
-    /// NTF_SELF: the device's own table (what we program on a VXLAN), as
-    /// opposed to the bridge's view of the port.
-    pub own: bool,
-    pub permanent: bool,
-}
-
-/// The remote of a VXLAN FDB entry. The parser cannot know an AF_BRIDGE
-/// entry's address family, so an IPv4 remote arrives as four raw bytes.
-fn fdb_dst(a: &NeighbourAddress) -> Option<Ipv4Addr> {
-    match a {
-        NeighbourAddress::Inet(ip) => Some(*ip),
-        NeighbourAddress::Other(raw) => {
-            <[u8; 4]>::try_from(raw.as_slice()).ok().map(Ipv4Addr::from)
-        }
-        _ => None,
-    }
-}
-
-/// One IPv4 neighbour (ARP) entry of a device.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NeighEntry {
-    pub ip: Ipv4Addr,
-    pub mac: Option<Mac>,
-    pub permanent: bool,
-}
-
-/// One entry of a neighbour dump, before it is read as an FDB or ARP entry.
-struct Neighbour {
-    mac: Option<Mac>,
-    dst: Option<NeighbourAddress>,
-    flags: NeighbourFlags,
-    permanent: bool,
-}
-
-impl Neighbour {
-    fn from_message(m: NeighbourMessage) -> Self {
-        let mut n = Neighbour {
-            mac: None,
-            dst: None,
-            flags: m.header.flags,
-            permanent: m.header.state == NeighbourState::Permanent,
-        };
-        for a in m.attributes {
-            match a {
-                NeighbourAttribute::LinkLayerAddress(l) => n.mac = mac_from(&l),
-                NeighbourAttribute::Destination(d) => n.dst = Some(d),
-                _ => {}
-            }
-        }
-        n
-    }
-}
-
 /// Longest interface name the kernel accepts (IFNAMSIZ less the NUL).
 pub const MAX_IFNAME: usize = 15;
 
@@ -240,7 +180,8 @@ pub fn check_ifname(name: &str) -> Result<(), NetError> {
     Ok(())
 }
 
-fn netlink_error(what: String, ns: &str, e: rtnetlink::Error) -> NetError {
+/// An rtnetlink error as a [`NetError`], keeping the kernel's errno.
+pub(crate) fn netlink_error(what: String, ns: &str, e: rtnetlink::Error) -> NetError {
     let errno = match &e {
         rtnetlink::Error::NetlinkError(m) => m.code.map(|c| Errno::from_raw(c.get().abs())),
         _ => None,
@@ -284,7 +225,7 @@ impl Netlink {
         &self.ns
     }
 
-    fn err(&self, what: impl Into<String>, e: rtnetlink::Error) -> NetError {
+    pub(crate) fn err(&self, what: impl Into<String>, e: rtnetlink::Error) -> NetError {
         netlink_error(what.into(), &self.ns, e)
     }
 
@@ -335,7 +276,7 @@ impl Netlink {
         })
     }
 
-    async fn require_any(&self, name: &str) -> Result<u32, NetError> {
+    pub(crate) async fn require_any(&self, name: &str) -> Result<u32, NetError> {
         self.require(name, "it may have been deleted meanwhile")
             .await
     }
@@ -512,303 +453,6 @@ impl Netlink {
         }
     }
 
-    /// The device's IPv4 addresses with their prefix lengths.
-    pub async fn addresses_v4(&self, name: &str) -> Result<Vec<(Ipv4Addr, u8)>, NetError> {
-        let idx = self.require_any(name).await?;
-        let msgs: Vec<_> = self
-            .handle
-            .address()
-            .get()
-            .set_link_index_filter(idx)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(|e| self.err(format!("list the addresses of {name}"), e))?;
-        let mut out = Vec::new();
-        for m in msgs {
-            if m.header.family != AddressFamily::Inet || m.header.index != idx {
-                continue;
-            }
-            // IFA_LOCAL is the interface's own address; IFA_ADDRESS differs
-            // from it only on point-to-point links.
-            let local = m.attributes.iter().find_map(|a| match a {
-                AddressAttribute::Local(IpAddr::V4(ip)) => Some(*ip),
-                _ => None,
-            });
-            let addr = local.or_else(|| {
-                m.attributes.iter().find_map(|a| match a {
-                    AddressAttribute::Address(IpAddr::V4(ip)) => Some(*ip),
-                    _ => None,
-                })
-            });
-            if let Some(ip) = addr {
-                out.push((ip, m.header.prefix_len));
-            }
-        }
-        Ok(out)
-    }
-
-    /// Adds an IPv4 address to a device.
-    pub async fn add_address_v4(
-        &self,
-        name: &str,
-        ip: Ipv4Addr,
-        prefix: u8,
-    ) -> Result<(), NetError> {
-        let idx = self.require_any(name).await?;
-        self.handle
-            .address()
-            .add(idx, IpAddr::V4(ip), prefix)
-            .execute()
-            .await
-            .map_err(|e| self.err(format!("add address {ip}/{prefix} to {name}"), e))
-    }
-
-    /// Removes one IPv4 address from a device.
-    pub async fn del_address_v4(
-        &self,
-        name: &str,
-        ip: Ipv4Addr,
-        prefix: u8,
-    ) -> Result<(), NetError> {
-        let idx = self.require_any(name).await?;
-        let msg = AddressMessageBuilder::<Ipv4Addr>::new()
-            .index(idx)
-            .address(ip, prefix)
-            .build();
-        self.handle
-            .address()
-            .del(msg)
-            .execute()
-            .await
-            .map_err(|e| self.err(format!("remove address {ip}/{prefix} from {name}"), e))
-    }
-
-    /// Removes every IPv4 address from a device.
-    pub async fn flush_addresses_v4(&self, name: &str) -> Result<(), NetError> {
-        for (ip, prefix) in self.addresses_v4(name).await? {
-            self.del_address_v4(name, ip, prefix).await?;
-        }
-        Ok(())
-    }
-
-    /// Makes the device carry exactly this IPv4 address: adds it if missing
-    /// and removes any other (a stale one from a changed subnet).
-    pub async fn ensure_only_address_v4(
-        &self,
-        name: &str,
-        ip: Ipv4Addr,
-        prefix: u8,
-    ) -> Result<(), NetError> {
-        let current = self.addresses_v4(name).await?;
-        for &(other, p) in &current {
-            if (other, p) != (ip, prefix) {
-                self.del_address_v4(name, other, p).await?;
-            }
-        }
-        if !current.contains(&(ip, prefix)) {
-            self.add_address_v4(name, ip, prefix).await?;
-        }
-        Ok(())
-    }
-
-    /// Adds or replaces the default route via `gateway` on `dev`.
-    pub async fn replace_default_route(
-        &self,
-        gateway: Ipv4Addr,
-        dev: &str,
-    ) -> Result<(), NetError> {
-        let idx = self.require_any(dev).await?;
-        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
-            .gateway(gateway)
-            .output_interface(idx)
-            .build();
-        self.handle
-            .route()
-            .add(msg)
-            .replace()
-            .execute()
-            .await
-            .map_err(|e| self.err(format!("set the default route via {gateway} on {dev}"), e))
-    }
-
-    /// Adds or replaces a link-scope route to `dst/prefix` out of `dev`.
-    pub async fn replace_dev_route(
-        &self,
-        dst: Ipv4Addr,
-        prefix: u8,
-        dev: &str,
-    ) -> Result<(), NetError> {
-        let idx = self.require_any(dev).await?;
-        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(dst, prefix)
-            .output_interface(idx)
-            .scope(RouteScope::Link)
-            .build();
-        self.handle
-            .route()
-            .add(msg)
-            .replace()
-            .execute()
-            .await
-            .map_err(|e| self.err(format!("add route {dst}/{prefix} dev {dev}"), e))
-    }
-
-    /// The neighbour table of one family (AF_BRIDGE: the FDB; AF_INET:
-    /// ARP) restricted to device `dev`, with each entry's link-layer
-    /// address and destination. `what` names the table in errors.
-    async fn neighbour_dump(
-        &self,
-        dev: &str,
-        family: AddressFamily,
-        what: &str,
-    ) -> Result<Vec<Neighbour>, NetError> {
-        let idx = self.require_any(dev).await?;
-        // The kernel dumps every device's table; filtering here is simpler
-        // than the two filter dialects (legacy and strict) it accepts.
-        let msgs: Vec<NeighbourMessage> = self
-            .handle
-            .neighbours()
-            .get()
-            .set_address_family(family)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(|e| self.err(format!("list the {what} of {dev}"), e))?;
-        Ok(msgs
-            .into_iter()
-            .filter(|m| m.header.ifindex == idx)
-            .map(Neighbour::from_message)
-            .collect())
-    }
-
-    /// Deletes one neighbour (or FDB) entry; absent is fine.
-    async fn neighbour_del(&self, msg: NeighbourMessage, what: String) -> Result<(), NetError> {
-        match self.handle.neighbours().del(msg).execute().await {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                let e = self.err(what, e);
-                if e.errno() == Some(Errno::ENOENT) {
-                    Ok(())
-                } else {
-                    Err(e)
-                }
-            }
-        }
-    }
-
-    /// FDB entries of a device (both its own and the bridge's about it).
-    pub async fn fdb_entries(&self, dev: &str) -> Result<Vec<FdbEntry>, NetError> {
-        let entries = self
-            .neighbour_dump(dev, AddressFamily::Bridge, "FDB")
-            .await?;
-        Ok(entries
-            .into_iter()
-            .filter_map(|n| {
-                Some(FdbEntry {
-                    mac: n.mac?,
-                    dst: n.dst.as_ref().and_then(fdb_dst),
-                    own: n.flags.contains(NeighbourFlags::Own),
-                    permanent: n.permanent,
-                })
-            })
-            .collect())
-    }
-
-    /// Adds (or replaces the destination of) a static FDB entry on a VXLAN:
-    /// frames for `mac` go to the node at `dst`.
-    pub async fn fdb_replace(&self, dev: &str, mac: Mac, dst: Ipv4Addr) -> Result<(), NetError> {
-        let idx = self.require_any(dev).await?;
-        self.handle
-            .neighbours()
-            .add_bridge(idx, &mac)
-            .flags(NeighbourFlags::Own)
-            .state(NeighbourState::Permanent)
-            .destination(IpAddr::V4(dst))
-            .replace()
-            .execute()
-            .await
-            .map_err(|e| {
-                self.err(
-                    format!("set FDB entry {} dst {dst} on {dev}", fmt_mac(&mac)),
-                    e,
-                )
-            })
-    }
-
-    /// Deletes a device's own FDB entry for `mac` (only the `dst` remote,
-    /// when given). Absent is fine.
-    pub async fn fdb_del(
-        &self,
-        dev: &str,
-        mac: Mac,
-        dst: Option<Ipv4Addr>,
-    ) -> Result<(), NetError> {
-        let idx = self.require_any(dev).await?;
-        let mut msg = NeighbourMessage::default();
-        msg.header.family = AddressFamily::Bridge;
-        msg.header.ifindex = idx;
-        msg.header.flags = NeighbourFlags::Own;
-        msg.header.state = NeighbourState::Permanent;
-        msg.attributes
-            .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
-        if let Some(dst) = dst {
-            msg.attributes
-                .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(dst)));
-        }
-        self.neighbour_del(msg, format!("delete FDB entry {} on {dev}", fmt_mac(&mac)))
-            .await
-    }
-
-    /// IPv4 neighbour entries of a device.
-    pub async fn neighbours_v4(&self, dev: &str) -> Result<Vec<NeighEntry>, NetError> {
-        let entries = self
-            .neighbour_dump(dev, AddressFamily::Inet, "neighbours")
-            .await?;
-        Ok(entries
-            .into_iter()
-            .filter_map(|n| match n.dst {
-                Some(NeighbourAddress::Inet(ip)) => Some(NeighEntry {
-                    ip,
-                    mac: n.mac,
-                    permanent: n.permanent,
-                }),
-                _ => None,
-            })
-            .collect())
-    }
-
-    /// Adds or replaces a permanent neighbour entry `ip` → `mac` on a device.
-    pub async fn neigh_replace(&self, dev: &str, ip: Ipv4Addr, mac: Mac) -> Result<(), NetError> {
-        let idx = self.require_any(dev).await?;
-        self.handle
-            .neighbours()
-            .add(idx, IpAddr::V4(ip))
-            .link_layer_address(&mac)
-            .state(NeighbourState::Permanent)
-            .replace()
-            .execute()
-            .await
-            .map_err(|e| {
-                self.err(
-                    format!("set neighbour {ip} lladdr {} on {dev}", fmt_mac(&mac)),
-                    e,
-                )
-            })
-    }
-
-    /// Deletes the neighbour entry for `ip` on a device. Absent is fine.
-    pub async fn neigh_del(&self, dev: &str, ip: Ipv4Addr) -> Result<(), NetError> {
-        let idx = self.require_any(dev).await?;
-        let mut msg = NeighbourMessage::default();
-        msg.header.family = AddressFamily::Inet;
-        msg.header.ifindex = idx;
-        msg.attributes
-            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
-        self.neighbour_del(msg, format!("delete neighbour {ip} on {dev}"))
-            .await
-    }
-
     /// Makes a bridge port isolated (or not): isolated ports of one bridge
     /// cannot reach each other, only the bridge itself and other ports.
     pub async fn set_bridge_port_isolated(&self, name: &str, on: bool) -> Result<(), NetError> {
@@ -821,24 +465,6 @@ impl Netlink {
             .execute()
             .await
             .map_err(|e| self.err(format!("set bridge port {name} isolated {on}"), e))
-    }
-
-    /// Whether the main table has an IPv4 default route.
-    pub async fn has_default_route_v4(&self) -> Result<bool, NetError> {
-        let query = RouteMessageBuilder::<Ipv4Addr>::new().build();
-        let routes: Vec<RouteMessage> = self
-            .handle
-            .route()
-            .get(query)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(|e| self.err("list the routes", e))?;
-        Ok(routes.iter().any(|r| {
-            r.header.destination_prefix_length == 0
-                && r.header.table == RouteHeader::RT_TABLE_MAIN
-                && r.header.kind == RouteType::Unicast
-        }))
     }
 }
 

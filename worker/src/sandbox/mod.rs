@@ -15,8 +15,11 @@
 //! brought up over netlink (a socket opened in the sandbox's namespace).
 //! Creating, deleting and stopping are async, so none of them holds an
 //! async worker thread while the kernel or a slow process takes its time.
+//!
+//! - this file: the sandbox's namespace and starting its process;
+//! - `exec`: running a command inside a running sandbox (`mesh exec`);
+//! - `process`: whether the process runs, its exit code, stopping it.
 
-use std::collections::BTreeMap;
 use std::ffi::{CStr, CString, OsStr, OsString};
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -25,21 +28,22 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
-use std::sync::Mutex;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
 use nix::mount::{MntFlags, MsFlags};
 use nix::sched::CloneFlags;
-use nix::sys::signal::{self, Signal};
-use nix::sys::wait::{self, Id, WaitPidFlag, WaitStatus};
-use nix::unistd::Pid;
-use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::link::Netlink;
+
+mod exec;
+mod process;
+
+pub use exec::exec;
+pub use process::{alive, stop, wait_exit};
 
 /// Where named network namespaces live, as iproute2 keeps them.
 pub const NETNS_DIR: &str = "/run/netns";
@@ -129,16 +133,6 @@ pub enum SandboxError {
     Delete { name: String, source: io::Error },
 }
 
-/// Exit codes of sandbox processes this daemon has already reaped, so that
-/// [`wait_exit`] still answers after [`stop`] or a previous call collected
-/// the zombie.
-static REAPED: Mutex<BTreeMap<u32, i32>> = Mutex::new(BTreeMap::new());
-
-fn reaped() -> std::sync::MutexGuard<'static, BTreeMap<u32, i32>> {
-    // A panic while holding this lock cannot leave the map inconsistent.
-    REAPED.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// Path of a named network namespace.
 pub fn netns_path(name: &str) -> PathBuf {
     Path::new(NETNS_DIR).join(name)
@@ -188,7 +182,7 @@ pub async fn delete_netns(name: &str) -> Result<(), SandboxError> {
 
 /// Finds `command` the way a shell would: as given when it holds a '/',
 /// else in the first PATH directory with an executable file of that name.
-fn find_program(command: &str, path_var: &OsStr) -> Option<PathBuf> {
+pub(super) fn find_program(command: &str, path_var: &OsStr) -> Option<PathBuf> {
     fn executable(p: &Path) -> bool {
         fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
     }
@@ -208,7 +202,7 @@ fn find_program(command: &str, path_var: &OsStr) -> Option<PathBuf> {
 /// The PATH a sandbox process gets: the one in its env, else the daemon's,
 /// else the usual system directories. The same PATH is used to find cmd[0]
 /// so that what the user sees in the sandbox matches what was started.
-fn sandbox_path(env: &[(String, String)]) -> OsString {
+pub(super) fn sandbox_path(env: &[(String, String)]) -> OsString {
     env.iter()
         .rev()
         .find(|(k, _)| k == "PATH")
@@ -268,20 +262,20 @@ fn unescape_mountinfo(field: &str) -> CString {
 /// Lets a forked child say which namespace step failed: `std` only carries
 /// the errno back from `pre_exec`, so the child writes the step's number to
 /// this pipe before returning the error.
-struct StepPipe {
+pub(super) struct StepPipe {
     read: OwnedFd,
-    write: OwnedFd,
+    pub(super) write: OwnedFd,
 }
 
 impl StepPipe {
-    fn new() -> io::Result<Self> {
+    pub(super) fn new() -> io::Result<Self> {
         let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
         Ok(Self { read, write })
     }
 
     /// Reads the failed step's number; `None` when the child failed after
     /// its setup (at exec).
-    fn failed_step(&self) -> Option<u8> {
+    pub(super) fn failed_step(&self) -> Option<u8> {
         let mut b = [0u8; 1];
         match nix::unistd::read(&self.read, &mut b) {
             Ok(1) => Some(b[0]),
@@ -292,7 +286,7 @@ impl StepPipe {
 
 /// Runs in the forked child: records `step` and turns `errno` into the error
 /// that makes `spawn` fail.
-fn child_fail(report_fd: i32, step: u8, errno: Errno) -> io::Error {
+pub(super) fn child_fail(report_fd: i32, step: u8, errno: Errno) -> io::Error {
     // SAFETY: write(2) on a pipe fd that stays open for the life of the
     // child; the buffer is one byte on the stack. It is async-signal-safe.
     unsafe {
@@ -516,219 +510,9 @@ pub fn start(spec: &SandboxSpec) -> Result<u32, SandboxError> {
     let pid = child.id();
     // A pid is reused only after its previous owner was reaped: forget that
     // owner's exit code.
-    reaped().remove(&pid);
+    process::forget(pid);
     info!(sandbox = %spec.name, netns = %spec.netns, pid, program = %program.display(), "started sandbox");
     Ok(pid)
-}
-
-/// Steps of joining a sandbox, in the order the child runs them.
-const EXEC_STEPS: [&str; 3] = [
-    "joining the network namespace",
-    "joining the UTS namespace",
-    "joining the mount namespace",
-];
-
-/// Runs `argv` inside the running sandbox whose process is `pid`, as `mesh
-/// exec` does: the child joins the sandbox's network, UTS and mount
-/// namespaces (via /proc/PID/ns) before exec, inherits the caller's stdio
-/// and starts in `/`. Blocks until it exits and returns its status.
-///
-/// The environment is PATH (from `env`, else the daemon's) plus `env`;
-/// pass HOSTNAME in `env` if the command needs it.
-pub fn exec(
-    pid: u32,
-    argv: &[String],
-    env: &[(String, String)],
-) -> Result<ExitStatus, SandboxError> {
-    let Some(command) = argv.first() else {
-        return Err(SandboxError::ExecEmpty { pid });
-    };
-    if pid <= 1 {
-        return Err(SandboxError::InvalidPid(pid));
-    }
-    let open_ns = |kind: &str| -> Result<OwnedFd, SandboxError> {
-        match File::open(format!("/proc/{pid}/ns/{kind}")) {
-            Ok(f) => Ok(f.into()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(SandboxError::NotRunning(pid)),
-            Err(source) => Err(SandboxError::Exec {
-                pid,
-                step: "opening the sandbox's namespaces",
-                source,
-            }),
-        }
-    };
-    let net = open_ns("net")?;
-    let uts = open_ns("uts")?;
-    let mnt = open_ns("mnt")?;
-    let path_var = sandbox_path(env);
-    // The sandbox sees the host's filesystem, so the host lookup holds there.
-    let program = find_program(command, &path_var).ok_or_else(|| SandboxError::ExecNotFound {
-        pid,
-        command: command.clone(),
-    })?;
-    let steps = StepPipe::new().map_err(|source| SandboxError::Exec {
-        pid,
-        step: "creating a pipe",
-        source,
-    })?;
-    let report = steps.write.as_raw_fd();
-
-    let mut cmd = Command::new(&program);
-    cmd.args(&argv[1..])
-        .env_clear()
-        .env("PATH", &path_var)
-        .envs(env.iter().map(|(k, v)| (k, v)));
-    // SAFETY: runs in the forked child; only setns(2) and write(2) on fds
-    // opened before the fork, no allocation, no locks.
-    unsafe {
-        cmd.pre_exec(move || {
-            nix::sched::setns(&net, CloneFlags::CLONE_NEWNET)
-                .map_err(|e| child_fail(report, 0, e))?;
-            nix::sched::setns(&uts, CloneFlags::CLONE_NEWUTS)
-                .map_err(|e| child_fail(report, 1, e))?;
-            // Last: joining a mount namespace also moves the root and the
-            // working directory to the sandbox's `/`.
-            nix::sched::setns(&mnt, CloneFlags::CLONE_NEWNS)
-                .map_err(|e| child_fail(report, 2, e))?;
-            Ok(())
-        });
-    }
-    let result = cmd.status();
-    drop(cmd);
-    result.map_err(|source| SandboxError::Exec {
-        pid,
-        step: steps
-            .failed_step()
-            .and_then(|i| EXEC_STEPS.get(usize::from(i)).copied())
-            .unwrap_or("running the command"),
-        source,
-    })
-}
-
-/// Docker's convention: the exit code, or 128 + the signal number.
-fn exit_code(status: WaitStatus) -> Option<i32> {
-    match status {
-        WaitStatus::Exited(_, code) => Some(code),
-        WaitStatus::Signaled(_, sig, _) => Some(128 + sig as i32),
-        _ => None,
-    }
-}
-
-/// What the daemon knows about a sandbox process without blocking.
-enum Probe {
-    Running,
-    Exited(i32),
-    /// Not a child of this process (e.g. started before a daemon restart).
-    Foreign,
-}
-
-/// Reaps `pid` if it is our child and has exited, remembering its code.
-fn reap(pid: Pid) -> Probe {
-    if let Some(code) = reaped().get(&(pid.as_raw() as u32)) {
-        return Probe::Exited(*code);
-    }
-    match wait::waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
-        Ok(WaitStatus::StillAlive) => Probe::Running,
-        Ok(status) => match exit_code(status) {
-            Some(code) => {
-                reaped().insert(pid.as_raw() as u32, code);
-                Probe::Exited(code)
-            }
-            // Stopped or continued: still there.
-            None => Probe::Running,
-        },
-        Err(_) => Probe::Foreign,
-    }
-}
-
-/// A process that is not our child: running unless gone or a zombie.
-fn foreign_alive(pid: Pid) -> bool {
-    if signal::kill(pid, None::<Signal>).is_err() {
-        return false;
-    }
-    // /proc/PID/stat: "pid (comm) S ..."; comm may hold spaces or ')'.
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_none_or(|state| state != "Z" && state != "X"),
-        Err(_) => false,
-    }
-}
-
-fn checked_pid(pid: u32) -> Result<Pid, SandboxError> {
-    // 0 and 1 would make killpg hit our own group or init; our own pid
-    // would hit the daemon.
-    match i32::try_from(pid) {
-        Ok(raw) if raw > 1 && pid != std::process::id() => Ok(Pid::from_raw(raw)),
-        _ => Err(SandboxError::InvalidPid(pid)),
-    }
-}
-
-/// The exit code of a sandbox process this daemon started, once it has
-/// exited (a signal death reads as 128 + signal, as in Docker); `None` while
-/// it runs, or when the process is not a child of this daemon (then only
-/// [`alive`] can tell). Never blocks.
-pub fn wait_exit(pid: u32) -> Option<i32> {
-    let pid = checked_pid(pid).ok()?;
-    match reap(pid) {
-        Probe::Exited(code) => Some(code),
-        Probe::Running | Probe::Foreign => None,
-    }
-}
-
-/// Whether the sandbox process `pid` is still running. Does not reap it, so
-/// [`wait_exit`] can still read its exit code.
-pub fn alive(pid: u32) -> bool {
-    let Ok(pid) = checked_pid(pid) else {
-        return false;
-    };
-    if reaped().contains_key(&(pid.as_raw() as u32)) {
-        return false;
-    }
-    let peek = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
-    match wait::waitid(Id::Pid(pid), peek) {
-        Ok(WaitStatus::StillAlive) => true,
-        Ok(status) => exit_code(status).is_none(),
-        Err(_) => foreign_alive(pid),
-    }
-}
-
-/// Stops a sandbox: SIGTERM to its process group, SIGKILL to the group once
-/// the leader has exited or `grace` has passed (so nothing it left behind
-/// keeps running), then reaps the leader if the daemon is its parent.
-/// Stopping a process that is already gone is not an error. Waits with
-/// tokio timers, so it holds no thread while the sandbox takes its time;
-/// callers should not hold a lock across it either.
-pub async fn stop(pid: u32, grace: Duration) -> Result<(), SandboxError> {
-    let leader = checked_pid(pid)?;
-    let signal_group = |sig: Signal| match signal::killpg(leader, sig) {
-        Ok(()) | Err(Errno::ESRCH) => Ok(()),
-        Err(source) => Err(SandboxError::Signal { pid, source }),
-    };
-    let running = |leader: Pid| match reap(leader) {
-        Probe::Running => true,
-        Probe::Exited(_) => false,
-        Probe::Foreign => foreign_alive(leader),
-    };
-    signal_group(Signal::SIGTERM)?;
-    let deadline = Instant::now() + grace;
-    while running(leader) && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    signal_group(Signal::SIGKILL)?;
-    // SIGKILL cannot be caught, but a process stuck in the kernel (D state)
-    // takes its time: wait a bounded while rather than hang the daemon.
-    let waited = Duration::from_secs(5);
-    let deadline = Instant::now() + waited;
-    while running(leader) {
-        if Instant::now() >= deadline {
-            return Err(SandboxError::Unkillable { pid, waited });
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    info!(pid, "stopped sandbox");
-    Ok(())
 }
 
 #[cfg(test)]
@@ -766,15 +550,5 @@ mod tests {
         assert!(find_program("/bin/sh", &OsString::new()).is_some());
         assert!(find_program("no-such-command-here", &path).is_none());
         assert!(find_program("", &path).is_none());
-    }
-
-    #[test]
-    fn exit_codes_follow_docker() {
-        let pid = Pid::from_raw(42);
-        assert_eq!(exit_code(WaitStatus::Exited(pid, 3)), Some(3));
-        assert_eq!(
-            exit_code(WaitStatus::Signaled(pid, Signal::SIGKILL, false)),
-            Some(137)
-        );
     }
 }
