@@ -181,8 +181,10 @@ impl Sandboxes {
         managers: Option<&Managers>,
     ) -> Vec<String> {
         let mut errors = Vec::new();
-        self.dns.stop_sandbox(&rec.id).await;
+        // Under the kernel lock: a reconcile pass between the two would
+        // serve the resolver again, in a namespace about to go.
         let kernel = dp.kernel.lock().await;
+        self.dns.stop_sandbox(&rec.id).await;
         if rec.pid != 0
             && let Err(e) = sandbox::stop(rec.pid, Duration::from_secs(5))
         {
