@@ -8,12 +8,7 @@ pub fn to_pb(r: &Record, state_dir: &StateDir) -> mesh_proto::Sandbox {
         id: r.id.clone(),
         name: r.name.clone(),
         pid: r.pid,
-        state: if r.exit_code.is_some() {
-            "exited"
-        } else {
-            "running"
-        }
-        .into(),
+        state: if r.running() { "running" } else { "exited" }.into(),
         exit_code: r.exit_code.unwrap_or(0),
         cmd: r.cmd.clone(),
         networks: r

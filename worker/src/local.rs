@@ -36,9 +36,8 @@ use tracing::{debug, info, warn};
 use crate::firewall::bridge_nat::forwarding_on;
 use crate::link::{Link, Netlink, check_ifname, fmt_mac};
 use crate::netns::NetError;
-use crate::overlay::{Attachment, Node};
+use crate::overlay::{Attachment, Node, Port, connect_port};
 use crate::stable_hash::fnv1a48;
-use crate::veth;
 
 /// Bridge device of the default `bridge` network (Docker's `docker0`).
 pub const DEFAULT_BRIDGE: &str = "mesh0";
@@ -342,43 +341,13 @@ pub async fn attach_bridge(node: &Node, spec: &BridgeSpec, a: &Attachment) -> Re
         });
     }
     let sb = Netlink::open(Some(&a.sandbox_ns)).await?;
-    let (outer, tmp) = port_names(&spec.bridge, a);
-    let owner = port_owner(a);
-
-    let host_end = host.link(&outer).await?;
-    let inner = sb.link(&a.ifname).await?;
-    // No alias: our own create interrupted before it labelled the device.
-    if let Some(other) = host_end.as_ref().and_then(|h| h.alias.as_deref())
-        && other != owner
-    {
-        return Err(NetError::Conflict(format!(
-            "device {outer} in namespace {} belongs to {other:?}, not to {owner:?} (a name hash collision); detach one of them",
-            host.ns()
-        )));
-    }
-    let paired = match (&host_end, &inner) {
-        (Some(h), Some(i)) => {
-            i.kind.as_deref() == Some("veth") && h.link == Some(i.index) && i.link == Some(h.index)
-        }
-        _ => false,
+    let port = Port {
+        bridge: &spec.bridge,
+        names: port_names(&spec.bridge, a),
+        owner: port_owner(a),
+        whose: format!("bridge network {:?}'s", spec.name),
     };
-    if !paired {
-        if host_end.is_some() {
-            // Our end without its sandbox end: start over; deleting one end
-            // of a veth removes both.
-            info!(ns = host.ns(), dev = %outer, sandbox = %a.sandbox_ns, "veth pair incomplete; recreating it");
-            host.delete(&outer).await?;
-        }
-        if let Some(i) = &inner {
-            return Err(NetError::Conflict(format!(
-                "interface {} (index {}) already exists in namespace {} and is not bridge network {:?}'s; detach what owns it or choose another interface name",
-                a.ifname, i.index, a.sandbox_ns, spec.name
-            )));
-        }
-        veth::create_pair(&host, &sb, a, &outer, &tmp, &owner).await?;
-    }
-    veth::configure_bridge_port(&host, &spec.bridge, a, &outer).await?;
-    veth::configure_sandbox_end(&sb, a, a.default_route.then_some(spec.gateway)).await?;
+    connect_port(&host, &sb, a, &port, spec.gateway).await?;
     debug!(bridge = %spec.bridge, sandbox = %a.sandbox_ns, ifname = %a.ifname, ip = %a.ip, "attached to bridge network");
     Ok(())
 }

@@ -37,6 +37,29 @@ fn init(s: &mut ClusterState) {
 }
 
 #[test]
+fn data_path_errors_are_recorded_and_absent_while_empty() {
+    let mut s = ClusterState::default();
+    init(&mut s);
+    s.apply(2, &Command::AddNode { node: node("w1") });
+    let plain = serde_json::to_value(&s.nodes["w1"]).expect("json");
+    assert!(plain.get("datapath_errors").is_none(), "{plain}");
+    let set = Command::SetNodeErrors {
+        id: "w1".into(),
+        errors: vec!["network app: no such device".into()],
+    };
+    assert!(matches!(s.apply(3, &set), CommandResult::Node(_)));
+    assert_eq!(s.nodes["w1"].datapath_errors.len(), 1);
+    // A node written before the field existed still loads.
+    let old: Node = serde_json::from_value(plain).expect("old node");
+    assert!(old.datapath_errors.is_empty());
+    let gone = Command::SetNodeErrors {
+        id: "nosuch".into(),
+        errors: Vec::new(),
+    };
+    assert!(matches!(s.apply(4, &gone), CommandResult::Refused(_)));
+}
+
+#[test]
 fn init_only_once() {
     let mut s = ClusterState::default();
     init(&mut s);

@@ -260,3 +260,36 @@ fn bind_sockets() -> Result<(std::net::UdpSocket, std::net::TcpListener), (&'sta
     tcp.set_nonblocking(true).map_err(|e| ("tcp", e))?;
     Ok((udp, tcp))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn served(loops: tokio::task::JoinSet<()>) -> Served {
+        Served {
+            netns: "n".into(),
+            networks: Arc::new(RwLock::new(Arc::from(Vec::new()))),
+            loops,
+        }
+    }
+
+    /// A sandbox whose loop ended is no longer served, so the agent's next
+    /// pass binds it anew.
+    #[tokio::test]
+    async fn a_dead_loop_means_not_serving() {
+        let mut loops = tokio::task::JoinSet::new();
+        loops.spawn(std::future::pending::<()>());
+        loops.spawn(std::future::pending::<()>());
+        assert!(served(loops).serving());
+
+        let mut loops = tokio::task::JoinSet::new();
+        loops.spawn(std::future::pending::<()>());
+        loops.spawn(async {});
+        let mut s = served(loops);
+        // Let the finished loop end.
+        while s.loops.len() == 2 && s.serving() {
+            tokio::task::yield_now().await;
+        }
+        assert!(!s.serving());
+    }
+}

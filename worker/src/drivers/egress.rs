@@ -60,9 +60,9 @@ impl Egress {
         Ok(())
     }
 
-    /// The bridge and its table every pass while some sandbox has egress
-    /// (replacing the table is one atomic batch); a sandbox's port only
-    /// where the kernel differs from what it should be.
+    /// The bridge and its table every pass while some sandbox has egress,
+    /// rebuilt only where the kernel's copy is missing or drifted; a
+    /// sandbox's port only where the kernel differs from what it should be.
     pub async fn repair(&self, want: &Desired<'_>) -> Repair {
         let mut out = Repair::default();
         let users: Vec<(&Record, Ipv4Addr)> = want
@@ -74,7 +74,13 @@ impl Egress {
             return out;
         }
         let bridge =
-            tokio::task::block_in_place(|| egress::ensure_gwbridge(None, &subnet().to_string()));
+            tokio::task::block_in_place(|| egress::check_gwbridge(None, &subnet().to_string()));
+        if let Ok(fixed) = &bridge
+            && fixed.any()
+        {
+            debug!(?fixed, "egress bridge or table drifted; repaired");
+            out.repairs += 1;
+        }
         if let Err(e) = bridge {
             out.fail(
                 || {

@@ -340,17 +340,52 @@ pub async fn attach(node: &Node, spec: &OverlaySpec, a: &Attachment) -> Result<(
     )
     .await?;
     let sb = Netlink::open(Some(&a.sandbox_ns)).await?;
-    let (outer, tmp) = veth_names(spec.vni, a);
-    let owner = veth_owner(a);
+    let port = Port {
+        bridge: BRIDGE,
+        names: veth_names(spec.vni, a),
+        owner: veth_owner(a),
+        whose: format!("this network's (VNI {})", spec.vni),
+    };
+    connect_port(&net, &sb, a, &port, spec.gateway).await?;
+    debug!(ns, sandbox = %a.sandbox_ns, ifname = %a.ifname, ip = %a.ip, "attached");
+    Ok(())
+}
 
-    let host_end = net.link(&outer).await?;
+/// A sandbox's veth to a bridge, as both the overlay and the bridge
+/// driver make it.
+pub(crate) struct Port<'a> {
+    /// The bridge the node end is a port of.
+    pub bridge: &'a str,
+    /// The node end's name and the sandbox end's name before its rename.
+    pub names: (String, String),
+    /// The alias that marks the node end as this attachment's.
+    pub owner: String,
+    /// Whose interface it should be, for the error when it is not.
+    pub whose: String,
+}
+
+/// Makes the pair in `net` (the bridge's namespace) and `sb` (the
+/// sandbox's) exactly `a`: recreates a broken pair, refuses to take over an
+/// interface or a name that is someone else's, then configures both ends
+/// (and the default route via `gateway` when `a.default_route`).
+pub(crate) async fn connect_port(
+    net: &Netlink,
+    sb: &Netlink,
+    a: &Attachment,
+    port: &Port<'_>,
+    gateway: Ipv4Addr,
+) -> Result<(), NetError> {
+    let (outer, tmp) = (&port.names.0, &port.names.1);
+    let owner = &port.owner;
+    let host_end = net.link(outer).await?;
     let inner = sb.link(&a.ifname).await?;
     // No alias: our own create interrupted before it labelled the device.
     if let Some(other) = host_end.as_ref().and_then(|h| h.alias.as_deref())
         && other != owner
     {
         return Err(NetError::Conflict(format!(
-            "device {outer} in namespace {ns} belongs to {other:?}, not to {owner:?} (a name hash collision); detach one of them"
+            "device {outer} in namespace {} belongs to {other:?}, not to {owner:?} (a name hash collision); detach one of them",
+            net.ns()
         )));
     }
     let paired = match (&host_end, &inner) {
@@ -363,20 +398,19 @@ pub async fn attach(node: &Node, spec: &OverlaySpec, a: &Attachment) -> Result<(
         if host_end.is_some() {
             // Our end without its sandbox end (e.g. still named `tmp` after an
             // interrupted attach): start over; deleting one end removes both.
-            info!(ns, dev = %outer, sandbox = %a.sandbox_ns, "veth pair incomplete; recreating it");
-            net.delete(&outer).await?;
+            info!(ns = net.ns(), dev = %outer, sandbox = %a.sandbox_ns, "veth pair incomplete; recreating it");
+            net.delete(outer).await?;
         }
         if let Some(i) = &inner {
             return Err(NetError::Conflict(format!(
-                "interface {} (index {}) already exists in namespace {} and is not this network's (VNI {}); detach what owns it or choose another interface name",
-                a.ifname, i.index, a.sandbox_ns, spec.vni
+                "interface {} (index {}) already exists in namespace {} and is not {}; detach what owns it or choose another interface name",
+                a.ifname, i.index, a.sandbox_ns, port.whose
             )));
         }
-        veth::create_pair(&net, &sb, a, &outer, &tmp, &owner).await?;
+        veth::create_pair(net, sb, a, outer, tmp, owner).await?;
     }
-    veth::configure_bridge_port(&net, BRIDGE, a, &outer).await?;
-    veth::configure_sandbox_end(&sb, a, a.default_route.then_some(spec.gateway)).await?;
-    debug!(ns, sandbox = %a.sandbox_ns, ifname = %a.ifname, ip = %a.ip, "attached");
+    veth::configure_bridge_port(net, port.bridge, a, outer).await?;
+    veth::configure_sandbox_end(sb, a, a.default_route.then_some(gateway)).await?;
     Ok(())
 }
 

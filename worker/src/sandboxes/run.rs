@@ -181,14 +181,17 @@ impl Sandboxes {
         managers: Option<&Managers>,
     ) -> Vec<String> {
         let mut errors = Vec::new();
-        self.dns.stop_sandbox(&rec.id).await;
-        // Before taking the kernel lock: stopping may take seconds.
+        // The process first, without the kernel lock: stopping may take
+        // seconds.
         if rec.pid != 0
             && let Err(e) = sandbox::stop(rec.pid, Duration::from_secs(5)).await
         {
             errors.push(e.to_string());
         }
+        // The resolver under the kernel lock: a reconcile pass between the
+        // two would serve it again, in a namespace about to go.
         let kernel = dp.kernel.lock().await;
+        self.dns.stop_sandbox(&rec.id).await;
         let cx = self.ctx(dp);
         for a in &rec.networks {
             if let Err(e) = drivers::driver(a.driver).detach(&cx, rec, a).await {
