@@ -79,8 +79,13 @@ impl ControlService {
     }
 }
 
+/// A lifecycle failure (init, join, leave): a typed refusal keeps its
+/// code; anything else is a precondition the user must fix.
 fn err(e: anyhow::Error) -> Status {
-    Status::failed_precondition(format!("{e:#}"))
+    match e.downcast::<mesh_manager::refusal::Refusal>() {
+        Ok(r) => r.into(),
+        Err(e) => Status::failed_precondition(format!("{e:#}")),
+    }
 }
 
 fn secs_to_rfc3339(t: std::time::SystemTime) -> String {

@@ -15,14 +15,7 @@ impl Manager {
             )
             .await
             .map_err(|e| ManagerError::Raft(format!("adding {addr} as learner: {e}")))?;
-        let mut voters: std::collections::BTreeSet<u64> = self
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .voter_ids()
-            .collect();
+        let mut voters: std::collections::BTreeSet<u64> = self.voters().into_iter().collect();
         voters.insert(raft_id);
         self.raft
             .change_membership(voters, false)
@@ -33,14 +26,7 @@ impl Manager {
 
     /// Removes a manager from the Raft voters (demotion or removal).
     pub async fn remove_voter(&self, raft_id: u64) -> Result<(), ManagerError> {
-        let mut voters: std::collections::BTreeSet<u64> = self
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .voter_ids()
-            .collect();
+        let mut voters: std::collections::BTreeSet<u64> = self.voters().into_iter().collect();
         if !voters.remove(&raft_id) {
             return Ok(());
         }
