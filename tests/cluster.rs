@@ -1,6 +1,9 @@
 //! End-to-end tests of the cluster foundation on labs of network namespaces:
 //! real daemons, a real Raft group of several processes, mutual TLS on the
 //! lab's underlay.
+//!
+//! Over 600 lines: each test is one whole lab scenario, and they share
+//! this file's helpers; splitting them apart would only move the helpers.
 
 mod common;
 

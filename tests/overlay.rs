@@ -1,6 +1,9 @@
 //! End-to-end tests of the overlay data path on namespace labs: sandboxes on
 //! different nodes talk over VXLAN; networks are isolated; the data path heals
 //! and cleans up after itself.
+//!
+//! Over 600 lines: each test is one whole lab scenario, and they share
+//! this file's helpers; splitting them apart would only move the helpers.
 
 mod common;
 

@@ -5,6 +5,9 @@
 //! The attacker's side runs inside a lab node's network namespace, with
 //! certificates and keys taken from that node's state dir, and speaks to
 //! the real daemons over the real cluster port.
+//!
+//! Over 600 lines: each test is one whole lab scenario, and they share
+//! this file's helpers; splitting them apart would only move the helpers.
 
 mod common;
 

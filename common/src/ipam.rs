@@ -4,6 +4,9 @@
 //! subnets given by users against the networks that already exist, pick
 //! gateways, VXLAN IDs and endpoint addresses. Everything here is arithmetic
 //! on values the caller passes in: the caller owns the list of what is used.
+//!
+//! Over 600 lines only because its inline tests (Swarm's IPAM rules, case
+//! by case) are nearly half of it; the logic is one concept.
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
