@@ -90,6 +90,16 @@ pub fn valid_name(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
 }
 
+/// The refusal for a malformed network name, local or cluster-wide alike.
+pub fn check_network_name(name: &str) -> Result<(), crate::refusal::Refusal> {
+    if valid_name(name) {
+        return Ok(());
+    }
+    Err(crate::refusal::Refusal::invalid(format!(
+        "invalid network name {name:?}: use letters, digits, '_', '.' and '-', starting with a letter or digit"
+    )))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -198,6 +198,16 @@ word_enum! {
 }
 
 impl DriverKind {
+    /// The driver word a create request names, with Docker's default when
+    /// `-d` is not given: a local bridge.
+    pub fn requested(word: &str) -> &str {
+        if word.is_empty() {
+            DriverKind::Bridge.as_str()
+        } else {
+            word
+        }
+    }
+
     /// Cluster-wide networks live in the managers' state; the rest are local.
     pub const fn is_cluster(self) -> bool {
         matches!(self, DriverKind::Overlay)

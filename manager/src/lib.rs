@@ -22,8 +22,6 @@
 //!   join tokens): their policy and defaults, served by the daemon;
 //! - `pb`: conversions of nodes, networks, services and tasks to the
 //!   Control API's messages;
-//! - `refusal`: the typed "no" of the state machine and the control API,
-//!   mapped once to gRPC codes.
 //!
 //! It must not touch the kernel's networking: that belongs to the worker.
 
@@ -39,7 +37,6 @@ pub mod logs;
 pub mod manager;
 pub mod network;
 pub mod pb;
-pub mod refusal;
 pub mod scheduler;
 pub mod server;
 pub mod services;

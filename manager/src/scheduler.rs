@@ -6,8 +6,8 @@
 
 use mesh_common::model::{Availability, NodeState};
 
-use crate::refusal::Refusal;
 use crate::state::Node;
+use mesh_common::refusal::Refusal;
 
 /// One `node.X==V` / `node.X!=V` scheduling constraint.
 #[derive(Clone, Debug, PartialEq)]

@@ -82,7 +82,7 @@ impl ControlService {
 /// A lifecycle failure (init, join, leave): a typed refusal keeps its
 /// code; anything else is a precondition the user must fix.
 fn err(e: anyhow::Error) -> Status {
-    match e.downcast::<mesh_manager::refusal::Refusal>() {
+    match e.downcast::<mesh_common::refusal::Refusal>() {
         Ok(r) => r.into(),
         Err(e) => Status::failed_precondition(format!("{e:#}")),
     }
@@ -253,7 +253,7 @@ impl Control for ControlService {
     ) -> Result<Response<mesh_proto::Network>, Status> {
         let r = req.into_inner();
         if control::networks::driver_of(&r) != DriverKind::Overlay.as_str() {
-            let spec = super::networks::local_spec_from(r)?;
+            let spec = mesh_worker::local_request::spec_from(r)?;
             let exists =
                 |ifname: &str| std::path::Path::new("/sys/class/net").join(ifname).exists();
             let net = self
@@ -262,7 +262,7 @@ impl Control for ControlService {
                 .local
                 .create(spec, mesh_common::id::new_id(), &now(), exists)
                 .map_err(Status::failed_precondition)?;
-            return Ok(Response::new(super::networks::local_to_pb(&net, &[])));
+            return Ok(Response::new(mesh_worker::local_request::to_pb(&net, &[])));
         }
         let mgr = self.manager()?;
         let local_taken = self.d.sandboxes.local.find(&r.name).is_some();
@@ -279,7 +279,7 @@ impl Control for ControlService {
             .local
             .list()
             .iter()
-            .map(|n| super::networks::local_to_pb(n, &records))
+            .map(|n| mesh_worker::local_request::to_pb(n, &records))
             .collect();
         if let Some(mgr) = self.d.manager() {
             networks.extend(control::networks::list(&mgr));
@@ -294,7 +294,9 @@ impl Control for ControlService {
         let r = req.into_inner().network;
         if let Some(l) = self.d.sandboxes.local.find(&r) {
             let records = self.d.sandboxes.list();
-            return Ok(Response::new(super::networks::local_to_pb(&l, &records)));
+            return Ok(Response::new(mesh_worker::local_request::to_pb(
+                &l, &records,
+            )));
         }
         // A worker knows its local networks only: for it, no such network.
         let net = match self.d.manager() {
@@ -325,7 +327,10 @@ impl Control for ControlService {
                 .remove(&l.id, &users)
                 .map_err(Status::failed_precondition)?;
             self.d.remove_local_bridge(&removed).await;
-            return Ok(Response::new(super::networks::local_to_pb(&removed, &[])));
+            return Ok(Response::new(mesh_worker::local_request::to_pb(
+                &removed,
+                &[],
+            )));
         }
         let net = control::networks::remove(&*self.manager()?, &r.network).await?;
         Ok(Response::new(net))
@@ -350,7 +355,7 @@ impl Control for ControlService {
             }
             if let Ok(n) = self.d.sandboxes.local.remove(&l.id, &[]) {
                 self.d.remove_local_bridge(&n).await;
-                removed.push(super::networks::local_to_pb(&n, &[]));
+                removed.push(mesh_worker::local_request::to_pb(&n, &[]));
             }
         }
         if let Some(mgr) = self.d.manager() {

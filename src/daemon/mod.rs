@@ -8,7 +8,6 @@
 
 mod control;
 mod lifecycle;
-mod networks;
 mod sandboxes;
 
 use std::path::PathBuf;

@@ -16,6 +16,8 @@
 //! - `overlay`, `link`, `veth`, `netns`: the overlay data path over rtnetlink;
 //! - `local`, `macvlan`, `local_networks`: Docker's local drivers' kernel
 //!   code (bridge; macvlan), and the node's local networks;
+//! - `local_request`: what a local network create may ask for, and how a
+//!   local network is shown through the Control API;
 //! - `stable_hash`: the one hash device names are derived with;
 //! - `egress`: `mesh_gwbridge` and NAT for traffic leaving the node;
 //! - `vip`: which sandboxes get which service VIPs;
@@ -40,6 +42,7 @@ pub mod firewall;
 pub mod link;
 pub mod local;
 pub mod local_networks;
+pub mod local_request;
 pub mod macvlan;
 pub mod managers;
 pub mod netns;

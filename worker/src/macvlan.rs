@@ -11,11 +11,10 @@ use std::os::fd::AsFd;
 
 use ipnet::Ipv4Net;
 use netlink_packet_route::link::MacVlanMode;
-use nix::errno::Errno;
 use rtnetlink::LinkMacVlan;
 use tracing::{debug, info, warn};
 
-use crate::link::{Netlink, fmt_mac};
+use crate::link::{Netlink, fmt_mac, netlink_error};
 use crate::local::{alias_starts, validate_attachment};
 use crate::netns::{self, NetError};
 use crate::overlay::{Attachment, Node};
@@ -34,23 +33,6 @@ fn macvlan_owner(parent: &str) -> String {
 fn macvlan_tmp(a: &Attachment) -> String {
     let h = fnv1a48(&[b"macvlan", a.sandbox_ns.as_bytes(), a.ifname.as_bytes()]);
     format!("mlm{h:012x}")
-}
-
-fn netlink_error(what: String, ns: &str, e: rtnetlink::Error) -> NetError {
-    let errno = match &e {
-        rtnetlink::Error::NetlinkError(m) => m.code.map(|c| Errno::from_raw(c.get().abs())),
-        _ => None,
-    };
-    let reason = match errno {
-        Some(errno) => errno.desc().to_string(),
-        None => e.to_string(),
-    };
-    NetError::Netlink {
-        what,
-        ns: ns.to_string(),
-        errno,
-        reason,
-    }
 }
 
 /// Connects a sandbox to a macvlan network: a macvlan in bridge mode on

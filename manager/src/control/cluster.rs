@@ -4,8 +4,8 @@
 use mesh_common::ipam;
 use mesh_common::model::{Availability, NodeRole, NodeState};
 
-use crate::refusal::Refusal;
 use crate::state::{DEFAULT_DATA_PATH_PORT, DEFAULT_MASK_LEN, DEFAULT_POOL, Node};
+use mesh_common::refusal::Refusal;
 
 /// Address pools, carve mask and VXLAN port a cluster starts with.
 #[derive(Clone, Debug, PartialEq, Eq)]

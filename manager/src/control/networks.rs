@@ -1,39 +1,26 @@
 //! `mesh network create|ls|inspect|rm|prune` for cluster (overlay)
 //! networks: checks what can be checked before Raft (names, options, flag
 //! combinations), then proposes; subnets and VNIs are allocated inside the
-//! state machine. Local networks are the node's own (see the daemon).
+//! state machine. Local networks are the node's own
+//! (`mesh_worker::local_request`).
 
 use std::collections::BTreeMap;
 
-use mesh_common::id::valid_name;
+use mesh_common::id::check_network_name as check_name;
 use mesh_common::model::DriverKind;
 use mesh_proto::NetworkCreateRequest;
 use tonic::Status;
 
 use crate::manager::{Manager, ManagerError, now};
 use crate::pb::network::network_to_pb;
-use crate::refusal::{Refusal, RefusalKind};
 use crate::state::{Command, CommandResult, Network, NetworkSpec, no_such_network};
+use mesh_common::refusal::{Refusal, RefusalKind};
 
 const MTU_OPTIONS: [&str; 2] = ["mtu", "com.docker.network.driver.mtu"];
 
 /// The driver a create asks for (Docker's default is a local bridge).
 pub fn driver_of(r: &NetworkCreateRequest) -> &str {
-    if r.driver.is_empty() {
-        DriverKind::Bridge.as_str()
-    } else {
-        r.driver.as_str()
-    }
-}
-
-/// The refusal for a malformed network name, shared with local networks.
-pub fn check_name(name: &str) -> Result<(), Refusal> {
-    if valid_name(name) {
-        return Ok(());
-    }
-    Err(Refusal::invalid(format!(
-        "invalid network name {name:?}: use letters, digits, '_', '.' and '-', starting with a letter or digit"
-    )))
+    DriverKind::requested(&r.driver)
 }
 
 /// A cluster network request, checked, with Docker's option spellings
@@ -179,7 +166,7 @@ pub async fn prune(mgr: &Manager) -> Result<Vec<mesh_proto::Network>, Status> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::refusal::RefusalKind;
+    use mesh_common::refusal::RefusalKind;
 
     fn req(name: &str) -> NetworkCreateRequest {
         NetworkCreateRequest {
@@ -191,10 +178,10 @@ mod tests {
 
     #[test]
     fn names() {
-        assert!(valid_name("front-end_1.x"));
-        assert!(!valid_name(""));
-        assert!(!valid_name("-x"));
-        assert!(!valid_name("a b"));
+        assert!(mesh_common::id::valid_name("front-end_1.x"));
+        assert!(!mesh_common::id::valid_name(""));
+        assert!(!mesh_common::id::valid_name("-x"));
+        assert!(!mesh_common::id::valid_name("a b"));
         assert!(spec_from(req("bad name")).is_err());
     }
 

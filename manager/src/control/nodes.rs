@@ -10,8 +10,8 @@ use tonic::Status;
 
 use crate::manager::{Manager, now};
 use crate::pb::node::node_to_pb;
-use crate::refusal::Refusal;
 use crate::state::{Command, CommandResult, Node};
+use mesh_common::refusal::Refusal;
 
 /// Finds a node by ID, hostname or unique ID prefix, as Docker does;
 /// `self` is the node answering.
@@ -149,7 +149,7 @@ pub async fn remove(mgr: &Manager, r: NodeRemoveRequest) -> Result<(), Status> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::refusal::RefusalKind;
+    use mesh_common::refusal::RefusalKind;
 
     fn nodes(list: &[(&str, &str, NodeRole)]) -> BTreeMap<String, Node> {
         list.iter()

@@ -16,9 +16,9 @@ use tonic::Status;
 use crate::logs::LogError;
 use crate::manager::{Manager, ManagerError, now};
 use crate::pb::service::{service_to_pb, task_to_pb};
-use crate::refusal::Refusal;
 use crate::services::{DEFAULT_RESTART_DELAY_MS, Service, ServiceSpec, Task, validate};
 use crate::state::{ClusterState, Command, CommandResult};
+use mesh_common::refusal::Refusal;
 
 /// How long a write's result may take to reach this manager's copy of the
 /// state (it was committed by the leader, which may be another manager).

@@ -7,8 +7,8 @@ use mesh_common::{pki, token};
 use tonic::Status;
 
 use crate::manager::Manager;
-use crate::refusal::Refusal;
 use crate::state::Command;
+use mesh_common::refusal::Refusal;
 
 /// The role a token request names.
 pub fn parse_role(role: &str) -> Result<NodeRole, Refusal> {

@@ -115,13 +115,7 @@ impl Manager {
             let addr = self
                 .leader_addr()
                 .ok_or_else(|| ManagerError::NoLeader(self.quorum_note()))?;
-            let channel = self
-                .peers
-                .channel(&addr)
-                .map_err(|e| ManagerError::Forward {
-                    addr: addr.clone(),
-                    msg: e.to_string(),
-                })?;
+            let channel = self.forward_channel(&addr)?;
             let r = ClusterClient::new(channel)
                 .wait_converged(mesh_proto::WaitConvergedRequest {
                     exclude_node: exclude.to_string(),

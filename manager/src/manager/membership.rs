@@ -117,7 +117,7 @@ impl Manager {
             if self.is_leader() && req.remove {
                 let raft_id = self.read(|s| s.nodes.get(&req.node_id).map(|n| n.raft_id));
                 let raft_id = raft_id.ok_or_else(|| {
-                    ManagerError::Refused(crate::refusal::Refusal::not_found(format!(
+                    ManagerError::Refused(mesh_common::refusal::Refusal::not_found(format!(
                         "node {} not found",
                         req.node_id
                     )))
@@ -125,13 +125,7 @@ impl Manager {
                 return self.remove_voter(raft_id).await;
             }
             if let Some(addr) = self.leader_addr() {
-                let channel = self
-                    .peers
-                    .channel(&addr)
-                    .map_err(|e| ManagerError::Forward {
-                        addr: addr.clone(),
-                        msg: e.to_string(),
-                    })?;
+                let channel = self.forward_channel(&addr)?;
                 match ClusterClient::new(channel).join_raft(req.clone()).await {
                     Ok(_) => return Ok(()),
                     Err(s)

@@ -57,7 +57,7 @@ pub enum ManagerError {
     #[error("cannot forward the write to the leader at {addr}: {msg}")]
     Forward { addr: String, msg: String },
     #[error("{0}")]
-    Refused(crate::refusal::Refusal),
+    Refused(mesh_common::refusal::Refusal),
     #[error("raft: {0}")]
     Raft(String),
 }
@@ -345,6 +345,14 @@ impl Manager {
                 Ok(Ok(r)) => return Ok(r),
             }
         }
+    }
+
+    /// The kept channel to another manager, for a call forwarded to it.
+    fn forward_channel(&self, addr: &str) -> Result<tonic::transport::Channel, ManagerError> {
+        self.peers.channel(addr).map_err(|e| ManagerError::Forward {
+            addr: addr.to_string(),
+            msg: e.to_string(),
+        })
     }
 
     async fn write_once(&self, cmd: &Command) -> Result<CommandResult, Retry> {

@@ -8,8 +8,8 @@ use std::net::Ipv4Addr;
 use mesh_common::model::{DriverKind, EndpointMode, RestartCondition, TaskState};
 
 use super::{Service, ServiceSpec, Task, TaskReport, UpdateState, rank, task_relevant, validate};
-use crate::refusal::Refusal;
 use crate::state::{ClusterState, CommandResult};
+use mesh_common::refusal::Refusal;
 
 impl ClusterState {
     /// Finds a service by full ID, then name, then unique ID prefix.

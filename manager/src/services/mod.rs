@@ -18,8 +18,8 @@ use std::net::Ipv4Addr;
 use mesh_common::model::{EndpointMode, RestartCondition, ServiceMode, TaskState};
 use serde::{Deserialize, Serialize};
 
-use crate::refusal::Refusal;
 pub use crate::scheduler::Constraint;
+use mesh_common::refusal::Refusal;
 
 mod lifecycle;
 mod orchestrate;

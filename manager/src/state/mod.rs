@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::refusal::Refusal;
+use mesh_common::refusal::Refusal;
 
 mod command;
 mod networks;

@@ -9,7 +9,7 @@ use mesh_common::ipam::{self, Ipv4Net};
 use mesh_common::model::Mac;
 
 use super::{ClusterState, Command, CommandResult, Endpoint, Network, NetworkSpec};
-use crate::refusal::Refusal;
+use mesh_common::refusal::Refusal;
 
 impl ClusterState {
     pub(super) fn apply_network_command(&mut self, index: u64, cmd: &Command) -> CommandResult {

@@ -5,7 +5,7 @@ use mesh_common::model::DriverKind;
 
 use super::networks::INGRESS_SUBNET;
 use super::{ClusterState, Command, CommandResult, NetworkSpec, short_id};
-use crate::refusal::Refusal;
+use mesh_common::refusal::Refusal;
 
 impl ClusterState {
     pub(super) fn apply_node_command(&mut self, index: u64, cmd: &Command) -> CommandResult {

@@ -62,11 +62,11 @@ impl Refusal {
     }
 }
 
-impl From<mesh_common::ipam::IpamError> for Refusal {
+impl From<crate::ipam::IpamError> for Refusal {
     /// Malformed input is the caller's to fix; running out or overlapping
     /// depends on what the cluster already holds.
-    fn from(e: mesh_common::ipam::IpamError) -> Self {
-        use mesh_common::ipam::IpamError as E;
+    fn from(e: crate::ipam::IpamError) -> Self {
+        use crate::ipam::IpamError as E;
         let kind = match e {
             E::Exhausted { .. }
             | E::Overlap { .. }
@@ -79,8 +79,8 @@ impl From<mesh_common::ipam::IpamError> for Refusal {
     }
 }
 
-impl From<mesh_common::model::UnknownWord> for Refusal {
-    fn from(e: mesh_common::model::UnknownWord) -> Self {
+impl From<crate::model::UnknownWord> for Refusal {
+    fn from(e: crate::model::UnknownWord) -> Self {
         Refusal::invalid(e.to_string())
     }
 }
@@ -122,10 +122,10 @@ mod tests {
 
     #[test]
     fn malformed_subnets_are_invalid_and_overlaps_are_not() {
-        let bad = mesh_common::ipam::parse_subnet("10.1.0.0/33").expect_err("malformed");
+        let bad = crate::ipam::parse_subnet("10.1.0.0/33").expect_err("malformed");
         assert_eq!(Refusal::from(bad).kind, RefusalKind::InvalidArgument);
-        let a = mesh_common::ipam::parse_subnet("10.1.0.0/24").expect("valid");
-        let overlap = mesh_common::ipam::check_overlap(&a, [("x", &a)]).expect_err("overlaps");
+        let a = crate::ipam::parse_subnet("10.1.0.0/24").expect("valid");
+        let overlap = crate::ipam::check_overlap(&a, [("x", &a)]).expect_err("overlaps");
         assert_eq!(Refusal::from(overlap).kind, RefusalKind::FailedPrecondition);
     }
 }

@@ -1,20 +1,20 @@
-//! Local network requests (bridge, macvlan) from the CLI: this node's own
-//! networks, kept by the worker. Cluster networks are decided in
-//! `mesh_manager::control::networks`.
-//!
-//! Debt: the checks of a local spec belong beside the worker's local
-//! networks; they stay here until that module takes them.
+//! Local network requests (bridge, macvlan) from the Control API: this
+//! node's own networks, kept in [`crate::local_networks`]. What a create
+//! may ask for is decided here; cluster networks are decided by the
+//! managers (`mesh_manager::control::networks`).
 
-use mesh_manager::control::networks::{check_name, driver_of};
-use mesh_manager::refusal::Refusal;
+use mesh_common::id::check_network_name;
+use mesh_common::model::DriverKind;
+use mesh_common::refusal::Refusal;
+
+use crate::local_networks::{LocalNetwork, LocalSpec};
+use crate::sandboxes::Record;
 
 /// A local (bridge or macvlan) network request, checked.
-pub fn local_spec_from(
-    r: mesh_proto::NetworkCreateRequest,
-) -> Result<mesh_worker::local_networks::LocalSpec, Refusal> {
+pub fn spec_from(r: mesh_proto::NetworkCreateRequest) -> Result<LocalSpec, Refusal> {
     let bad = |m: String| Err(Refusal::invalid(m));
-    check_name(&r.name)?;
-    let driver = driver_of(&r).to_string();
+    check_network_name(&r.name)?;
+    let driver = DriverKind::requested(&r.driver).to_string();
     match driver.as_str() {
         "bridge" | "macvlan" => {}
         "host" | "none" => {
@@ -35,7 +35,7 @@ pub fn local_spec_from(
         return bad("--gateway and --ip-range need --subnet".into());
     }
     let opt = |s: String| (!s.is_empty()).then_some(s);
-    Ok(mesh_worker::local_networks::LocalSpec {
+    Ok(LocalSpec {
         name: r.name,
         driver,
         subnet: opt(r.subnet),
@@ -49,10 +49,7 @@ pub fn local_spec_from(
 
 /// A local network as the API shows it; its Containers are this node's
 /// sandboxes on it.
-pub fn local_to_pb(
-    n: &mesh_worker::local_networks::LocalNetwork,
-    sandboxes: &[mesh_worker::sandboxes::Record],
-) -> mesh_proto::Network {
+pub fn to_pb(n: &LocalNetwork, sandboxes: &[Record]) -> mesh_proto::Network {
     let prefix = n.subnet.split_once('/').map(|(_, p)| p).unwrap_or("16");
     let containers = sandboxes
         .iter()
@@ -99,6 +96,6 @@ mod tests {
             driver: "vlan".into(),
             ..Default::default()
         };
-        assert!(local_spec_from(r).is_err_and(|e| e.contains("unknown network driver")));
+        assert!(spec_from(r).is_err_and(|e| e.contains("unknown network driver")));
     }
 }
