@@ -196,7 +196,7 @@ pub(super) async fn open_network(prefix: &str, vni: u32) -> Result<(String, Netl
 pub async fn ensure_network(node: &Node, spec: &OverlaySpec) -> Result<(), NetError> {
     validate_spec(spec)?;
     let ns = network_ns_name(&node.prefix, spec.vni);
-    netns::create(&ns)?;
+    netns::create_async(&ns).await?;
     let net = Netlink::open(Some(&ns)).await?;
     ensure_bridge(&net, spec).await?;
     ensure_vxlan(node, &net, &ns, spec).await
@@ -469,7 +469,7 @@ pub async fn remove_network(node: &Node, vni: u32) -> Result<(), NetError> {
             first_err.get_or_insert(e);
         }
     }
-    if let Err(e) = netns::delete(&ns) {
+    if let Err(e) = netns::delete_async(&ns).await {
         first_err.get_or_insert(e);
     }
     info!(ns, vni, "removed network");
