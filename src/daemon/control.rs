@@ -166,7 +166,14 @@ impl Control for ControlService {
         let mut info = InfoResponse {
             hostname: super::lifecycle::hostname(),
             error: error.clone(),
-            datapath_errors: self.d.sandboxes.faults(),
+            datapath_errors: self
+                .d
+                .applied
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .map(|a| a.faults())
+                .unwrap_or_default(),
             ..Default::default()
         };
         let Some(config) = config else {

@@ -152,6 +152,8 @@ impl Daemon {
             .session_status
             .write()
             .unwrap_or_else(|e| e.into_inner()) = m.session.as_ref().map(|s| s.status.clone());
+        *self.applied.write().unwrap_or_else(|e| e.into_inner()) =
+            m.session.as_ref().map(|s| s.applied.clone());
     }
 
     async fn start_session(&self, m: &mut Membership) -> Result<()> {

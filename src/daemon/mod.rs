@@ -51,6 +51,8 @@ pub struct Daemon {
     manager: RwLock<Option<Arc<Manager>>>,
     /// Session status for `mesh info`, readable without the lock.
     session_status: RwLock<Option<Arc<Mutex<SessionStatus>>>>,
+    /// The agent's last faults for `mesh info`, readable without the lock.
+    applied: RwLock<Option<Arc<mesh_worker::session::Applied>>>,
     config: RwLock<Option<NodeConfig>>,
     /// Why this node is not in a cluster any more (e.g. it was removed).
     error: RwLock<String>,
@@ -105,6 +107,7 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
         membership: Default::default(),
         manager: RwLock::new(None),
         session_status: RwLock::new(None),
+        applied: RwLock::new(None),
         config: RwLock::new(None),
         error: RwLock::new(String::new()),
         events,

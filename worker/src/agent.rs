@@ -152,7 +152,7 @@ async fn reconcile_loop(
                 );
             }
             let faults: Vec<String> = pass.faults.iter().map(ToString::to_string).collect();
-            if faults != sandboxes.faults() {
+            if faults != applied.faults() {
                 for f in &faults {
                     warn!("data path: {f}; will retry");
                 }
@@ -165,15 +165,14 @@ async fn reconcile_loop(
             if pass.overlays_applied {
                 applied.set(view.generation, mesh_proto::view_digest(&view));
             }
-            applied.set_faults(faults.clone());
-            sandboxes.set_faults(faults);
+            applied.set_faults(faults);
         }
         tokio::select! {
             _ = views.changed() => {}
             _ = tokio::time::sleep(RESYNC_EVERY) => {}
             _ = stop.changed() => {
                 // Out of the cluster, nothing is being reconciled.
-                sandboxes.set_faults(Vec::new());
+                applied.set_faults(Vec::new());
                 return;
             }
         }

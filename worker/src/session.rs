@@ -89,7 +89,8 @@ pub struct Applied {
     generation: std::sync::atomic::AtomicU64,
     digest: std::sync::atomic::AtomicU64,
     changed: tokio::sync::Notify,
-    /// What the agent's last pass could not fix, sent with each heartbeat.
+    /// What the agent's last pass could not fix: sent with each heartbeat,
+    /// and what `mesh info` shows.
     faults: Mutex<Vec<String>>,
 }
 

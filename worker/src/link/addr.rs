@@ -123,13 +123,10 @@ impl Netlink {
             .gateway(gateway)
             .output_interface(idx)
             .build();
-        self.handle
-            .route()
-            .add(msg)
-            .replace()
-            .execute()
-            .await
-            .map_err(|e| self.err(format!("set the default route via {gateway} on {dev}"), e))
+        self.replace_route(msg, || {
+            format!("set the default route via {gateway} on {dev}")
+        })
+        .await
     }
 
     /// Adds or replaces a link-scope route to `dst/prefix` out of `dev`.
@@ -145,13 +142,23 @@ impl Netlink {
             .output_interface(idx)
             .scope(RouteScope::Link)
             .build();
+        self.replace_route(msg, || format!("add route {dst}/{prefix} dev {dev}"))
+            .await
+    }
+
+    /// Adds a route, replacing one to the same destination.
+    async fn replace_route(
+        &self,
+        msg: RouteMessage,
+        what: impl FnOnce() -> String,
+    ) -> Result<(), NetError> {
         self.handle
             .route()
             .add(msg)
             .replace()
             .execute()
             .await
-            .map_err(|e| self.err(format!("add route {dst}/{prefix} dev {dev}"), e))
+            .map_err(|e| self.err(what(), e))
     }
 
     /// Whether the main table has an IPv4 default route.

@@ -72,8 +72,6 @@ pub struct Sandboxes {
     /// The VIP ruleset last applied per sandbox namespace, so a pass only
     /// forks `nft` where something changed.
     vip_applied: Mutex<BTreeMap<String, String>>,
-    /// What the agent's last reconcile pass could not fix (for `mesh info`).
-    faults: Mutex<Vec<String>>,
 }
 
 impl Sandboxes {
@@ -93,7 +91,6 @@ impl Sandboxes {
             dns,
             view: Mutex::new(None),
             vip_applied: Mutex::new(BTreeMap::new()),
-            faults: Mutex::new(Vec::new()),
         })
     }
 
@@ -197,19 +194,6 @@ impl Sandboxes {
             .filter_map(|r| r.egress_ip)
             .collect();
         Ok(drivers::next_egress_ip(&used)?)
-    }
-
-    /// What the last reconcile pass could not fix, one line each; empty
-    /// when all is well.
-    pub fn faults(&self) -> Vec<String> {
-        self.faults
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    pub fn set_faults(&self, faults: Vec<String>) {
-        *self.faults.lock().unwrap_or_else(|e| e.into_inner()) = faults;
     }
 }
 
