@@ -25,7 +25,7 @@ use crate::client::{connect, status};
 use crate::table;
 use flags::{env_from_flags, labels};
 use progress::converge;
-use show::{command_column, inspect_json, ps, short};
+use show::{command_column, inspect_json, ps, short, statuses};
 
 async fn create(c: &mut ControlClient<Channel>, a: ServiceCreateArgs) -> Result<ExitCode> {
     let req = ServiceCreateRequest {
@@ -170,17 +170,11 @@ pub async fn run(host: &str, cmd: ServiceCmd) -> Result<ExitCode> {
             }
         }
         ServiceCmd::Inspect { services } => {
-            let mut out = Vec::new();
-            for s in services {
-                let st = c
-                    .service_status(ServiceRef { service: s })
-                    .await
-                    .map_err(status)?
-                    .into_inner();
-                if let Some(svc) = st.service {
-                    out.push(inspect_json(&svc));
-                }
-            }
+            let out: Vec<_> = statuses(&mut c, services)
+                .await?
+                .iter()
+                .filter_map(|st| st.service.as_ref().map(inspect_json))
+                .collect();
             println!("{}", serde_json::to_string_pretty(&out)?);
         }
         ServiceCmd::Rm { services } => {

@@ -126,6 +126,23 @@ pub(super) fn inspect_json(s: &Service) -> serde_json::Value {
     v
 }
 
+/// Each named service with its tasks, in the order given; the first that
+/// cannot be had ends it with the managers' reason.
+pub(super) async fn statuses(
+    c: &mut ControlClient<Channel>,
+    services: Vec<String>,
+) -> Result<Vec<ServiceStatusReply>> {
+    let mut out = Vec::with_capacity(services.len());
+    for service in services {
+        let st = c
+            .service_status(ServiceRef { service })
+            .await
+            .map_err(status)?;
+        out.push(st.into_inner());
+    }
+    Ok(out)
+}
+
 pub(super) async fn ps(
     c: &mut ControlClient<Channel>,
     services: Vec<String>,
@@ -136,15 +153,11 @@ pub(super) async fn ps(
     if format.as_deref().is_some_and(|f| f != "json") {
         bail!("unsupported --format {format:?}: use json or leave it out for a table");
     }
-    let mut tasks = Vec::new();
-    for s in services {
-        let st = c
-            .service_status(ServiceRef { service: s })
-            .await
-            .map_err(status)?
-            .into_inner();
-        tasks.extend(st.tasks);
-    }
+    let tasks: Vec<Task> = statuses(c, services)
+        .await?
+        .into_iter()
+        .flat_map(|st| st.tasks)
+        .collect();
     let now = OffsetDateTime::now_utc();
     let error_column = |t: &Task| {
         let e = if !t.error.is_empty() {
