@@ -75,27 +75,36 @@ impl Egress {
         }
         let bridge =
             tokio::task::block_in_place(|| egress::check_gwbridge(None, &subnet().to_string()));
-        if let Ok(fixed) = &bridge
-            && fixed.any()
-        {
-            debug!(?fixed, "egress bridge or table drifted; repaired");
-            out.repairs += 1;
+        match bridge {
+            Ok(fixed) if fixed.any() => {
+                debug!(?fixed, "egress bridge or table drifted; repaired");
+                out.repairs += 1;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                out.fail(
+                    || {
+                        format!(
+                            "egress bridge {} and table {}",
+                            egress::GWBRIDGE,
+                            egress::TABLE
+                        )
+                    },
+                    e,
+                );
+                return out;
+            }
         }
-        if let Err(e) = bridge {
-            out.fail(
-                || {
-                    format!(
-                        "egress bridge {} and table {}",
-                        egress::GWBRIDGE,
-                        egress::TABLE
-                    )
-                },
-                e,
-            );
-            return out;
-        }
+        // The node's side is looked at once per pass, not once per sandbox.
+        let host = Netlink::open(None).await.ok();
+        let bridge = match &host {
+            Some(h) => h.link(egress::GWBRIDGE).await.ok().flatten(),
+            None => None,
+        };
         for (rec, ip) in users {
-            if attached(rec, ip).await {
+            if let (Some(host), Some(bridge)) = (&host, &bridge)
+                && attached(host, bridge.index, rec, ip).await
+            {
                 continue;
             }
             debug!(sandbox = %rec.name, "egress port drifted; repairing it");
@@ -112,16 +121,14 @@ impl Egress {
 /// Whether the kernel holds the sandbox's egress as attach makes it: its
 /// port up on the bridge, and `gw0` with its address in the sandbox. Any
 /// doubt counts as not attached (attach is idempotent).
-async fn attached(rec: &Record, ip: Ipv4Addr) -> bool {
+async fn attached(host: &Netlink, bridge: u32, rec: &Record, ip: Ipv4Addr) -> bool {
     let check = async {
-        let host = Netlink::open(None).await.ok()?;
-        let bridge = host.link(egress::GWBRIDGE).await.ok()??;
         let port = host.link(&egress::host_ifname(&rec.netns)).await.ok()??;
         let sb = Netlink::open(Some(&rec.netns)).await.ok()?;
         let inner = sb.link(egress::SANDBOX_IFNAME).await.ok()??;
         let addrs = sb.addresses_v4(egress::SANDBOX_IFNAME).await.ok()?;
         Some(
-            port.master == Some(bridge.index)
+            port.master == Some(bridge)
                 && port.up
                 && inner.up
                 && addrs.contains(&(ip, EGRESS_SUBNET.1)),
