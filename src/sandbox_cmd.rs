@@ -28,6 +28,7 @@ pub async fn run(host: &str, a: RunArgs) -> Result<ExitCode> {
             aliases: a.network_alias,
             cmd: a.cmd,
             env,
+            ports: Vec::new(),
         })
         .await
         .map_err(status)?

@@ -4,6 +4,7 @@
 //! - `ipam`: subnet and address allocation math over the managers' state;
 //! - `model`: the cluster's words as enums (roles, states, modes, drivers)
 //!   and the MAC type, serialized as the strings older versions wrote;
+//! - `ports`: published ports as users write them (`--publish`, `-p`);
 //! - `refusal`: the typed "no" of the managers' state machine, the control
 //!   API and the node's own checks, mapped once to gRPC codes;
 //! - `token`: join tokens `SWMTKN-1-<CA digest>-<secret>`, and the join
@@ -22,6 +23,7 @@ pub mod id;
 pub mod ipam;
 pub mod model;
 pub mod pki;
+pub mod ports;
 pub mod refusal;
 pub mod tls;
 pub mod token;

@@ -187,6 +187,27 @@ word_enum! {
 }
 
 word_enum! {
+    /// The transport protocol of a published port.
+    #[derive(Default)]
+    Protocol, "protocol" {
+        #[default]
+        Tcp = "tcp",
+        Udp = "udp",
+    }
+}
+
+word_enum! {
+    /// How a service port is published: on every node through the routing
+    /// mesh, or only on the nodes running a task, straight to it.
+    #[derive(Default)]
+    PublishMode, "publish mode" {
+        #[default]
+        Ingress = "ingress",
+        Host = "host",
+    }
+}
+
+word_enum! {
     /// Which network driver serves a network.
     DriverKind, "driver" {
         Overlay = "overlay",

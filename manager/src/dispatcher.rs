@@ -117,6 +117,7 @@ fn tasks_for(s: &ClusterState, node_id: &str) -> Vec<TaskAssignment> {
                 networks: eps.into_iter().map(|e| endpoint_info(s, e)).collect(),
                 start_delay_ms: t.start_delay_ms,
                 known_state: t.state.to_string(),
+                ports: Vec::new(),
             }
         })
         .collect()
@@ -139,6 +140,7 @@ pub fn view_for(s: &ClusterState, node_id: &str, generation: u64) -> NodeView {
         data_path_port: data_path_port(s),
         networks,
         tasks: tasks_for(s, node_id),
+        ingress: None,
     }
 }
 

@@ -26,6 +26,7 @@ pub fn to_pb(r: &Record, state_dir: &StateDir) -> mesh_proto::Sandbox {
             })
             .collect(),
         created_at: r.created_at.clone(),
+        ports: Vec::new(),
         log_path: state_dir
             .sandboxes_dir()
             .join(&r.id)

@@ -45,6 +45,7 @@ async fn create(c: &mut ControlClient<Channel>, a: ServiceCreateArgs) -> Result<
         restart_max_attempts: a.restart_max_attempts,
         cmd: a.cmd,
         labels: labels(a.label)?,
+        ports: Vec::new(),
     };
     let svc = c.service_create(req).await.map_err(status)?.into_inner();
     println!("{}", svc.id);
@@ -65,6 +66,7 @@ async fn update(c: &mut ControlClient<Channel>, a: ServiceUpdateArgs) -> Result<
         constraint_add: a.constraint_add,
         constraint_rm: a.constraint_rm,
         force: a.force,
+        ..Default::default()
     };
     let svc = c.service_update(req).await.map_err(status)?.into_inner();
     println!("{}", a.service);

@@ -62,6 +62,8 @@ pub fn service_to_pb(s: &ClusterState, svc: &Service) -> mesh_proto::Service {
         update_state: svc.update_state.as_str().to_string(),
         update_message: svc.update_message.clone(),
         network_ids: spec.networks.clone(),
+        spec_ports: Vec::new(),
+        endpoint_ports: Vec::new(),
     }
 }
 
