@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use mesh_common::ports::{PortBinding, ServicePort};
 
 #[derive(Parser)]
 #[command(
@@ -300,19 +301,22 @@ pub struct RunArgs {
     /// Run in the background and print the sandbox ID.
     #[arg(short, long)]
     pub detach: bool,
-    /// Publishing ports is not built yet: refused, so `-p 8080:80` is
-    /// never mistaken for the command.
-    #[arg(short = 'p', long = "publish", value_name = "PORTS", value_parser = refuse_publish)]
-    pub publish: Vec<String>,
+    /// Publish a port: [IP:][HOST_PORT:]CONTAINER_PORT[/udp] (repeatable);
+    /// without HOST_PORT the node picks a free one.
+    #[arg(short = 'p', long = "publish", value_name = "PORTS", value_parser = parse_binding)]
+    pub publish: Vec<PortBinding>,
     /// Command and arguments: after `--`, or from the first word that is
     /// not a flag. No `allow_hyphen_values`: an unknown flag is an error.
     #[arg(trailing_var_arg = true, required = true)]
     pub cmd: Vec<String>,
 }
 
-/// `--publish` is parsed only to be refused with a reason.
-fn refuse_publish(_: &str) -> Result<String, String> {
-    Err("publishing ports is not supported yet".into())
+fn parse_binding(s: &str) -> Result<PortBinding, String> {
+    mesh_common::ports::parse_binding(s).map_err(|e| e.why)
+}
+
+fn parse_service_port(s: &str) -> Result<ServicePort, String> {
+    mesh_common::ports::parse_service_port(s).map_err(|e| e.why)
 }
 
 #[derive(Subcommand)]
@@ -403,9 +407,11 @@ pub struct ServiceCreateArgs {
     /// Print the ID and return without waiting for the tasks to run.
     #[arg(short, long)]
     pub detach: bool,
-    /// Publishing ports is not built yet: refused with a reason.
-    #[arg(short = 'p', long = "publish", value_name = "PORTS", value_parser = refuse_publish)]
-    pub publish: Vec<String>,
+    /// Publish a port: published=P,target=T[,protocol=tcp|udp][,mode=ingress|host]
+    /// or P:T[/udp] (repeatable); without a published port one is taken
+    /// from 30000-32767.
+    #[arg(short = 'p', long = "publish", value_name = "PORT", value_parser = parse_service_port)]
+    pub publish: Vec<ServicePort>,
     /// Command and arguments: after `--`, or from the first word that is
     /// not a flag; an unknown flag before it is an error.
     #[arg(trailing_var_arg = true, required = true)]
@@ -430,6 +436,12 @@ pub struct ServiceUpdateArgs {
     pub constraint_add: Vec<String>,
     #[arg(long = "constraint-rm")]
     pub constraint_rm: Vec<String>,
+    /// Add a published port, as `service create --publish` (repeatable).
+    #[arg(long = "publish-add", value_name = "PORT", value_parser = parse_service_port)]
+    pub publish_add: Vec<ServicePort>,
+    /// Remove a published port: PUBLISHED[/PROTOCOL] (repeatable).
+    #[arg(long = "publish-rm", value_name = "PORT")]
+    pub publish_rm: Vec<String>,
     /// Replace every task even if nothing changed.
     #[arg(long)]
     pub force: bool,
@@ -481,27 +493,47 @@ mod tests {
     }
 
     #[test]
-    fn publish_is_refused_with_a_reason() {
-        for args in [
-            &["run", "-d", "--name", "x", "-p", "8080:80", "--", "cmd"][..],
-            &[
-                "service",
-                "create",
-                "--name",
-                "s",
-                "--publish",
-                "80",
-                "sleep",
-                "1",
-            ],
+    fn bad_publish_is_one_clear_line() {
+        for (args, says) in [
+            (
+                &["run", "-d", "-p", "0:80", "--", "cmd"][..],
+                "out of range",
+            ),
+            (
+                &["run", "-d", "-p", "80:80/sctp", "--", "cmd"],
+                "unknown protocol",
+            ),
+            (
+                &[
+                    "service",
+                    "create",
+                    "--name",
+                    "s",
+                    "--publish",
+                    "published=80",
+                    "sleep",
+                    "1",
+                ],
+                "target port is missing",
+            ),
+            (
+                &[
+                    "service",
+                    "create",
+                    "--name",
+                    "s",
+                    "-p",
+                    "target=80,mode=vip",
+                    "sleep",
+                    "1",
+                ],
+                "unknown mode",
+            ),
         ] {
             let e = parse(args).err().map(|e| (e.kind(), e.to_string()));
             let (kind, text) = e.unwrap_or_else(|| panic!("{args:?} parsed"));
             assert_eq!(kind, ErrorKind::ValueValidation, "{args:?}");
-            assert!(
-                text.contains("publishing ports is not supported yet"),
-                "{text}"
-            );
+            assert!(text.contains(says), "{text}");
         }
     }
 }

@@ -13,6 +13,9 @@ use crate::client::{connect, status};
 use crate::table;
 
 pub async fn run(host: &str, a: RunArgs) -> Result<ExitCode> {
+    if !a.publish.is_empty() {
+        bail!("publishing ports is not supported yet");
+    }
     let mut c = connect(host).await?;
     let mut env = std::collections::HashMap::new();
     for e in a.env {

@@ -28,6 +28,9 @@ use progress::converge;
 use show::{command_column, inspect_json, ps, short, statuses};
 
 async fn create(c: &mut ControlClient<Channel>, a: ServiceCreateArgs) -> Result<ExitCode> {
+    if !a.publish.is_empty() {
+        bail!("publishing ports is not supported yet");
+    }
     let req = ServiceCreateRequest {
         name: a.name,
         mode: a.mode,
@@ -56,6 +59,9 @@ async fn create(c: &mut ControlClient<Channel>, a: ServiceCreateArgs) -> Result<
 }
 
 async fn update(c: &mut ControlClient<Channel>, a: ServiceUpdateArgs) -> Result<ExitCode> {
+    if !a.publish_add.is_empty() || !a.publish_rm.is_empty() {
+        bail!("publishing ports is not supported yet");
+    }
     let req = ServiceUpdateRequest {
         service: a.service.clone(),
         replicas: a.replicas,
