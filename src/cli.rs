@@ -235,7 +235,7 @@ pub enum NetworkCmd {
         /// The routing-mesh network (one per cluster).
         #[arg(long)]
         ingress: bool,
-        /// Driver options: encrypted, mtu=N.
+        /// Driver options: mtu=N (encrypted is refused until it is built).
         #[arg(short = 'o', long = "opt")]
         opt: Vec<String>,
         #[arg(long)]
