@@ -3,11 +3,29 @@
 //! endpoint on other nodes (its FDB and neighbour entries): this is what
 //! keeps the push small as clusters grow.
 
+use mesh_common::model::PublishMode;
 use mesh_proto::{
-    EndpointInfo, NetworkAssignment, NodeView, PeerEntry, ServiceEntry, TaskAssignment,
+    EndpointInfo, IngressNode, IngressPort, IngressView, NetworkAssignment, NodeView, PeerEntry,
+    ServiceEntry, TaskAssignment,
 };
 
-use crate::state::{ClusterState, DEFAULT_DATA_PATH_PORT, Endpoint, Network};
+use crate::pb::service::port_to_pb;
+use crate::state::{
+    ClusterState, DEFAULT_DATA_PATH_PORT, Endpoint, Network, NetworkSpec, ingress_sbox_id,
+    is_ingress_sbox,
+};
+
+/// Option names that set a network's MTU: ours and Docker's.
+pub const MTU_OPTIONS: [&str; 2] = ["mtu", "com.docker.network.driver.mtu"];
+
+/// A network's MTU as its options give it (0: the node's default).
+pub fn network_mtu(spec: &NetworkSpec) -> u32 {
+    MTU_OPTIONS
+        .iter()
+        .find_map(|k| spec.options.get(*k))
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(0)
+}
 
 pub fn endpoint_info(s: &ClusterState, e: &Endpoint) -> EndpointInfo {
     let net = s.networks.get(&e.network_id);
@@ -24,10 +42,7 @@ pub fn endpoint_info(s: &ClusterState, e: &Endpoint) -> EndpointInfo {
         gateway: net.map(|n| n.gateway.to_string()).unwrap_or_default(),
         aliases: e.aliases.clone(),
         vni: net.map(|n| n.vni).unwrap_or_default(),
-        mtu: net
-            .and_then(|n| n.spec.options.get("mtu"))
-            .and_then(|m| m.parse().ok())
-            .unwrap_or(0),
+        mtu: net.map_or(0, |n| network_mtu(&n.spec)),
         internal: net.is_some_and(|n| n.spec.internal),
         data_path_port: data_path_port(s),
     }
@@ -55,12 +70,7 @@ fn assignment(s: &ClusterState, net: &Network, node_id: &str) -> NetworkAssignme
         vni: net.vni,
         subnet: net.subnet.to_string(),
         gateway: net.gateway.to_string(),
-        mtu: net
-            .spec
-            .options
-            .get("mtu")
-            .and_then(|m| m.parse().ok())
-            .unwrap_or(0),
+        mtu: network_mtu(&net.spec),
         internal: net.spec.internal,
         encrypted: net.spec.options.contains_key("encrypted"),
         local,
@@ -96,6 +106,7 @@ fn tasks_for(s: &ClusterState, node_id: &str) -> Vec<TaskAssignment> {
         .filter(|t| t.node_id == node_id && !t.state.is_terminal())
         .map(|t| {
             let svc = s.services.get(&t.service_id);
+            // The spec's networks, then ingress (not one of them), last.
             let order = |net: &str| {
                 svc.and_then(|v| v.spec.networks.iter().position(|n| n == net))
                     .unwrap_or(usize::MAX)
@@ -117,10 +128,65 @@ fn tasks_for(s: &ClusterState, node_id: &str) -> Vec<TaskAssignment> {
                 networks: eps.into_iter().map(|e| endpoint_info(s, e)).collect(),
                 start_delay_ms: t.start_delay_ms,
                 known_state: t.state.to_string(),
-                ports: Vec::new(),
+                ports: svc
+                    .map(|v| v.endpoint_ports.iter().map(port_to_pb).collect())
+                    .unwrap_or_default(),
             }
         })
         .collect()
+}
+
+/// The routing mesh as `node_id` builds it: only once the node has its
+/// ingress sandbox (its address on the ingress network).
+fn ingress_for(s: &ClusterState, node_id: &str) -> Option<IngressView> {
+    let net = s.ingress_network()?;
+    let sbox_id = ingress_sbox_id(node_id);
+    let mine = s
+        .endpoints
+        .values()
+        .find(|e| e.network_id == net.id && e.sandbox_id == sbox_id)?;
+    let nodes = s
+        .endpoints
+        .values()
+        .filter(|e| e.network_id == net.id && is_ingress_sbox(e))
+        .map(|e| IngressNode {
+            node_id: e.node_id.clone(),
+            ip: e.ip.to_string(),
+            mac: e.mac.to_string(),
+        })
+        .collect();
+    let mut ports = Vec::new();
+    for svc in s.services.values() {
+        let ingress: Vec<_> = svc
+            .endpoint_ports
+            .iter()
+            .filter(|p| p.mode == PublishMode::Ingress)
+            .collect();
+        if ingress.is_empty() {
+            continue;
+        }
+        let backends: Vec<String> = s
+            .backends(&svc.id, &net.id)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        for p in ingress {
+            ports.push(IngressPort {
+                service_id: svc.id.clone(),
+                service_name: svc.spec.name.clone(),
+                protocol: p.protocol.to_string(),
+                published_port: p.published.map_or(0, u32::from),
+                target_port: p.target.into(),
+                backends: backends.clone(),
+            });
+        }
+    }
+    Some(IngressView {
+        network_id: net.id.clone(),
+        endpoint: Some(endpoint_info(s, mine)),
+        nodes,
+        ports,
+    })
 }
 
 /// The view of one node at Raft index `generation`.
@@ -140,7 +206,7 @@ pub fn view_for(s: &ClusterState, node_id: &str, generation: u64) -> NodeView {
         data_path_port: data_path_port(s),
         networks,
         tasks: tasks_for(s, node_id),
-        ingress: None,
+        ingress: ingress_for(s, node_id),
     }
 }
 
@@ -155,7 +221,10 @@ fn data_path_port(s: &ClusterState) -> u32 {
 
 /// Two views ask the same of the kernel (generations aside).
 pub fn same_content(a: &NodeView, b: &NodeView) -> bool {
-    a.data_path_port == b.data_path_port && a.networks == b.networks && a.tasks == b.tasks
+    a.data_path_port == b.data_path_port
+        && a.networks == b.networks
+        && a.tasks == b.tasks
+        && a.ingress == b.ingress
 }
 
 #[cfg(test)]
