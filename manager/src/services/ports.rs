@@ -151,10 +151,10 @@ impl ClusterState {
         Ok(())
     }
 
-    /// The first host-mode port of `svc` that a placed, live task on
-    /// `node` (of any service, `except` aside) already holds. Pending
-    /// tasks hold nothing, so two waiting global tasks never block each
-    /// other.
+    /// The first host-mode port of `svc` that a placed task on `node` (of
+    /// any service, `except` aside) holds until its node reports it ended:
+    /// a task told to stop still has the port bound. Pending tasks hold
+    /// nothing, so two waiting global tasks never block each other.
     pub(crate) fn host_port_clash(
         &self,
         svc: &Service,
@@ -170,7 +170,6 @@ impl ClusterState {
             .filter(|t| {
                 t.node_id == node
                     && t.id != except
-                    && t.desired_state == TaskState::Running
                     && t.state != TaskState::Pending
                     && !t.state.is_terminal()
             })
