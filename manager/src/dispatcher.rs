@@ -320,4 +320,140 @@ mod tests {
             "a new peer changes a's view"
         );
     }
+
+    #[test]
+    fn ingress_view_tasks_ports_and_order() {
+        use crate::services::{PortSpec, ServiceSpec};
+        use mesh_common::model::{Protocol, PublishMode, TaskState};
+        let mut s = ClusterState::default();
+        let cluster = ClusterInfo {
+            id: "c".into(),
+            ..Default::default()
+        };
+        s.apply(
+            1,
+            &Command::Init {
+                cluster,
+                node: node("a", "192.168.1.1"),
+                ingress: Some("ing".into()),
+            },
+        );
+        for (i, id) in ["b", "c"].iter().enumerate() {
+            let mut n = node(id, &format!("192.168.1.{}", i + 2));
+            n.state = mesh_common::model::NodeState::Ready;
+            n.availability = mesh_common::model::Availability::Active;
+            s.apply(2 + i as u64, &Command::AddNode { node: n });
+        }
+        let spec = NetworkSpec {
+            name: "app".into(),
+            driver: mesh_common::model::DriverKind::Overlay,
+            options: [("com.docker.network.driver.mtu".into(), "1200".into())].into(),
+            ..Default::default()
+        };
+        s.apply(
+            4,
+            &Command::CreateNetwork {
+                id: "app".into(),
+                spec,
+                at: "t".into(),
+            },
+        );
+        let ports = vec![
+            PortSpec {
+                protocol: Protocol::Tcp,
+                target: 80,
+                published: Some(8080),
+                mode: PublishMode::Ingress,
+            },
+            PortSpec {
+                protocol: Protocol::Udp,
+                target: 53,
+                published: Some(5353),
+                mode: PublishMode::Host,
+            },
+        ];
+        let spec = ServiceSpec {
+            name: "web".into(),
+            replicas: 1,
+            networks: vec!["app".into()],
+            cmd: vec!["sleep".into()],
+            ports,
+            ..Default::default()
+        };
+        s.apply(
+            5,
+            &Command::CreateService {
+                id: "web".into(),
+                spec,
+                at: "t".into(),
+            },
+        );
+        let task = s.tasks.values().next().expect("a task").clone();
+        assert_eq!(task.node_id, "b", "a is not Ready in this state");
+        let vb = view_for(&s, "b", 5);
+        let ta = &vb.tasks[0];
+        let nets: Vec<&str> = ta.networks.iter().map(|e| e.network_id.as_str()).collect();
+        assert_eq!(nets, ["app", "ing"], "ingress last");
+        assert_eq!(ta.networks[0].mtu, 1200, "Docker's MTU option is read");
+        assert_eq!(ta.ports.len(), 2);
+        assert_eq!(
+            (ta.ports[1].published_port, ta.ports[1].publish_mode.as_str()),
+            (5353, "host")
+        );
+        let ing = vb.ingress.as_ref().expect("b has its ingress sandbox");
+        assert_eq!(ing.network_id, "ing");
+        let me = ing.endpoint.as_ref().expect("b's endpoint");
+        assert_eq!((me.node_id.as_str(), me.sandbox.as_str()), ("b", "ingress-sbox"));
+        assert_eq!(ing.nodes.len(), 3, "every node's sandbox, ready or not");
+        assert_eq!(ing.ports.len(), 1, "only ingress-mode ports");
+        let p = &ing.ports[0];
+        assert_eq!(
+            (p.published_port, p.target_port, p.protocol.as_str(), p.service_name.as_str()),
+            (8080, 80, "tcp", "web")
+        );
+        assert!(p.backends.is_empty(), "nothing runs yet");
+        let ingress_net = vb
+            .networks
+            .iter()
+            .find(|n| n.id == "ing")
+            .expect("ingress in networks");
+        assert!(ingress_net.services.is_empty(), "no VIP or DNS on ingress");
+        // A node without tasks still has the mesh (it answers on the port).
+        let vc = view_for(&s, "c", 5);
+        assert_eq!(vc.ingress.as_ref().map(|i| i.ports.len()), Some(1));
+        s.apply(
+            6,
+            &Command::ReportTasks {
+                node_id: "b".into(),
+                reports: vec![crate::services::TaskReport {
+                    task_id: task.id.clone(),
+                    state: TaskState::Running,
+                    ..Default::default()
+                }],
+                at: "t".into(),
+            },
+        );
+        let vc2 = view_for(&s, "c", 6);
+        assert!(!same_content(&vc, &vc2), "a new backend changes every view");
+        let backends = &vc2.ingress.as_ref().expect("ingress").ports[0].backends;
+        let task_ip = s
+            .endpoints
+            .values()
+            .find(|e| e.sandbox_id == task.id && e.network_id == "ing")
+            .map(|e| e.ip.to_string());
+        assert_eq!(backends.first(), task_ip.as_ref());
+        s.apply(
+            7,
+            &Command::SetNodeState {
+                id: "b".into(),
+                state: mesh_common::model::NodeState::Down,
+                addr: None,
+                at: "t".into(),
+            },
+        );
+        let vc3 = view_for(&s, "c", 7);
+        assert!(vc3.ingress.as_ref().expect("ingress").ports[0].backends.is_empty());
+        s.apply(8, &Command::RemoveNetwork { id: "ing".into() });
+        assert!(s.networks.contains_key("ing"), "still published");
+    }
 }

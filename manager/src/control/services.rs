@@ -599,4 +599,89 @@ mod tests {
         global.mode = ServiceMode::Global;
         assert!(updated_spec(&global, &[], &r, &[], &[]).is_err_and(|e| e.contains("replicated mode")));
     }
+
+    #[test]
+    fn publish_add_and_rm() {
+        use mesh_common::model::PublishMode;
+        let mut r = create_req();
+        r.ports = vec![
+            mesh_proto::PortConfig {
+                target_port: 80,
+                published_port: 8080,
+                ..Default::default()
+            },
+            mesh_proto::PortConfig {
+                protocol: "udp".into(),
+                target_port: 53,
+                published_port: 8080,
+                ..Default::default()
+            },
+            mesh_proto::PortConfig {
+                target_port: 90,
+                ..Default::default()
+            },
+        ];
+        let spec = spec_from_create(r, vec![]).expect("valid");
+        assert_eq!(spec.ports.len(), 3);
+        assert_eq!(spec.ports[2].published, None);
+        assert_eq!(spec.ports[0].mode, PublishMode::Ingress);
+        let mut allocated = spec.ports.clone();
+        allocated[2].published = Some(30000);
+
+        let mut s = spec.clone();
+        update_ports(&mut s, &allocated, &[], &["8080/udp".into()]).expect("valid");
+        assert_eq!(s.ports.len(), 2);
+        assert_eq!(s.ports[0].protocol, Protocol::Tcp);
+        let mut s = spec.clone();
+        update_ports(&mut s, &allocated, &[], &["8080".into()]).expect("valid");
+        assert_eq!(s.ports.len(), 1, "every protocol");
+        let mut s = spec.clone();
+        update_ports(&mut s, &allocated, &[], &["30000".into()]).expect("valid");
+        assert_eq!(s.ports.len(), 2, "an allocated port is named by its number");
+        let mut s = spec.clone();
+        let e = update_ports(&mut s, &allocated, &[], &["9999/tcp".into()]).expect_err("none");
+        assert_eq!(e.to_string(), "no published port 9999/tcp on service web");
+        assert!(update_ports(&mut s, &allocated, &[], &["80/sctp".into()]).is_err());
+        assert!(update_ports(&mut s, &allocated, &[], &["0".into()]).is_err());
+        let add = mesh_proto::PortConfig {
+            target_port: 81,
+            published_port: 8080,
+            publish_mode: "host".into(),
+            ..Default::default()
+        };
+        let mut s = spec.clone();
+        update_ports(&mut s, &allocated, &[add], &[]).expect("valid");
+        assert_eq!(s.ports.len(), 3, "replaces 8080/tcp");
+        assert_eq!(s.ports[2].target, 81);
+        for bad in [
+            mesh_proto::PortConfig {
+                target_port: 0,
+                ..Default::default()
+            },
+            mesh_proto::PortConfig {
+                target_port: 80,
+                published_port: 70000,
+                ..Default::default()
+            },
+            mesh_proto::PortConfig {
+                target_port: 80,
+                protocol: "sctp".into(),
+                ..Default::default()
+            },
+            mesh_proto::PortConfig {
+                target_port: 80,
+                publish_mode: "global".into(),
+                ..Default::default()
+            },
+            mesh_proto::PortConfig {
+                target_port: 80,
+                publish_mode: "host".into(),
+                ..Default::default()
+            },
+        ] {
+            let mut r = create_req();
+            r.ports = vec![bad.clone()];
+            assert!(spec_from_create(r, vec![]).is_err(), "{bad:?}");
+        }
+    }
 }
