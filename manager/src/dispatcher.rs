@@ -397,18 +397,29 @@ mod tests {
         assert_eq!(ta.networks[0].mtu, 1200, "Docker's MTU option is read");
         assert_eq!(ta.ports.len(), 2);
         assert_eq!(
-            (ta.ports[1].published_port, ta.ports[1].publish_mode.as_str()),
+            (
+                ta.ports[1].published_port,
+                ta.ports[1].publish_mode.as_str()
+            ),
             (5353, "host")
         );
         let ing = vb.ingress.as_ref().expect("b has its ingress sandbox");
         assert_eq!(ing.network_id, "ing");
         let me = ing.endpoint.as_ref().expect("b's endpoint");
-        assert_eq!((me.node_id.as_str(), me.sandbox.as_str()), ("b", "ingress-sbox"));
+        assert_eq!(
+            (me.node_id.as_str(), me.sandbox.as_str()),
+            ("b", "ingress-sbox")
+        );
         assert_eq!(ing.nodes.len(), 3, "every node's sandbox, ready or not");
         assert_eq!(ing.ports.len(), 1, "only ingress-mode ports");
         let p = &ing.ports[0];
         assert_eq!(
-            (p.published_port, p.target_port, p.protocol.as_str(), p.service_name.as_str()),
+            (
+                p.published_port,
+                p.target_port,
+                p.protocol.as_str(),
+                p.service_name.as_str()
+            ),
             (8080, 80, "tcp", "web")
         );
         assert!(p.backends.is_empty(), "nothing runs yet");
@@ -452,7 +463,11 @@ mod tests {
             },
         );
         let vc3 = view_for(&s, "c", 7);
-        assert!(vc3.ingress.as_ref().expect("ingress").ports[0].backends.is_empty());
+        assert!(
+            vc3.ingress.as_ref().expect("ingress").ports[0]
+                .backends
+                .is_empty()
+        );
         s.apply(8, &Command::RemoveNetwork { id: "ing".into() });
         assert!(s.networks.contains_key("ing"), "still published");
     }

@@ -17,7 +17,6 @@ use crate::pb::network::network_to_pb;
 use crate::state::{Command, CommandResult, Network, NetworkSpec, no_such_network};
 use mesh_common::refusal::{Refusal, RefusalKind};
 
-
 /// The driver a create asks for (Docker's default is a local bridge).
 pub fn driver_of(r: &NetworkCreateRequest) -> &str {
     DriverKind::requested(&r.driver)
@@ -221,7 +220,10 @@ mod tests {
         }
         let mut r = req("n");
         r.options.insert("mtu".into(), "68".into());
-        assert_eq!(crate::dispatcher::network_mtu(&spec_from(r).expect("valid")), 68);
+        assert_eq!(
+            crate::dispatcher::network_mtu(&spec_from(r).expect("valid")),
+            68
+        );
         let mut r = req("n");
         r.options.insert("colour".into(), "blue".into());
         assert!(spec_from(r).is_err_and(|e| e.contains("unknown option")));

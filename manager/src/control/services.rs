@@ -18,9 +18,7 @@ use tonic::Status;
 use crate::logs::LogError;
 use crate::manager::{Manager, ManagerError, now};
 use crate::pb::service::{port_from_pb, service_to_pb, task_to_pb};
-use crate::services::{
-    DEFAULT_RESTART_DELAY_MS, PortSpec, Service, ServiceSpec, Task, validate,
-};
+use crate::services::{DEFAULT_RESTART_DELAY_MS, PortSpec, Service, ServiceSpec, Task, validate};
 use crate::state::{ClusterState, Command, CommandResult};
 use mesh_common::refusal::Refusal;
 
@@ -148,7 +146,12 @@ pub fn update_ports(
         .ports
         .iter()
         .enumerate()
-        .map(|(i, p)| (*p, p.published.or(allocated.get(i).and_then(|a| a.published))))
+        .map(|(i, p)| {
+            (
+                *p,
+                p.published.or(allocated.get(i).and_then(|a| a.published)),
+            )
+        })
         .collect();
     for r in rm {
         let (port, protocol) = match r.split_once('/') {
@@ -162,8 +165,8 @@ pub fn update_ports(
             }
             None => (r.as_str(), None),
         };
-        let port = mesh_common::ports::parse_port(r, port)
-            .map_err(|e| Refusal::invalid(e.to_string()))?;
+        let port =
+            mesh_common::ports::parse_port(r, port).map_err(|e| Refusal::invalid(e.to_string()))?;
         let before = ports.len();
         ports.retain(|(p, published)| {
             !(*published == Some(port) && protocol.is_none_or(|x| x == p.protocol))
@@ -597,7 +600,9 @@ mod tests {
 
         let mut global = old.clone();
         global.mode = ServiceMode::Global;
-        assert!(updated_spec(&global, &[], &r, &[], &[]).is_err_and(|e| e.contains("replicated mode")));
+        assert!(
+            updated_spec(&global, &[], &r, &[], &[]).is_err_and(|e| e.contains("replicated mode"))
+        );
     }
 
     #[test]

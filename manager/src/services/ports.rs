@@ -22,9 +22,7 @@ pub(super) fn validate_ports(ports: &[PortSpec]) -> Result<(), Refusal> {
     let mut seen = BTreeSet::new();
     for p in ports {
         if p.target == 0 {
-            return Err(Refusal::invalid(
-                "target port 0 is out of range 1-65535",
-            ));
+            return Err(Refusal::invalid("target port 0 is out of range 1-65535"));
         }
         if p.published == Some(0) {
             return Err(Refusal::invalid(

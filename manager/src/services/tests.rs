@@ -406,10 +406,16 @@ fn published_ports_are_allocated_and_clashes_refused() {
     });
     assert_eq!(
         lab.s.services["api"].endpoint_ports,
-        [port(Some(30000), 80, Ingress), port(Some(30001), 81, Ingress)],
+        [
+            port(Some(30000), 80, Ingress),
+            port(Some(30001), 81, Ingress)
+        ],
         "lowest free ports of the dynamic range, in order"
     );
-    assert_eq!(lab.s.services["api"].spec.ports[0].published, None, "as asked");
+    assert_eq!(
+        lab.s.services["api"].spec.ports[0].published, None,
+        "as asked"
+    );
     for (name, p) in [
         ("x1", port(Some(8080), 81, Ingress)),
         ("x2", port(Some(8080), 81, Host)),
@@ -495,7 +501,11 @@ fn ingress_endpoints_for_tasks_and_one_sandbox_per_node() {
             .filter(|e| e.sandbox_id == t.id)
             .map(|e| e.network_id.as_str())
             .collect();
-        assert_eq!(nets, ["ing", "net"].into(), "a publishing task is on ingress");
+        assert_eq!(
+            nets,
+            ["ing", "net"].into(),
+            "a publishing task is on ingress"
+        );
     }
     let plain = &lab.live("plain")[0];
     assert!(
@@ -543,7 +553,10 @@ fn ingress_endpoints_for_tasks_and_one_sandbox_per_node() {
         lab.cmd(Command::RemoveNetwork { id: "ing".into() }),
         CommandResult::Ok
     ));
-    assert!(sboxes(&lab).is_empty(), "node sandboxes go with the network");
+    assert!(
+        sboxes(&lab).is_empty(),
+        "node sandboxes go with the network"
+    );
     let why = refused(lab.create("web2", |s| s.ports = vec![port(None, 80, Ingress)]));
     assert_eq!(why, super::ports::NO_INGRESS);
     assert!(
@@ -614,7 +627,10 @@ fn host_mode_ports_one_task_per_node() {
         s.replicas = 0;
         s.ports = vec![port(Some(9000), 80, Host)];
     });
-    assert_eq!(lab.per_node("g").values().copied().collect::<Vec<_>>(), [1, 1]);
+    assert_eq!(
+        lab.per_node("g").values().copied().collect::<Vec<_>>(),
+        [1, 1]
+    );
     assert!(lab.live("g").iter().all(|t| t.state == TaskState::Assigned));
     // Scaling down frees a node: the pending task is placed there.
     lab.run_all("web");
@@ -626,7 +642,11 @@ fn host_mode_ports_one_task_per_node() {
         .filter(|t| t.service_id == "web" && t.desired_state == TaskState::Shutdown)
         .cloned()
         .collect();
-    assert_eq!(stopped.len(), 1, "only the placed slot 2 stops; slot 3 was pending");
+    assert_eq!(
+        stopped.len(),
+        1,
+        "only the placed slot 2 stops; slot 3 was pending"
+    );
     assert_eq!(
         lab.live("other")[0].state,
         TaskState::Pending,
