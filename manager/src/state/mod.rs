@@ -63,16 +63,16 @@ impl ClusterState {
     /// the objects' version as Swarm uses its Raft index.
     pub fn apply(&mut self, index: u64, cmd: &Command) -> CommandResult {
         let result = self.apply_one(index, cmd);
-        // Every node has an ingress sandbox while there is an ingress network.
-        match cmd {
-            Command::Init { cluster, .. } => self.sync_ingress_sboxes(&cluster.created_at),
-            Command::AddNode { node } => self.sync_ingress_sboxes(&node.created_at),
-            Command::CreateNetwork { at, .. } => self.sync_ingress_sboxes(at),
-            Command::RemoveNode { .. } | Command::RemoveNetwork { .. } => {
-                self.sync_ingress_sboxes("")
-            }
-            _ => {}
-        }
+        // Every node has an ingress sandbox while there is an ingress
+        // network; checked after every command, so a state written before
+        // ingress sandboxes existed gets them on its next command.
+        let at = match cmd {
+            Command::Init { cluster, .. } => cluster.created_at.as_str(),
+            Command::AddNode { node } => node.created_at.as_str(),
+            Command::CreateNetwork { at, .. } | Command::SetNodeState { at, .. } => at.as_str(),
+            _ => "",
+        };
+        self.sync_ingress_sboxes(at);
         // Node changes move tasks: a node down, drained or back.
         match cmd {
             Command::AddNode { .. } | Command::RemoveNode { .. } => self.orchestrate(index, ""),

@@ -378,16 +378,20 @@ impl ClusterState {
         let nodes = &self.nodes;
         self.endpoints
             .retain(|_, e| !is_ingress_sbox(e) || nodes.contains_key(&e.node_id));
-        let ids: Vec<String> = self.nodes.keys().cloned().collect();
-        for node_id in ids {
+        let have: BTreeSet<&str> = self
+            .endpoints
+            .values()
+            .filter(|e| e.network_id == net.id && is_ingress_sbox(e))
+            .map(|e| e.node_id.as_str())
+            .collect();
+        let missing: Vec<String> = self
+            .nodes
+            .keys()
+            .filter(|n| !have.contains(n.as_str()))
+            .cloned()
+            .collect();
+        for node_id in missing {
             let sandbox_id = ingress_sbox_id(&node_id);
-            if self
-                .endpoints
-                .values()
-                .any(|e| e.network_id == net.id && e.sandbox_id == sandbox_id)
-            {
-                continue;
-            }
             let Ok(ip) = self.allocate_address(&net) else {
                 continue;
             };
