@@ -3,11 +3,29 @@
 //! endpoint on other nodes (its FDB and neighbour entries): this is what
 //! keeps the push small as clusters grow.
 
+use mesh_common::model::PublishMode;
 use mesh_proto::{
-    EndpointInfo, NetworkAssignment, NodeView, PeerEntry, ServiceEntry, TaskAssignment,
+    EndpointInfo, IngressNode, IngressPort, IngressView, NetworkAssignment, NodeView, PeerEntry,
+    ServiceEntry, TaskAssignment,
 };
 
-use crate::state::{ClusterState, DEFAULT_DATA_PATH_PORT, Endpoint, Network};
+use crate::pb::service::port_to_pb;
+use crate::state::{
+    ClusterState, DEFAULT_DATA_PATH_PORT, Endpoint, Network, NetworkSpec, ingress_sbox_id,
+    is_ingress_sbox,
+};
+
+/// Option names that set a network's MTU: ours and Docker's.
+pub const MTU_OPTIONS: [&str; 2] = ["mtu", "com.docker.network.driver.mtu"];
+
+/// A network's MTU as its options give it (0: the node's default).
+pub fn network_mtu(spec: &NetworkSpec) -> u32 {
+    MTU_OPTIONS
+        .iter()
+        .find_map(|k| spec.options.get(*k))
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(0)
+}
 
 pub fn endpoint_info(s: &ClusterState, e: &Endpoint) -> EndpointInfo {
     let net = s.networks.get(&e.network_id);
@@ -24,10 +42,7 @@ pub fn endpoint_info(s: &ClusterState, e: &Endpoint) -> EndpointInfo {
         gateway: net.map(|n| n.gateway.to_string()).unwrap_or_default(),
         aliases: e.aliases.clone(),
         vni: net.map(|n| n.vni).unwrap_or_default(),
-        mtu: net
-            .and_then(|n| n.spec.options.get("mtu"))
-            .and_then(|m| m.parse().ok())
-            .unwrap_or(0),
+        mtu: net.map_or(0, |n| network_mtu(&n.spec)),
         internal: net.is_some_and(|n| n.spec.internal),
         data_path_port: data_path_port(s),
     }
@@ -55,12 +70,7 @@ fn assignment(s: &ClusterState, net: &Network, node_id: &str) -> NetworkAssignme
         vni: net.vni,
         subnet: net.subnet.to_string(),
         gateway: net.gateway.to_string(),
-        mtu: net
-            .spec
-            .options
-            .get("mtu")
-            .and_then(|m| m.parse().ok())
-            .unwrap_or(0),
+        mtu: network_mtu(&net.spec),
         internal: net.spec.internal,
         encrypted: net.spec.options.contains_key("encrypted"),
         local,
@@ -96,6 +106,7 @@ fn tasks_for(s: &ClusterState, node_id: &str) -> Vec<TaskAssignment> {
         .filter(|t| t.node_id == node_id && !t.state.is_terminal())
         .map(|t| {
             let svc = s.services.get(&t.service_id);
+            // The spec's networks, then ingress (not one of them), last.
             let order = |net: &str| {
                 svc.and_then(|v| v.spec.networks.iter().position(|n| n == net))
                     .unwrap_or(usize::MAX)
@@ -117,10 +128,65 @@ fn tasks_for(s: &ClusterState, node_id: &str) -> Vec<TaskAssignment> {
                 networks: eps.into_iter().map(|e| endpoint_info(s, e)).collect(),
                 start_delay_ms: t.start_delay_ms,
                 known_state: t.state.to_string(),
-                ports: Vec::new(),
+                ports: svc
+                    .map(|v| v.endpoint_ports.iter().map(port_to_pb).collect())
+                    .unwrap_or_default(),
             }
         })
         .collect()
+}
+
+/// The routing mesh as `node_id` builds it: only once the node has its
+/// ingress sandbox (its address on the ingress network).
+fn ingress_for(s: &ClusterState, node_id: &str) -> Option<IngressView> {
+    let net = s.ingress_network()?;
+    let sbox_id = ingress_sbox_id(node_id);
+    let mine = s
+        .endpoints
+        .values()
+        .find(|e| e.network_id == net.id && e.sandbox_id == sbox_id)?;
+    let nodes = s
+        .endpoints
+        .values()
+        .filter(|e| e.network_id == net.id && is_ingress_sbox(e))
+        .map(|e| IngressNode {
+            node_id: e.node_id.clone(),
+            ip: e.ip.to_string(),
+            mac: e.mac.to_string(),
+        })
+        .collect();
+    let mut ports = Vec::new();
+    for svc in s.services.values() {
+        let ingress: Vec<_> = svc
+            .endpoint_ports
+            .iter()
+            .filter(|p| p.mode == PublishMode::Ingress)
+            .collect();
+        if ingress.is_empty() {
+            continue;
+        }
+        let backends: Vec<String> = s
+            .backends(&svc.id, &net.id)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        for p in ingress {
+            ports.push(IngressPort {
+                service_id: svc.id.clone(),
+                service_name: svc.spec.name.clone(),
+                protocol: p.protocol.to_string(),
+                published_port: p.published.map_or(0, u32::from),
+                target_port: p.target.into(),
+                backends: backends.clone(),
+            });
+        }
+    }
+    Some(IngressView {
+        network_id: net.id.clone(),
+        endpoint: Some(endpoint_info(s, mine)),
+        nodes,
+        ports,
+    })
 }
 
 /// The view of one node at Raft index `generation`.
@@ -140,7 +206,7 @@ pub fn view_for(s: &ClusterState, node_id: &str, generation: u64) -> NodeView {
         data_path_port: data_path_port(s),
         networks,
         tasks: tasks_for(s, node_id),
-        ingress: None,
+        ingress: ingress_for(s, node_id),
     }
 }
 
@@ -155,7 +221,10 @@ fn data_path_port(s: &ClusterState) -> u32 {
 
 /// Two views ask the same of the kernel (generations aside).
 pub fn same_content(a: &NodeView, b: &NodeView) -> bool {
-    a.data_path_port == b.data_path_port && a.networks == b.networks && a.tasks == b.tasks
+    a.data_path_port == b.data_path_port
+        && a.networks == b.networks
+        && a.tasks == b.tasks
+        && a.ingress == b.ingress
 }
 
 #[cfg(test)]
@@ -250,5 +319,156 @@ mod tests {
             !same_content(&va, &view_for(&s, "a", 13)),
             "a new peer changes a's view"
         );
+    }
+
+    #[test]
+    fn ingress_view_tasks_ports_and_order() {
+        use crate::services::{PortSpec, ServiceSpec};
+        use mesh_common::model::{Protocol, PublishMode, TaskState};
+        let mut s = ClusterState::default();
+        let cluster = ClusterInfo {
+            id: "c".into(),
+            ..Default::default()
+        };
+        s.apply(
+            1,
+            &Command::Init {
+                cluster,
+                node: node("a", "192.168.1.1"),
+                ingress: Some("ing".into()),
+            },
+        );
+        for (i, id) in ["b", "c"].iter().enumerate() {
+            let mut n = node(id, &format!("192.168.1.{}", i + 2));
+            n.state = mesh_common::model::NodeState::Ready;
+            n.availability = mesh_common::model::Availability::Active;
+            s.apply(2 + i as u64, &Command::AddNode { node: n });
+        }
+        let spec = NetworkSpec {
+            name: "app".into(),
+            driver: mesh_common::model::DriverKind::Overlay,
+            options: [("com.docker.network.driver.mtu".into(), "1200".into())].into(),
+            ..Default::default()
+        };
+        s.apply(
+            4,
+            &Command::CreateNetwork {
+                id: "app".into(),
+                spec,
+                at: "t".into(),
+            },
+        );
+        let ports = vec![
+            PortSpec {
+                protocol: Protocol::Tcp,
+                target: 80,
+                published: Some(8080),
+                mode: PublishMode::Ingress,
+            },
+            PortSpec {
+                protocol: Protocol::Udp,
+                target: 53,
+                published: Some(5353),
+                mode: PublishMode::Host,
+            },
+        ];
+        let spec = ServiceSpec {
+            name: "web".into(),
+            replicas: 1,
+            networks: vec!["app".into()],
+            cmd: vec!["sleep".into()],
+            ports,
+            ..Default::default()
+        };
+        s.apply(
+            5,
+            &Command::CreateService {
+                id: "web".into(),
+                spec,
+                at: "t".into(),
+            },
+        );
+        let task = s.tasks.values().next().expect("a task").clone();
+        assert_eq!(task.node_id, "b", "a is not Ready in this state");
+        let vb = view_for(&s, "b", 5);
+        let ta = &vb.tasks[0];
+        let nets: Vec<&str> = ta.networks.iter().map(|e| e.network_id.as_str()).collect();
+        assert_eq!(nets, ["app", "ing"], "ingress last");
+        assert_eq!(ta.networks[0].mtu, 1200, "Docker's MTU option is read");
+        assert_eq!(ta.ports.len(), 2);
+        assert_eq!(
+            (
+                ta.ports[1].published_port,
+                ta.ports[1].publish_mode.as_str()
+            ),
+            (5353, "host")
+        );
+        let ing = vb.ingress.as_ref().expect("b has its ingress sandbox");
+        assert_eq!(ing.network_id, "ing");
+        let me = ing.endpoint.as_ref().expect("b's endpoint");
+        assert_eq!(
+            (me.node_id.as_str(), me.sandbox.as_str()),
+            ("b", "ingress-sbox")
+        );
+        assert_eq!(ing.nodes.len(), 3, "every node's sandbox, ready or not");
+        assert_eq!(ing.ports.len(), 1, "only ingress-mode ports");
+        let p = &ing.ports[0];
+        assert_eq!(
+            (
+                p.published_port,
+                p.target_port,
+                p.protocol.as_str(),
+                p.service_name.as_str()
+            ),
+            (8080, 80, "tcp", "web")
+        );
+        assert!(p.backends.is_empty(), "nothing runs yet");
+        let ingress_net = vb
+            .networks
+            .iter()
+            .find(|n| n.id == "ing")
+            .expect("ingress in networks");
+        assert!(ingress_net.services.is_empty(), "no VIP or DNS on ingress");
+        // A node without tasks still has the mesh (it answers on the port).
+        let vc = view_for(&s, "c", 5);
+        assert_eq!(vc.ingress.as_ref().map(|i| i.ports.len()), Some(1));
+        s.apply(
+            6,
+            &Command::ReportTasks {
+                node_id: "b".into(),
+                reports: vec![crate::services::TaskReport {
+                    task_id: task.id.clone(),
+                    state: TaskState::Running,
+                    ..Default::default()
+                }],
+                at: "t".into(),
+            },
+        );
+        let vc2 = view_for(&s, "c", 6);
+        assert!(!same_content(&vc, &vc2), "a new backend changes every view");
+        let backends = &vc2.ingress.as_ref().expect("ingress").ports[0].backends;
+        let task_ip = s
+            .endpoints
+            .values()
+            .find(|e| e.sandbox_id == task.id && e.network_id == "ing")
+            .map(|e| e.ip.to_string());
+        assert_eq!(backends.first(), task_ip.as_ref());
+        s.apply(
+            7,
+            &Command::SetNodeState {
+                id: "b".into(),
+                state: mesh_common::model::NodeState::Down,
+                addr: None,
+                at: "t".into(),
+            },
+        );
+        let vc3 = view_for(&s, "c", 7);
+        assert!(
+            vc3.ingress.as_ref().expect("ingress").ports[0]
+                .backends
+                .is_empty()
+        );
+        s.apply(8, &Command::RemoveNetwork { id: "ing".into() });
+        assert!(s.networks.contains_key("ing"), "still published");
     }
 }

@@ -24,13 +24,21 @@ use crate::cli::{ServiceCmd, ServiceCreateArgs, ServiceUpdateArgs};
 use crate::client::{connect, status};
 use crate::table;
 use flags::{env_from_flags, labels};
+use mesh_common::ports::ServicePort;
 use progress::converge;
-use show::{command_column, inspect_json, ps, short, statuses};
+use show::{command_column, inspect_json, ports_column, ps, short, statuses};
+
+/// A `--publish` as the API takes it (published 0: allocate one).
+fn port_config(p: &ServicePort) -> PortConfig {
+    PortConfig {
+        protocol: p.protocol.to_string(),
+        target_port: p.target.into(),
+        published_port: p.published.map_or(0, u32::from),
+        publish_mode: p.mode.to_string(),
+    }
+}
 
 async fn create(c: &mut ControlClient<Channel>, a: ServiceCreateArgs) -> Result<ExitCode> {
-    if !a.publish.is_empty() {
-        bail!("publishing ports is not supported yet");
-    }
     let req = ServiceCreateRequest {
         name: a.name,
         mode: a.mode,
@@ -48,7 +56,7 @@ async fn create(c: &mut ControlClient<Channel>, a: ServiceCreateArgs) -> Result<
         restart_max_attempts: a.restart_max_attempts,
         cmd: a.cmd,
         labels: labels(a.label)?,
-        ports: Vec::new(),
+        ports: a.publish.iter().map(port_config).collect(),
     };
     let svc = c.service_create(req).await.map_err(status)?.into_inner();
     println!("{}", svc.id);
@@ -59,9 +67,6 @@ async fn create(c: &mut ControlClient<Channel>, a: ServiceCreateArgs) -> Result<
 }
 
 async fn update(c: &mut ControlClient<Channel>, a: ServiceUpdateArgs) -> Result<ExitCode> {
-    if !a.publish_add.is_empty() || !a.publish_rm.is_empty() {
-        bail!("publishing ports is not supported yet");
-    }
     let req = ServiceUpdateRequest {
         service: a.service.clone(),
         replicas: a.replicas,
@@ -72,7 +77,8 @@ async fn update(c: &mut ControlClient<Channel>, a: ServiceUpdateArgs) -> Result<
         constraint_add: a.constraint_add,
         constraint_rm: a.constraint_rm,
         force: a.force,
-        ..Default::default()
+        publish_add: a.publish_add.iter().map(port_config).collect(),
+        publish_rm: a.publish_rm,
     };
     let svc = c.service_update(req).await.map_err(status)?.into_inner();
     println!("{}", a.service);
@@ -151,7 +157,7 @@ pub async fn run(host: &str, cmd: ServiceCmd) -> Result<ExitCode> {
                         "Mode": s.mode,
                         "Replicas": replicas(s),
                         "Command": s.cmd.join(" "),
-                        "Ports": "",
+                        "Ports": ports_column(&s.endpoint_ports),
                     });
                     println!("{v}");
                 }
@@ -167,7 +173,7 @@ pub async fn run(host: &str, cmd: ServiceCmd) -> Result<ExitCode> {
                             s.mode.clone(),
                             replicas(s),
                             command_column(&s.cmd),
-                            String::new(),
+                            ports_column(&s.endpoint_ports),
                         ]
                     })
                     .collect();

@@ -85,6 +85,29 @@ pub(super) fn command_column(cmd: &[String]) -> String {
     }
 }
 
+/// A port in Docker's `PortConfig` JSON shape (PublishedPort left out
+/// while 0: to be allocated).
+pub(super) fn port_json(p: &PortConfig) -> serde_json::Value {
+    let mut v = json!({
+        "Protocol": p.protocol,
+        "TargetPort": p.target_port,
+        "PublishMode": p.publish_mode,
+    });
+    if p.published_port != 0 {
+        v["PublishedPort"] = json!(p.published_port);
+    }
+    v
+}
+
+/// `service ls`'s PORTS column: `*:8080->80/tcp, *:30000->81/udp`.
+pub(super) fn ports_column(ports: &[PortConfig]) -> String {
+    ports
+        .iter()
+        .map(|p| format!("*:{}->{}/{}", p.published_port, p.target_port, p.protocol))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Docker's `service inspect` shape.
 pub(super) fn inspect_json(s: &Service) -> serde_json::Value {
     let mode = if s.mode == "global" {
@@ -93,6 +116,7 @@ pub(super) fn inspect_json(s: &Service) -> serde_json::Value {
         json!({"Replicated": {"Replicas": s.replicas}})
     };
     let labels: BTreeMap<&String, &String> = s.labels.iter().collect();
+    let spec_ports: Vec<_> = s.spec_ports.iter().map(port_json).collect();
     let mut v = json!({
         "ID": s.id,
         "Version": {"Index": s.version},
@@ -113,10 +137,11 @@ pub(super) fn inspect_json(s: &Service) -> serde_json::Value {
                 "Networks": s.network_ids.iter().map(|id| json!({"Target": id})).collect::<Vec<_>>(),
             },
             "Mode": mode,
-            "EndpointSpec": {"Mode": s.endpoint_mode},
+            "EndpointSpec": {"Mode": s.endpoint_mode, "Ports": spec_ports},
         },
         "Endpoint": {
-            "Spec": {"Mode": s.endpoint_mode},
+            "Spec": {"Mode": s.endpoint_mode, "Ports": spec_ports},
+            "Ports": s.endpoint_ports.iter().map(port_json).collect::<Vec<_>>(),
             "VirtualIPs": s.vips.iter().map(|v| json!({"NetworkID": v.network_id, "Addr": v.addr})).collect::<Vec<_>>(),
         },
     });
@@ -232,5 +257,41 @@ mod tests {
         let long = command_column(&["x".repeat(50)]);
         assert_eq!(long.chars().count(), COMMAND_WIDTH);
         assert!(long.ends_with('…'));
+    }
+
+    #[test]
+    fn ports_as_docker_shows_them() {
+        let p = |proto: &str, target, published, mode: &str| PortConfig {
+            protocol: proto.into(),
+            target_port: target,
+            published_port: published,
+            publish_mode: mode.into(),
+        };
+        let svc = Service {
+            endpoint_mode: "vip".into(),
+            spec_ports: vec![p("tcp", 80, 8080, "ingress"), p("udp", 53, 0, "ingress")],
+            endpoint_ports: vec![
+                p("tcp", 80, 8080, "ingress"),
+                p("udp", 53, 30000, "ingress"),
+            ],
+            ..Default::default()
+        };
+        let v = inspect_json(&svc);
+        let spec = &v["Spec"]["EndpointSpec"];
+        assert_eq!(spec["Mode"], "vip");
+        assert_eq!(
+            spec["Ports"][0],
+            json!({"Protocol": "tcp", "TargetPort": 80, "PublishedPort": 8080, "PublishMode": "ingress"})
+        );
+        assert!(
+            spec["Ports"][1].get("PublishedPort").is_none(),
+            "0: allocated"
+        );
+        assert_eq!(v["Endpoint"]["Ports"][1]["PublishedPort"], 30000);
+        assert_eq!(
+            ports_column(&svc.endpoint_ports),
+            "*:8080->80/tcp, *:30000->53/udp"
+        );
+        assert_eq!(ports_column(&[]), "");
     }
 }

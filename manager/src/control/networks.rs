@@ -11,12 +11,11 @@ use mesh_common::model::DriverKind;
 use mesh_proto::NetworkCreateRequest;
 use tonic::Status;
 
+use crate::dispatcher::MTU_OPTIONS;
 use crate::manager::{Manager, ManagerError, now};
 use crate::pb::network::network_to_pb;
 use crate::state::{Command, CommandResult, Network, NetworkSpec, no_such_network};
 use mesh_common::refusal::{Refusal, RefusalKind};
-
-const MTU_OPTIONS: [&str; 2] = ["mtu", "com.docker.network.driver.mtu"];
 
 /// The driver a create asks for (Docker's default is a local bridge).
 pub fn driver_of(r: &NetworkCreateRequest) -> &str {
@@ -43,13 +42,20 @@ pub fn spec_from(r: NetworkCreateRequest) -> Result<NetworkSpec, Refusal> {
                     "encrypted overlays are not built yet: traffic would cross nodes in clear text; create the network without --opt encrypted",
                 ));
             }
+            // Kept under the name given, as `network inspect` shows it;
+            // `dispatcher::network_mtu` reads either.
             k2 if MTU_OPTIONS.contains(&k2) => match v.parse::<u32>() {
-                Ok(mtu) if (576..=9000).contains(&mtu) => {
-                    options.insert("mtu".into(), mtu.to_string());
+                Ok(mtu) if (68..=65535).contains(&mtu) => {
+                    if options.keys().any(|o| MTU_OPTIONS.contains(&o.as_str())) {
+                        return Err(Refusal::invalid(
+                            "the MTU is given twice: use one of --opt mtu=N or --opt com.docker.network.driver.mtu=N",
+                        ));
+                    }
+                    options.insert(k, mtu.to_string());
                 }
                 _ => {
                     return Err(Refusal::invalid(format!(
-                        "invalid mtu {v:?}: use --opt mtu=N with N between 576 and 9000"
+                        "invalid {k} {v:?}: use --opt {k}=N with N between 68 and 65535"
                     )));
                 }
             },
@@ -193,13 +199,31 @@ mod tests {
         r.options
             .insert("com.docker.network.driver.mtu".into(), "1400".into());
         let spec = spec_from(r).expect("valid");
-        assert_eq!(spec.options.get("mtu").map(String::as_str), Some("1400"));
+        assert_eq!(
+            spec.options
+                .get("com.docker.network.driver.mtu")
+                .map(String::as_str),
+            Some("1400"),
+            "kept as given"
+        );
+        assert_eq!(crate::dispatcher::network_mtu(&spec), 1400);
         let mut r = req("n");
         r.options.insert("encrypted".into(), String::new());
         assert!(spec_from(r).is_err_and(|e| e.contains("clear text")));
         let mut r = req("n");
         r.options.insert("mtu".into(), "70000".into());
         assert!(spec_from(r).is_err());
+        for bad in ["67", "x", ""] {
+            let mut r = req("n");
+            r.options.insert("mtu".into(), bad.into());
+            assert!(spec_from(r).is_err_and(|e| e.contains("between 68 and 65535")));
+        }
+        let mut r = req("n");
+        r.options.insert("mtu".into(), "68".into());
+        assert_eq!(
+            crate::dispatcher::network_mtu(&spec_from(r).expect("valid")),
+            68
+        );
         let mut r = req("n");
         r.options.insert("colour".into(), "blue".into());
         assert!(spec_from(r).is_err_and(|e| e.contains("unknown option")));

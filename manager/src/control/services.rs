@@ -8,15 +8,17 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use mesh_common::model::{EndpointMode, NodeState, RestartCondition, ServiceMode, TaskState};
+use mesh_common::model::{
+    EndpointMode, NodeState, Protocol, RestartCondition, ServiceMode, TaskState,
+};
 use mesh_proto::{LogLine, ServiceCreateRequest, ServiceStatusReply, ServiceUpdateRequest};
 use tokio::sync::mpsc;
 use tonic::Status;
 
 use crate::logs::LogError;
 use crate::manager::{Manager, ManagerError, now};
-use crate::pb::service::{service_to_pb, task_to_pb};
-use crate::services::{DEFAULT_RESTART_DELAY_MS, Service, ServiceSpec, Task, validate};
+use crate::pb::service::{port_from_pb, service_to_pb, task_to_pb};
+use crate::services::{DEFAULT_RESTART_DELAY_MS, PortSpec, Service, ServiceSpec, Task, validate};
 use crate::state::{ClusterState, Command, CommandResult};
 use mesh_common::refusal::Refusal;
 
@@ -83,7 +85,13 @@ pub fn spec_from_create(
         (_, true) => r.replicas,
         (_, false) => 1,
     };
+    let ports = r
+        .ports
+        .iter()
+        .map(port_from_pb)
+        .collect::<Result<Vec<_>, _>>()?;
     let spec = ServiceSpec {
+        ports,
         name: r.name,
         mode,
         replicas,
@@ -123,15 +131,77 @@ pub fn env_unset(env: &mut Vec<String>, key: &str) {
     env.retain(|e| e.split_once('=').map_or(e.as_str(), |(k, _)| k) != key);
 }
 
+/// `--publish-rm` and `--publish-add` on a spec. `allocated` is the
+/// service's `endpoint_ports` (in the spec's order), so `8080` also names
+/// a port the managers allocated. Removals come first, so a port can be
+/// replaced in one update; an added port replaces one with the same
+/// published port and protocol.
+pub fn update_ports(
+    spec: &mut ServiceSpec,
+    allocated: &[PortSpec],
+    add: &[mesh_proto::PortConfig],
+    rm: &[String],
+) -> Result<(), Refusal> {
+    let mut ports: Vec<(PortSpec, Option<u16>)> = spec
+        .ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            (
+                *p,
+                p.published.or(allocated.get(i).and_then(|a| a.published)),
+            )
+        })
+        .collect();
+    for r in rm {
+        let (port, protocol) = match r.split_once('/') {
+            Some((p, proto)) => {
+                let proto: Protocol = proto.to_ascii_lowercase().parse().map_err(|_| {
+                    Refusal::invalid(format!(
+                        "invalid --publish-rm {r:?}: unknown protocol {proto:?}, expected tcp or udp"
+                    ))
+                })?;
+                (p, Some(proto))
+            }
+            None => (r.as_str(), None),
+        };
+        let port =
+            mesh_common::ports::parse_port(r, port).map_err(|e| Refusal::invalid(e.to_string()))?;
+        let before = ports.len();
+        ports.retain(|(p, published)| {
+            !(*published == Some(port) && protocol.is_none_or(|x| x == p.protocol))
+        });
+        if ports.len() == before {
+            return Err(Refusal::invalid(format!(
+                "no published port {port}/{} on service {}",
+                protocol.unwrap_or_default(),
+                spec.name
+            )));
+        }
+    }
+    for a in add {
+        let p = port_from_pb(a)?;
+        if let Some(n) = p.published {
+            ports.retain(|(q, published)| !(*published == Some(n) && q.protocol == p.protocol));
+        }
+        ports.push((p, p.published));
+    }
+    spec.ports = ports.into_iter().map(|(p, _)| p).collect();
+    Ok(())
+}
+
 /// The spec an update asks for, computed from the current one. Networks to
-/// add and remove come as (what the user wrote, network ID).
+/// add and remove come as (what the user wrote, network ID); `allocated`
+/// is the service's allocated ports (for `--publish-rm`).
 pub fn updated_spec(
     old: &ServiceSpec,
+    allocated: &[PortSpec],
     r: &ServiceUpdateRequest,
     net_add: &[(String, String)],
     net_rm: &[(String, String)],
 ) -> Result<ServiceSpec, Refusal> {
     let mut spec = old.clone();
+    update_ports(&mut spec, allocated, &r.publish_add, &r.publish_rm)?;
     if let Some(n) = r.replicas {
         if spec.mode != ServiceMode::Replicated {
             return Err(Refusal::invalid(
@@ -303,7 +373,7 @@ pub async fn update(
             };
             let add = resolve(&r.network_add)?;
             let rm = resolve(&r.network_rm)?;
-            let spec = updated_spec(&svc.spec, &r, &add, &rm)?;
+            let spec = updated_spec(&svc.spec, &svc.endpoint_ports, &r, &add, &rm)?;
             Ok::<_, Refusal>((svc.id, svc.version, spec))
         })?;
         let cmd = Command::UpdateService {
@@ -507,7 +577,7 @@ mod tests {
         };
         let add = [("front".to_string(), "n2".to_string())];
         let rm = [("back".to_string(), "n1".to_string())];
-        let spec = updated_spec(&old, &r, &add, &rm).expect("valid");
+        let spec = updated_spec(&old, &[], &r, &add, &rm).expect("valid");
         assert_eq!(spec.replicas, 3);
         assert_eq!(spec.networks, ["n2"]);
         assert_eq!(spec.env, ["X=1"]);
@@ -515,21 +585,108 @@ mod tests {
 
         let none = ServiceUpdateRequest::default();
         assert!(
-            updated_spec(&old, &none, &[], &[("x".into(), "n9".into())])
+            updated_spec(&old, &[], &none, &[], &[("x".into(), "n9".into())])
                 .is_err_and(|e| e.contains("not attached to network x"))
         );
         assert!(
-            updated_spec(&old, &none, &[("y".into(), "n1".into())], &[])
+            updated_spec(&old, &[], &none, &[("y".into(), "n1".into())], &[])
                 .is_err_and(|e| e.contains("already attached"))
         );
         let bad = ServiceUpdateRequest {
             constraint_add: vec!["colour==blue".into()],
             ..Default::default()
         };
-        assert!(updated_spec(&old, &bad, &[], &[]).is_err());
+        assert!(updated_spec(&old, &[], &bad, &[], &[]).is_err());
 
         let mut global = old.clone();
         global.mode = ServiceMode::Global;
-        assert!(updated_spec(&global, &r, &[], &[]).is_err_and(|e| e.contains("replicated mode")));
+        assert!(
+            updated_spec(&global, &[], &r, &[], &[]).is_err_and(|e| e.contains("replicated mode"))
+        );
+    }
+
+    #[test]
+    fn publish_add_and_rm() {
+        use mesh_common::model::PublishMode;
+        let mut r = create_req();
+        r.ports = vec![
+            mesh_proto::PortConfig {
+                target_port: 80,
+                published_port: 8080,
+                ..Default::default()
+            },
+            mesh_proto::PortConfig {
+                protocol: "udp".into(),
+                target_port: 53,
+                published_port: 8080,
+                ..Default::default()
+            },
+            mesh_proto::PortConfig {
+                target_port: 90,
+                ..Default::default()
+            },
+        ];
+        let spec = spec_from_create(r, vec![]).expect("valid");
+        assert_eq!(spec.ports.len(), 3);
+        assert_eq!(spec.ports[2].published, None);
+        assert_eq!(spec.ports[0].mode, PublishMode::Ingress);
+        let mut allocated = spec.ports.clone();
+        allocated[2].published = Some(30000);
+
+        let mut s = spec.clone();
+        update_ports(&mut s, &allocated, &[], &["8080/udp".into()]).expect("valid");
+        assert_eq!(s.ports.len(), 2);
+        assert_eq!(s.ports[0].protocol, Protocol::Tcp);
+        let mut s = spec.clone();
+        update_ports(&mut s, &allocated, &[], &["8080".into()]).expect("valid");
+        assert_eq!(s.ports.len(), 1, "every protocol");
+        let mut s = spec.clone();
+        update_ports(&mut s, &allocated, &[], &["30000".into()]).expect("valid");
+        assert_eq!(s.ports.len(), 2, "an allocated port is named by its number");
+        let mut s = spec.clone();
+        let e = update_ports(&mut s, &allocated, &[], &["9999/tcp".into()]).expect_err("none");
+        assert_eq!(e.to_string(), "no published port 9999/tcp on service web");
+        assert!(update_ports(&mut s, &allocated, &[], &["80/sctp".into()]).is_err());
+        assert!(update_ports(&mut s, &allocated, &[], &["0".into()]).is_err());
+        let add = mesh_proto::PortConfig {
+            target_port: 81,
+            published_port: 8080,
+            publish_mode: "host".into(),
+            ..Default::default()
+        };
+        let mut s = spec.clone();
+        update_ports(&mut s, &allocated, &[add], &[]).expect("valid");
+        assert_eq!(s.ports.len(), 3, "replaces 8080/tcp");
+        assert_eq!(s.ports[2].target, 81);
+        for bad in [
+            mesh_proto::PortConfig {
+                target_port: 0,
+                ..Default::default()
+            },
+            mesh_proto::PortConfig {
+                target_port: 80,
+                published_port: 70000,
+                ..Default::default()
+            },
+            mesh_proto::PortConfig {
+                target_port: 80,
+                protocol: "sctp".into(),
+                ..Default::default()
+            },
+            mesh_proto::PortConfig {
+                target_port: 80,
+                publish_mode: "global".into(),
+                ..Default::default()
+            },
+            mesh_proto::PortConfig {
+                target_port: 80,
+                publish_mode: "host".into(),
+                ..Default::default()
+            },
+        ] {
+            let mut r = create_req();
+            r.ports = vec![bad.clone()];
+            assert!(spec_from_create(r, vec![]).is_err(), "{bad:?}");
+        }
     }
 }

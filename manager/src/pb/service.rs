@@ -1,8 +1,9 @@
 //! A service and its tasks as `mesh service ls|inspect|ps` show them.
 
-use mesh_common::model::{ServiceMode, TaskState};
+use mesh_common::model::{Protocol, PublishMode, ServiceMode, TaskState};
+use mesh_common::refusal::Refusal;
 
-use crate::services::{Service, Task};
+use crate::services::{PortSpec, Service, Task};
 use crate::state::ClusterState;
 
 fn net_name(s: &ClusterState, id: &str) -> String {
@@ -62,9 +63,59 @@ pub fn service_to_pb(s: &ClusterState, svc: &Service) -> mesh_proto::Service {
         update_state: svc.update_state.as_str().to_string(),
         update_message: svc.update_message.clone(),
         network_ids: spec.networks.clone(),
-        spec_ports: Vec::new(),
-        endpoint_ports: Vec::new(),
+        spec_ports: spec.ports.iter().map(port_to_pb).collect(),
+        endpoint_ports: svc.endpoint_ports.iter().map(port_to_pb).collect(),
     }
+}
+
+/// A port as the API shows it (published 0: to be allocated).
+pub fn port_to_pb(p: &PortSpec) -> mesh_proto::PortConfig {
+    mesh_proto::PortConfig {
+        protocol: p.protocol.to_string(),
+        target_port: p.target.into(),
+        published_port: p.published.map_or(0, u32::from),
+        publish_mode: p.mode.to_string(),
+    }
+}
+
+fn port_number(what: &str, n: u32) -> Result<u16, Refusal> {
+    u16::try_from(n)
+        .ok()
+        .filter(|n| *n != 0)
+        .ok_or_else(|| Refusal::invalid(format!("{what} port {n} is out of range 1-65535")))
+}
+
+/// A port from a request, every word and number checked (empty words are
+/// Docker's defaults: tcp, ingress; published 0 is allocated).
+pub fn port_from_pb(p: &mesh_proto::PortConfig) -> Result<PortSpec, Refusal> {
+    let protocol = match p.protocol.to_ascii_lowercase().as_str() {
+        "" => Protocol::Tcp,
+        w => w.parse().map_err(|_| {
+            Refusal::invalid(format!(
+                "unknown protocol {:?}: expected tcp or udp",
+                p.protocol
+            ))
+        })?,
+    };
+    let mode = match p.publish_mode.to_ascii_lowercase().as_str() {
+        "" => PublishMode::Ingress,
+        w => w.parse().map_err(|_| {
+            Refusal::invalid(format!(
+                "unknown publish mode {:?}: expected ingress or host",
+                p.publish_mode
+            ))
+        })?,
+    };
+    let published = match p.published_port {
+        0 => None,
+        n => Some(port_number("published", n)?),
+    };
+    Ok(PortSpec {
+        protocol,
+        target: port_number("target", p.target_port)?,
+        published,
+        mode,
+    })
 }
 
 pub fn task_to_pb(s: &ClusterState, t: &Task) -> mesh_proto::Task {

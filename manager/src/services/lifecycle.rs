@@ -110,7 +110,10 @@ impl ClusterState {
             version: index,
             ..Default::default()
         };
-        if let Err(why) = self.allocate_vips(&mut svc) {
+        if let Err(why) = self
+            .allocate_vips(&mut svc)
+            .and_then(|()| self.allocate_ports(&mut svc))
+        {
             return CommandResult::Refused(why);
         }
         self.services.insert(id.to_string(), svc.clone());
@@ -167,7 +170,10 @@ impl ClusterState {
         }
         let mut svc = old.clone();
         svc.spec = spec.clone();
-        if let Err(why) = self.allocate_vips(&mut svc) {
+        if let Err(why) = self
+            .allocate_vips(&mut svc)
+            .and_then(|()| self.allocate_ports(&mut svc))
+        {
             return CommandResult::Refused(why);
         }
         if force || task_relevant(&old.spec) != task_relevant(spec) {

@@ -15,7 +15,9 @@
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
-use mesh_common::model::{EndpointMode, RestartCondition, ServiceMode, TaskState};
+use mesh_common::model::{
+    EndpointMode, Protocol, PublishMode, RestartCondition, ServiceMode, TaskState,
+};
 use serde::{Deserialize, Serialize};
 
 pub use crate::scheduler::Constraint;
@@ -23,6 +25,7 @@ use mesh_common::refusal::Refusal;
 
 mod lifecycle;
 mod orchestrate;
+mod ports;
 mod rolling;
 #[cfg(test)]
 mod tests;
@@ -54,6 +57,29 @@ pub struct ServiceSpec {
     pub restart_max_attempts: u64,
     pub cmd: Vec<String>,
     pub labels: BTreeMap<String, String>,
+    /// Published ports as asked; left out of the JSON while empty, so a
+    /// state or log without ports is written as before.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortSpec>,
+}
+
+/// One published port of a service, as Docker's `PortConfig`.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PortSpec {
+    pub protocol: Protocol,
+    pub target: u16,
+    /// None in a spec: allocated from `DYNAMIC_PORTS` in `apply`. Always
+    /// set in a service's `endpoint_ports`.
+    #[serde(default)]
+    pub published: Option<u16>,
+    pub mode: PublishMode,
+}
+
+impl PortSpec {
+    /// `8080/tcp`, as refusals name a port.
+    pub fn label(&self) -> String {
+        format!("{}/{}", self.published.unwrap_or(0), self.protocol)
+    }
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -70,6 +96,20 @@ pub struct Service {
     pub version: u64,
     pub update_state: UpdateState,
     pub update_message: String,
+    /// The spec's ports with every published port set, in the spec's
+    /// order (Docker's `Endpoint.Ports`); empty JSON-wise when none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoint_ports: Vec<PortSpec>,
+}
+
+impl Service {
+    /// Whether the service publishes in ingress mode (its tasks then get
+    /// an endpoint on the ingress network).
+    pub fn uses_ingress(&self) -> bool {
+        self.endpoint_ports
+            .iter()
+            .any(|p| p.mode == PublishMode::Ingress)
+    }
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -185,6 +225,7 @@ pub fn validate(spec: &ServiceSpec) -> Result<(), Refusal> {
     if nets.len() != spec.networks.len() {
         return Err(Refusal::invalid("a network is given twice"));
     }
+    ports::validate_ports(&spec.ports)?;
     Ok(())
 }
 

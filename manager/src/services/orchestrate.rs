@@ -24,7 +24,13 @@ impl ClusterState {
         let Some(svc) = self.services.get(&t.service_id).cloned() else {
             return;
         };
-        let eligible = self.eligible(&svc);
+        let all_eligible = self.eligible(&svc);
+        // A host-mode port is bound on the node: one live task per node.
+        let eligible: Vec<String> = all_eligible
+            .iter()
+            .filter(|n| self.host_port_clash(&svc, n, task_id).is_none())
+            .cloned()
+            .collect();
         let node = if !t.node_id.is_empty() {
             eligible.iter().find(|n| **n == t.node_id).cloned()
         } else {
@@ -42,7 +48,19 @@ impl ClusterState {
             scheduler::spread(&eligible, |n| (load(n, true), load(n, false)))
         };
         let Some(node) = node else {
-            let reason = scheduler::no_node_reason(self.nodes.values(), &svc.spec.constraints);
+            let clash = all_eligible
+                .iter()
+                .filter(|n| t.node_id.is_empty() || **n == t.node_id)
+                .find_map(|n| self.host_port_clash(&svc, n, task_id));
+            let reason = match clash {
+                Some((proto, port)) if !t.node_id.is_empty() => format!(
+                    "no suitable node (host-mode port {port}/{proto} is already used on this node)"
+                ),
+                Some((proto, port)) => format!(
+                    "no suitable node (host-mode port {port}/{proto} is already used on every eligible node)"
+                ),
+                None => scheduler::no_node_reason(self.nodes.values(), &svc.spec.constraints),
+            };
             if let Some(t) = self.tasks.get_mut(task_id)
                 && (t.state != TaskState::Pending || t.message != reason)
             {
@@ -55,7 +73,12 @@ impl ClusterState {
         };
         let sandbox = self.task_sandbox_name(&t);
         let mut made = Vec::new();
-        for net_id in &svc.spec.networks {
+        // Ingress last: it is not one of the spec's networks.
+        let ingress = svc
+            .uses_ingress()
+            .then(|| self.ingress_network().map(|n| n.id.clone()))
+            .flatten();
+        for net_id in svc.spec.networks.iter().chain(ingress.iter()) {
             let Some(net) = self.networks.get(net_id) else {
                 continue;
             };

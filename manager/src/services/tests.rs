@@ -78,6 +78,14 @@ impl Lab {
         })
     }
 
+    /// Endpoints of tasks (every node also has its ingress sandbox's).
+    fn task_endpoints(&self) -> impl Iterator<Item = &crate::state::Endpoint> {
+        self.s
+            .endpoints
+            .values()
+            .filter(|e| !crate::state::is_ingress_sbox(e))
+    }
+
     fn live(&self, svc: &str) -> Vec<Task> {
         self.s
             .tasks
@@ -141,7 +149,7 @@ fn replicas_spread_and_get_addresses_and_vips() {
     assert_eq!(per.values().copied().collect::<Vec<_>>(), vec![2, 2, 2]);
     let svc = &lab.s.services["web"];
     let vip = svc.vips.get("net").copied().expect("a VIP on net");
-    let ips: BTreeSet<Ipv4Addr> = lab.s.endpoints.values().map(|e| e.ip).collect();
+    let ips: BTreeSet<Ipv4Addr> = lab.task_endpoints().map(|e| e.ip).collect();
     assert_eq!(ips.len(), 6, "one address per task");
     assert!(!ips.contains(&vip), "no task gets the VIP");
     assert!(
@@ -181,11 +189,11 @@ fn scale_down_and_up() {
         "stopping tasks leave the rotation at once"
     );
     // Their addresses stay theirs until they are down.
-    assert_eq!(lab.s.endpoints.len(), 6);
+    assert_eq!(lab.task_endpoints().count(), 6);
     for t in &stopping {
         lab.report(t, TaskState::Shutdown, 0);
     }
-    assert_eq!(lab.s.endpoints.len(), 2);
+    assert_eq!(lab.task_endpoints().count(), 2);
     lab.scale("web", 6);
     assert_eq!(lab.live("web").len(), 6);
     assert_eq!(lab.per_node("web").values().max(), Some(&2));
@@ -213,7 +221,7 @@ fn node_down_moves_tasks_and_back_is_fine() {
             .count()
             == 2
     );
-    assert!(lab.s.endpoints.values().all(|e| e.node_id != "bb"));
+    assert!(lab.task_endpoints().all(|e| e.node_id != "bb"));
     lab.run_all("web");
     assert_eq!(lab.s.backends("web", "net").len(), 6);
     // A late report from the dead node changes nothing.
@@ -366,4 +374,286 @@ fn constraints_global_and_bad_specs() {
         at: "t".into(),
     });
     assert!(lab.s.tasks.values().all(|t| t.service_id != "nowhere"));
+}
+
+fn port(published: Option<u16>, target: u16, mode: mesh_common::model::PublishMode) -> PortSpec {
+    PortSpec {
+        protocol: mesh_common::model::Protocol::Tcp,
+        target,
+        published,
+        mode,
+    }
+}
+
+fn refused(r: CommandResult) -> String {
+    match r {
+        CommandResult::Refused(m) => m.to_string(),
+        other => panic!("not refused: {other:?}"),
+    }
+}
+
+#[test]
+fn published_ports_are_allocated_and_clashes_refused() {
+    use mesh_common::model::{Protocol, PublishMode::*};
+    let mut lab = Lab::new(&["a", "bb"]);
+    lab.create("web", |s| s.ports = vec![port(Some(8080), 80, Ingress)]);
+    assert_eq!(
+        lab.s.services["web"].endpoint_ports,
+        [port(Some(8080), 80, Ingress)]
+    );
+    lab.create("api", |s| {
+        s.ports = vec![port(None, 80, Ingress), port(None, 81, Ingress)]
+    });
+    assert_eq!(
+        lab.s.services["api"].endpoint_ports,
+        [
+            port(Some(30000), 80, Ingress),
+            port(Some(30001), 81, Ingress)
+        ],
+        "lowest free ports of the dynamic range, in order"
+    );
+    assert_eq!(
+        lab.s.services["api"].spec.ports[0].published, None,
+        "as asked"
+    );
+    for (name, p) in [
+        ("x1", port(Some(8080), 81, Ingress)),
+        ("x2", port(Some(8080), 81, Host)),
+    ] {
+        let why = refused(lab.create(name, |s| s.ports = vec![p]));
+        assert_eq!(why, "port 8080/tcp is already in use by service web");
+    }
+    // Host first, then ingress on it: refused the other way too.
+    lab.create("h", |s| s.ports = vec![port(Some(9090), 80, Host)]);
+    let why = refused(lab.create("x3", |s| s.ports = vec![port(Some(9090), 80, Ingress)]));
+    assert_eq!(why, "port 9090/tcp is already in use by service h");
+    // A dynamic port skips what others hold; udp is another port space.
+    let why = refused(lab.create("x4", |s| s.ports = vec![port(Some(30000), 1, Host)]));
+    assert!(why.contains("in use by service api"), "{why}");
+    lab.create("u", |s| {
+        s.ports = vec![PortSpec {
+            protocol: Protocol::Udp,
+            ..port(Some(8080), 53, Ingress)
+        }]
+    });
+    assert!(matches!(&lab.s.services["u"].endpoint_ports[..], [p] if p.published == Some(8080)));
+    // Two host-mode services may share a port: the scheduler spreads them.
+    assert!(matches!(
+        lab.create("h2", |s| s.ports = vec![port(Some(9090), 80, Host)]),
+        CommandResult::Service(_)
+    ));
+    for (ports, says) in [
+        (vec![port(None, 80, Host)], "mode=host needs published=PORT"),
+        (vec![port(Some(1), 0, Ingress)], "target port 0"),
+        (vec![port(Some(0), 80, Ingress)], "published port 0"),
+        (
+            vec![port(Some(7000), 80, Ingress), port(Some(7000), 81, Ingress)],
+            "published twice",
+        ),
+        (
+            vec![port(None, 80, Ingress), port(None, 80, Ingress)],
+            "published twice",
+        ),
+    ] {
+        let why = refused(lab.create("bad", |s| s.ports = ports));
+        assert!(why.contains(says), "{why}");
+        assert!(!why.contains('\n'));
+    }
+    assert!(!lab.s.services.contains_key("bad"), "nothing half made");
+}
+
+#[test]
+fn ingress_endpoints_for_tasks_and_one_sandbox_per_node() {
+    use mesh_common::model::PublishMode::*;
+    let mut lab = Lab::new(&["a", "bb"]);
+    let sboxes = |lab: &Lab| -> BTreeSet<String> {
+        lab.s
+            .endpoints
+            .values()
+            .filter(|e| crate::state::is_ingress_sbox(e) && e.network_id == "ing")
+            .map(|e| e.node_id.clone())
+            .collect()
+    };
+    assert_eq!(sboxes(&lab), ["a".to_string(), "bb".into()].into());
+    lab.cmd(Command::AddNode {
+        node: Node {
+            id: "ccc".into(),
+            hostname: "ccc".into(),
+            ..Default::default()
+        },
+    });
+    assert_eq!(sboxes(&lab).len(), 3, "a new node gets its ingress sandbox");
+    lab.cmd(Command::RemoveNode { id: "ccc".into() });
+    assert_eq!(sboxes(&lab).len(), 2, "and it goes with the node");
+    assert!(
+        lab.s.network_users("ing").is_empty(),
+        "ingress sandboxes are not users"
+    );
+
+    lab.create("web", |s| {
+        s.replicas = 2;
+        s.ports = vec![port(Some(8080), 80, Ingress)];
+    });
+    lab.create("plain", |_| {});
+    for t in lab.live("web") {
+        let nets: BTreeSet<&str> = lab
+            .task_endpoints()
+            .filter(|e| e.sandbox_id == t.id)
+            .map(|e| e.network_id.as_str())
+            .collect();
+        assert_eq!(
+            nets,
+            ["ing", "net"].into(),
+            "a publishing task is on ingress"
+        );
+    }
+    let plain = &lab.live("plain")[0];
+    assert!(
+        lab.task_endpoints()
+            .all(|e| e.sandbox_id != plain.id || e.network_id == "net"),
+        "a task that publishes nothing is not"
+    );
+    lab.run_all("web");
+    assert_eq!(lab.s.backends("web", "ing").len(), 2);
+
+    // rm ingress is refused while a service publishes through it.
+    let rm = lab.cmd(Command::RemoveNetwork { id: "ing".into() });
+    assert_eq!(
+        refused(rm),
+        "network ingress is in use by service web (published port 8080/tcp); remove its published ports first"
+    );
+    // Dropping the ports re-rolls the tasks (they lose their ingress endpoint).
+    let cur = lab.s.services["web"].clone();
+    let mut spec = cur.spec.clone();
+    spec.ports.clear();
+    lab.cmd(Command::UpdateService {
+        id: "web".into(),
+        spec,
+        force: false,
+        version: cur.version,
+        at: "t".into(),
+    });
+    assert!(lab.s.services["web"].spec_version > cur.spec_version);
+    assert!(lab.s.services["web"].endpoint_ports.is_empty());
+    for _ in 0..4 {
+        lab.run_all("web");
+        let stopping: Vec<Task> = lab
+            .s
+            .tasks
+            .values()
+            .filter(|t| t.desired_state == TaskState::Shutdown && !t.state.is_terminal())
+            .cloned()
+            .collect();
+        for t in &stopping {
+            lab.report(t, TaskState::Shutdown, 0);
+        }
+    }
+    assert!(lab.task_endpoints().all(|e| e.network_id != "ing"));
+    assert!(matches!(
+        lab.cmd(Command::RemoveNetwork { id: "ing".into() }),
+        CommandResult::Ok
+    ));
+    assert!(
+        sboxes(&lab).is_empty(),
+        "node sandboxes go with the network"
+    );
+    let why = refused(lab.create("web2", |s| s.ports = vec![port(None, 80, Ingress)]));
+    assert_eq!(why, super::ports::NO_INGRESS);
+    assert!(
+        matches!(
+            lab.create("hostonly", |s| s.ports = vec![port(Some(81), 80, Host)]),
+            CommandResult::Service(_)
+        ),
+        "host mode needs no ingress network"
+    );
+    // A custom ingress network: every node gets its sandbox again.
+    lab.cmd(Command::CreateNetwork {
+        id: "ing2".into(),
+        spec: NetworkSpec {
+            name: "my-ingress".into(),
+            driver: DriverKind::Overlay,
+            subnet: Some("10.11.0.0/16".into()),
+            gateway: Some("10.11.0.2".into()),
+            ingress: true,
+            ..Default::default()
+        },
+        at: "t".into(),
+    });
+    assert_eq!(sboxes(&lab).len(), 0, "sboxes() checks the old ID");
+    assert_eq!(
+        lab.s
+            .endpoints
+            .values()
+            .filter(|e| crate::state::is_ingress_sbox(e) && e.network_id == "ing2")
+            .count(),
+        2
+    );
+    assert!(matches!(
+        lab.create("web2", |s| s.ports = vec![port(None, 80, Ingress)]),
+        CommandResult::Service(_)
+    ));
+}
+
+#[test]
+fn host_mode_ports_one_task_per_node() {
+    use mesh_common::model::PublishMode::*;
+    let mut lab = Lab::new(&["a", "bb"]);
+    lab.create("web", |s| {
+        s.replicas = 3;
+        s.ports = vec![port(Some(8080), 80, Host)];
+    });
+    let live = lab.live("web");
+    let placed: BTreeSet<&str> = live
+        .iter()
+        .filter(|t| t.state == TaskState::Assigned)
+        .map(|t| t.node_id.as_str())
+        .collect();
+    assert_eq!(placed, ["a", "bb"].into());
+    let pending: Vec<&Task> = live
+        .iter()
+        .filter(|t| t.state == TaskState::Pending)
+        .collect();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(
+        pending[0].message,
+        "no suitable node (host-mode port 8080/tcp is already used on every eligible node)"
+    );
+    // Another service on that host port waits too; a global one gets
+    // one task per node on its own port.
+    lab.create("other", |s| s.ports = vec![port(Some(8080), 81, Host)]);
+    assert_eq!(lab.live("other")[0].state, TaskState::Pending);
+    lab.create("g", |s| {
+        s.mode = ServiceMode::Global;
+        s.replicas = 0;
+        s.ports = vec![port(Some(9000), 80, Host)];
+    });
+    assert_eq!(
+        lab.per_node("g").values().copied().collect::<Vec<_>>(),
+        [1, 1]
+    );
+    assert!(lab.live("g").iter().all(|t| t.state == TaskState::Assigned));
+    // Scaling down frees a node: the pending task is placed there.
+    lab.run_all("web");
+    lab.scale("web", 1);
+    let stopped: Vec<Task> = lab
+        .s
+        .tasks
+        .values()
+        .filter(|t| t.service_id == "web" && t.desired_state == TaskState::Shutdown)
+        .cloned()
+        .collect();
+    assert_eq!(
+        stopped.len(),
+        1,
+        "only the placed slot 2 stops; slot 3 was pending"
+    );
+    assert_eq!(
+        lab.live("other")[0].state,
+        TaskState::Pending,
+        "the port is bound until the stopping task is down"
+    );
+    lab.report(&stopped[0], TaskState::Shutdown, 0);
+    let other = &lab.live("other")[0];
+    assert_eq!(other.state, TaskState::Assigned);
+    assert_eq!(other.node_id, stopped[0].node_id);
 }

@@ -22,10 +22,11 @@ mod nodes;
 mod tests;
 mod types;
 
-pub use crate::services::{Service, ServiceSpec, Task, TaskReport};
+pub use crate::services::{PortSpec, Service, ServiceSpec, Task, TaskReport};
 pub use command::Command;
 pub use networks::{
-    DEFAULT_DATA_PATH_PORT, DEFAULT_MASK_LEN, DEFAULT_POOL, INGRESS_SUBNET, no_such_network,
+    DEFAULT_DATA_PATH_PORT, DEFAULT_MASK_LEN, DEFAULT_POOL, INGRESS_SBOX, INGRESS_SUBNET,
+    ingress_sbox_id, is_ingress_sbox, no_such_network,
 };
 pub use types::{ClusterInfo, Endpoint, Network, NetworkSpec, Node, short_id};
 
@@ -62,6 +63,16 @@ impl ClusterState {
     /// the objects' version as Swarm uses its Raft index.
     pub fn apply(&mut self, index: u64, cmd: &Command) -> CommandResult {
         let result = self.apply_one(index, cmd);
+        // Every node has an ingress sandbox while there is an ingress
+        // network; checked after every command, so a state written before
+        // ingress sandboxes existed gets them on its next command.
+        let at = match cmd {
+            Command::Init { cluster, .. } => cluster.created_at.as_str(),
+            Command::AddNode { node } => node.created_at.as_str(),
+            Command::CreateNetwork { at, .. } | Command::SetNodeState { at, .. } => at.as_str(),
+            _ => "",
+        };
+        self.sync_ingress_sboxes(at);
         // Node changes move tasks: a node down, drained or back.
         match cmd {
             Command::AddNode { .. } | Command::RemoveNode { .. } => self.orchestrate(index, ""),

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
 use mesh_common::ipam::{self, Ipv4Net};
-use mesh_common::model::Mac;
+use mesh_common::model::{Mac, PublishMode};
 
 use super::{ClusterState, Command, CommandResult, Endpoint, Network, NetworkSpec};
 use mesh_common::refusal::Refusal;
@@ -105,6 +105,19 @@ impl ClusterState {
                         "network {id} not found"
                     )));
                 };
+                if net.spec.ingress
+                    && let Some((svc, port)) = self.services.values().find_map(|s| {
+                        s.endpoint_ports
+                            .iter()
+                            .find(|p| p.mode == PublishMode::Ingress)
+                            .map(|p| (s.spec.name.as_str(), p.label()))
+                    })
+                {
+                    return CommandResult::Refused(Refusal::precondition(format!(
+                        "network {} is in use by service {svc} (published port {port}); remove its published ports first",
+                        net.spec.name
+                    )));
+                }
                 let services: Vec<&str> = self
                     .services
                     .values()
@@ -127,6 +140,8 @@ impl ClusterState {
                     )));
                 }
                 self.networks.remove(id);
+                // The nodes' ingress sandboxes go with their network.
+                self.endpoints.retain(|_, e| e.network_id != *id);
                 CommandResult::Ok
             }
             _ => CommandResult::Refused(Refusal::invalid("not a network command")),
@@ -185,11 +200,12 @@ impl ClusterState {
         }
     }
 
-    /// Who uses a network, for refusals that name them.
+    /// Who uses a network, for refusals that name them. The nodes'
+    /// ingress sandboxes belong to the network itself and do not count.
     pub fn network_users(&self, id: &str) -> Vec<String> {
         self.endpoints
             .values()
-            .filter(|e| e.network_id == id)
+            .filter(|e| e.network_id == id && !is_ingress_sbox(e))
             .map(|e| {
                 let host = self
                     .nodes
@@ -330,6 +346,68 @@ impl ClusterState {
         let vnis: BTreeSet<u32> = self.networks.values().map(|n| n.vni).collect();
         let vni = ipam::next_vni(&vnis)?;
         Ok((subnet, gateway, vni))
+    }
+}
+
+/// The sandbox name of every node's endpoint on the ingress network.
+pub const INGRESS_SBOX: &str = "ingress-sbox";
+
+/// The sandbox ID of `node_id`'s ingress sandbox: derived, so every
+/// manager and the node itself name it alike.
+pub fn ingress_sbox_id(node_id: &str) -> String {
+    format!("ingress-{node_id}")
+}
+
+/// Whether an endpoint is a node's ingress sandbox (made by the managers,
+/// not a user of its network).
+pub fn is_ingress_sbox(e: &Endpoint) -> bool {
+    e.sandbox == INGRESS_SBOX && e.sandbox_id == ingress_sbox_id(&e.node_id)
+}
+
+impl ClusterState {
+    /// One ingress-sandbox endpoint per node while an ingress network
+    /// exists, none otherwise: made for new nodes and a new ingress
+    /// network, dropped with their node. A full subnet leaves the node
+    /// without one (its view then has no ingress) rather than refusing
+    /// the node.
+    pub(crate) fn sync_ingress_sboxes(&mut self, at: &str) {
+        let Some(net) = self.ingress_network().cloned() else {
+            self.endpoints.retain(|_, e| !is_ingress_sbox(e));
+            return;
+        };
+        let nodes = &self.nodes;
+        self.endpoints
+            .retain(|_, e| !is_ingress_sbox(e) || nodes.contains_key(&e.node_id));
+        let have: BTreeSet<&str> = self
+            .endpoints
+            .values()
+            .filter(|e| e.network_id == net.id && is_ingress_sbox(e))
+            .map(|e| e.node_id.as_str())
+            .collect();
+        let missing: Vec<String> = self
+            .nodes
+            .keys()
+            .filter(|n| !have.contains(n.as_str()))
+            .cloned()
+            .collect();
+        for node_id in missing {
+            let sandbox_id = ingress_sbox_id(&node_id);
+            let Ok(ip) = self.allocate_address(&net) else {
+                continue;
+            };
+            let ep = Endpoint {
+                id: mesh_common::id::derived_id(&[INGRESS_SBOX, &node_id, &net.id]),
+                network_id: net.id.clone(),
+                node_id,
+                sandbox: INGRESS_SBOX.into(),
+                sandbox_id,
+                ip,
+                mac: Mac::for_ip(ip),
+                aliases: Vec::new(),
+                created_at: at.to_string(),
+            };
+            self.endpoints.insert(ep.id.clone(), ep);
+        }
     }
 }
 
