@@ -396,6 +396,10 @@ fn routing_mesh_udp_host_mode_and_a_dead_node() -> Result<()> {
         );
         let from_dead: Vec<&Answer> = answers.iter().filter(|a| dead.contains(&a.task)).collect();
         ensure!(
+            answers.iter().all(|a| a.peer == client),
+            "through {node} after node2 died, a task saw a peer other than host1 ({client}): {answers:?}"
+        );
+        ensure!(
             from_dead.is_empty(),
             "through {node}, answers came from node2's dead tasks: {from_dead:?}"
         );
@@ -481,6 +485,21 @@ fn restart_custom_ingress_and_standalone_ports() -> Result<()> {
         Duration::from_secs(30),
         || lab.mesh_ok("node1", &["network", "rm", "ingress"]).ok(),
     )?;
+    // An ingress network is never attachable: sandboxes join it only as service tasks.
+    refused(
+        &lab,
+        "node1",
+        &[
+            "network",
+            "create",
+            "--driver",
+            "overlay",
+            "--ingress",
+            "--attachable",
+            "bad-ingress",
+        ],
+        "attachable",
+    )?;
     lab.mesh_ok(
         "node1",
         &[
@@ -532,7 +551,7 @@ fn restart_custom_ingress_and_standalone_ports() -> Result<()> {
     let name = sandboxes
         .iter()
         .filter_map(|s| s["Names"].as_str())
-        .find(|n| task.starts_with(n) || n.starts_with("w2."))
+        .find(|n| !n.is_empty() && (*n == task.as_str() || n.starts_with("w2.")))
         .with_context(|| {
             format!("no sandbox of w2's task {task} in `mesh ps` on {node}: {sandboxes:?}")
         })?
