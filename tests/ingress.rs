@@ -478,7 +478,12 @@ fn restart_custom_ingress_and_standalone_ports() -> Result<()> {
     }
 
     // The ingress network cannot go while a service publishes through it.
-    refused(&lab, "node1", &["network", "rm", "ingress"], "ingress")?;
+    refused(
+        &lab,
+        "node1",
+        &["network", "rm", "ingress"],
+        "in use by service web",
+    )?;
     lab.mesh_ok("node1", &["service", "rm", "web"])?;
     wait_for(
         "`network rm ingress` to succeed once web is gone",
@@ -528,7 +533,7 @@ fn restart_custom_ingress_and_standalone_ports() -> Result<()> {
             "--ingress",
             "second",
         ],
-        "ingress",
+        "ingress network already exists",
     )?;
     create(&lab, "w2", &["--replicas", "2", "-p", "8080:80"], 80, false)?;
     let w2 = converged(&lab, "w2", 2)?;
