@@ -119,12 +119,11 @@ fn assert_gone(name: &str) {
     assert!(!mesh_lab::lab_dir(name).exists(), "lab dir left");
 }
 
+/// Whether node `from` reaches node `to` on the underlay (over TCP, as
+/// `ping` is not installed everywhere).
 fn ping(lab: &Lab, from: &str, to: &str) -> bool {
     let ip = lab.node(to).expect("node").ip.to_string();
-    lab.exec(from, &["ping", "-c1", "-W1", &ip])
-        .expect("ping runs")
-        .status
-        .success()
+    reaches(lab, from, &ip)
 }
 
 fn eventually(what: &str, mut f: impl FnMut() -> bool) {
