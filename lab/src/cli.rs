@@ -31,6 +31,10 @@ pub enum LabCommand {
         /// How many of them are managers (node1..nodeM)
         #[arg(long, default_value_t = 1)]
         managers: usize,
+        /// Outside hosts host1..hostN on the underlay: no daemon, not cluster
+        /// nodes; clients for published ports (`mesh lab exec LAB host1 -- curl ...`)
+        #[arg(long, default_value_t = 0)]
+        hosts: usize,
         /// Lab name: up to 12 of a-z, 0-9, '-'
         #[arg(long, default_value = "lab")]
         name: String,
@@ -49,10 +53,10 @@ pub enum LabCommand {
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
-    /// Run a command inside a node (its network and hostname), with MESH_HOST set to its daemon
+    /// Run a command inside a node (its network and hostname), with MESH_HOST set to its daemon, or inside an outside host
     Exec {
         lab: String,
-        /// node2, or just 2
+        /// node2, or just 2; or an outside host (host1)
         node: String,
         /// Command and arguments (after `--`, or from the first word that is
         /// not a flag). No `allow_hyphen_values`: an unknown flag before the
@@ -85,6 +89,7 @@ fn dispatch(cmd: LabCommand, mesh_bin: &Path) -> Result<()> {
         LabCommand::Up {
             nodes,
             managers,
+            hosts,
             name,
             init_args,
             daemon_args,
@@ -94,6 +99,7 @@ fn dispatch(cmd: LabCommand, mesh_bin: &Path) -> Result<()> {
                 name,
                 nodes,
                 managers,
+                hosts,
                 init_args,
                 daemon_args,
                 ready_timeout: Duration::from_secs(timeout),
@@ -212,7 +218,7 @@ fn print_table(header: &[&str], rows: &[Vec<String>]) {
 }
 
 fn print_up(lab: &Lab) {
-    let rows: Vec<Vec<String>> = lab
+    let mut rows: Vec<Vec<String>> = lab
         .nodes
         .iter()
         .map(|n| {
@@ -225,6 +231,15 @@ fn print_up(lab: &Lab) {
             ]
         })
         .collect();
+    rows.extend(lab.hosts.iter().map(|h| {
+        vec![
+            h.name.clone(),
+            "host".into(),
+            h.ip.to_string(),
+            "-".into(),
+            "-".into(),
+        ]
+    }));
     print_table(&["NODE", "ROLE", "ADDRESS", "SOCKET", "PID"], &rows);
     let name = &lab.name;
     let last = lab.nodes.last().map(|n| n.name.as_str()).unwrap_or("node1");
@@ -234,14 +249,21 @@ fn print_up(lab: &Lab) {
         .map(|n| n.ip.to_string())
         .unwrap_or_default();
     println!();
+    let hosts = match lab.hosts.len() {
+        0 => String::new(),
+        n => format!(" and {n} outside host(s)"),
+    };
     println!(
-        "lab {name} is up: {} nodes on {} (bridge {UNDERLAY_BRIDGE} in netns {})",
+        "lab {name} is up: {} nodes{hosts} on {} (bridge {UNDERLAY_BRIDGE} in netns {})",
         lab.nodes.len(),
         lab.subnet(),
         lab.underlay_netns
     );
     println!("  mesh lab exec {name} node1 -- mesh node ls");
     println!("  mesh lab exec {name} {last} -- ping -c1 {first_ip}");
+    if let Some(h) = lab.hosts.first() {
+        println!("  mesh lab exec {name} {} -- ping -c1 {first_ip}", h.name);
+    }
     println!("  logs: {}/<node>/daemon.log", lab.dir.display());
     println!("  mesh lab down {name}");
 }
@@ -271,6 +293,20 @@ fn print_ls_table(labs: &[LabListing]) {
                         if n.running() { "running" } else { "dead" }.into(),
                         if n.cut { "cut" } else { "up" }.into(),
                         n.socket.display().to_string(),
+                    ]);
+                }
+                // Outside hosts have no daemon: their DAEMON and SOCKET cells are "-".
+                for h in &lab.hosts {
+                    rows.push(vec![
+                        lab.name.clone(),
+                        status.into(),
+                        h.name.clone(),
+                        "host".into(),
+                        h.ip.to_string(),
+                        "-".into(),
+                        "-".into(),
+                        "-".into(),
+                        "-".into(),
                     ]);
                 }
             }
@@ -330,6 +366,11 @@ fn listing_json(l: &LabListing) -> serde_json::Value {
                 "Link": if n.cut { "cut" } else { "up" },
                 "ID": n.id,
             })).collect::<Vec<_>>(),
+            "Hosts": lab.hosts.iter().map(|h| json!({
+                "Name": h.name,
+                "Address": h.ip,
+                "Netns": h.netns,
+            })).collect::<Vec<_>>(),
         }),
         None => json!({
             "Name": l.name,
@@ -366,11 +407,12 @@ mod tests {
             LabCommand::Up {
                 nodes,
                 managers,
+                hosts,
                 name,
                 init_args,
                 ..
             } => {
-                assert_eq!((nodes, managers, name.as_str()), (3, 1, "lab"));
+                assert_eq!((nodes, managers, hosts, name.as_str()), (3, 1, 0, "lab"));
                 assert!(init_args.is_empty());
             }
             other => panic!("{other:?}"),
@@ -386,14 +428,17 @@ mod tests {
             "--init-arg=--cert-expiry",
             "--init-arg",
             "1m",
+            "--hosts",
+            "2",
         ]) {
             LabCommand::Up {
                 nodes,
                 managers,
+                hosts,
                 init_args,
                 ..
             } => {
-                assert_eq!((nodes, managers), (5, 3));
+                assert_eq!((nodes, managers, hosts), (5, 3, 2));
                 assert_eq!(init_args, ["--cert-expiry", "1m"]);
             }
             other => panic!("{other:?}"),

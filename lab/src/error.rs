@@ -37,6 +37,24 @@ pub enum LabError {
     },
 
     #[error(
+        "lab {lab} has no outside host {host:?}; its hosts are [{known}] (`mesh lab up --hosts N` adds them)"
+    )]
+    NoSuchHost {
+        lab: String,
+        host: String,
+        known: String,
+    },
+
+    #[error(
+        "{host} of lab {lab} is an outside host: it runs no daemon and is not a cluster node; use node1..node{nodes}"
+    )]
+    NotANode {
+        lab: String,
+        host: String,
+        nodes: usize,
+    },
+
+    #[error(
         "node {node} of lab {lab}: its daemon is already running (pid {pid}); `mesh lab kill {lab} {node}` stops it"
     )]
     AlreadyRunning { lab: String, node: String, pid: i32 },

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use crate::error::{LabError, Result};
 use crate::lab::Lab;
-use crate::spec::LabNode;
+use crate::spec::{LabHost, LabNode};
 use crate::sys::{self, Uts};
 
 impl Lab {
@@ -54,21 +54,36 @@ impl Lab {
         Ok(cmd)
     }
 
-    /// A `Command` that runs `program` inside `node` (its network and UTS
-    /// namespaces, `MESH_HOST` set): for background processes such as
-    /// `iperf3 -s` that the caller spawns and stops itself.
-    pub fn command(&self, node: &str, program: impl AsRef<OsStr>) -> Result<Command> {
-        self.command_idx(self.index(node)?, program.as_ref())
+    /// A command in outside host `host`: its network namespace and a UTS
+    /// namespace named after it; no `MESH_HOST`, as it has no daemon.
+    fn host_command(&self, host: &LabHost, program: &OsStr) -> Result<Command> {
+        let mut cmd = Command::new(program);
+        cmd.env_remove("MESH_HOST")
+            .env("MESH_LAB", &self.name)
+            .env("MESH_LAB_HOST", &host.name)
+            .env("PATH", self.path_env());
+        sys::enter_node(&mut cmd, &host.netns, Uts::New(host.name.clone()), false)?;
+        Ok(cmd)
     }
 
-    /// Runs `argv` inside `node`, capturing its output; the exit status is
-    /// the caller's to check.
+    /// A `Command` that runs `program` inside `node` (its network and UTS
+    /// namespaces, `MESH_HOST` set), or inside an outside host (`host1`):
+    /// for background processes such as `iperf3 -s` that the caller spawns
+    /// and stops itself.
+    pub fn command(&self, node: &str, program: impl AsRef<OsStr>) -> Result<Command> {
+        match self.hosts.iter().find(|h| h.name == node) {
+            Some(host) => self.host_command(host, program.as_ref()),
+            None => self.command_idx(self.index(node)?, program.as_ref()),
+        }
+    }
+
+    /// Runs `argv` inside `node` (or outside host `host1`..), capturing its
+    /// output; the exit status is the caller's to check.
     pub fn exec<S: AsRef<OsStr>>(&self, node: &str, argv: &[S]) -> Result<Output> {
-        let i = self.index(node)?;
         let (program, args) = argv
             .split_first()
             .ok_or_else(|| LabError::InvalidSpec("exec needs a command to run".into()))?;
-        let mut cmd = self.command_idx(i, program.as_ref())?;
+        let mut cmd = self.command(node, program)?;
         cmd.args(args);
         sys::run_capture(cmd, Some(self.command_timeout))
     }

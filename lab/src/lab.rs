@@ -6,6 +6,8 @@
 //! - netns `mlab-L-ul` holds bridge `br0` (the underlay switch) and one veth
 //!   end per node, named after the node;
 //! - netns `mlab-L-nodeI` holds the other end as `eth0` with 192.168.k.(10+I)/24;
+//! - netns `mlab-L-hostJ` (outside hosts: no daemon, not in the cluster) is
+//!   wired the same way with the addresses after the nodes' (10+N+J);
 //! - `/run/mesh-lab/L/lab.json` records all of it so separate `mesh lab`
 //!   invocations (and `down` after a crash) see the same lab;
 //! - `/run/mesh-lab/L/nodeI/{state/,mesh.sock,daemon.log}` belong to the node's daemon.
@@ -28,7 +30,7 @@ use crate::readiness::{NodeRow, cluster_complete, parse_node_ls};
 use crate::registry::{
     LAB_ROOT, lab_dir, lock_root, owned_netns, read_state, require_root, state_file,
 };
-use crate::spec::{LabNode, LabStatus, Role, UpSpec};
+use crate::spec::{LabHost, LabNode, LabStatus, Role, UpSpec};
 use crate::sys;
 use crate::teardown::teardown;
 
@@ -65,6 +67,9 @@ pub struct Lab {
     #[serde(default)]
     pub daemon_args: Vec<String>,
     pub nodes: Vec<LabNode>,
+    /// Outside hosts (`host1`..): clients on the underlay, not cluster nodes.
+    #[serde(default)]
+    pub hosts: Vec<LabHost>,
     #[serde(default)]
     pub created_unix: u64,
     #[serde(skip, default = "default_command_timeout")]
@@ -124,7 +129,7 @@ impl Lab {
                     eprintln!("mesh lab: up failed; removing lab {}", lab.name);
                 }
                 let mut children = std::mem::take(&mut lab.children);
-                match teardown(&lab.name, &lab.nodes, &mut children) {
+                match teardown(&lab.name, &lab.nodes, &lab.hosts, &mut children) {
                     Ok(()) => Err(err),
                     Err(LabError::Teardown { problems, .. }) => Err(LabError::UpCleanup {
                         lab: lab.name.clone(),
@@ -201,6 +206,17 @@ impl Lab {
                 }
             })
             .collect();
+        let hosts = (1..=spec.hosts)
+            .map(|j| {
+                let host = names::host_name(j);
+                LabHost {
+                    ip: names::host_ip(k, spec.nodes, j),
+                    netns: names::host_netns(name, &host),
+                    veth: host.clone(),
+                    name: host,
+                }
+            })
+            .collect();
         create_dir(&dir, 0o755)?;
         let lab = Lab {
             name: name.clone(),
@@ -211,6 +227,7 @@ impl Lab {
             status: LabStatus::Creating,
             daemon_args: spec.daemon_args.clone(),
             nodes,
+            hosts,
             created_unix: now_unix(),
             command_timeout: DEFAULT_COMMAND_TIMEOUT,
             children: HashMap::new(),
@@ -301,36 +318,38 @@ impl Lab {
         sys::ip(&["-n", ul, "link", "set", UNDERLAY_BRIDGE, "up"])?;
         for node in &self.nodes {
             sys::check_interrupt()?;
-            let ns = node.netns.as_str();
-            sys::ip(&["netns", "add", ns])?;
-            sys::ip(&["-n", ns, "link", "set", "lo", "up"])?;
-            sys::ip(&[
-                "-n", ul, "link", "add", &node.veth, "type", "veth", "peer", "name", "eth0",
-                "netns", ns,
-            ])?;
-            sys::ip(&[
-                "-n",
-                ul,
-                "link",
-                "set",
-                &node.veth,
-                "master",
-                UNDERLAY_BRIDGE,
-                "up",
-            ])?;
-            sys::ip(&[
-                "-n",
-                ns,
-                "addr",
-                "add",
-                &format!("{}/24", node.ip),
-                "dev",
-                "eth0",
-            ])?;
-            sys::ip(&["-n", ns, "link", "set", "eth0", "up"])?;
+            self.wire(&node.netns, &node.veth, node.ip)?;
             create_dir(&node.dir, 0o755)?;
             create_dir(&node.state_dir, 0o700)?;
         }
+        for host in &self.hosts {
+            sys::check_interrupt()?;
+            self.wire(&host.netns, &host.veth, host.ip)?;
+        }
+        Ok(())
+    }
+
+    /// Makes namespace `ns` with `eth0` at `ip`/24, linked to the underlay
+    /// bridge through `veth`.
+    fn wire(&self, ns: &str, veth: &str, ip: std::net::Ipv4Addr) -> Result<()> {
+        let ul = self.underlay_netns.as_str();
+        sys::ip(&["netns", "add", ns])?;
+        sys::ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        sys::ip(&[
+            "-n", ul, "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns,
+        ])?;
+        sys::ip(&[
+            "-n",
+            ul,
+            "link",
+            "set",
+            veth,
+            "master",
+            UNDERLAY_BRIDGE,
+            "up",
+        ])?;
+        sys::ip(&["-n", ns, "addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        sys::ip(&["-n", ns, "link", "set", "eth0", "up"])?;
         Ok(())
     }
 
@@ -489,6 +508,13 @@ impl Lab {
 
     pub(crate) fn index(&self, node: &str) -> Result<usize> {
         let want = names::normalize_node_arg(node);
+        if self.hosts.iter().any(|h| h.name == want) {
+            return Err(LabError::NotANode {
+                lab: self.name.clone(),
+                host: want,
+                nodes: self.nodes.len(),
+            });
+        }
         self.nodes
             .iter()
             .position(|n| n.name == want)
@@ -507,6 +533,23 @@ impl Lab {
     /// Node by name (`node2`, or just `2`).
     pub fn node(&self, node: &str) -> Result<&LabNode> {
         Ok(&self.nodes[self.index(node)?])
+    }
+
+    /// Outside host by name (`host1`).
+    pub fn host(&self, host: &str) -> Result<&LabHost> {
+        self.hosts
+            .iter()
+            .find(|h| h.name == host)
+            .ok_or_else(|| LabError::NoSuchHost {
+                lab: self.name.clone(),
+                host: host.into(),
+                known: self
+                    .hosts
+                    .iter()
+                    .map(|h| h.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
     }
 
     /// The underlay subnet, `192.168.k.0/24`.
@@ -557,7 +600,7 @@ impl Lab {
     pub fn down(mut self) -> Result<()> {
         self.owned = false;
         let mut children = std::mem::take(&mut self.children);
-        teardown(&self.name, &self.nodes, &mut children)
+        teardown(&self.name, &self.nodes, &self.hosts, &mut children)
     }
 }
 
@@ -576,7 +619,7 @@ impl Drop for Lab {
             return;
         }
         let mut children = std::mem::take(&mut self.children);
-        if let Err(e) = teardown(&self.name, &self.nodes, &mut children) {
+        if let Err(e) = teardown(&self.name, &self.nodes, &self.hosts, &mut children) {
             tracing::error!(lab = %self.name, error = %e, "lab teardown failed");
             eprintln!("mesh-lab: {e}");
         }

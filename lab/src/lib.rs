@@ -30,6 +30,7 @@
 //! let ip = lab.node("node2")?.ip.to_string();
 //! lab.exec_ok("node1", &["ping", "-c1", &ip])?;
 //! println!("{}", lab.mesh_ok("node1", &["node", "ls"])?);
+//! // Outside hosts (`spec.hosts = 1`) are reached the same way: `lab.exec_ok("host1", ...)`.
 //! # Ok(()) } // dropping `lab` tears it down
 //! ```
 
@@ -49,8 +50,9 @@ pub use cli::{Format, LabCommand, run};
 pub use error::{LabError, Result};
 pub use lab::{CLUSTER_PORT, Lab, UNDERLAY_BRIDGE};
 pub use names::{
-    MAX_LAB_NAME, MAX_NODES, node_name, node_netns, underlay_netns, validate_lab_name,
+    MAX_LAB_NAME, MAX_NODES, host_name, host_netns, node_name, node_netns, underlay_netns,
+    validate_lab_name,
 };
 pub use readiness::{NodeRow, parse_node_ls};
 pub use registry::{LAB_ROOT, LabListing, cleanup_stale, down, lab_dir, list};
-pub use spec::{LabNode, LabStatus, Role, UpSpec};
+pub use spec::{LabHost, LabNode, LabStatus, Role, UpSpec};

@@ -27,6 +27,8 @@ pub enum NsKind {
     Underlay,
     /// A node's namespace, with the node's name (`node3`).
     Node(String),
+    /// An outside host's namespace, with the host's name (`host1`).
+    Host(String),
 }
 
 /// Checks that `name` can be used as a lab name.
@@ -60,9 +62,19 @@ pub fn node_name(i: usize) -> String {
     format!("node{i}")
 }
 
+/// Name of the `j`-th outside host (1-based); also its hostname.
+pub fn host_name(j: usize) -> String {
+    format!("host{j}")
+}
+
 /// Network namespace of node `node` in lab `lab`.
 pub fn node_netns(lab: &str, node: &str) -> String {
     format!("{NS_PREFIX}{lab}-{node}")
+}
+
+/// Network namespace of outside host `host` in lab `lab`.
+pub fn host_netns(lab: &str, host: &str) -> String {
+    format!("{NS_PREFIX}{lab}-{host}")
 }
 
 /// Network namespace holding lab `lab`'s underlay bridge.
@@ -74,6 +86,14 @@ pub fn underlay_netns(lab: &str) -> String {
 pub fn node_ip(k: u8, i: usize) -> Ipv4Addr {
     debug_assert!((1..=MAX_NODES).contains(&i));
     Ipv4Addr::new(192, 168, k, (10 + i) as u8)
+}
+
+/// Underlay address of the `j`-th outside host (1-based) of a lab with
+/// `nodes` nodes: right after the nodes, so the two never overlap while
+/// `nodes + hosts` stays within [`MAX_NODES`].
+pub fn host_ip(k: u8, nodes: usize, j: usize) -> Ipv4Addr {
+    debug_assert!(j >= 1 && nodes + j <= MAX_NODES);
+    Ipv4Addr::new(192, 168, k, (10 + nodes + j) as u8)
 }
 
 /// The lowest /24 index (192.168.k.0/24, k in 1..=254) no other lab uses.
@@ -90,19 +110,24 @@ pub fn pick_subnet_index(used: &BTreeSet<u8>) -> Option<u8> {
 /// so lab `a` never claims lab `a-node1`'s namespaces.
 pub fn parse_netns(ns: &str) -> Option<(String, NsKind)> {
     let rest = ns.strip_prefix(NS_PREFIX)?;
-    if let Some(lab) = rest.strip_suffix("-ul") {
-        return validate_lab_name(lab)
-            .ok()
-            .map(|()| (lab.to_string(), NsKind::Underlay));
-    }
-    let at = rest.rfind("-node")?;
-    let (lab, node) = (&rest[..at], &rest[at + 1..]);
-    let digits = &node["node".len()..];
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+    // Suffixes never contain '-', lab names may: split at the last one.
+    let (lab, suffix) = rest.rsplit_once('-')?;
+    let numbered = |prefix: &str| {
+        suffix
+            .strip_prefix(prefix)
+            .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+    };
+    let kind = if suffix == "ul" {
+        NsKind::Underlay
+    } else if numbered("node") {
+        NsKind::Node(suffix.to_string())
+    } else if numbered("host") {
+        NsKind::Host(suffix.to_string())
+    } else {
         return None;
-    }
+    };
     validate_lab_name(lab).ok()?;
-    Some((lab.to_string(), NsKind::Node(node.to_string())))
+    Some((lab.to_string(), kind))
 }
 
 /// Maps what a user typed for a node (`node2`, or just `2`) to a node name.
@@ -162,7 +187,22 @@ mod tests {
             parse_netns("mlab-a-ul-ul"),
             Some(("a-ul".into(), NsKind::Underlay))
         );
+        assert_eq!(host_netns("t1", "host2"), "mlab-t1-host2");
+        assert_eq!(
+            parse_netns("mlab-t1-host2"),
+            Some(("t1".into(), NsKind::Host("host2".into())))
+        );
+        assert_eq!(
+            parse_netns("mlab-a-host1-node2"),
+            Some(("a-host1".into(), NsKind::Node("node2".into())))
+        );
+        assert_eq!(
+            parse_netns("mlab-a-node1-host2"),
+            Some(("a-node1".into(), NsKind::Host("host2".into())))
+        );
         for foreign in [
+            "mlab-t1-hostx",
+            "mlab-t1-host",
             "mlab-t1-nodex",
             "mlab-t1-node",
             "mlab--ul",
@@ -178,6 +218,10 @@ mod tests {
     fn addresses() {
         assert_eq!(node_ip(7, 1), Ipv4Addr::new(192, 168, 7, 11));
         assert_eq!(node_ip(7, MAX_NODES), Ipv4Addr::new(192, 168, 7, 250));
+        // Hosts follow the nodes, and the last possible one is still in range.
+        assert_eq!(host_ip(7, 3, 1), Ipv4Addr::new(192, 168, 7, 14));
+        assert_eq!(host_ip(7, 3, 2), Ipv4Addr::new(192, 168, 7, 15));
+        assert_eq!(host_ip(7, MAX_NODES - 1, 1), node_ip(7, MAX_NODES));
     }
 
     #[test]

@@ -145,18 +145,18 @@ pub fn list() -> Result<Vec<LabListing>> {
 pub fn down(name: &str) -> Result<()> {
     names::validate_lab_name(name)?;
     require_root()?;
-    let nodes = match read_state(name) {
-        Ok(Some(lab)) => lab.nodes.clone(),
-        Ok(None) => Vec::new(),
+    let (nodes, hosts) = match read_state(name) {
+        Ok(Some(lab)) => (lab.nodes.clone(), lab.hosts.clone()),
+        Ok(None) => (Vec::new(), Vec::new()),
         Err(e) => {
             tracing::warn!(lab = name, error = %e, "lab state unreadable; removing what can be found by name");
-            Vec::new()
+            (Vec::new(), Vec::new())
         }
     };
     if nodes.is_empty() && !lab_dir(name).exists() && owned_netns(name).is_empty() {
         return Err(LabError::NotFound(name.into()));
     }
-    teardown(name, &nodes, &mut HashMap::new())
+    teardown(name, &nodes, &hosts, &mut HashMap::new())
 }
 
 /// Removes whatever a previous (crashed) run left under lab name `name`;

@@ -82,6 +82,20 @@ impl LabNode {
     }
 }
 
+/// An outside host of a lab: a namespace on the underlay with an address
+/// and no daemon, standing for a client outside the cluster.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LabHost {
+    /// `host1`, `host2`, ...; also the hostname commands in it see.
+    pub name: String,
+    /// Underlay address, on `eth0` in [`LabHost::netns`].
+    pub ip: Ipv4Addr,
+    /// Named network namespace (`ip netns exec` works on it).
+    pub netns: String,
+    /// The bridge-side end of the host's underlay link, in the underlay namespace.
+    pub veth: String,
+}
+
 /// What `up` builds.
 #[derive(Debug, Clone)]
 pub struct UpSpec {
@@ -89,6 +103,8 @@ pub struct UpSpec {
     pub nodes: usize,
     /// The first `managers` nodes are managers (node1 initializes the cluster).
     pub managers: usize,
+    /// Outside hosts (`host1`..) on the underlay: no daemon, not in the cluster.
+    pub hosts: usize,
     /// Extra arguments for `mesh init`.
     pub init_args: Vec<String>,
     /// Extra arguments for every `mesh daemon`.
@@ -107,6 +123,7 @@ impl Default for UpSpec {
             name: "lab".into(),
             nodes: 3,
             managers: 1,
+            hosts: 0,
             init_args: Vec::new(),
             daemon_args: Vec::new(),
             socket_timeout: Duration::from_secs(30),
@@ -133,6 +150,14 @@ impl UpSpec {
             return Err(LabError::InvalidSpec(format!(
                 "--nodes {} is out of range; use 1 to {}",
                 self.nodes,
+                names::MAX_NODES
+            )));
+        }
+        if self.nodes + self.hosts > names::MAX_NODES {
+            return Err(LabError::InvalidSpec(format!(
+                "--nodes {} plus --hosts {} is more than the {} addresses of a lab",
+                self.nodes,
+                self.hosts,
                 names::MAX_NODES
             )));
         }
@@ -168,5 +193,10 @@ mod tests {
                 .is_err()
         );
         assert!(UpSpec::new("Bad", 3, 1).validate().is_err());
+        let mut hosts = UpSpec::new("ok", 3, 1);
+        hosts.hosts = 2;
+        assert!(hosts.validate().is_ok());
+        hosts.hosts = names::MAX_NODES - 2;
+        assert!(hosts.validate().is_err());
     }
 }

@@ -12,7 +12,7 @@ use nix::sys::signal::Signal;
 use crate::error::{LabError, Result};
 use crate::names;
 use crate::registry::{lab_dir, owned_netns};
-use crate::spec::LabNode;
+use crate::spec::{LabHost, LabNode};
 use crate::sys;
 
 /// How long a daemon gets to exit after SIGTERM before it is SIGKILLed:
@@ -48,6 +48,7 @@ fn daemon_netns(nodes: &[LabNode]) -> Vec<String> {
 pub(crate) fn teardown(
     name: &str,
     nodes: &[LabNode],
+    hosts: &[LabHost],
     children: &mut HashMap<String, Child>,
 ) -> Result<()> {
     let mut problems = Vec::new();
@@ -96,6 +97,8 @@ pub(crate) fn teardown(
     // Then everything else living in the lab's namespaces or the daemons' sessions.
     let mut namespaces: BTreeSet<String> = owned_netns(name).into_iter().collect();
     namespaces.extend(nodes.iter().map(|n| n.netns.clone()));
+    // Hosts run no daemon, but what was started in them (servers, clients) dies here too.
+    namespaces.extend(hosts.iter().map(|h| h.netns.clone()));
     namespaces.extend(daemon_netns(nodes));
     namespaces.insert(names::underlay_netns(name));
     namespaces.retain(|ns| sys::netns_path(ns).exists());
@@ -129,7 +132,7 @@ pub(crate) fn teardown(
         ));
     }
 
-    // Node namespaces (and with them the veths), then the underlay.
+    // Node and host namespaces (and with them the veths), then the underlay.
     let ul = names::underlay_netns(name);
     let ordered = namespaces
         .iter()

@@ -119,12 +119,11 @@ fn assert_gone(name: &str) {
     assert!(!mesh_lab::lab_dir(name).exists(), "lab dir left");
 }
 
+/// Whether node `from` reaches node `to` on the underlay (over TCP, as
+/// `ping` is not installed everywhere).
 fn ping(lab: &Lab, from: &str, to: &str) -> bool {
     let ip = lab.node(to).expect("node").ip.to_string();
-    lab.exec(from, &["ping", "-c1", "-W1", &ip])
-        .expect("ping runs")
-        .status
-        .success()
+    reaches(lab, from, &ip)
 }
 
 fn eventually(what: &str, mut f: impl FnMut() -> bool) {
@@ -347,5 +346,154 @@ fn dropped_lab_is_torn_down() {
             "SWMTKN-1-fake-worker"
         );
     }
+    assert_gone(&name);
+}
+
+/// Whether `from` reaches `ip` over TCP: only a refused connection (an
+/// RST from the address) counts; a timeout or "no route" does not. Works
+/// without `ping`, which not every machine has.
+fn reaches(lab: &Lab, from: &str, ip: &str) -> bool {
+    let script = format!(
+        "import socket,sys\ns=socket.socket()\ns.settimeout(2)\ntry:\n    s.connect(('{ip}', 9))\nexcept ConnectionRefusedError:\n    sys.exit(0)\nexcept OSError:\n    sys.exit(1)\n"
+    );
+    let out = lab
+        .exec(from, &["python3", "-c", &script])
+        .expect("python3 runs");
+    out.status.success()
+}
+
+#[test]
+fn outside_hosts() {
+    require_root();
+    let name = lab_name("e");
+    let fake = fake_mesh("e", false);
+    let bin = fake.bin();
+    mesh_lab::cleanup_stale(&name).expect("cleanup");
+    let mut spec = UpSpec::new(&name, 2, 1);
+    spec.hosts = 2;
+    let mut lab = Lab::up(&spec, &bin).expect("lab up with hosts");
+    let mut ns = namespaces_of(&name);
+    ns.sort();
+    assert_eq!(
+        ns,
+        [
+            format!("mlab-{name}-host1"),
+            format!("mlab-{name}-host2"),
+            format!("mlab-{name}-node1"),
+            format!("mlab-{name}-node2"),
+            format!("mlab-{name}-ul"),
+        ]
+    );
+    // Hosts are not cluster nodes: no daemon, not in `nodes`.
+    assert_eq!(lab.nodes.len(), 2);
+    let h1 = lab.host("host1").expect("host1").clone();
+    assert_eq!(h1.netns, format!("mlab-{name}-host1"));
+    assert_eq!(
+        h1.ip.octets()[3],
+        13,
+        "host1 follows node1 (.11) and node2 (.12)"
+    );
+    assert!(matches!(
+        lab.host("host3"),
+        Err(LabError::NoSuchHost { .. })
+    ));
+    assert!(matches!(
+        lab.mesh("host1", &["info"]),
+        Err(LabError::NotANode { .. })
+    ));
+
+    assert!(matches!(lab.kill("host1"), Err(LabError::NotANode { .. })));
+
+    // Commands run in the host, with its name and address and no daemon to talk to.
+    assert_eq!(
+        lab.exec_ok("host1", &["hostname"])
+            .expect("hostname")
+            .trim(),
+        "host1"
+    );
+    let addrs = lab
+        .exec_ok("host2", &["ip", "-4", "-o", "addr", "show", "dev", "eth0"])
+        .expect("addr");
+    let h2 = lab.host("host2").expect("host2").ip.to_string();
+    assert!(addrs.contains(&format!("{h2}/24")), "{addrs}");
+    let env = lab
+        .exec_ok("host1", &["sh", "-c", "echo \"[$MESH_HOST]\""])
+        .expect("env");
+    assert_eq!(
+        env.trim(),
+        "[]",
+        "a host has no daemon to point MESH_HOST at"
+    );
+    let n1 = lab.node("node1").expect("node1").ip.to_string();
+    assert!(
+        reaches(&lab, "host1", &n1),
+        "host1 cannot reach node1 on the underlay"
+    );
+    assert!(
+        reaches(&lab, "node2", &h2),
+        "node2 cannot reach host2 on the underlay"
+    );
+    let nobody = format!("192.168.{}.250", lab.subnet_index);
+    assert!(
+        !reaches(&lab, "host1", &nobody),
+        "an unused address answered"
+    );
+    // And nothing beyond the lab's own /24.
+    let routes = lab
+        .exec_ok("host1", &["ip", "-4", "route"])
+        .expect("routes");
+    assert!(
+        !routes.contains("default"),
+        "no way out of the lab: {routes}"
+    );
+
+    // Another invocation (the CLI's `exec`, `ls`) sees the hosts.
+    let other = Lab::open(&name, &bin).expect("open");
+    assert_eq!(other.hosts.len(), 2);
+    drop(other);
+
+    // A process left in a host (a client, a server) dies with the lab.
+    let mut sleeper = lab
+        .command("host2", "sleep")
+        .expect("command in host2")
+        .arg("1000")
+        .spawn()
+        .expect("sleep in host2");
+    lab.down().expect("down");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let killed = loop {
+        match sleeper.try_wait() {
+            Ok(Some(_)) => break true,
+            _ if Instant::now() >= deadline => break false,
+            _ => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    if !killed {
+        let _ = sleeper.kill();
+        let _ = sleeper.wait();
+    }
+    assert!(killed, "down left a process running in host2");
+    assert_gone(&name);
+}
+
+#[test]
+fn down_removes_a_crashed_runs_host() {
+    require_root();
+    let name = lab_name("f");
+    mesh_lab::cleanup_stale(&name).expect("cleanup");
+    // A crash between making a host's namespace and writing lab.json.
+    let ns = format!("mlab-{name}-host1");
+    let ok = std::process::Command::new("ip")
+        .args(["netns", "add", &ns])
+        .status()
+        .expect("ip");
+    assert!(ok.success());
+    let listed = mesh_lab::list().expect("ls");
+    let entry = listed
+        .iter()
+        .find(|l| l.name == name)
+        .expect("stale host listed under its lab");
+    assert_eq!(entry.stale_netns, [ns]);
+    mesh_lab::down(&name).expect("down of a leftover host");
     assert_gone(&name);
 }
