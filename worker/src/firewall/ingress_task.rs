@@ -47,7 +47,12 @@ pub struct IngressTask {
 fn ct_state(states: &[&str]) -> Statement<'static> {
     Statement::Match(Match {
         left: ct("state"),
-        right: Expression::List(states.iter().map(|s| string(s)).collect()),
+        // nft lists a list of one as its element: so it is given that way,
+        // or drift detection would see a difference every pass.
+        right: match states {
+            [one] => string(one),
+            _ => Expression::List(states.iter().map(|s| string(s)).collect()),
+        },
         op: Operator::IN,
     })
 }
