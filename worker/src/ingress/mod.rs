@@ -23,6 +23,7 @@ mod task;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use ipnet::Ipv4Net;
 use mesh_common::model::Mac;
@@ -255,6 +256,9 @@ pub fn task_side<'a>(
     Some((a, targets))
 }
 
+/// Whether this process has rebuilt the node's table once.
+static REBUILT: AtomicBool = AtomicBool::new(false);
+
 /// One pass of the routing mesh on this node (the node's own namespace).
 pub async fn repair(dp: &DataPath, view: &NodeView, live: &[Record]) -> Repair {
     repair_in(dp, &dp.node(), view, live).await
@@ -294,8 +298,17 @@ pub async fn repair_in(dp: &DataPath, node: &Node, view: &NodeView, live: &[Reco
     }
     let (host, faults) = host_table(plan.as_ref().filter(|_| sandbox_ok), view, live);
     out.faults.extend(faults);
+    // The first pass of a daemon rebuilds the table whatever it holds:
+    // nothing a crashed run left (a counter, an element drift detection
+    // does not read) survives a restart.
+    let first = !REBUILT.swap(true, Ordering::SeqCst);
     let r = tokio::task::block_in_place(|| {
-        firewall::repair(node.ns.as_deref(), &host).map_err(|source| IngressError::Firewall {
+        let done = if first {
+            firewall::sync(node.ns.as_deref(), &host).map(|()| Drift::Differs)
+        } else {
+            firewall::repair(node.ns.as_deref(), &host)
+        };
+        done.map_err(|source| IngressError::Firewall {
             table: firewall::ingress_host::TABLE,
             ns: netns::label(node.ns.as_deref()),
             source,
@@ -356,4 +369,131 @@ pub(crate) fn marks(plan: &Plan, subnet: &Ipv4Net) -> BTreeMap<String, u32> {
         .iter()
         .filter_map(|n| Some((n.mac.clone(), mark_for(n.ip, subnet)?)))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mesh_proto::{EndpointInfo, IngressPort, IngressView, PortConfig};
+
+    fn view() -> NodeView {
+        NodeView {
+            ingress: Some(IngressView {
+                network_id: "ing".into(),
+                endpoint: Some(EndpointInfo {
+                    ip: "10.255.0.2".into(),
+                    prefix: 16,
+                    gateway: "10.255.0.1".into(),
+                    vni: 4096,
+                    ..Default::default()
+                }),
+                nodes: vec![mesh_proto::IngressNode {
+                    node_id: "n1".into(),
+                    ip: "10.255.0.2".into(),
+                    mac: String::new(),
+                }],
+                ports: vec![
+                    IngressPort {
+                        service_name: "web".into(),
+                        protocol: "tcp".into(),
+                        published_port: 8080,
+                        target_port: 80,
+                        backends: vec!["10.255.0.6".into(), "10.255.0.5".into()],
+                        ..Default::default()
+                    },
+                    IngressPort {
+                        protocol: "sctp".into(),
+                        published_port: 9,
+                        target_port: 9,
+                        ..Default::default()
+                    },
+                ],
+            }),
+            tasks: vec![TaskAssignment {
+                id: "t1".into(),
+                ports: vec![
+                    PortConfig {
+                        protocol: "udp".into(),
+                        target_port: 53,
+                        published_port: 5353,
+                        publish_mode: "host".into(),
+                    },
+                    PortConfig {
+                        protocol: "tcp".into(),
+                        target_port: 80,
+                        published_port: 8080,
+                        publish_mode: "ingress".into(),
+                    },
+                ],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn task(egress: Option<Ipv4Addr>) -> Record {
+        let mut r: Record = serde_json::from_value(serde_json::json!({
+            "id": "t1", "name": "web.1.t1", "netns": "n", "pid": 0, "cmd": [], "env": [],
+            "networks": [{"network": "ingress", "network_id": "ing", "endpoint_id": "e",
+                "ifname": "eth1", "ip": "10.255.0.5", "prefix": 16, "mac": "",
+                "gateway": "10.255.0.1", "vni": 4096, "mtu": 1450, "internal": false}],
+            "egress_ip": null, "created_at": ""
+        }))
+        .expect("record");
+        r.egress_ip = egress;
+        r
+    }
+
+    #[test]
+    fn the_plan_reads_the_view_and_reports_a_bad_port() {
+        let (plan, faults) = Plan::of(&view()).expect("valid").expect("ingress");
+        assert_eq!(
+            plan.subnet,
+            "10.255.0.0/16".parse::<Ipv4Net>().expect("net")
+        );
+        assert_eq!(plan.nodes[0].mac, "02:42:0a:ff:00:02");
+        assert_eq!(plan.ports.len(), 1);
+        assert_eq!(faults.len(), 1);
+        assert_eq!(faults[0].scope, "ingress port 9/sctp");
+        assert!(
+            Plan::of(&NodeView::default())
+                .expect("no ingress")
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn marks_are_offsets_in_the_subnet_clear_of_reserved_tables() {
+        let net: Ipv4Net = "10.255.0.0/16".parse().expect("net");
+        assert_eq!(mark_for(Ipv4Addr::new(10, 255, 0, 2), &net), Some(0x102));
+        assert_eq!(mark_for(Ipv4Addr::new(10, 255, 1, 0), &net), Some(0x200));
+        assert_eq!(mark_for(Ipv4Addr::new(10, 0, 0, 2), &net), None);
+    }
+
+    #[test]
+    fn host_ports_need_the_task_egress_address() {
+        let v = view();
+        let (plan, _) = Plan::of(&v).expect("valid").expect("ingress");
+        let (t, faults) = host_table(Some(&plan), &v, &[task(Some(Ipv4Addr::new(172, 18, 0, 7)))]);
+        assert!(faults.is_empty(), "{faults:?}");
+        let hp: Vec<_> = t.host_ports.iter().collect();
+        assert_eq!(
+            (hp[0].port, hp[0].target, hp[0].proto),
+            (5353, 53, Proto::Udp)
+        );
+        assert_eq!(t.mesh_ports.len(), 1);
+        let (t, faults) = host_table(Some(&plan), &v, &[task(None)]);
+        assert!(t.host_ports.is_empty());
+        assert_eq!(faults[0].scope, "task web.1.t1 host port 5353/udp");
+    }
+
+    #[test]
+    fn a_task_accepts_its_ingress_targets_only() {
+        let v = view();
+        let (plan, _) = Plan::of(&v).expect("valid").expect("ingress");
+        let rec = task(None);
+        let (a, targets) = task_side(&plan, &v, &rec).expect("on ingress");
+        assert_eq!(a.ifname, "eth1");
+        assert_eq!(targets, [(Proto::Tcp, 80)].into());
+    }
 }
