@@ -358,3 +358,76 @@ async fn a_published_port_reaches_the_task_with_the_client_address() {
             .is_none()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_mode_port_reaches_the_local_task() {
+    require_root("ingress tests");
+    let prefix = format!("th{}", std::process::id() % 100_000);
+    let (node_ns, client_ns, task_ns) = (
+        format!("{prefix}-host"),
+        format!("{prefix}-client"),
+        format!("{prefix}-task"),
+    );
+    let mut cleanup = Cleanup(Vec::new());
+    let node_nl = namespace(&node_ns, &mut cleanup).await;
+    namespace(&client_ns, &mut cleanup).await;
+    namespace(&task_ns, &mut cleanup).await;
+    let client_fd = netns::open(&client_ns).expect("client ns");
+    node_nl
+        .create_veth(
+            "up0",
+            "up0",
+            1500,
+            Some(std::os::fd::AsFd::as_fd(&client_fd)),
+        )
+        .await
+        .expect("veth");
+    node_nl
+        .add_address_v4("up0", NODE_IP, 24)
+        .await
+        .expect("addr");
+    node_nl.set_up("up0").await.expect("up");
+    let client_nl = Netlink::open(Some(&client_ns)).await.expect("netlink");
+    client_nl
+        .add_address_v4("up0", CLIENT_IP, 24)
+        .await
+        .expect("addr");
+    client_nl.set_up("up0").await.expect("up");
+
+    let task_gw = Ipv4Addr::new(172, 18, 0, 7);
+    tokio::task::block_in_place(|| {
+        mesh_worker::egress::ensure_gwbridge(Some(&node_ns), "172.18.0.0/16")?;
+        mesh_worker::egress::attach(Some(&node_ns), &task_ns, task_gw, 16, true)
+    })
+    .expect("egress");
+    let node = Node::in_ns(prefix.clone(), node_ns.clone());
+    let dp = DataPath {
+        prefix: prefix.clone(),
+        local_ip: NODE_IP,
+        port: 4789,
+        overlay_mtu: 1450,
+        kernel: Default::default(),
+    };
+    let mut rec = task_record(&task_ns);
+    rec.networks.clear();
+    rec.egress_ip = Some(task_gw);
+    let mut v = view(&[], false);
+    v.tasks[0].ports[0].publish_mode = "host".into();
+    v.tasks[0].ports[0].published_port = 9090;
+    let pass = ingress::repair_in(&dp, &node, &v, std::slice::from_ref(&rec)).await;
+    assert!(pass.faults.is_empty(), "{:?}", pass.faults);
+    let _server = serve_peer_address(&task_ns);
+    assert_eq!(
+        ask(&client_ns, NODE_IP, 9090).as_deref(),
+        Some("198.51.100.2")
+    );
+    assert!(
+        ask(&node_ns, Ipv4Addr::LOCALHOST, 9090).is_some(),
+        "127.0.0.1 on the node"
+    );
+
+    // The task gone from the view: its port is gone from the node.
+    let pass = ingress::repair_in(&dp, &node, &view(&[], false), &[]).await;
+    assert!(pass.faults.is_empty(), "{:?}", pass.faults);
+    assert!(!has_table(&node_ns, "mesh_ingress"));
+}

@@ -298,6 +298,19 @@ pub async fn repair_in(dp: &DataPath, node: &Node, view: &NodeView, live: &[Reco
     }
     let (host, faults) = host_table(plan.as_ref().filter(|_| sandbox_ok), view, live);
     out.faults.extend(faults);
+    if !host.host_ports.is_empty() {
+        // 127.0.0.1:PORT on the node reaches a host-mode task too.
+        let r = tokio::task::block_in_place(|| {
+            sysctls(
+                node.ns.as_deref(),
+                &[(format!("ipv4/conf/{GWBRIDGE}/route_localnet"), "1")],
+            )
+        });
+        match r {
+            Ok(n) => out.repairs += n,
+            Err(e) => out.fail(|| "ingress host-mode ports".into(), e),
+        }
+    }
     // The first pass of a daemon rebuilds the table whatever it holds:
     // nothing a crashed run left (a counter, an element drift detection
     // does not read) survives a restart.
