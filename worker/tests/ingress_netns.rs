@@ -290,6 +290,26 @@ async fn a_published_port_reaches_the_task_with_the_client_address() {
         "127.0.0.1 is masqueraded to the node's end of the link"
     );
 
+    // Hairpin: a sandbox of this node, on the gateway bridge, reaching the
+    // node's published port.
+    let nb_ns = format!("{prefix}-nb");
+    namespace(&nb_ns, &mut cleanup).await;
+    tokio::task::block_in_place(|| {
+        mesh_worker::egress::ensure_gwbridge(Some(&node_ns), "172.18.0.0/16")?;
+        mesh_worker::egress::attach(
+            Some(&node_ns),
+            &nb_ns,
+            Ipv4Addr::new(172, 18, 0, 8),
+            16,
+            true,
+        )
+    })
+    .expect("egress");
+    assert!(
+        ask(&nb_ns, NODE_IP, 8080).is_some(),
+        "a sandbox of this node reaching a published port"
+    );
+
     // A second pass finds nothing to do.
     let again = ingress::repair_in(&dp, &node, &view(&[TASK_ING], true), &live).await;
     assert!(again.faults.is_empty(), "{:?}", again.faults);
