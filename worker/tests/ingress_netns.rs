@@ -446,6 +446,13 @@ async fn a_host_mode_port_reaches_the_local_task() {
         "127.0.0.1 on the node"
     );
 
+    // Leaving the cluster takes the table away at once.
+    ingress::remove(&node).expect("remove");
+    assert!(!has_table(&node_ns, "mesh_ingress"));
+    let pass = ingress::repair_in(&dp, &node, &v, std::slice::from_ref(&rec)).await;
+    assert!(pass.faults.is_empty(), "{:?}", pass.faults);
+    assert!(has_table(&node_ns, "mesh_ingress"));
+
     // The task gone from the view: its port is gone from the node.
     let pass = ingress::repair_in(&dp, &node, &view(&[], false), &[]).await;
     assert!(pass.faults.is_empty(), "{:?}", pass.faults);

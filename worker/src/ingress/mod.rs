@@ -349,6 +349,20 @@ pub async fn repair_in(dp: &DataPath, node: &Node, view: &NodeView, live: &[Reco
     out
 }
 
+/// Removes everything of the routing mesh from a node: its ingress sandbox
+/// and its `mesh_ingress` table (a node leaving the cluster). Task sides go
+/// with their sandboxes.
+pub fn remove(node: &Node) -> Result<(), IngressError> {
+    remove_sandbox(node)?;
+    firewall::remove(node.ns.as_deref(), firewall::ingress_host::ID).map_err(|source| {
+        IngressError::Firewall {
+            table: firewall::ingress_host::TABLE,
+            ns: netns::label(node.ns.as_deref()),
+            source,
+        }
+    })
+}
+
 /// Writes sysctls in `ns` (None: the namespace of the daemon), each only
 /// when it differs; returns how many changed.
 pub(crate) fn sysctls(ns: Option<&str>, items: &[(String, &str)]) -> Result<usize, IngressError> {
