@@ -342,6 +342,23 @@ async fn a_published_port_reaches_the_task_with_the_client_address() {
         Some("198.51.100.2")
     );
 
+    // A node leaving the ingress network takes its rule and route along.
+    let mut one = view(&[TASK_ING], true);
+    if let Some(i) = one.ingress.as_mut() {
+        i.nodes.retain(|n| n.ip == SBOX_ING.to_string());
+    }
+    let left = ingress::repair_in(&dp, &node, &one, &live).await;
+    assert!(left.faults.is_empty(), "{:?}", left.faults);
+    let rules = exec_ok(&task_ns, &["ip", "rule"]);
+    assert!(!rules.contains("0x103"), "{rules}");
+    assert!(rules.contains("0x102"), "{rules}");
+    let table = exec_ok(&task_ns, &["ip", "route", "show", "table", "259"]);
+    assert!(table.trim().is_empty(), "{table}");
+    assert_eq!(
+        ask(&client_ns, NODE_IP, 8080).as_deref(),
+        Some("198.51.100.2")
+    );
+
     // A deleted ingress sandbox is rebuilt.
     netns::delete(&sbox).expect("delete the sandbox by hand");
     let rebuilt = ingress::repair_in(&dp, &node, &view(&[TASK_ING], true), &live).await;

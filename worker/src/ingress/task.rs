@@ -123,14 +123,20 @@ async fn policy_routes(
     let want: BTreeSet<u32> = routes.iter().map(|(m, _)| *m).collect();
     let mut fixed = 0;
     for r in rules {
-        if our_mark(&r).is_some_and(|m| !want.contains(&m)) {
-            h.rule()
-                .del(r)
-                .execute()
-                .await
-                .map_err(|e| nl.err("delete a stale ingress routing rule", e))?;
-            fixed += 1;
-        }
+        let Some(stale) = our_mark(&r).filter(|m| !want.contains(m)) else {
+            continue;
+        };
+        h.rule()
+            .del(r)
+            .execute()
+            .await
+            .map_err(|e| nl.err("delete a stale ingress routing rule", e))?;
+        // Its table's route too; already gone is fine.
+        let route = RouteMessageBuilder::<Ipv4Addr>::new()
+            .table_id(stale)
+            .build();
+        let _ = h.route().del(route).execute().await;
+        fixed += 1;
     }
     for (mark, gw) in routes {
         let msg = RouteMessageBuilder::<Ipv4Addr>::new()
