@@ -39,6 +39,7 @@ pub mod dns;
 pub mod drivers;
 pub mod egress;
 pub mod firewall;
+pub mod ingress;
 pub mod link;
 pub mod local;
 pub mod local_networks;

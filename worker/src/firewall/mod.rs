@@ -16,6 +16,9 @@
 pub mod bridge_nat;
 mod drift;
 pub mod egress;
+pub mod ingress_host;
+pub mod ingress_lb;
+pub mod ingress_task;
 pub mod rules;
 pub mod vip;
 

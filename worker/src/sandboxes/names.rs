@@ -20,7 +20,16 @@ pub fn records(
     builtin: impl Fn(&str) -> bool,
 ) -> Records {
     let mut records = Records::default();
-    for net in view.iter().flat_map(|v| v.networks.iter()) {
+    // The ingress network carries published ports only: as in Swarm, no
+    // name resolves on it (tasks reach each other on their own networks).
+    let ingress = view
+        .and_then(|v| v.ingress.as_ref())
+        .map(|i| i.network_id.as_str());
+    for net in view
+        .iter()
+        .flat_map(|v| v.networks.iter())
+        .filter(|n| Some(n.id.as_str()) != ingress)
+    {
         records
             .networks
             .insert(net.id.clone(), network_records(net));
@@ -177,5 +186,21 @@ mod tests {
         let n = &r.networks["mine"];
         assert_eq!(n.names["a"], vec![ip("172.19.0.2")]);
         assert!(!n.names.contains_key("c"));
+    }
+
+    #[test]
+    fn the_ingress_network_has_no_names() {
+        let mut v = view();
+        v.ingress = Some(mesh_proto::IngressView {
+            network_id: "net1".into(),
+            ..Default::default()
+        });
+        let r = records(Some(&v), &[], |_| false);
+        assert!(!r.networks.contains_key("net1"));
+        assert!(
+            records(Some(&view()), &[], |_| false)
+                .networks
+                .contains_key("net1")
+        );
     }
 }

@@ -49,6 +49,10 @@ impl Sandboxes {
             self.start_built(&mut rec, dp, false).await
         }
         .await;
+        let built = match built {
+            Ok(()) => self.wire_ingress(&rec).await,
+            Err(e) => Err(e),
+        };
         match built.and_then(|()| self.commit(&rec)) {
             Ok(()) => {
                 info!(task = %rec.name, pid = rec.pid, "task started");
@@ -85,6 +89,30 @@ impl Sandboxes {
                 errors.join("; ")
             )))
         }
+    }
+
+    /// The task's side of the routing mesh, from the last view: the
+    /// reconcile pass repairs it later, but the first connections must
+    /// already find their way back. Deviation: it runs right after the
+    /// process started, not before (the process starts with the wiring, in
+    /// `start_built`); the managers only route to the task once it is
+    /// reported running, which is after this.
+    async fn wire_ingress(&self, rec: &Record) -> Result<(), SandboxesError> {
+        let view = self.view.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let Some(view) = view else {
+            return Ok(());
+        };
+        let Ok(Some((plan, _))) = crate::ingress::Plan::of(&view) else {
+            return Ok(());
+        };
+        let Some((a, targets)) = crate::ingress::task_side(&plan, &view, rec) else {
+            return Ok(());
+        };
+        tokio::task::block_in_place(|| {
+            crate::ingress::sync_task(&rec.netns, &a.ifname, a.prefix, &plan, &targets)
+        })
+        .map(drop)
+        .map_err(|e| SandboxesError::Refused(format!("cannot set up the task's ingress side: {e}")))
     }
 
     fn task_logs_dir(&self) -> PathBuf {

@@ -12,9 +12,13 @@ use crate::vip::VipService;
 
 /// Services on the sandbox's networks, from the managers' view, in VIP mode
 /// (a dnsrr service has no VIP): what its `mesh_vip` table must balance.
+/// The ingress network never gives VIPs (its ports are balanced by the
+/// node's ingress sandbox), whatever its entry holds.
 pub fn vip_services(view: &NodeView, rec: &Record) -> Vec<VipService> {
+    let ingress = view.ingress.as_ref().map(|i| i.network_id.as_str());
     view.networks
         .iter()
+        .filter(|n| Some(n.id.as_str()) != ingress)
         .filter(|n| rec.networks.iter().any(|a| a.network_id == n.id))
         .flat_map(|n| n.services.iter())
         .filter_map(|svc| {
@@ -141,5 +145,23 @@ mod tests {
         assert!(vip_services(&view, &on(&[])).is_empty());
         assert!(has_vips(&on(&["a"])));
         assert!(!has_vips(&on(&[])));
+    }
+
+    #[test]
+    fn the_ingress_network_gives_no_vips() {
+        let mut view = NodeView {
+            networks: vec![NetworkAssignment {
+                id: "ing".into(),
+                services: vec![svc("web", "10.255.0.9", &["10.255.0.5"])],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        assert_eq!(vip_services(&view, &on(&["ing"])).len(), 1);
+        view.ingress = Some(mesh_proto::IngressView {
+            network_id: "ing".into(),
+            ..Default::default()
+        });
+        assert!(vip_services(&view, &on(&["ing"])).is_empty());
     }
 }
