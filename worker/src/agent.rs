@@ -226,6 +226,7 @@ pub async fn reconcile(dp: &DataPath, sandboxes: &Sandboxes, view: &NodeView) ->
         pass.add(r);
     }
     pass.add(Egress.repair(&want).await);
+    pass.add(sandboxes.repair_ports(&dp));
     // Service VIPs in every sandbox on an overlay, before the view counts
     // as applied: a task leaving the rotation is gone from here first.
     pass.add(sandboxes.sync_vips(&live));

@@ -16,6 +16,7 @@
 pub mod bridge_nat;
 mod drift;
 pub mod egress;
+pub mod ports;
 pub mod rules;
 pub mod vip;
 

@@ -93,6 +93,10 @@ pub struct Record {
     /// The service this sandbox is a task of (its ID is the task's).
     #[serde(default)]
     pub service: Option<String>,
+    /// `-p` bindings with the host port as chosen; records from before
+    /// published ports have none.
+    #[serde(default)]
+    pub ports: Vec<crate::ports::Published>,
 }
 
 impl Record {
@@ -128,6 +132,8 @@ pub struct RunSpec {
     pub aliases: Vec<String>,
     pub cmd: Vec<String>,
     pub env: Vec<(String, String)>,
+    /// `-p`, checked again here (the CLI is not trusted).
+    pub ports: Vec<mesh_common::ports::PortBinding>,
 }
 
 /// Docker's name rule, within a hostname's 63-character label.
