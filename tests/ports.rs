@@ -65,9 +65,11 @@ http.server.ThreadingHTTPServer(('',80),H).serve_forever()"
     )
 }
 
+/// A UDP echo on port 53 of the sandbox's own address: 127.0.0.11:53 is
+/// the embedded resolver's, so the wildcard address is taken.
 const UDP_ECHO: &str = "import socket
 s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)
-s.bind(('',53))
+s.bind((socket.gethostbyname(socket.gethostname()),53))
 while True:
     d,a=s.recvfrom(2048)
     s.sendto(b'echo:'+d,a)";
@@ -209,7 +211,7 @@ fn published_ports_answer_and_are_freed() -> Result<()> {
         ],
     )?;
     let n2 = lab.node("node2")?.netns.clone();
-    let (_, out) = wait_for("udp echo", Duration::from_secs(10), || {
+    let ((_, out), _) = wait_for("udp echo", Duration::from_secs(10), || {
         in_ns(&n2, &["python3", "-c", UDP_CLIENT, &ip1, "5353"])
             .ok()
             .filter(|(_, o)| o.contains("echo:ping"))
