@@ -281,6 +281,10 @@ mod tests {
         .expect("record");
         assert_eq!(r.free_ifname(), "eth0");
         assert!(!r.has_dns());
+        assert!(
+            r.ports.is_empty(),
+            "records from before -p load without ports"
+        );
         let a: Attachment = serde_json::from_str(
             r#"{"network":"app","network_id":"n","endpoint_id":"e","ifname":"eth1",
             "ip":"10.0.1.2","prefix":24,"mac":"x","gateway":"10.0.1.1",

@@ -420,3 +420,55 @@ fn route_localnet(rules: &[PortRule]) -> Result<(), SandboxesError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use mesh_common::model::Protocol;
+
+    use super::*;
+
+    #[test]
+    fn a_port_is_claimed_once_until_released() {
+        let root = std::env::temp_dir().join(format!("mesh-sbp-{}", std::process::id()));
+        let sbx = Sandboxes::load(
+            root.join("sandboxes"),
+            Arc::new(crate::local_networks::LocalNetworks::load(
+                root.join("networks.json"),
+                "t",
+            )),
+            crate::dns::DnsServer::new(Vec::new(), Duration::from_secs(1)),
+        )
+        .expect("load");
+        // A port no process holds: the probe binds it for a moment.
+        let free = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let want = |ip: Option<Ipv4Addr>| {
+            vec![PortBinding {
+                host_ip: ip,
+                host_port: Some(free),
+                container_port: 80,
+                protocol: Protocol::Tcp,
+            }]
+        };
+        let got = sbx
+            .claim_ports("a", &want(Some(Ipv4Addr::LOCALHOST)))
+            .expect("first");
+        assert_eq!(got[0].host_port, free);
+        let e = sbx
+            .claim_ports("b", &want(None))
+            .expect_err("overlaps")
+            .to_string();
+        assert_eq!(
+            e,
+            format!("Bind for 0.0.0.0:{free} failed: port is already allocated")
+        );
+        sbx.release_ports("a");
+        sbx.claim_ports("b", &want(None)).expect("after release");
+        sbx.release_ports("b");
+        let _ = std::fs::remove_dir_all(&root);
+    }
+}
