@@ -90,7 +90,7 @@ fn records_named(lab: &mesh_lab::Lab, node: &str, name: &str) -> Result<usize> {
 
 #[test]
 fn published_ports_answer_and_are_freed() -> Result<()> {
-    let lab = up("pp", 2, 1, &[])?;
+    let mut lab = up("pp", 2, 1, &[])?;
     let n1 = lab.node("node1")?.clone();
     let ip1 = n1.ip.to_string();
 
@@ -256,6 +256,90 @@ fn published_ports_answer_and_are_freed() -> Result<()> {
     // A rule deleted by hand comes back with the next pass.
     let (ok, _) = in_ns(&n1.netns, &["nft", "delete", "table", "ip", "mesh_ports"])?;
     ensure!(ok, "could not delete the table");
+    ensure!(curl_ok(&lab, "node2", &format!("http://{ip1}:8080/"))? == "web2");
+
+    // Hairpin: a sandbox on the node reaches a published port through the
+    // node's address.
+    let (out, _) = wait_for("hairpin", Duration::from_secs(10), || {
+        let (code, out, _) = mesh(
+            &lab,
+            "node1",
+            &[
+                "exec",
+                "lo",
+                "--",
+                "curl",
+                "-s",
+                "--max-time",
+                "2",
+                &format!("http://{ip1}:8080/"),
+            ],
+        )
+        .ok()?;
+        (code == 0 && out == "web2").then_some(out)
+    })?;
+    ensure!(out == "web2");
+
+    // An overlay-only sandbox publishes through its egress address.
+    lab.mesh_ok(
+        "node1",
+        &["network", "create", "-d", "overlay", "--attachable", "ovp"],
+    )?;
+    let ov = http_server("ov");
+    lab.mesh_ok(
+        "node1",
+        &[
+            "run",
+            "-d",
+            "--name",
+            "ov",
+            "--network",
+            "ovp",
+            "-p",
+            "8282:80",
+            "--",
+            "python3",
+            "-c",
+            &ov,
+        ],
+    )?;
+    ensure!(curl_ok(&lab, "node2", &format!("http://{ip1}:8282/"))? == "ov");
+    ensure!(curl_ok(&lab, "node1", "http://127.0.0.1:8282/")? == "ov");
+
+    // Nowhere to forward to: refused, nothing left.
+    refused(
+        &lab,
+        "node1",
+        &[
+            "run",
+            "-d",
+            "--name",
+            "nonet",
+            "--network",
+            "none",
+            "-p",
+            "8383:80",
+            "--",
+            "sleep",
+            "100",
+        ],
+        "publishing a port needs a bridge network",
+    )?;
+    ensure!(
+        records_named(&lab, "node1", "nonet")? == 0,
+        "a record was left"
+    );
+
+    // A restarted daemon rebuilds the table at start.
+    lab.kill("node1")?;
+    let (ok, _) = in_ns(&n1.netns, &["nft", "delete", "table", "ip", "mesh_ports"])?;
+    ensure!(ok, "could not delete the table");
+    lab.start("node1")?;
+    let (ok, listed) = in_ns(&n1.netns, &["nft", "list", "table", "ip", "mesh_ports"])?;
+    ensure!(
+        ok && listed.contains("dport 8080"),
+        "table not rebuilt at start: {listed}"
+    );
     ensure!(curl_ok(&lab, "node2", &format!("http://{ip1}:8080/"))? == "web2");
     lab.down()?;
     Ok(())
