@@ -124,11 +124,15 @@ impl Table for PortsTable<'_> {
     }
 }
 
+/// "sandbox NAME 80/tcp", cut to what nft accepts (on a character boundary).
 fn comment(r: &PortRule) -> String {
     let mut c = format!("sandbox {} {}/{}", r.sandbox, r.target_port, r.protocol);
-    c.truncate(super::vip::COMMENT_MAX.min(c.len()));
-    while !c.is_char_boundary(c.len()) {
-        c.pop();
+    if c.len() > super::vip::COMMENT_MAX {
+        let mut end = super::vip::COMMENT_MAX;
+        while !c.is_char_boundary(end) {
+            end -= 1;
+        }
+        c.truncate(end);
     }
     c
 }
