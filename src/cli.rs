@@ -68,6 +68,17 @@ pub enum Cmd {
         #[arg(required = true)]
         sandboxes: Vec<String>,
     },
+    /// List a sandbox's published ports, or the host side of one of them.
+    Port {
+        sandbox: String,
+        /// PORT[/PROTOCOL] inside the sandbox (tcp if none).
+        port: Option<String>,
+    },
+    /// Show sandboxes as `docker inspect` does (JSON array).
+    Inspect {
+        #[arg(required = true)]
+        sandboxes: Vec<String>,
+    },
     /// Multi-node labs of network namespaces on this machine.
     #[command(subcommand)]
     Lab(mesh_lab::LabCommand),

@@ -6,7 +6,7 @@
 //!   unknown flags and what is not built yet before anything runs;
 //! - `client`: the CLI's connection to its local daemon;
 //! - `cluster_cmd` (init, join, join-token, leave, info), `node_cmd`,
-//!   `network_cmd`, `sandbox_cmd` (run, ps, exec, rm), `service_cmd`: one
+//!   `network_cmd`, `sandbox_cmd` (run, ps, exec, rm, port, inspect), `service_cmd`: one
 //!   command group each: build the request, print the answer;
 //! - `table`: aligned tables as Docker prints them;
 //! - `daemon`: `mesh daemon`, the node agent process and its wiring.
@@ -114,6 +114,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Ps { all, format, quiet } => sandbox_cmd::ps(&host, all, format, quiet).await,
         Cmd::Exec { sandbox, cmd } => sandbox_cmd::exec(&host, &sandbox, cmd).await,
         Cmd::Rm { force, sandboxes } => sandbox_cmd::rm(&host, force, sandboxes).await,
+        Cmd::Port { sandbox, port } => sandbox_cmd::port(&host, &sandbox, port).await,
+        Cmd::Inspect { sandboxes } => sandbox_cmd::inspect(&host, sandboxes).await,
         Cmd::Lab(c) => {
             // The lab drives this same binary for its daemons and commands.
             let exe = std::env::current_exe()?;

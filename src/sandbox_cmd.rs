@@ -1,4 +1,4 @@
-//! mesh run | ps | exec | rm.
+//! mesh run | ps | exec | rm | port | inspect.
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::process::ExitCode;
@@ -13,9 +13,6 @@ use crate::client::{connect, status};
 use crate::table;
 
 pub async fn run(host: &str, a: RunArgs) -> Result<ExitCode> {
-    if !a.publish.is_empty() {
-        bail!("publishing ports is not supported yet");
-    }
     let mut c = connect(host).await?;
     let mut env = std::collections::HashMap::new();
     for e in a.env {
@@ -31,7 +28,16 @@ pub async fn run(host: &str, a: RunArgs) -> Result<ExitCode> {
             aliases: a.network_alias,
             cmd: a.cmd,
             env,
-            ports: Vec::new(),
+            ports: a
+                .publish
+                .iter()
+                .map(|p| PortBinding {
+                    host_ip: p.host_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+                    host_port: p.host_port.map_or(0, u32::from),
+                    container_port: p.container_port.into(),
+                    protocol: p.protocol.to_string(),
+                })
+                .collect(),
         })
         .await
         .map_err(status)?
@@ -198,4 +204,130 @@ pub async fn rm(host: &str, force: bool, names: Vec<String>) -> Result<ExitCode>
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// The host side of a binding as Docker prints it: `0.0.0.0:8080`.
+fn host_side(p: &PortBinding) -> String {
+    let ip = if p.host_ip.is_empty() {
+        "0.0.0.0"
+    } else {
+        &p.host_ip
+    };
+    format!("{ip}:{}", p.host_port)
+}
+
+/// `mesh port NAME [PORT[/PROTO]]`, as `docker port`.
+pub async fn port(host: &str, name: &str, which: Option<String>) -> Result<ExitCode> {
+    let filter = match &which {
+        None => None,
+        Some(w) => {
+            let (p, proto) = w.split_once('/').unwrap_or((w, "tcp"));
+            let p = mesh_common::ports::parse_port(w, p)?;
+            let proto: mesh_common::model::Protocol = proto
+                .to_ascii_lowercase()
+                .parse()
+                .map_err(|_| anyhow::anyhow!("unknown protocol {proto:?}: expected tcp or udp"))?;
+            Some((p, proto.to_string()))
+        }
+    };
+    let mut c = connect(host).await?;
+    let sb = c
+        .sandbox_inspect(SandboxRef {
+            sandbox: name.to_string(),
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    match filter {
+        None => {
+            for p in &sb.ports {
+                println!("{}/{} -> {}", p.container_port, p.protocol, host_side(p));
+            }
+        }
+        Some((port, proto)) => {
+            let hits: Vec<_> = sb
+                .ports
+                .iter()
+                .filter(|p| p.container_port == u32::from(port) && p.protocol == proto)
+                .collect();
+            if hits.is_empty() {
+                bail!("No public port '{port}/{proto}' published for {}", sb.name);
+            }
+            for p in hits {
+                println!("{}", host_side(p));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Docker's `{"80/tcp": [{"HostIp": "0.0.0.0", "HostPort": "8080"}]}`, with
+/// the host port as bound.
+fn port_map(ports: &[PortBinding]) -> serde_json::Value {
+    let mut m = serde_json::Map::new();
+    for p in ports {
+        let key = format!("{}/{}", p.container_port, p.protocol);
+        let entry = m
+            .entry(key)
+            .or_insert_with(|| serde_json::Value::Array(Vec::new()));
+        if let serde_json::Value::Array(v) = entry {
+            v.push(json!({
+                "HostIp": if p.host_ip.is_empty() { "0.0.0.0" } else { &p.host_ip },
+                "HostPort": if p.host_port == 0 { String::new() } else { p.host_port.to_string() },
+            }));
+        }
+    }
+    serde_json::Value::Object(m)
+}
+
+/// `mesh inspect NAME...`: Docker-shaped JSON, an array of objects.
+pub async fn inspect(host: &str, names: Vec<String>) -> Result<ExitCode> {
+    let mut c = connect(host).await?;
+    let mut out = Vec::new();
+    for n in names {
+        let sb = c
+            .sandbox_inspect(SandboxRef { sandbox: n })
+            .await
+            .map_err(status)?
+            .into_inner();
+        let networks: serde_json::Map<String, serde_json::Value> = sb
+            .networks
+            .iter()
+            .map(|a| {
+                (
+                    a.network.clone(),
+                    json!({
+                        "NetworkID": a.network_id,
+                        "EndpointID": a.endpoint_id,
+                        "Gateway": a.gateway,
+                        "IPAddress": a.ip,
+                        "IPPrefixLen": a.prefix,
+                        "MacAddress": a.mac,
+                        "Aliases": serde_json::Value::Null,
+                    }),
+                )
+            })
+            .collect();
+        let running = sb.state == "running";
+        out.push(json!({
+            "Id": sb.id,
+            "Name": format!("/{}", sb.name),
+            "Created": sb.created_at,
+            "State": {
+                "Status": sb.state,
+                "Running": running,
+                "Pid": if running { sb.pid } else { 0 },
+                "ExitCode": sb.exit_code,
+            },
+            "Config": {"Cmd": sb.cmd, "Env": sb.env},
+            "HostConfig": {"PortBindings": port_map(&sb.ports)},
+            "NetworkSettings": {
+                "Ports": port_map(&sb.ports),
+                "Networks": networks,
+                "SandboxKey": mesh_worker::netns::path(&sb.netns).display().to_string(),
+            },
+        }));
+    }
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(ExitCode::SUCCESS)
 }

@@ -27,10 +27,6 @@ fn assert_usage_error(args: &[&str], what: &str) -> Result<()> {
 #[test]
 fn publish_is_refused_not_run_as_the_command() -> Result<()> {
     assert_usage_error(
-        &["run", "-d", "--name", "x", "-p", "8080:80", "--", "cmd"],
-        "publishing ports is not supported yet",
-    )?;
-    assert_usage_error(
         &["service", "create", "--name", "s", "-p", "80", "sleep", "1"],
         "publishing ports is not supported yet",
     )
@@ -45,4 +41,21 @@ fn unknown_flags_before_the_command_are_errors() -> Result<()> {
         "--bogus",
     )?;
     assert_usage_error(&["lab", "exec", "l", "node1", "--bogus", "ls"], "--bogus")
+}
+
+#[test]
+fn bad_port_bindings_are_one_line_usage_errors() -> Result<()> {
+    assert_usage_error(
+        &["run", "-d", "-p", "0:80", "--", "sleep", "1"],
+        "out of range",
+    )?;
+    assert_usage_error(
+        &["run", "-d", "-p", "80/sctp", "--", "sleep", "1"],
+        "unknown protocol",
+    )?;
+    assert_usage_error(
+        &["run", "-d", "-p", "1.2.3:8080:80", "--", "sleep", "1"],
+        "not an IPv4 address",
+    )?;
+    assert_usage_error(&["port"], "required")
 }

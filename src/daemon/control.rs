@@ -376,12 +376,26 @@ impl Control for ControlService {
         req: Request<RunRequest>,
     ) -> Result<Response<mesh_proto::Sandbox>, Status> {
         let r = req.into_inner();
+        let ports = r
+            .ports
+            .iter()
+            .map(|p| {
+                mesh_worker::ports::from_wire(
+                    &p.host_ip,
+                    p.host_port,
+                    p.container_port,
+                    &p.protocol,
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let spec = mesh_worker::sandboxes::RunSpec {
             name: r.name,
             networks: r.networks,
             aliases: r.aliases,
             cmd: r.cmd,
             env: r.env.into_iter().collect(),
+            ports,
         };
         let rec = self
             .d

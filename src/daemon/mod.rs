@@ -115,6 +115,9 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
     daemon.resume().await?;
     daemon.sandboxes.remove_orphans(&daemon.datapath()).await;
     daemon.sandboxes.serve_dns_all().await;
+    if let Err(e) = daemon.sandboxes.sync_ports(&daemon.datapath()).await {
+        tracing::warn!("published ports: {e}; the reconcile pass will retry");
+    }
 
     let d = daemon.clone();
     tokio::spawn(async move {

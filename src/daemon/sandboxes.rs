@@ -26,7 +26,17 @@ pub fn to_pb(r: &Record, state_dir: &StateDir) -> mesh_proto::Sandbox {
             })
             .collect(),
         created_at: r.created_at.clone(),
-        ports: Vec::new(),
+        ports: r
+            .ports
+            .iter()
+            .map(|p| mesh_proto::PortBinding {
+                host_ip: p.host_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+                host_port: p.host_port.into(),
+                container_port: p.container_port.into(),
+                protocol: p.protocol.to_string(),
+            })
+            .collect(),
+        env: r.env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
         log_path: state_dir
             .sandboxes_dir()
             .join(&r.id)

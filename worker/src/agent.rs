@@ -229,6 +229,7 @@ pub async fn reconcile(dp: &DataPath, sandboxes: &Sandboxes, view: &NodeView) ->
     // The routing mesh, before the view counts as applied: a stopping
     // task leaves the published ports' rotation before its SIGTERM.
     pass.add(crate::ingress::repair(&dp, view, &live).await);
+    pass.add(sandboxes.repair_ports(&dp));
     // Service VIPs in every sandbox on an overlay, before the view counts
     // as applied: a task leaving the rotation is gone from here first.
     pass.add(sandboxes.sync_vips(&live));

@@ -48,6 +48,7 @@ pub mod macvlan;
 pub mod managers;
 pub mod netns;
 pub mod overlay;
+pub mod ports;
 pub mod private_fs;
 pub mod sandbox;
 pub mod sandboxes;

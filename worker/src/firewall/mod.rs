@@ -19,6 +19,7 @@ pub mod egress;
 pub mod ingress_host;
 pub mod ingress_lb;
 pub mod ingress_task;
+pub mod ports;
 pub mod rules;
 pub mod vip;
 

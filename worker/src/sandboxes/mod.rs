@@ -62,6 +62,8 @@ pub struct Sandboxes {
     /// Names of sandboxes being built: taken at once, under the same lock
     /// as the records, so two concurrent runs cannot both get one name.
     building: Mutex<BTreeSet<String>>,
+    /// Host ports of sandboxes being built, by name (see `run.rs`).
+    building_ports: Mutex<BTreeMap<String, Vec<crate::ports::Published>>>,
     /// This node's local networks (bridge, macvlan, host, none).
     pub local: Arc<crate::local_networks::LocalNetworks>,
     /// The embedded DNS server every sandbox asks at 127.0.0.11.
@@ -87,6 +89,7 @@ impl Sandboxes {
             store,
             records: Mutex::new(records),
             building: Mutex::new(BTreeSet::new()),
+            building_ports: Mutex::new(BTreeMap::new()),
             local,
             dns,
             view: Mutex::new(None),

@@ -93,6 +93,10 @@ pub struct Record {
     /// The service this sandbox is a task of (its ID is the task's).
     #[serde(default)]
     pub service: Option<String>,
+    /// `-p` bindings with the host port as chosen; records from before
+    /// published ports have none.
+    #[serde(default)]
+    pub ports: Vec<crate::ports::Published>,
 }
 
 impl Record {
@@ -128,6 +132,8 @@ pub struct RunSpec {
     pub aliases: Vec<String>,
     pub cmd: Vec<String>,
     pub env: Vec<(String, String)>,
+    /// `-p`, checked again here (the CLI is not trusted).
+    pub ports: Vec<mesh_common::ports::PortBinding>,
 }
 
 /// Docker's name rule, within a hostname's 63-character label.
@@ -275,6 +281,10 @@ mod tests {
         .expect("record");
         assert_eq!(r.free_ifname(), "eth0");
         assert!(!r.has_dns());
+        assert!(
+            r.ports.is_empty(),
+            "records from before -p load without ports"
+        );
         let a: Attachment = serde_json::from_str(
             r#"{"network":"app","network_id":"n","endpoint_id":"e","ifname":"eth1",
             "ip":"10.0.1.2","prefix":24,"mac":"x","gateway":"10.0.1.1",

@@ -2,14 +2,18 @@
 //! the kernel, then the process; everything or nothing. Service tasks share
 //! the kernel half ([`Sandboxes::start_built`]) and the teardown.
 
+use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use mesh_common::model::DriverKind;
+use mesh_common::ports::PortBinding;
 use tracing::{info, warn};
 
 use super::{DataPath, Record, RunSpec, Sandboxes, SandboxesError, files, record, wiring};
-use crate::drivers::{self, Egress};
+use crate::drivers::{self, Egress, Repair};
+use crate::firewall::{self, ports::PortRule, ports::PortsTable};
 use crate::managers::Managers;
+use crate::ports::Published;
 use crate::sandbox;
 
 impl Sandboxes {
@@ -43,6 +47,13 @@ impl Sandboxes {
             return Err(SandboxesError::Refused("a network is given twice".into()));
         }
         self.claim_name(&name)?;
+        let ports = match self.claim_ports(&name, &spec.ports) {
+            Ok(p) => p,
+            Err(e) => {
+                self.release_name(&name);
+                return Err(e);
+            }
+        };
         let mut rec = Record {
             id: id.clone(),
             name: name.clone(),
@@ -56,24 +67,145 @@ impl Sandboxes {
             exit_code: None,
             host_network: false,
             service: None,
+            ports,
         };
         let built = self.build(&mut rec, &spec, dp, managers).await;
-        let result = match built {
+        let mut result = match built {
             Ok(()) => self.commit(&rec).map(|()| rec.clone()),
             Err(e) => Err(e),
         };
+        // The ports answer before `run` returns, not at the next pass.
+        if result.is_ok()
+            && !rec.ports.is_empty()
+            && let Err(e) = self.sync_ports(dp).await
+        {
+            self.forget(&rec.id);
+            result = Err(e);
+        }
         match result {
             Ok(rec) => {
+                self.release_ports(&name);
                 self.release_name(&name);
                 info!(sandbox = %rec.name, pid = rec.pid, "sandbox started");
                 Ok(rec)
             }
             Err(e) => {
                 self.teardown(&rec, dp, managers).await;
+                self.release_ports(&name);
                 self.release_name(&name);
                 Err(e)
             }
         }
+    }
+
+    /// Takes the host side of `wanted` for sandbox `name`, under the
+    /// records' lock so two runs cannot both get one port; refuses with
+    /// Docker's words. Give it back with [`Self::release_ports`] once the
+    /// record holds it (or the run failed).
+    fn claim_ports(
+        &self,
+        name: &str,
+        wanted: &[PortBinding],
+    ) -> Result<Vec<Published>, SandboxesError> {
+        if wanted.is_empty() {
+            return Ok(Vec::new());
+        }
+        let records = self.lock_records();
+        let mut building = self
+            .building_ports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let taken: Vec<Published> = records
+            .values()
+            .flat_map(|r| r.ports.iter().copied())
+            .chain(building.values().flatten().copied())
+            .collect();
+        let got = crate::ports::allocate(wanted, &taken, crate::ports::probe)
+            .map_err(|e| SandboxesError::Refused(e.to_string()))?;
+        building.insert(name.to_string(), got.clone());
+        Ok(got)
+    }
+
+    fn release_ports(&self, name: &str) {
+        self.building_ports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+    }
+
+    /// Where the published ports of `rec` go: its address on its first
+    /// bridge network, else its egress address; with the node-side
+    /// interface that reaches it.
+    fn port_target(&self, rec: &Record, dp: &DataPath) -> Option<(Ipv4Addr, String)> {
+        if let Some(a) = rec.networks.iter().find(|a| a.driver == DriverKind::Bridge) {
+            let spec = self
+                .local
+                .find(&a.network_id)?
+                .bridge_spec(dp.underlay_mtu())?;
+            return Some((a.ip, spec.bridge));
+        }
+        rec.egress_ip
+            .map(|ip| (ip, crate::egress::GWBRIDGE.to_string()))
+    }
+
+    /// The `ip mesh_ports` rules every record with ports needs.
+    fn port_rules(&self, dp: &DataPath) -> Vec<PortRule> {
+        let mut rules = Vec::new();
+        for rec in self.lock_records().values() {
+            if rec.ports.is_empty() {
+                continue;
+            }
+            let Some((target, iface)) = self.port_target(rec, dp) else {
+                warn!(sandbox = %rec.name, "published ports without a bridge network or egress: not forwarded");
+                continue;
+            };
+            for p in &rec.ports {
+                rules.push(PortRule {
+                    host_ip: p.host_ip,
+                    host_port: p.host_port,
+                    protocol: p.protocol,
+                    target,
+                    target_port: p.container_port,
+                    iface: iface.clone(),
+                    sandbox: rec.name.clone(),
+                });
+            }
+        }
+        rules
+    }
+
+    /// Makes `ip mesh_ports` exactly what the records need, now (after a
+    /// run or rm, and at daemon start, before any view arrives).
+    pub async fn sync_ports(&self, dp: &DataPath) -> Result<(), SandboxesError> {
+        let rules = self.port_rules(dp);
+        let _kernel = dp.kernel.lock().await;
+        tokio::task::block_in_place(|| {
+            route_localnet(&rules)?;
+            firewall::sync(None, &PortsTable { rules: &rules })
+                .map_err(|e| SandboxesError::Refused(format!("cannot publish ports: {e}")))
+        })
+    }
+
+    /// The reconcile pass's step: rebuild `ip mesh_ports` if it drifted.
+    /// The caller holds the kernel lock.
+    pub fn repair_ports(&self, dp: &DataPath) -> Repair {
+        let rules = self.port_rules(dp);
+        let mut r = Repair::default();
+        let scope = || format!("table {}", crate::firewall::ports::TABLE);
+        let done = tokio::task::block_in_place(|| {
+            route_localnet(&rules)?;
+            firewall::repair(None, &PortsTable { rules: &rules })
+                .map_err(|e| SandboxesError::Refused(e.to_string()))
+        });
+        match done {
+            Ok(firewall::Drift::InSync) => {}
+            Ok(found) => {
+                info!(?found, "rebuilt table {}", crate::firewall::ports::TABLE);
+                r.repairs += 1;
+            }
+            Err(e) => r.fail(scope, e),
+        }
+        r
     }
 
     async fn build(
@@ -112,6 +244,18 @@ impl Sandboxes {
             }
             let a = wiring::cluster_attachment(managers, rec, net, &spec.aliases, dp).await?;
             rec.networks.push(a);
+        }
+        // Ports go to a bridge address, or to the egress address an
+        // overlay-only sandbox gets (as `start_built` decides it).
+        let bridge = rec.networks.iter().any(|a| a.driver == DriverKind::Bridge);
+        let egress = !rec.host_network
+            && !none
+            && !rec.networks.iter().any(|a| !a.driver.is_cluster())
+            && rec.networks.iter().any(|a| !a.internal);
+        if !rec.ports.is_empty() && !bridge && !egress {
+            return Err(SandboxesError::Refused(
+                "publishing a port needs a bridge network (or an overlay with egress); host, none, macvlan and internal networks cannot publish".into(),
+            ));
         }
         self.start_built(rec, dp, none).await
     }
@@ -240,8 +384,13 @@ impl Sandboxes {
                 rec.name, rec.name
             )));
         }
-        let errors = self.teardown(&rec, dp, managers).await;
+        let mut errors = self.teardown(&rec, dp, managers).await;
         self.forget(&rec.id);
+        if !rec.ports.is_empty()
+            && let Err(e) = self.sync_ports(dp).await
+        {
+            errors.push(e.to_string());
+        }
         if !errors.is_empty() {
             return Err(SandboxesError::Refused(format!(
                 "removed {} with errors: {}",
@@ -250,5 +399,76 @@ impl Sandboxes {
             )));
         }
         Ok(rec)
+    }
+}
+
+/// `route_localnet=1` on every interface a published port is reached
+/// through, so `127.0.0.1:PORT` on the node can be routed to a sandbox
+/// (and then masqueraded). Never turned off: other ports may rely on it.
+fn route_localnet(rules: &[PortRule]) -> Result<(), SandboxesError> {
+    let ifaces: std::collections::BTreeSet<&str> = rules.iter().map(|r| r.iface.as_str()).collect();
+    for iface in ifaces {
+        let path = format!("/proc/sys/net/ipv4/conf/{iface}/route_localnet");
+        if std::fs::read_to_string(&path).is_ok_and(|v| v.trim() == "1") {
+            continue;
+        }
+        std::fs::write(&path, b"1").map_err(|source| SandboxesError::Io {
+            what: "turn on route_localnet in",
+            path: path.into(),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use mesh_common::model::Protocol;
+
+    use super::*;
+
+    #[test]
+    fn a_port_is_claimed_once_until_released() {
+        let root = std::env::temp_dir().join(format!("mesh-sbp-{}", std::process::id()));
+        let sbx = Sandboxes::load(
+            root.join("sandboxes"),
+            Arc::new(crate::local_networks::LocalNetworks::load(
+                root.join("networks.json"),
+                "t",
+            )),
+            crate::dns::DnsServer::new(Vec::new(), Duration::from_secs(1)),
+        )
+        .expect("load");
+        // A port no process holds: the probe binds it for a moment.
+        let free = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let want = |ip: Option<Ipv4Addr>| {
+            vec![PortBinding {
+                host_ip: ip,
+                host_port: Some(free),
+                container_port: 80,
+                protocol: Protocol::Tcp,
+            }]
+        };
+        let got = sbx
+            .claim_ports("a", &want(Some(Ipv4Addr::LOCALHOST)))
+            .expect("first");
+        assert_eq!(got[0].host_port, free);
+        let e = sbx
+            .claim_ports("b", &want(None))
+            .expect_err("overlaps")
+            .to_string();
+        assert_eq!(
+            e,
+            format!("Bind for 0.0.0.0:{free} failed: port is already allocated")
+        );
+        sbx.release_ports("a");
+        sbx.claim_ports("b", &want(None)).expect("after release");
+        sbx.release_ports("b");
+        let _ = std::fs::remove_dir_all(&root);
     }
 }

@@ -40,6 +40,7 @@ impl Sandboxes {
             exit_code: None,
             host_network: false,
             service: Some(task.service_id.clone()),
+            ports: Vec::new(),
         };
         let built = async {
             for info in &task.networks {
