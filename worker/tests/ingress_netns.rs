@@ -164,6 +164,7 @@ fn task_record(ns: &str) -> Record {
         exit_code: None,
         host_network: false,
         service: Some("svc".into()),
+        ports: Vec::new(),
     }
 }
 

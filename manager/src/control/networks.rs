@@ -32,7 +32,7 @@ pub fn spec_from(r: NetworkCreateRequest) -> Result<NetworkSpec, Refusal> {
             driver_of(&r)
         )));
     }
-    let mut options = BTreeMap::new();
+    let mut options: BTreeMap<String, String> = BTreeMap::new();
     for (k, v) in r.options {
         match k.as_str() {
             // Refused until the WireGuard data path carries it: a user who
