@@ -287,9 +287,15 @@ impl Sandboxes {
             drivers::driver(kind).settle(&cx).await?;
         }
         // Egress like docker_gwbridge for overlay-only sandboxes, unless
-        // every network is --internal.
+        // every network is --internal; a task without networks gets it too,
+        // as every Swarm task does (its host-mode ports arrive there).
         let local_route = rec.networks.iter().any(|a| !a.driver.is_cluster());
-        if !rec.host_network && !none && !local_route && rec.networks.iter().any(|a| !a.internal) {
+        let no_networks_task = rec.networks.is_empty() && rec.service.is_some();
+        if !rec.host_network
+            && !none
+            && !local_route
+            && (no_networks_task || rec.networks.iter().any(|a| !a.internal))
+        {
             let ip = self.next_egress_ip()?;
             Egress.attach(rec, ip)?;
             rec.egress_ip = Some(ip);
