@@ -25,11 +25,29 @@ fn assert_usage_error(args: &[&str], what: &str) -> Result<()> {
 }
 
 #[test]
-fn publish_is_refused_not_run_as_the_command() -> Result<()> {
-    assert_usage_error(
-        &["service", "create", "--name", "s", "-p", "80", "sleep", "1"],
-        "publishing ports is not supported yet",
-    )
+fn bad_service_ports_are_one_line_usage_errors() -> Result<()> {
+    for (spec, what) in [
+        ("published=8080", "target port is missing"),
+        ("published=0,target=80", "out of range"),
+        ("target=80,mode=global", "unknown mode"),
+        ("target=80,protocol=sctp", "unknown protocol"),
+        ("8080:80:1", "expected PUBLISHED:TARGET"),
+    ] {
+        assert_usage_error(
+            &[
+                "service",
+                "create",
+                "--name",
+                "s",
+                "--publish",
+                spec,
+                "sleep",
+                "1",
+            ],
+            what,
+        )?;
+    }
+    Ok(())
 }
 
 #[test]
