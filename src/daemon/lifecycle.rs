@@ -270,6 +270,17 @@ impl Daemon {
         if let Some(a) = m.agent.take() {
             a.stop().await;
         }
+        // Out of the cluster, the node answers on no published port.
+        let dp = self
+            .datapath
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(dp) = dp
+            && let Err(e) = tokio::task::block_in_place(|| mesh_worker::ingress::remove(&dp.node()))
+        {
+            warn!("removing the routing mesh: {e}");
+        }
         *self.datapath.write().unwrap_or_else(|e| e.into_inner()) = None;
         *self
             .managers_link
