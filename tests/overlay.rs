@@ -313,16 +313,36 @@ fn data_path_heals_and_cleans_up() -> Result<()> {
         Duration::from_secs(10),
         || (!netns_with_prefix(&ns_prefix(&lab, "node1").ok()?).contains(&ovns)).then_some(()),
     )?;
+    // What stays is the routing mesh every node has, as Swarm's
+    // ingress_sbox: the ingress sandbox and the ingress network.
+    let ingress_vni = json_lines(&lab.mesh_ok(
+        "node1",
+        &[
+            "network",
+            "ls",
+            "--format",
+            "json",
+            "--filter",
+            "name=ingress",
+        ],
+    )?)?[0]["VNI"]
+        .as_u64()
+        .context("ingress VNI")?;
+    let mesh_only = |node: &str| -> Option<Vec<String>> {
+        let p = ns_prefix(&lab, node).ok()?;
+        let mut left = netns_with_prefix(&p);
+        left.retain(|n| *n != format!("{p}-ingress") && *n != format!("{p}-ov-{ingress_vni}"));
+        Some(left)
+    };
     ensure!(
-        netns_with_prefix(&ns_prefix(&lab, "node1")?).is_empty(),
-        "node1 left namespaces behind"
+        mesh_only("node1").is_some_and(|l| l.is_empty()),
+        "node1 left namespaces behind: {:?}",
+        mesh_only("node1")
     );
     lab.mesh_ok("node2", &["rm", "-f", "b"])?;
     lab.mesh_ok("node1", &["network", "rm", "app"])?;
     wait_for("node2 to clean up", Duration::from_secs(10), || {
-        netns_with_prefix(&ns_prefix(&lab, "node2").ok()?)
-            .is_empty()
-            .then_some(())
+        mesh_only("node2")?.is_empty().then_some(())
     })?;
 
     // Sandboxes still running when the lab goes down go with it.
