@@ -20,6 +20,7 @@ pub async fn init(host: &str, a: InitArgs) -> Result<ExitCode> {
             default_addr_pool: a.default_addr_pool,
             default_addr_pool_mask_length: a.default_addr_pool_mask_length,
             data_path_port: a.data_path_port,
+            encryption_key_rotation_secs: 0,
         })
         .await
         .map_err(status)?

@@ -244,6 +244,7 @@ pub async fn run(host: &str, cmd: NodeCmd) -> Result<ExitCode> {
                 role: String::new(),
                 label_add: labels,
                 label_rm,
+                rotate_key: false,
             })
             .await
             .map_err(status)?;

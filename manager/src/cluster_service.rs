@@ -249,6 +249,8 @@ impl cluster_server::Cluster for ClusterService {
                 .mgr
                 .read(|s| s.cluster.as_ref().map(|c| c.id.clone()))
                 .unwrap_or_default(),
+            encryption_key_rotations: 0,
+            encryption_key_rotation_secs: 0,
         }))
     }
 

@@ -207,6 +207,7 @@ pub fn view_for(s: &ClusterState, node_id: &str, generation: u64) -> NodeView {
         networks,
         tasks: tasks_for(s, node_id),
         ingress: ingress_for(s, node_id),
+        encryption: None,
     }
 }
 

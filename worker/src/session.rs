@@ -272,6 +272,7 @@ impl Session {
             applied_generation: self.applied.get().0,
             applied_hash: self.applied.get().1,
             datapath_errors: self.applied.faults(),
+            ..Default::default()
         });
         req.set_timeout(CALL_TIMEOUT);
         let reply = ClusterClient::new(channel).heartbeat(req).await;
