@@ -60,3 +60,4 @@ pub mod task_plan;
 pub mod tasks;
 mod veth;
 pub mod vip;
+pub mod wg;
