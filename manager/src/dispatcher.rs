@@ -45,6 +45,7 @@ pub fn endpoint_info(s: &ClusterState, e: &Endpoint) -> EndpointInfo {
         mtu: net.map_or(0, |n| network_mtu(&n.spec)),
         internal: net.is_some_and(|n| n.spec.internal),
         data_path_port: data_path_port(s),
+        encrypted: net.is_some_and(|n| n.spec.options.contains_key("encrypted")),
     }
 }
 

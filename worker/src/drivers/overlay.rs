@@ -16,26 +16,33 @@ use crate::sandboxes::{Attachment, DataPath, Record};
 pub struct Overlay;
 
 /// One overlay network as this node must have it; an MTU of 0 means the
-/// node's default (the underlay's minus VXLAN's headers).
+/// node's default (the underlay's minus VXLAN's headers, and WireGuard's
+/// when encrypted).
 pub fn overlay_spec(
     dp: &DataPath,
     vni: u32,
     subnet: Ipv4Net,
     gateway: Ipv4Addr,
     mtu: u32,
+    encrypted: bool,
 ) -> OverlaySpec {
     OverlaySpec {
         vni,
         subnet,
         gateway,
-        mtu: if mtu == 0 { dp.overlay_mtu } else { mtu },
+        mtu: if mtu == 0 {
+            dp.default_overlay_mtu(encrypted)
+        } else {
+            mtu
+        },
         local_ip: dp.local_ip,
         port: dp.port,
+        encrypted,
     }
 }
 
 fn spec_of(dp: &DataPath, a: &Attachment) -> OverlaySpec {
-    overlay_spec(dp, a.vni, a.subnet(), a.gateway, a.mtu)
+    overlay_spec(dp, a.vni, a.subnet(), a.gateway, a.mtu, a.encrypted)
 }
 
 /// The peer table of a network from the view; entries with an address that
@@ -89,7 +96,7 @@ impl NetworkDriver for Overlay {
                 out.fail(scope, "bad subnet or gateway in the view");
                 continue;
             };
-            let spec = overlay_spec(cx.dp, net.vni, subnet, gateway, net.mtu);
+            let spec = overlay_spec(cx.dp, net.vni, subnet, gateway, net.mtu, net.encrypted);
             if let Err(e) = overlay::ensure_network(&node, &spec).await {
                 // Nothing else of this network can work; the others can.
                 out.fail(scope, e);

@@ -87,6 +87,8 @@ pub struct Plan {
     pub vni: u32,
     /// 0: the node's overlay default.
     pub mtu: u32,
+    /// An encrypted ingress network: its VXLAN goes inside WireGuard.
+    pub encrypted: bool,
     pub nodes: Vec<IngressNode>,
     pub ports: BTreeSet<LbPort>,
 }
@@ -146,6 +148,7 @@ impl Plan {
                 gateway,
                 vni: ep.vni,
                 mtu: ep.mtu,
+                encrypted: ep.encrypted,
                 nodes,
                 ports,
             },

@@ -46,7 +46,14 @@ pub(super) async fn ensure(dp: &DataPath, node: &Node, plan: &Plan) -> Result<us
         netns::create_async(&ns).await?;
         fixed += 1;
     }
-    let spec = overlay_spec(dp, plan.vni, plan.subnet, plan.gateway, plan.mtu);
+    let spec = overlay_spec(
+        dp,
+        plan.vni,
+        plan.subnet,
+        plan.gateway,
+        plan.mtu,
+        plan.encrypted,
+    );
     let a = Attachment {
         sandbox_ns: ns.clone(),
         ifname: SANDBOX_INGRESS_IF.into(),

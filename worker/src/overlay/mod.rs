@@ -64,10 +64,28 @@ impl Node {
         }
     }
 
-    fn ns(&self) -> Option<&str> {
-        self.ns.as_deref()
+    /// Where the VXLAN of a network keeps its UDP socket: the node's own
+    /// namespace for plain networks; for encrypted ones the node's tunnel
+    /// namespace, whose only way out is the WireGuard device.
+    fn underlay_ns(&self, encrypted: bool) -> Option<String> {
+        if encrypted {
+            Some(tunnel_ns_name(&self.prefix))
+        } else {
+            self.ns.clone()
+        }
     }
 }
+
+/// The namespace of a node's WireGuard device (a TAP holding the node's
+/// underlay address): the VXLAN sockets of encrypted networks live there,
+/// so what they send can only leave through the tunnel.
+pub fn tunnel_ns_name(prefix: &str) -> String {
+    format!("{prefix}-wg")
+}
+
+/// Alias of a `vxlan0` whose socket is in the tunnel namespace: a device
+/// is kept only if it is on the side the network asks for.
+const ENCRYPTED_ALIAS: &str = "mesh encrypted";
 
 /// One overlay network as this node must have it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,6 +99,8 @@ pub struct OverlaySpec {
     pub local_ip: Ipv4Addr,
     /// Data-path UDP port (4789 by default, `--data-path-port`).
     pub port: u16,
+    /// `--opt encrypted`: the VXLAN is carried inside WireGuard.
+    pub encrypted: bool,
 }
 
 /// A sandbox's connection to a network.
@@ -247,7 +267,9 @@ async fn ensure_vxlan(
     };
     let existing = net.link(VXLAN).await?;
     let usable = existing.as_ref().is_some_and(|l| {
-        l.kind.as_deref() == Some("vxlan") && l.vxlan.as_ref().is_some_and(|v| want.matches(v))
+        l.kind.as_deref() == Some("vxlan")
+            && l.vxlan.as_ref().is_some_and(|v| want.matches(v))
+            && (l.alias.as_deref() == Some(ENCRYPTED_ALIAS)) == spec.encrypted
     });
     if !usable {
         if existing.is_some() {
@@ -260,7 +282,7 @@ async fn ensure_vxlan(
         } else {
             info!(ns, vni = spec.vni, "creating {VXLAN}");
         }
-        create_vxlan_in_node(node, net, ns, &want).await?;
+        create_vxlan_in_node(node, net, ns, &want, spec.encrypted).await?;
     }
     let br = net
         .require(BRIDGE, "the bridge vanished while setting up the network")
@@ -282,15 +304,25 @@ async fn ensure_vxlan(
     Ok(())
 }
 
-/// Creates the VXLAN under a temporary name in the node's namespace, moves
+/// Creates the VXLAN under a temporary name in the namespace its socket
+/// belongs in (the node's, or the tunnel's for an encrypted network), moves
 /// it into the network's namespace and names it `vxlan0` there.
 async fn create_vxlan_in_node(
     node: &Node,
     net: &Netlink,
     ns: &str,
     want: &VxlanConfig,
+    encrypted: bool,
 ) -> Result<(), NetError> {
-    let host = Netlink::open(node.ns()).await?;
+    let underlay = node.underlay_ns(encrypted);
+    if encrypted && !underlay.as_deref().is_some_and(netns::exists) {
+        return Err(NetError::Invalid(format!(
+            "encrypted network VNI {}: the node's WireGuard device is not up (no namespace {})",
+            want.vni,
+            tunnel_ns_name(&node.prefix)
+        )));
+    }
+    let host = Netlink::open(underlay.as_deref()).await?;
     let tmp = temp_vxlan_name(&node.prefix, want.vni);
     // A leftover from a create interrupted before the move.
     host.delete(&tmp).await?;
@@ -298,7 +330,11 @@ async fn create_vxlan_in_node(
         name: tmp.clone(),
         ..want.clone()
     };
-    if let Err(e) = host.create_vxlan(&cfg).await {
+    let created = match host.create_vxlan(&cfg).await {
+        Ok(()) if encrypted => host.set_alias(&tmp, ENCRYPTED_ALIAS).await,
+        other => other,
+    };
+    if let Err(e) = created {
         if e.errno() == Some(Errno::EEXIST) {
             return Err(NetError::Conflict(format!(
                 "{e}: VNI {} on UDP port {} is probably used by another VXLAN device in namespace {} (see `ip -d link show type vxlan`); remove it or use another VNI",
@@ -458,15 +494,22 @@ pub async fn remove_network(node: &Node, vni: u32) -> Result<(), NetError> {
             }
         }
     }
-    // A VXLAN left in the node's namespace by an interrupted create.
-    match Netlink::open(node.ns()).await {
-        Ok(host) => {
-            if let Err(e) = host.delete(&temp_vxlan_name(&node.prefix, vni)).await {
+    // A VXLAN left in the node's (or tunnel's) namespace by an interrupted
+    // create.
+    for encrypted in [false, true] {
+        let underlay = node.underlay_ns(encrypted);
+        if encrypted && !underlay.as_deref().is_some_and(netns::exists) {
+            continue;
+        }
+        match Netlink::open(underlay.as_deref()).await {
+            Ok(host) => {
+                if let Err(e) = host.delete(&temp_vxlan_name(&node.prefix, vni)).await {
+                    first_err.get_or_insert(e);
+                }
+            }
+            Err(e) => {
                 first_err.get_or_insert(e);
             }
-        }
-        Err(e) => {
-            first_err.get_or_insert(e);
         }
     }
     if let Err(e) = netns::delete_async(&ns).await {
@@ -537,6 +580,7 @@ mod tests {
             mtu: 1450,
             local_ip: N1,
             port: 4789,
+            encrypted: false,
         };
         let err = validate_spec(&spec)
             .expect_err("gateway outside")

@@ -39,10 +39,24 @@ pub async fn overlay_mtu_for(ip: Ipv4Addr) -> u32 {
     1450
 }
 
+/// Bytes WireGuard adds to what it carries: outer IPv4 (20) and UDP (8),
+/// its data header (16) and the Poly1305 tag (16).
+pub const WIREGUARD_OVERHEAD: u32 = 60;
+
 impl DataPath {
     /// The underlay's MTU: the default for local networks.
     pub fn underlay_mtu(&self) -> u32 {
         self.overlay_mtu + 50
+    }
+
+    /// MTU of an overlay without `--opt mtu`: an encrypted one also leaves
+    /// room for WireGuard, so a full-size inner packet is never fragmented.
+    pub fn default_overlay_mtu(&self, encrypted: bool) -> u32 {
+        if encrypted {
+            self.overlay_mtu.saturating_sub(WIREGUARD_OVERHEAD).max(576)
+        } else {
+            self.overlay_mtu
+        }
     }
 
     /// The drivers' view of this node: its namespace prefix, and the

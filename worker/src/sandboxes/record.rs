@@ -37,6 +37,9 @@ pub struct Attachment {
     /// Whether the sandbox's default route goes out this interface.
     #[serde(default)]
     pub default_route: bool,
+    /// An overlay carried inside WireGuard (`--opt encrypted`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub encrypted: bool,
 }
 
 fn overlay_driver() -> DriverKind {

@@ -44,11 +44,12 @@ pub(super) fn attachment(
         gateway: info.gateway.parse().map_err(|_| bad("gateway"))?,
         vni: info.vni,
         mtu: if info.mtu == 0 {
-            dp.overlay_mtu
+            dp.default_overlay_mtu(info.encrypted)
         } else {
             info.mtu
         },
         internal: info.internal,
+        encrypted: info.encrypted,
         driver: DriverKind::Overlay,
         parent: None,
         default_route: false,
@@ -155,6 +156,7 @@ impl Sandboxes {
             driver,
             parent: l.options.get("parent").cloned(),
             default_route: false,
+            encrypted: false,
         })
     }
 
