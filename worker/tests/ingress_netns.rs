@@ -224,6 +224,7 @@ async fn a_published_port_reaches_the_task_with_the_client_address() {
         mtu: 1450,
         local_ip: NODE_IP,
         port: 4789,
+        encrypted: false,
     };
     overlay::ensure_network(&node, &spec)
         .await

@@ -39,6 +39,7 @@ fn spec(vni: u32, local_ip: Ipv4Addr) -> OverlaySpec {
         mtu: 1450,
         local_ip,
         port: 4789,
+        encrypted: false,
     }
 }
 
