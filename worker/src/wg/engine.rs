@@ -164,7 +164,8 @@ async fn configure_tap(cfg: &DeviceConfig, peers: &[Ipv4Addr]) -> Result<Mac, Ne
         ns: cfg.tap_ns.clone(),
         hint: "the WireGuard TAP is gone; restart the device",
     })?;
-    link.mac.ok_or_else(|| NetError::Invalid(format!("TAP {name} has no MAC address")))
+    link.mac
+        .ok_or_else(|| NetError::Invalid(format!("TAP {name} has no MAC address")))
 }
 
 /// Adds routes to `add` and removes those to `del` through the TAP.
@@ -508,7 +509,8 @@ fn rx_loop(sh: &Shared) {
             co.flush();
             for f in co.frames() {
                 // SAFETY: writes a live buffer of the given length.
-                let r = unsafe { libc::write(sh.tap_fd, f.as_ptr() as *const libc::c_void, f.len()) };
+                let r =
+                    unsafe { libc::write(sh.tap_fd, f.as_ptr() as *const libc::c_void, f.len()) };
                 if r < 0 {
                     debug!(error = %io::Error::last_os_error(), len = f.len(), "TAP write failed");
                 }

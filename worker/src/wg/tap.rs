@@ -51,7 +51,10 @@ pub fn open(name: &str) -> Result<Tap, (&'static str, io::Error)> {
         _pad: [0; 22],
     };
     if name.len() >= libc::IFNAMSIZ {
-        return Err(("check the name", io::Error::from_raw_os_error(libc::ENAMETOOLONG)));
+        return Err((
+            "check the name",
+            io::Error::from_raw_os_error(libc::ENAMETOOLONG),
+        ));
     }
     req.name[..name.len()].copy_from_slice(name.as_bytes());
     // SAFETY: TUNSETIFF reads and writes an ifreq, which `req` is laid out as.
@@ -68,7 +71,10 @@ pub fn open(name: &str) -> Result<Tap, (&'static str, io::Error)> {
         // SAFETY: TUNSETOFFLOAD takes the flags as the argument itself.
         unsafe { libc::ioctl(fd, TUNSETOFFLOAD, flags as libc::c_ulong) >= 0 }
     };
-    let tunnel_gso = set(base | TUN_F_UDP_TUNNEL_GSO | TUN_F_UDP_TUNNEL_GSO_CSUM);
+    // MESH_WG_DATAPATH=batch: a diagnostic switch to measure (or work
+    // around) the fallback path on a kernel that has tunnel GSO.
+    let want_batch = std::env::var("MESH_WG_DATAPATH").is_ok_and(|v| v == "batch");
+    let tunnel_gso = !want_batch && set(base | TUN_F_UDP_TUNNEL_GSO | TUN_F_UDP_TUNNEL_GSO_CSUM);
     if !tunnel_gso && !set(base) {
         return Err(("TUNSETOFFLOAD", io::Error::last_os_error()));
     }
