@@ -154,7 +154,7 @@ fn iperf(from_ns: &str, to_ns: &str, to: Ipv4Addr, streams: u32) -> f64 {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let out = run(&[
-            "ip", "netns", "exec", from_ns, "iperf3", "-c", &to_s, "-t", "4", "-P", &p, "-J",
+            "ip", "netns", "exec", from_ns, "iperf3", "-c", &to_s, "-t", "5", "-P", &p, "-J",
         ]);
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
         // iperf3 -J exits 0 even when it could not connect (server not up yet).
@@ -194,10 +194,10 @@ fn tcp_marker(from_ns: &str, to_ns: &str, to: Ipv4Addr) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-#[test]
-fn wireguard_device_between_two_nodes() {
-    require_root("the WireGuard device tests");
-    let p = format!("wgt{}", std::process::id() % 100_000);
+/// Two fake nodes with devices peered to each other and an encrypted VXLAN
+/// (192.168.77.0/24) between their `-wg` namespaces. The guard is first so
+/// it is dropped last, after the devices.
+fn two_nodes(p: &str) -> (Cleanup, Node, Node) {
     let (na, nb) = (format!("{p}a"), format!("{p}b"));
     let mut cleanup = Cleanup(Vec::new());
     for ns in [&na, &nb] {
@@ -219,8 +219,7 @@ fn wireguard_device_between_two_nodes() {
 
     let a = start_node(&na, UNDER_A);
     let b = start_node(&nb, UNDER_B);
-    let datapath = a.dev.status().datapath;
-    eprintln!("datapath: {datapath}");
+    eprintln!("datapath: {}", a.dev.status().datapath);
     a.dev
         .set_peers(vec![peer_of(&b, "node-b", UNDER_B)])
         .expect("peers of a");
@@ -229,6 +228,16 @@ fn wireguard_device_between_two_nodes() {
         .expect("peers of b");
     vxlan(&a.wg_ns, "vx0", "42", UNDER_A, UNDER_B, "192.168.77.1/24");
     vxlan(&b.wg_ns, "vx0", "42", UNDER_B, UNDER_A, "192.168.77.2/24");
+    (cleanup, a, b)
+}
+
+#[test]
+fn wireguard_device_between_two_nodes() {
+    require_root("the WireGuard device tests");
+    let p = format!("wgt{}", std::process::id() % 100_000);
+    let (_cleanup, a, b) = two_nodes(&p);
+    let datapath = a.dev.status().datapath;
+    let (na, nb) = (format!("{p}a"), format!("{p}b"));
     let over_b = Ipv4Addr::new(192, 168, 77, 2);
 
     // Ping crosses (the first one starts the handshake).
@@ -335,4 +344,28 @@ fn wireguard_device_between_two_nodes() {
     let links = exec_ok(&wg_ns, &["ip", "link", "show"]);
     assert!(!links.contains("mwg0"), "TAP gone after drop: {links}");
     drop(b);
+}
+
+/// Throughput only, for profiling: `MESH_WG_BENCH_SECS` (default 20) of
+/// single-stream iperf3 through the device. Run by hand with --ignored.
+#[test]
+#[ignore]
+fn wireguard_throughput() {
+    require_root("the WireGuard throughput run");
+    let p = format!("wgb{}", std::process::id() % 100_000);
+    let (_cleanup, a, b) = two_nodes(&p);
+    let over_b = Ipv4Addr::new(192, 168, 77, 2);
+    assert!(ping_within(&a.wg_ns, over_b, Duration::from_secs(10)));
+    let secs: u32 = std::env::var("MESH_WG_BENCH_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let to_s = over_b.to_string();
+    let _srv = spawn_in(&b.wg_ns, &["iperf3", "-s", "-1", "-B", &to_s]);
+    std::thread::sleep(Duration::from_millis(500));
+    let out = exec_ok(
+        &a.wg_ns,
+        &["iperf3", "-c", &to_s, "-t", &secs.to_string(), "-i", "5"],
+    );
+    eprintln!("{} datapath:\n{out}", a.dev.status().datapath);
 }

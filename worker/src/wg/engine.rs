@@ -111,6 +111,9 @@ impl Shared {
     }
 }
 
+/// A thread's name and body.
+type Loop = (&'static str, fn(&Shared));
+
 /// A running userspace WireGuard device. Dropping it stops its threads and
 /// closes the TAP (which makes the device vanish).
 pub struct Device {
@@ -259,7 +262,7 @@ impl Device {
             shared,
             threads: Vec::new(),
         };
-        let loops: [(&'static str, fn(&Shared)); 3] = [
+        let loops: [Loop; 3] = [
             ("wg-tx", tx_loop),
             ("wg-rx", rx_loop),
             ("wg-timers", timer_loop),
@@ -467,9 +470,33 @@ fn tx_loop(sh: &Shared) {
 
 /// Which peer a datagram claims to come from: by public key for a
 /// handshake initiation, by our receiver index for everything else.
-fn identify(table: &PeerTable, keys: &Keys, dg: &[u8]) -> Option<Arc<Peer>> {
+/// An initiation costs a Diffie-Hellman to identify, so its MAC and the
+/// rate limit are checked first; under load the sender gets a cookie.
+fn identify(
+    sh: &Shared,
+    table: &PeerTable,
+    keys: &Keys,
+    src: SocketAddrV4,
+    dg: &[u8],
+) -> Option<Arc<Peer>> {
     match Tunn::parse_incoming_packet(dg).ok()? {
-        Packet::HandshakeInit(p) => {
+        Packet::HandshakeInit(_) => {
+            let mut cookie = [0u8; 64];
+            let p = match keys
+                .limiter
+                .verify_packet(Some(IpAddr::V4(*src.ip())), dg, &mut cookie)
+            {
+                Ok(Packet::HandshakeInit(p)) => p,
+                Err(TunnResult::WriteToNetwork(c)) => {
+                    // Only to a peer's own address: no reflection elsewhere.
+                    if let Some(peer) = table.by_addr(*src.ip()) {
+                        let c = c.to_vec();
+                        sh.send_control(peer, &c);
+                    }
+                    return None;
+                }
+                _ => return None,
+            };
             let half = parse_handshake_anon(&keys.secret, &keys.public, &p).ok()?;
             table.by_key(&half.peer_static_public).cloned()
         }
@@ -529,7 +556,7 @@ fn receive(
     plain: &mut [u8],
     co: &mut Coalescer,
 ) {
-    let Some(peer) = identify(table, keys, dg) else {
+    let Some(peer) = identify(sh, table, keys, src, dg) else {
         return;
     };
     // Pinned endpoint: the peer's underlay address and nothing else.
@@ -542,23 +569,16 @@ fn receive(
             let first = b.to_vec();
             let mut more = vec![first];
             // Packets queued while the handshake ran go out now.
-            loop {
-                match t.decapsulate(None, &[], plain) {
-                    TunnResult::WriteToNetwork(b) => more.push(b.to_vec()),
-                    _ => break,
-                }
+            while let TunnResult::WriteToNetwork(b) = t.decapsulate(None, &[], plain) {
+                more.push(b.to_vec());
             }
             drop(t);
             for p in &more {
                 sh.send_control(&peer, p);
             }
         }
-        TunnResult::WriteToTunnelV4(pkt, from) => {
-            // Allowed IPs: only the peer's own underlay address.
-            if from == peer.cfg.addr {
-                co.push(pkt);
-            }
-        }
+        // Allowed IPs: only the peer's own underlay address.
+        TunnResult::WriteToTunnelV4(pkt, from) if from == peer.cfg.addr => co.push(pkt),
         _ => {}
     }
 }

@@ -237,10 +237,10 @@ fn layout(h: &VnetHdr, frame: &[u8]) -> Result<Layout, SplitError> {
     if hdr_len > frame.len() || l4_len < 8 {
         return Err(SplitError::Malformed);
     }
-    if let Some(u) = outer_udp {
-        if u + 8 + VXLAN_LEN + ETH_LEN > ip || frame[ETH_LEN] >> 4 != 4 {
-            return Err(SplitError::Malformed);
-        }
+    if let Some(u) = outer_udp
+        && (u + 8 + VXLAN_LEN + ETH_LEN > ip || frame[ETH_LEN] >> 4 != 4)
+    {
+        return Err(SplitError::Malformed);
     }
     Ok(Layout {
         outer_udp,
@@ -447,25 +447,25 @@ impl Coalescer {
     /// Adds one decrypted IPv4 packet.
     pub fn push(&mut self, pkt: &[u8]) {
         let parsed = if self.merge { tcp_in_tunnel(pkt) } else { None };
-        if let (Some(p), Some(o)) = (parsed, self.open) {
-            if self.can_join(&o, pkt, &p) {
-                let payload = &pkt[p.hdr_len..];
-                self.buf.extend_from_slice(payload);
-                let o = Open {
-                    segs: o.segs + 1,
-                    next_seq: o.next_seq.wrapping_add(payload.len() as u32),
-                    ..o
-                };
-                // PSH, or a short segment, ends the burst.
-                let ends = p.flags & 0x08 != 0 || payload.len() < o.mss;
-                if ends {
-                    self.buf[o.start + VNET_HDR_LEN + ETH_LEN + o.first.tcp + 13] |= p.flags & 0x08;
-                    self.close_with(o);
-                } else {
-                    self.open = Some(o);
-                }
-                return;
+        if let (Some(p), Some(o)) = (parsed, self.open)
+            && self.can_join(&o, pkt, &p)
+        {
+            let payload = &pkt[p.hdr_len..];
+            self.buf.extend_from_slice(payload);
+            let o = Open {
+                segs: o.segs + 1,
+                next_seq: o.next_seq.wrapping_add(payload.len() as u32),
+                ..o
+            };
+            // PSH, or a short segment, ends the burst.
+            let ends = p.flags & 0x08 != 0 || payload.len() < o.mss;
+            if ends {
+                self.buf[o.start + VNET_HDR_LEN + ETH_LEN + o.first.tcp + 13] |= p.flags & 0x08;
+                self.close_with(o);
+            } else {
+                self.open = Some(o);
             }
+            return;
         }
         self.close();
         let start = self.buf.len();
