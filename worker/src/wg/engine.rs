@@ -440,7 +440,21 @@ fn tx_loop(sh: &Shared) {
                 debug!(error = ?e, gso_type = h.gso_type, "dropping a TAP frame");
             }
             if off > start {
-                trains.push((ep, start, off, seg));
+                // Packets of equal size to one peer form one GSO train
+                // across frames too (the batch path reads one packet per
+                // frame): extend the previous train when it ended on a
+                // full-size segment and this one has that size.
+                match trains.last_mut() {
+                    Some((dst, s, e, sz))
+                        if *dst == ep
+                            && *e == start
+                            && (*e - *s) % *sz == 0
+                            && (seg == *sz || (off - start <= *sz && seg == off - start)) =>
+                    {
+                        *e = off;
+                    }
+                    _ => trains.push((ep, start, off, seg)),
+                }
             }
             if OUT_BUF - off < OUT_HEADROOM {
                 break;
