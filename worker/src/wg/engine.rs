@@ -372,14 +372,17 @@ fn wait_readable(fd: RawFd) -> bool {
     unsafe { libc::poll(&mut p, 1, POLL_MS) > 0 }
 }
 
-/// One non-blocking read; `None` when nothing is waiting.
+/// One non-blocking read; `None` when nothing is waiting. A hard error
+/// (the TAP deleted under us) pauses a poll interval so a dead fd that
+/// polls readable forever cannot make the thread spin.
 fn read_fd(fd: RawFd, buf: &mut [u8]) -> Option<usize> {
     // SAFETY: reads into a live buffer of the given length.
     let n = unsafe { libc::read(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len()) };
     if n < 0 {
         let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EAGAIN) {
+        if !matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EINTR)) {
             debug!(error = %e, "TAP read failed");
+            std::thread::sleep(Duration::from_millis(POLL_MS as u64));
         }
         return None;
     }
