@@ -118,6 +118,9 @@ pub enum WgError {
         #[source]
         source: std::io::Error,
     },
+    /// A device configuration that cannot be made real.
+    #[error("invalid WireGuard device configuration: {0}")]
+    Config(String),
     /// A peer list that cannot be made real.
     #[error("invalid WireGuard peers: {0}")]
     InvalidPeers(String),
