@@ -20,7 +20,7 @@ use mesh_proto::{Empty, JoinRaftRequest, NodeJoinRequest};
 use mesh_worker::encryption::Encryption;
 use mesh_worker::managers::Managers;
 use mesh_worker::sandboxes::DataPath;
-use mesh_worker::session::Session;
+use mesh_worker::session::{Links, Session};
 use mesh_worker::state_dir::{Certs, NodeConfig};
 use tracing::{info, warn};
 
@@ -180,9 +180,11 @@ impl Daemon {
             certs.clone(),
             identity.clone(),
             m.trusted.clone(),
-            managers.clone(),
-            self.events.clone(),
-            encryption.clone(),
+            Links {
+                managers: managers.clone(),
+                events: self.events.clone(),
+                encryption: encryption.clone(),
+            },
         )?;
         let local_ip: std::net::Ipv4Addr = config
             .advertise_addr

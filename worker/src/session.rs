@@ -155,6 +155,15 @@ pub enum SessionError {
     Pki(#[from] pki::PkiError),
 }
 
+/// What the session hands on to the rest of the daemon: the managers it
+/// learns (for the node's other calls), events to act on, and the node's
+/// WireGuard key (sent with each heartbeat, rotated when asked).
+pub struct Links {
+    pub managers: Managers,
+    pub events: mpsc::Sender<SessionEvent>,
+    pub encryption: Arc<Encryption>,
+}
+
 impl Session {
     /// Starts the heartbeat loop. `identity` is the node's TLS identity, shared
     /// with its server (if a manager) so renewal updates both. `managers`
@@ -165,10 +174,13 @@ impl Session {
         certs: Certs,
         identity: ReloadableIdentity,
         trusted: TrustedManagers,
-        managers: Managers,
-        events: mpsc::Sender<SessionEvent>,
-        encryption: Arc<Encryption>,
+        links: Links,
     ) -> Result<SessionHandle, SessionError> {
+        let Links {
+            managers,
+            events,
+            encryption,
+        } = links;
         let tls =
             tls::member_client_config(&certs.ca, identity.clone(), Arc::new(trusted.clone()))?;
         let status = Arc::new(Mutex::new(SessionStatus {
