@@ -111,3 +111,29 @@ fn node_keys_are_reported_private_and_rotated() -> Result<()> {
     lab.down()?;
     Ok(())
 }
+
+/// `--encryption-key-rotation` replaces a key once it is that old, with no
+/// one asking (the shortest allowed interval: a minute).
+#[test]
+fn keys_rotate_on_the_cluster_interval() -> Result<()> {
+    let lab = up("ei", 1, 1, &["--encryption-key-rotation", "1m"])?;
+    let (k1, _) = wait_for("node1's key", Duration::from_secs(10), || {
+        public_key(&lab, "node1")
+    })?;
+    ensure!(info(&lab, "node1")?["EncryptionKeyRotation"] == "1m");
+    let (k2, took) = wait_for("an interval rotation", Duration::from_secs(80), || {
+        public_key(&lab, "node1").filter(|k| *k != k1)
+    })?;
+    println!("rotated after {took:?}");
+    ensure!(
+        took > Duration::from_secs(40),
+        "rotated too early: {took:?}"
+    );
+    ensure!(
+        inspect(&lab, "node1", "node1")?["KeyRotations"] == 0,
+        "no one asked"
+    );
+    ensure!(info(&lab, "node1")?["Encryption"]["PublicKey"] == k2.as_str());
+    lab.down()?;
+    Ok(())
+}
