@@ -119,6 +119,11 @@ pub struct InitArgs {
     /// UDP port for VXLAN traffic between nodes.
     #[arg(long = "data-path-port", default_value_t = 4789)]
     pub data_path_port: u32,
+    /// How often every node replaces its WireGuard key for encrypted
+    /// overlays (e.g. 12h; at least 1m; 0 or absent = only on `node update
+    /// --rotate-key`).
+    #[arg(long = "encryption-key-rotation", value_parser = parse_rotation)]
+    pub encryption_key_rotation: Option<std::time::Duration>,
 }
 
 fn parse_upstream(s: &str) -> Result<std::net::SocketAddr, String> {
@@ -136,6 +141,20 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     if d < std::time::Duration::from_secs(10) {
         return Err(format!(
             "{s} is too short for a certificate lifetime: use at least 10s"
+        ));
+    }
+    Ok(d)
+}
+
+fn parse_rotation(s: &str) -> Result<std::time::Duration, String> {
+    if s == "0" {
+        return Ok(std::time::Duration::ZERO);
+    }
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("invalid duration {s:?}: {e} (e.g. 12h, 30m)"))?;
+    if !d.is_zero() && d.as_secs() < mesh_manager::control::cluster::MIN_KEY_ROTATION_SECS {
+        return Err(format!(
+            "{s} is too short for a key rotation interval: use at least 1m, or 0 for never"
         ));
     }
     Ok(d)
@@ -220,6 +239,9 @@ pub enum NodeCmd {
         label_add: Vec<String>,
         #[arg(long = "label-rm")]
         label_rm: Vec<String>,
+        /// Make the node replace its WireGuard key (encrypted overlays).
+        #[arg(long = "rotate-key")]
+        rotate_key: bool,
         node: String,
     },
 }
@@ -246,7 +268,8 @@ pub enum NetworkCmd {
         /// The routing-mesh network (one per cluster).
         #[arg(long)]
         ingress: bool,
-        /// Driver options: mtu=N (encrypted is refused until it is built).
+        /// Driver options: mtu=N; encrypted (overlay: traffic between nodes
+        /// goes through WireGuard).
         #[arg(short = 'o', long = "opt")]
         opt: Vec<String>,
         #[arg(long)]

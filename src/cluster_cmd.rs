@@ -20,7 +20,7 @@ pub async fn init(host: &str, a: InitArgs) -> Result<ExitCode> {
             default_addr_pool: a.default_addr_pool,
             default_addr_pool_mask_length: a.default_addr_pool_mask_length,
             data_path_port: a.data_path_port,
-            encryption_key_rotation_secs: 0,
+            encryption_key_rotation_secs: a.encryption_key_rotation.map_or(0, |d| d.as_secs()),
         })
         .await
         .map_err(status)?
@@ -114,6 +114,8 @@ pub async fn info(host: &str, a: InfoArgs) -> Result<ExitCode> {
                 "LeaderID": i.leader_id,
                 "CertNotAfter": i.cert_not_after,
                 "DataPathErrors": i.datapath_errors,
+                "EncryptionKeyRotation": i.encryption_key_rotation,
+                "Encryption": i.encryption.as_ref().map(encryption_json),
             }
         });
         println!("{v}");
@@ -147,5 +149,65 @@ pub async fn info(host: &str, a: InfoArgs) -> Result<ExitCode> {
             println!("  {e}");
         }
     }
+    println!(
+        " Encryption Key Rotation: {}",
+        if i.encryption_key_rotation.is_empty() {
+            "never"
+        } else {
+            &i.encryption_key_rotation
+        }
+    );
+    if let Some(e) = &i.encryption {
+        println!(" Encryption:");
+        println!("  Public Key: {}", e.public_key);
+        println!("  Key Created: {}", e.key_created_at);
+        println!(
+            "  Datapath: {}",
+            if e.datapath.is_empty() {
+                "idle (no encrypted network here)"
+            } else {
+                &e.datapath
+            }
+        );
+        if e.listen_port != 0 {
+            println!("  Listen Port: {}", e.listen_port);
+        }
+        if !e.peers.is_empty() {
+            println!("  Peers:");
+            for p in &e.peers {
+                let hs = if p.last_handshake.is_empty() {
+                    "never"
+                } else {
+                    &p.last_handshake
+                };
+                println!(
+                    "   {}  endpoint {}  last handshake {}",
+                    p.node_id, p.endpoint, hs
+                );
+            }
+        }
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A peer as `mesh info` and `node inspect` show it in JSON.
+pub fn peer_json(p: &EncryptionPeer) -> serde_json::Value {
+    json!({
+        "NodeID": p.node_id,
+        "PublicKey": p.public_key,
+        "Endpoint": p.endpoint,
+        "LastHandshake": p.last_handshake,
+        "RxBytes": p.rx_bytes,
+        "TxBytes": p.tx_bytes,
+    })
+}
+
+fn encryption_json(e: &EncryptionInfo) -> serde_json::Value {
+    json!({
+        "PublicKey": e.public_key,
+        "KeyCreatedAt": e.key_created_at,
+        "Datapath": e.datapath,
+        "ListenPort": e.listen_port,
+        "Peers": e.peers.iter().map(peer_json).collect::<Vec<_>>(),
+    })
 }

@@ -55,6 +55,13 @@ fn inspect_json(n: &Node) -> serde_json::Value {
             },
         },
         "Status": {"State": n.state, "Addr": n.addr, "DataPathErrors": n.datapath_errors},
+        // The WireGuard key of encrypted overlays, and the peers' last
+        // handshakes as the node's last heartbeat reported them.
+        "Encryption": {
+            "PublicKey": n.encryption_public_key,
+            "KeyRotations": n.encryption_key_rotations,
+            "Peers": n.encryption_peers.iter().map(crate::cluster_cmd::peer_json).collect::<Vec<_>>(),
+        },
     });
     if n.role == "manager" {
         v["ManagerStatus"] =
@@ -228,6 +235,7 @@ pub async fn run(host: &str, cmd: NodeCmd) -> Result<ExitCode> {
             availability,
             label_add,
             label_rm,
+            rotate_key,
             node,
         } => {
             let mut labels = HashMap::new();
@@ -244,7 +252,7 @@ pub async fn run(host: &str, cmd: NodeCmd) -> Result<ExitCode> {
                 role: String::new(),
                 label_add: labels,
                 label_rm,
-                rotate_key: false,
+                rotate_key,
             })
             .await
             .map_err(status)?;

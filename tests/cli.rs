@@ -51,6 +51,19 @@ fn bad_service_ports_are_one_line_usage_errors() -> Result<()> {
 }
 
 #[test]
+fn bad_key_rotation_intervals_are_one_line_usage_errors() -> Result<()> {
+    for (value, what) in [
+        ("10s", "at least 1m"),
+        ("59s", "at least 1m"),
+        ("abc", "invalid duration"),
+        ("12 parsecs", "invalid duration"),
+    ] {
+        assert_usage_error(&["init", "--encryption-key-rotation", value], what)?;
+    }
+    Ok(())
+}
+
+#[test]
 fn unknown_flags_before_the_command_are_errors() -> Result<()> {
     assert_usage_error(&["run", "-d", "--bogus", "--", "sleep", "1"], "--bogus")?;
     assert_usage_error(&["exec", "x", "--bogus", "ls"], "--bogus")?;

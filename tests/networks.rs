@@ -418,7 +418,6 @@ fn network_bad_input() -> Result<()> {
         (&["--ingress", "ing2"], "ingress network already exists"),
         (&["taken"], "already exists"),
         (&["--opt", "colour=blue", "a"], "unknown option"),
-        (&["--opt", "encrypted", "a"], "clear text"),
         (&["--gateway", "10.1.0.1", "a"], "need --subnet"),
     ];
     for (args, needle) in cases {
@@ -432,6 +431,14 @@ fn network_bad_input() -> Result<()> {
         &["network", "create", "-d", "vlan", "a"],
         "unknown network driver",
     )?;
+    for driver in ["bridge", "macvlan"] {
+        refused(
+            &lab,
+            "node1",
+            &["network", "create", "-d", driver, "--opt", "encrypted", "a"],
+            "--opt encrypted needs -d overlay",
+        )?;
+    }
     refused(
         &lab,
         "node1",
@@ -461,6 +468,28 @@ fn network_bad_input() -> Result<()> {
     if after != before {
         bail!("a refused create left something: {after:?}");
     }
+    let local = json_lines(&lab.mesh_ok("node1", &["network", "ls", "--format", "json"])?)?;
+    ensure!(
+        local.iter().all(|n| n["Name"] != "a"),
+        "a refused local create left something: {local:?}"
+    );
+    // Docker ignores the option's value and shows `"encrypted": ""`.
+    lab.mesh_ok(
+        "node1",
+        &[
+            "network",
+            "create",
+            "-d",
+            "overlay",
+            "--opt",
+            "encrypted=yes",
+            "sec",
+        ],
+    )?;
+    let inspect: Value =
+        serde_json::from_str(&lab.mesh_ok("node1", &["network", "inspect", "sec"])?)?;
+    ensure!(inspect[0]["Options"]["encrypted"] == "", "{inspect}");
+    lab.mesh_ok("node1", &["network", "rm", "sec"])?;
     lab.down()?;
     Ok(())
 }

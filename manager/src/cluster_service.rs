@@ -237,9 +237,14 @@ impl cluster_server::Cluster for ClusterService {
         let peer = tls::peer_info(&req).and_then(|i| i.remote).map(|a| a.ip());
         let r = req.into_inner();
         self.mgr
-            .heartbeat(&node, &r.addr, peer, r.applied_hash, &r.datapath_errors)
+            .heartbeat(&node, &r, peer)
             .await
             .map_err(to_status)?;
+        let rotation_secs = self.mgr.read(|s| {
+            s.cluster
+                .as_ref()
+                .map_or(0, |c| c.encryption_key_rotation_secs)
+        });
         Ok(Response::new(HeartbeatResponse {
             role: node.role.to_string(),
             managers: managers_of(&self.mgr),
@@ -249,8 +254,8 @@ impl cluster_server::Cluster for ClusterService {
                 .mgr
                 .read(|s| s.cluster.as_ref().map(|c| c.id.clone()))
                 .unwrap_or_default(),
-            encryption_key_rotations: 0,
-            encryption_key_rotation_secs: 0,
+            encryption_key_rotations: node.encryption_key_rotations,
+            encryption_key_rotation_secs: rotation_secs,
         }))
     }
 

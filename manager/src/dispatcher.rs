@@ -5,8 +5,8 @@
 
 use mesh_common::model::PublishMode;
 use mesh_proto::{
-    EndpointInfo, IngressNode, IngressPort, IngressView, NetworkAssignment, NodeView, PeerEntry,
-    ServiceEntry, TaskAssignment,
+    EncryptionView, EndpointInfo, IngressNode, IngressPort, IngressView, NetworkAssignment,
+    NodeView, PeerEntry, ServiceEntry, TaskAssignment, WireguardPeer,
 };
 
 use crate::pb::service::port_to_pb;
@@ -14,6 +14,14 @@ use crate::state::{
     ClusterState, DEFAULT_DATA_PATH_PORT, Endpoint, Network, NetworkSpec, ingress_sbox_id,
     is_ingress_sbox,
 };
+
+/// UDP port WireGuard listens on, on every node's underlay address.
+pub const WIREGUARD_PORT: u32 = 51820;
+
+/// Whether a network's traffic between nodes goes through WireGuard.
+pub fn is_encrypted(spec: &NetworkSpec) -> bool {
+    spec.options.contains_key("encrypted")
+}
 
 /// Option names that set a network's MTU: ours and Docker's.
 pub const MTU_OPTIONS: [&str; 2] = ["mtu", "com.docker.network.driver.mtu"];
@@ -73,7 +81,7 @@ fn assignment(s: &ClusterState, net: &Network, node_id: &str) -> NetworkAssignme
         gateway: net.gateway.to_string(),
         mtu: network_mtu(&net.spec),
         internal: net.spec.internal,
-        encrypted: net.spec.options.contains_key("encrypted"),
+        encrypted: is_encrypted(&net.spec),
         local,
         peers,
         services: s
@@ -190,6 +198,48 @@ fn ingress_for(s: &ClusterState, node_id: &str) -> Option<IngressView> {
     })
 }
 
+/// The WireGuard peers of `node_id`: every other node with an endpoint on
+/// an encrypted network this node has an endpoint on (the ingress network
+/// too, if it is encrypted), once that node has a recorded key. `None`
+/// while this node needs no encrypted network. Sorted by node ID, so the
+/// view's digest does not depend on map order.
+fn encryption_for(s: &ClusterState, node_id: &str) -> Option<EncryptionView> {
+    let mine: std::collections::BTreeSet<&str> = s
+        .endpoints
+        .values()
+        .filter(|e| e.node_id == node_id)
+        .filter(|e| {
+            s.networks
+                .get(&e.network_id)
+                .is_some_and(|n| is_encrypted(&n.spec))
+        })
+        .map(|e| e.network_id.as_str())
+        .collect();
+    if mine.is_empty() {
+        return None;
+    }
+    let peer_ids: std::collections::BTreeSet<&str> = s
+        .endpoints
+        .values()
+        .filter(|e| e.node_id != node_id && mine.contains(e.network_id.as_str()))
+        .map(|e| e.node_id.as_str())
+        .collect();
+    let peers = peer_ids
+        .into_iter()
+        .filter_map(|id| s.nodes.get(id))
+        .filter(|n| !n.encryption_public_key.is_empty())
+        .map(|n| WireguardPeer {
+            node_id: n.id.clone(),
+            public_key: n.encryption_public_key.clone(),
+            addr: n.addr.clone(),
+        })
+        .collect();
+    Some(EncryptionView {
+        listen_port: WIREGUARD_PORT,
+        peers,
+    })
+}
+
 /// The view of one node at Raft index `generation`.
 pub fn view_for(s: &ClusterState, node_id: &str, generation: u64) -> NodeView {
     let networks = s
@@ -208,7 +258,7 @@ pub fn view_for(s: &ClusterState, node_id: &str, generation: u64) -> NodeView {
         networks,
         tasks: tasks_for(s, node_id),
         ingress: ingress_for(s, node_id),
-        encryption: None,
+        encryption: encryption_for(s, node_id),
     }
 }
 
@@ -227,6 +277,7 @@ pub fn same_content(a: &NodeView, b: &NodeView) -> bool {
         && a.networks == b.networks
         && a.tasks == b.tasks
         && a.ingress == b.ingress
+        && a.encryption == b.encryption
 }
 
 #[cfg(test)]
@@ -321,6 +372,113 @@ mod tests {
             !same_content(&va, &view_for(&s, "a", 13)),
             "a new peer changes a's view"
         );
+    }
+
+    fn key(i: u8) -> String {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode([i; 32])
+    }
+
+    fn peer_ids(s: &ClusterState, id: &str) -> Option<Vec<(String, String, String)>> {
+        view_for(s, id, 0).encryption.map(|e| {
+            assert_eq!(e.listen_port, WIREGUARD_PORT);
+            e.peers
+                .into_iter()
+                .map(|p| (p.node_id, p.addr, p.public_key))
+                .collect()
+        })
+    }
+
+    #[test]
+    fn wireguard_peers_are_the_nodes_sharing_an_encrypted_network() {
+        let mut s = ClusterState::default();
+        s.apply(
+            1,
+            &Command::Init {
+                cluster: ClusterInfo::default(),
+                node: node("a", "192.168.1.1"),
+                ingress: None,
+            },
+        );
+        for (i, id) in ["b", "c", "d", "e"].iter().enumerate() {
+            let n = node(id, &format!("192.168.1.{}", i + 2));
+            s.apply(2 + i as u64, &Command::AddNode { node: n });
+        }
+        // Every node but e has a key.
+        for (i, id) in ["a", "b", "c", "d"].iter().enumerate() {
+            let cmd = Command::SetNodeEncryptionKey {
+                id: id.to_string(),
+                public_key: key(i as u8 + 1),
+            };
+            assert!(matches!(
+                s.apply(10 + i as u64, &cmd),
+                crate::state::CommandResult::Node(_)
+            ));
+        }
+        for (i, (name, encrypted)) in [("sec1", true), ("sec2", true), ("plain", false)]
+            .iter()
+            .enumerate()
+        {
+            let mut spec = NetworkSpec {
+                name: name.to_string(),
+                attachable: true,
+                ..Default::default()
+            };
+            if *encrypted {
+                spec.options.insert("encrypted".into(), String::new());
+            }
+            s.apply(
+                20 + i as u64,
+                &Command::CreateNetwork {
+                    id: name.to_string(),
+                    spec,
+                    at: "t".into(),
+                },
+            );
+        }
+        attach(&mut s, 30, "a1", "sec1", "a");
+        attach(&mut s, 31, "a2", "sec2", "a");
+        attach(&mut s, 32, "a3", "plain", "a");
+        attach(&mut s, 33, "b1", "sec1", "b");
+        attach(&mut s, 34, "b2", "sec1", "b");
+        attach(&mut s, 35, "c1", "sec2", "c");
+        attach(&mut s, 36, "d1", "plain", "d");
+        attach(&mut s, 37, "e1", "sec1", "e");
+        let peer = |id: &str, n: u8| (id.to_string(), format!("192.168.1.{n}"), key(n));
+        assert_eq!(
+            peer_ids(&s, "a"),
+            Some(vec![peer("b", 2), peer("c", 3)]),
+            "both encrypted networks, sorted, once per node, no d (plain) nor e (no key)"
+        );
+        assert_eq!(peer_ids(&s, "b"), Some(vec![peer("a", 1)]));
+        assert_eq!(peer_ids(&s, "c"), Some(vec![peer("a", 1)]));
+        assert_eq!(peer_ids(&s, "d"), None, "d needs no encrypted network");
+        assert_eq!(
+            peer_ids(&s, "e"),
+            Some(vec![peer("a", 1), peer("b", 2)]),
+            "e has no key yet but still needs its device"
+        );
+        let before = view_for(&s, "a", 0);
+        s.apply(
+            40,
+            &Command::SetNodeEncryptionKey {
+                id: "b".into(),
+                public_key: key(9),
+            },
+        );
+        assert!(
+            !same_content(&before, &view_for(&s, "a", 0)),
+            "a rotated peer key changes the view"
+        );
+        s.apply(41, &Command::RemoveNode { id: "c".into() });
+        assert_eq!(
+            peer_ids(&s, "a"),
+            Some(vec![("b".into(), "192.168.1.2".into(), key(9))]),
+            "a removed node disappears"
+        );
+        s.apply(42, &Command::RemoveEndpoint { id: "a2".into() });
+        s.apply(43, &Command::RemoveEndpoint { id: "a1".into() });
+        assert_eq!(peer_ids(&s, "a"), None, "no encrypted network left on a");
     }
 
     #[test]

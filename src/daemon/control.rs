@@ -88,6 +88,15 @@ fn err(e: anyhow::Error) -> Status {
     }
 }
 
+/// The rotation interval as `mesh init` takes it (e.g. "12h"); empty =
+/// never.
+fn rotation_text(secs: u64) -> String {
+    if secs == 0 {
+        return String::new();
+    }
+    humantime::format_duration(Duration::from_secs(secs)).to_string()
+}
+
 fn secs_to_rfc3339(t: std::time::SystemTime) -> String {
     time::OffsetDateTime::from(t)
         .format(&time::format_description::well_known::Rfc3339)
@@ -111,6 +120,7 @@ impl Control for ControlService {
                 pools: r.default_addr_pool,
                 mask_len: r.default_addr_pool_mask_length,
                 data_path_port: r.data_path_port,
+                encryption_key_rotation_secs: r.encryption_key_rotation_secs,
             })
             .await
             .map_err(err)?;
@@ -185,6 +195,13 @@ impl Control for ControlService {
             .into();
             return Ok(Response::new(info));
         };
+        info.encryption = self
+            .d
+            .encryption
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|e| e.info());
         info.node_id = config.node_id.clone();
         info.node_addr = config.advertise_addr.clone();
         info.cluster_id = config.cluster_id.clone();
@@ -201,6 +218,7 @@ impl Control for ControlService {
             info.leader_id = st.leader_id.clone();
             info.managers = st.managers.clone();
             info.cert_not_after = st.cert_not_after.map(secs_to_rfc3339).unwrap_or_default();
+            info.encryption_key_rotation = rotation_text(st.encryption_key_rotation_secs);
         }
         if let Some(mgr) = self.d.manager() {
             info.control_available = true;
@@ -209,6 +227,13 @@ impl Control for ControlService {
                 info.leader_id = l;
             }
             info.managers = mesh_manager::cluster_service::managers_of(&mgr);
+            // A manager knows the interval before its first heartbeat reply.
+            let secs = mgr.read(|s| {
+                s.cluster
+                    .as_ref()
+                    .map_or(0, |c| c.encryption_key_rotation_secs)
+            });
+            info.encryption_key_rotation = rotation_text(secs);
         }
         Ok(Response::new(info))
     }
@@ -260,6 +285,12 @@ impl Control for ControlService {
     ) -> Result<Response<mesh_proto::Network>, Status> {
         let r = req.into_inner();
         if control::networks::driver_of(&r) != DriverKind::Overlay.as_str() {
+            if r.options.contains_key("encrypted") {
+                return Err(control::networks::encrypted_needs_overlay(
+                    control::networks::driver_of(&r),
+                )
+                .into());
+            }
             let spec = mesh_worker::local_request::spec_from(r)?;
             let exists =
                 |ifname: &str| std::path::Path::new("/sys/class/net").join(ifname).exists();

@@ -17,9 +17,10 @@ use mesh_manager::manager::{Manager, PeerTls, now};
 use mesh_manager::state::{ClusterInfo, Command, Node};
 use mesh_proto::cluster_client::ClusterClient;
 use mesh_proto::{Empty, JoinRaftRequest, NodeJoinRequest};
+use mesh_worker::encryption::Encryption;
 use mesh_worker::managers::Managers;
 use mesh_worker::sandboxes::DataPath;
-use mesh_worker::session::Session;
+use mesh_worker::session::{Links, Session};
 use mesh_worker::state_dir::{Certs, NodeConfig};
 use tracing::{info, warn};
 
@@ -35,6 +36,8 @@ pub struct InitParams {
     pub pools: Vec<String>,
     pub mask_len: u32,
     pub data_path_port: u32,
+    /// Seconds between key rotations, checked (0 = never).
+    pub encryption_key_rotation_secs: u64,
 }
 
 pub struct JoinParams {
@@ -154,6 +157,7 @@ impl Daemon {
             .unwrap_or_else(|e| e.into_inner()) = m.session.as_ref().map(|s| s.status.clone());
         *self.applied.write().unwrap_or_else(|e| e.into_inner()) =
             m.session.as_ref().map(|s| s.applied.clone());
+        *self.encryption.write().unwrap_or_else(|e| e.into_inner()) = m.encryption.clone();
     }
 
     async fn start_session(&self, m: &mut Membership) -> Result<()> {
@@ -167,14 +171,20 @@ impl Daemon {
             config.managers.clone(),
             m.trusted.clone(),
         )?;
+        // Made once per membership and kept across restarts; `leave`
+        // removes it with the rest of the membership.
+        let encryption = Encryption::load_or_create(self.state_dir.root())?;
         let session = Session::spawn(
             self.state_dir.clone(),
             config.clone(),
             certs.clone(),
             identity.clone(),
             m.trusted.clone(),
-            managers.clone(),
-            self.events.clone(),
+            Links {
+                managers: managers.clone(),
+                events: self.events.clone(),
+                encryption: encryption.clone(),
+            },
         )?;
         let local_ip: std::net::Ipv4Addr = config
             .advertise_addr
@@ -199,6 +209,7 @@ impl Daemon {
             },
         ));
         m.managers = Some(managers.clone());
+        m.encryption = Some(encryption);
         *self.datapath.write().unwrap_or_else(|e| e.into_inner()) = Some(dp);
         *self
             .managers_link
@@ -313,6 +324,8 @@ impl Daemon {
             p.mask_len,
             p.data_path_port,
         )?;
+        let rotation_secs =
+            mesh_manager::control::cluster::key_rotation(p.encryption_key_rotation_secs)?;
         let cluster_id = id::new_id();
         let node_id = id::new_id();
         let ca = CertAuthority::generate(&cluster_id)?;
@@ -350,6 +363,7 @@ impl Daemon {
                 address_pools: settings.pools.clone(),
                 pool_mask_len: settings.mask_len,
                 data_path_port: settings.data_path_port,
+                encryption_key_rotation_secs: rotation_secs,
             };
             let node = mesh_manager::control::cluster::first_manager(Node {
                 id: node_id.clone(),

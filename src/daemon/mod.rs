@@ -36,6 +36,9 @@ struct Membership {
     /// Keeps the kernel in step with this node's view from the managers.
     agent: Option<mesh_worker::agent::AgentHandle>,
     managers: Option<mesh_worker::managers::Managers>,
+    /// The node's WireGuard key, shared by the session (heartbeats,
+    /// rotation) and the agent (the WireGuard device).
+    encryption: Option<Arc<mesh_worker::encryption::Encryption>>,
     /// The managers this node accepts as servers, shared by every client
     /// config of the membership and kept current by the session.
     trusted: mesh_common::tls::TrustedManagers,
@@ -53,6 +56,9 @@ pub struct Daemon {
     session_status: RwLock<Option<Arc<Mutex<SessionStatus>>>>,
     /// The agent's last faults for `mesh info`, readable without the lock.
     applied: RwLock<Option<Arc<mesh_worker::session::Applied>>>,
+    /// The node's WireGuard key and device state for `mesh info`,
+    /// readable without the lock.
+    encryption: RwLock<Option<Arc<mesh_worker::encryption::Encryption>>>,
     config: RwLock<Option<NodeConfig>>,
     /// Why this node is not in a cluster any more (e.g. it was removed).
     error: RwLock<String>,
@@ -108,6 +114,7 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
         manager: RwLock::new(None),
         session_status: RwLock::new(None),
         applied: RwLock::new(None),
+        encryption: RwLock::new(None),
         config: RwLock::new(None),
         error: RwLock::new(String::new()),
         events,

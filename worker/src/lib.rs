@@ -38,6 +38,7 @@ pub mod agent;
 pub mod dns;
 pub mod drivers;
 pub mod egress;
+pub mod encryption;
 pub mod firewall;
 pub mod ingress;
 pub mod link;

@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, watch};
 use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
+use crate::encryption::Encryption;
 use crate::managers::Managers;
 use crate::state_dir::{Certs, NodeConfig, StateDir};
 
@@ -54,6 +55,9 @@ pub struct SessionStatus {
     pub managers: Vec<mesh_proto::RemoteManager>,
     pub last_error: String,
     pub cert_not_after: Option<SystemTime>,
+    /// The cluster's key rotation interval as the last reply gave it
+    /// (0 = never).
+    pub encryption_key_rotation_secs: u64,
 }
 
 pub struct Session {
@@ -80,6 +84,9 @@ pub struct Session {
     /// The last node view applied to the kernel, reported to the managers
     /// with each heartbeat (set by the data-path agent).
     applied: Arc<Applied>,
+    /// The node's WireGuard key: its public half goes with each heartbeat,
+    /// and the replies say when to replace it.
+    encryption: Arc<Encryption>,
 }
 
 /// What the agent last applied; a change triggers a heartbeat at once, so
@@ -148,6 +155,15 @@ pub enum SessionError {
     Pki(#[from] pki::PkiError),
 }
 
+/// What the session hands on to the rest of the daemon: the managers it
+/// learns (for the node's other calls), events to act on, and the node's
+/// WireGuard key (sent with each heartbeat, rotated when asked).
+pub struct Links {
+    pub managers: Managers,
+    pub events: mpsc::Sender<SessionEvent>,
+    pub encryption: Arc<Encryption>,
+}
+
 impl Session {
     /// Starts the heartbeat loop. `identity` is the node's TLS identity, shared
     /// with its server (if a manager) so renewal updates both. `managers`
@@ -158,9 +174,13 @@ impl Session {
         certs: Certs,
         identity: ReloadableIdentity,
         trusted: TrustedManagers,
-        managers: Managers,
-        events: mpsc::Sender<SessionEvent>,
+        links: Links,
     ) -> Result<SessionHandle, SessionError> {
+        let Links {
+            managers,
+            events,
+            encryption,
+        } = links;
         let tls =
             tls::member_client_config(&certs.ca, identity.clone(), Arc::new(trusted.clone()))?;
         let status = Arc::new(Mutex::new(SessionStatus {
@@ -186,6 +206,7 @@ impl Session {
             status: status.clone(),
             events,
             applied: applied.clone(),
+            encryption,
         };
         let task = tokio::spawn(session.run(stop_rx));
         Ok(SessionHandle {
@@ -272,7 +293,9 @@ impl Session {
             applied_generation: self.applied.get().0,
             applied_hash: self.applied.get().1,
             datapath_errors: self.applied.faults(),
-            ..Default::default()
+            encryption_public_key: self.encryption.public_key_b64(),
+            encryption_key_rotations_done: self.encryption.rotations_done(),
+            encryption_peers: self.encryption.peers(),
         });
         req.set_timeout(CALL_TIMEOUT);
         let reply = ClusterClient::new(channel).heartbeat(req).await;
@@ -350,7 +373,9 @@ impl Session {
             st.leader_id = reply.leader_id.clone();
             st.managers = reply.managers.clone();
             st.last_error.clear();
+            st.encryption_key_rotation_secs = reply.encryption_key_rotation_secs;
         }
+        self.rotate_key_if_due(&reply);
         if reply.role != self.config.role {
             info!(
                 "the cluster says this node is now a {}; renewing its certificate",
@@ -369,6 +394,25 @@ impl Session {
             }
         }
         Beat::Ok
+    }
+
+    /// Replaces the WireGuard key when the managers asked for a rotation
+    /// this node has not acted on yet, or when the key is older than the
+    /// cluster's interval. The new public key goes with the next heartbeat.
+    fn rotate_key_if_due(&self, reply: &mesh_proto::HeartbeatResponse) {
+        let Some(done) = rotation_due(
+            self.encryption.rotations_done(),
+            reply.encryption_key_rotations,
+            self.encryption.older_than(
+                Duration::from_secs(reply.encryption_key_rotation_secs),
+                SystemTime::now(),
+            ),
+        ) else {
+            return;
+        };
+        if let Err(e) = self.encryption.rotate(done) {
+            warn!("cannot rotate the WireGuard key, will retry: {e}");
+        }
     }
 
     /// Takes the current managers and their keys from a manager this node
@@ -452,6 +496,12 @@ impl Session {
     }
 }
 
+/// The `rotations_done` to record if the key must be replaced now: the
+/// managers asked for more rotations than were done, or the key is too old.
+fn rotation_due(done: u64, asked: u64, too_old: bool) -> Option<u64> {
+    (asked > done || too_old).then_some(asked.max(done))
+}
+
 /// Reads [`MANAGERS_HEADER`]: `NODE_ID=KEY_FINGERPRINT,...`.
 fn parse_managers(text: &str) -> BTreeMap<String, String> {
     text.split(',')
@@ -472,5 +522,15 @@ mod tests {
         assert_eq!(m.get("a").map(String::as_str), Some("1"));
         assert_eq!(m.get("b").map(String::as_str), Some("2"));
         assert!(parse_managers("").is_empty());
+    }
+
+    #[test]
+    fn keys_rotate_when_asked_or_too_old_and_only_once_per_ask() {
+        assert_eq!(rotation_due(0, 0, false), None);
+        assert_eq!(rotation_due(0, 1, false), Some(1));
+        assert_eq!(rotation_due(1, 1, false), None, "already done");
+        assert_eq!(rotation_due(2, 1, false), None, "an older ask");
+        assert_eq!(rotation_due(2, 1, true), Some(2), "age keeps the count");
+        assert_eq!(rotation_due(1, 3, true), Some(3));
     }
 }

@@ -5,6 +5,7 @@
 //! certs/ca.pem       the cluster root CA (pinned at join)
 //! certs/node.pem     this node's certificate (renewed in place)
 //! certs/node.key     this node's private key; never leaves the node
+//! wireguard.json     the WireGuard static key pair (`crate::encryption`)
 //! raft/              the Raft store, managers only
 //! ```
 //!
@@ -173,12 +174,13 @@ impl StateDir {
         })
     }
 
-    /// Forgets the cluster: identity, certificates and Raft data. Keeps going
-    /// past failures and reports the first.
+    /// Forgets the cluster: identity, certificates, the WireGuard key and
+    /// Raft data. Keeps going past failures and reports the first.
     pub fn wipe_cluster(&self) -> Result<(), StateDirError> {
         let mut first = None;
         for (path, dir) in [
             (self.root.join("node.json"), false),
+            (self.root.join(crate::encryption::KEY_FILE), false),
             (self.certs_dir(), true),
             (self.raft_dir(), true),
         ] {
@@ -239,6 +241,7 @@ mod tests {
         assert_eq!(sd.load_config().expect("load"), Some(cfg));
         assert_eq!(sd.load_certs().expect("certs").key, "c");
         sd.instance_prefix().expect("instance");
+        let key = crate::encryption::Encryption::load_or_create(&dir).expect("key");
         let mode = |p: &str| {
             use std::os::unix::fs::PermissionsExt;
             fs::metadata(dir.join(p))
@@ -256,12 +259,23 @@ mod tests {
             "certs/ca.pem",
             "certs/node.pem",
             "certs/node.key",
+            crate::encryption::KEY_FILE,
         ] {
             assert_eq!(mode(p), 0o600, "{p}");
         }
         sd.wipe_cluster().expect("wipe");
         assert_eq!(sd.load_config().expect("load"), None);
         assert!(sd.load_certs().is_err());
+        assert!(
+            !dir.join(crate::encryption::KEY_FILE).exists(),
+            "leaving forgets the WireGuard key"
+        );
+        let fresh = crate::encryption::Encryption::load_or_create(&dir).expect("key");
+        assert_ne!(
+            fresh.public_key(),
+            key.public_key(),
+            "a new member, a new key"
+        );
         let _ = fs::remove_dir_all(&dir);
     }
 }

@@ -74,6 +74,20 @@ pub fn network_settings(
     })
 }
 
+/// The shortest `--encryption-key-rotation`: every rotation is a new
+/// handshake with every peer, so a shorter one buys nothing but churn.
+pub const MIN_KEY_ROTATION_SECS: u64 = 60;
+
+/// `--encryption-key-rotation` in seconds, checked (0 = never rotate).
+pub fn key_rotation(secs: u64) -> Result<u64, Refusal> {
+    if secs != 0 && secs < MIN_KEY_ROTATION_SECS {
+        return Err(Refusal::invalid(format!(
+            "--encryption-key-rotation {secs}s is too short: use at least 1m, or 0 for never"
+        )));
+    }
+    Ok(secs)
+}
+
 /// The node that initializes a cluster: its first manager, active, in
 /// state unknown until its first heartbeat. Identity fields (ID, Raft ID,
 /// addresses, certificate) are the caller's.
@@ -114,5 +128,14 @@ mod tests {
             network_settings(&["nope".into()], 0, 0)
                 .is_err_and(|e| e.contains("--default-addr-pool"))
         );
+    }
+
+    #[test]
+    fn key_rotation_is_never_or_at_least_a_minute() {
+        assert_eq!(key_rotation(0), Ok(0));
+        assert_eq!(key_rotation(60), Ok(60));
+        assert_eq!(key_rotation(43200), Ok(43200));
+        assert!(key_rotation(59).is_err_and(|e| e.contains("at least 1m")));
+        assert!(key_rotation(1).is_err());
     }
 }

@@ -22,11 +22,22 @@ pub fn driver_of(r: &NetworkCreateRequest) -> &str {
     DriverKind::requested(&r.driver)
 }
 
+/// `--opt encrypted` on a local driver: only overlays cross nodes, so only
+/// they can be carried in WireGuard.
+pub fn encrypted_needs_overlay(driver: &str) -> Refusal {
+    Refusal::invalid(format!(
+        "--opt encrypted needs -d overlay: a {driver} network never leaves this node, so there is nothing to encrypt"
+    ))
+}
+
 /// A cluster network request, checked, with Docker's option spellings
 /// folded into ours.
 pub fn spec_from(r: NetworkCreateRequest) -> Result<NetworkSpec, Refusal> {
     check_name(&r.name)?;
     if driver_of(&r) != DriverKind::Overlay.as_str() {
+        if r.options.contains_key("encrypted") {
+            return Err(encrypted_needs_overlay(driver_of(&r)));
+        }
         return Err(Refusal::invalid(format!(
             "{} is a local driver, not a cluster one",
             driver_of(&r)
@@ -35,12 +46,10 @@ pub fn spec_from(r: NetworkCreateRequest) -> Result<NetworkSpec, Refusal> {
     let mut options: BTreeMap<String, String> = BTreeMap::new();
     for (k, v) in r.options {
         match k.as_str() {
-            // Refused until the WireGuard data path carries it: a user who
-            // asks for encryption must never get clear text.
+            // Carried in WireGuard between nodes. Docker ignores the
+            // value and shows `"encrypted": ""`: so do we.
             "encrypted" => {
-                return Err(Refusal::invalid(
-                    "encrypted overlays are not built yet: traffic would cross nodes in clear text; create the network without --opt encrypted",
-                ));
+                options.insert(k, String::new());
             }
             // Kept under the name given, as `network inspect` shows it;
             // `dispatcher::network_mtu` reads either.
@@ -207,9 +216,20 @@ mod tests {
             "kept as given"
         );
         assert_eq!(crate::dispatcher::network_mtu(&spec), 1400);
+        for value in ["", "yes", "false"] {
+            let mut r = req("n");
+            r.options.insert("encrypted".into(), value.into());
+            let spec = spec_from(r).expect("encrypted overlays are accepted");
+            assert_eq!(
+                spec.options.get("encrypted").map(String::as_str),
+                Some(""),
+                "recorded as Docker shows it, whatever the value"
+            );
+        }
         let mut r = req("n");
+        r.driver = "bridge".into();
         r.options.insert("encrypted".into(), String::new());
-        assert!(spec_from(r).is_err_and(|e| e.contains("clear text")));
+        assert!(spec_from(r).is_err_and(|e| e.contains("needs -d overlay")));
         let mut r = req("n");
         r.options.insert("mtu".into(), "70000".into());
         assert!(spec_from(r).is_err());

@@ -46,7 +46,11 @@ fn leader(mgr: &Manager) -> Option<u64> {
 
 pub fn list(mgr: &Manager) -> mesh_proto::NodeList {
     let leader = leader(mgr);
-    let nodes = mgr.read(|s| s.nodes.values().map(|n| node_to_pb(n, leader)).collect());
+    let mut nodes: Vec<mesh_proto::Node> =
+        mgr.read(|s| s.nodes.values().map(|n| node_to_pb(n, leader)).collect());
+    for n in &mut nodes {
+        n.encryption_peers = mgr.encryption_peers(&n.id);
+    }
     mesh_proto::NodeList { nodes }
 }
 
@@ -123,18 +127,36 @@ pub async fn update(mgr: &Manager, r: NodeUpdateRequest) -> Result<mesh_proto::N
         };
         mgr.membership_call(req).await?;
     }
-    let cmd = Command::UpdateNode {
-        id: node.id.clone(),
-        availability,
-        role,
-        label_add: r.label_add.into_iter().collect(),
-        label_rm: r.label_rm,
-        at: now(),
-    };
+    let other_change = availability.is_some()
+        || role.is_some()
+        || !r.label_add.is_empty()
+        || !r.label_rm.is_empty();
+    let mut result = None;
+    if r.rotate_key {
+        // The node sees the new count in its next heartbeat reply and
+        // makes a new key pair; its new public key follows.
+        result = Some(
+            mgr.write(Command::RotateNodeKey {
+                id: node.id.clone(),
+            })
+            .await?,
+        );
+    }
+    if other_change || !r.rotate_key {
+        let cmd = Command::UpdateNode {
+            id: node.id.clone(),
+            availability,
+            role,
+            label_add: r.label_add.into_iter().collect(),
+            label_rm: r.label_rm,
+            at: now(),
+        };
+        result = Some(mgr.write(cmd).await?);
+    }
     // The write may have gone through another manager; read the result
     // from what it returned.
-    match mgr.write(cmd).await? {
-        CommandResult::Node(n) => Ok(node_to_pb(&n, leader(mgr))),
+    match result {
+        Some(CommandResult::Node(n)) => Ok(node_to_pb(&n, leader(mgr))),
         _ => Err(Status::internal("unexpected result")),
     }
 }

@@ -5,14 +5,15 @@ use super::*;
 
 impl Manager {
     /// Records a heartbeat and marks the node Ready again if it was not.
+    /// `node` is the caller as its certificate says, so a node only ever
+    /// reports (and sets the WireGuard key of) itself.
     pub async fn heartbeat(
         &self,
         node: &Node,
-        addr: &str,
+        r: &mesh_proto::HeartbeatRequest,
         peer: Option<IpAddr>,
-        digest: u64,
-        datapath_errors: &[String],
     ) -> Result<(), ManagerError> {
+        let (addr, digest) = (r.addr.as_str(), r.applied_hash);
         self.last_seen
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -33,7 +34,7 @@ impl Manager {
             })
             .await?;
         }
-        let errors = bounded_errors(datapath_errors);
+        let errors = bounded_errors(&r.datapath_errors);
         if node.datapath_errors != errors {
             self.write(Command::SetNodeErrors {
                 id: node.id.clone(),
@@ -41,7 +42,59 @@ impl Manager {
             })
             .await?;
         }
-        Ok(())
+        self.encryption_peers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(node.id.clone(), bounded_peers(&r.encryption_peers));
+        self.record_encryption_key(node, &r.encryption_public_key)
+            .await
+    }
+
+    /// Proposes the node's reported WireGuard key if it differs from the
+    /// record. A key the state machine would refuse (malformed, another
+    /// node's) is not proposed: it is logged, once per period, and the
+    /// node keeps its recorded key.
+    async fn record_encryption_key(&self, node: &Node, key: &str) -> Result<(), ManagerError> {
+        if key.is_empty() || node.encryption_public_key == key {
+            return Ok(());
+        }
+        if let Some(why) = self.read(|s| s.wireguard_key_refusal(&node.id, key)) {
+            let mut logged = self.key_refused.lock().unwrap_or_else(|e| e.into_inner());
+            if logged
+                .get(&node.id)
+                .is_none_or(|t| t.elapsed() >= ADDR_CHANGE_EVERY)
+            {
+                logged.insert(node.id.clone(), Instant::now());
+                warn!(node = %node.id, "WireGuard key refused: {why}");
+            }
+            return Ok(());
+        }
+        info!(node = %node.id, key, "node's WireGuard key changed");
+        match self
+            .write(Command::SetNodeEncryptionKey {
+                id: node.id.clone(),
+                public_key: key.to_string(),
+            })
+            .await
+        {
+            // Lost a race with another node's report: logged, not fatal.
+            Err(ManagerError::Refused(why)) => {
+                warn!(node = %node.id, "WireGuard key refused: {why}");
+                Ok(())
+            }
+            other => other.map(|_| ()),
+        }
+    }
+
+    /// Each node's WireGuard peers as its last heartbeat here reported
+    /// them.
+    pub fn encryption_peers(&self, node_id: &str) -> Vec<mesh_proto::EncryptionPeer> {
+        self.encryption_peers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(node_id)
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// The new underlay address a heartbeat may set, if any. A node may
@@ -239,9 +292,33 @@ fn bounded_errors(errors: &[String]) -> Vec<String> {
     errors
         .iter()
         .take(MAX_DATAPATH_ERRORS)
-        .map(|e| match e.char_indices().nth(MAX_DATAPATH_ERROR_LEN) {
-            Some((i, _)) => format!("{}…", &e[..i]),
-            None => e.clone(),
+        .map(|e| cut(e, MAX_DATAPATH_ERROR_LEN))
+        .collect()
+}
+
+fn cut(e: &str, len: usize) -> String {
+    match e.char_indices().nth(len) {
+        Some((i, _)) => format!("{}…", &e[..i]),
+        None => e.to_string(),
+    }
+}
+
+/// A node's peer report is kept in memory only, but still bounded: a
+/// member must not be able to grow a manager's memory by reporting.
+const MAX_ENCRYPTION_PEERS: usize = 1024;
+const MAX_PEER_FIELD_LEN: usize = 80;
+
+fn bounded_peers(peers: &[mesh_proto::EncryptionPeer]) -> Vec<mesh_proto::EncryptionPeer> {
+    peers
+        .iter()
+        .take(MAX_ENCRYPTION_PEERS)
+        .map(|p| mesh_proto::EncryptionPeer {
+            node_id: cut(&p.node_id, MAX_PEER_FIELD_LEN),
+            public_key: cut(&p.public_key, MAX_PEER_FIELD_LEN),
+            endpoint: cut(&p.endpoint, MAX_PEER_FIELD_LEN),
+            last_handshake: cut(&p.last_handshake, MAX_PEER_FIELD_LEN),
+            rx_bytes: p.rx_bytes,
+            tx_bytes: p.tx_bytes,
         })
         .collect()
 }
@@ -258,5 +335,21 @@ mod bounded_tests {
         let cut = bounded_errors(&long);
         assert_eq!(cut[0].chars().count(), MAX_DATAPATH_ERROR_LEN + 1);
         assert_eq!(bounded_errors(&["ok".to_string()]), ["ok"]);
+    }
+
+    #[test]
+    fn reported_peers_are_bounded() {
+        let p = mesh_proto::EncryptionPeer {
+            node_id: "n".repeat(500),
+            last_handshake: "2026-01-01T00:00:00Z".into(),
+            rx_bytes: 7,
+            ..Default::default()
+        };
+        let many = vec![p; MAX_ENCRYPTION_PEERS + 5];
+        let kept = bounded_peers(&many);
+        assert_eq!(kept.len(), MAX_ENCRYPTION_PEERS);
+        assert_eq!(kept[0].node_id.chars().count(), MAX_PEER_FIELD_LEN + 1);
+        assert_eq!(kept[0].last_handshake, "2026-01-01T00:00:00Z");
+        assert_eq!(kept[0].rx_bytes, 7);
     }
 }

@@ -102,6 +102,12 @@ pub struct Manager {
     /// when a refused change was last logged (so a flood logs once).
     addr_changed: Mutex<HashMap<String, Instant>>,
     addr_refused: Mutex<HashMap<String, Instant>>,
+    /// Per node, when a refused WireGuard key was last logged.
+    key_refused: Mutex<HashMap<String, Instant>>,
+    /// Each node's WireGuard peers as its last heartbeat to this manager
+    /// reported them (handshakes change every few minutes: not worth Raft);
+    /// `node inspect` shows them.
+    encryption_peers: Mutex<HashMap<String, Vec<mesh_proto::EncryptionPeer>>>,
     stop: watch::Sender<bool>,
 }
 
@@ -214,6 +220,8 @@ impl Manager {
             trusted: tls.trusted,
             addr_changed: Mutex::default(),
             addr_refused: Mutex::default(),
+            key_refused: Mutex::default(),
+            encryption_peers: Mutex::default(),
             stop,
         });
         tokio::spawn(liveness::monitor(

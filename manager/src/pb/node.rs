@@ -39,8 +39,9 @@ pub fn node_to_pb(n: &Node, leader: Option<u64>) -> mesh_proto::Node {
         tls_serial: n.cert_serial.clone(),
         tls_key_fingerprint: n.key_fingerprint.clone(),
         datapath_errors: n.datapath_errors.clone(),
-        encryption_public_key: String::new(),
-        encryption_key_rotations: 0,
+        encryption_public_key: n.encryption_public_key.clone(),
+        encryption_key_rotations: n.encryption_key_rotations,
+        // Not in the state: the caller adds what the node's heartbeats said.
         encryption_peers: Vec::new(),
     }
 }

@@ -46,6 +46,17 @@ pub enum Command {
         id: String,
         errors: Vec<String>,
     },
+    /// The node's WireGuard public key as its heartbeat reported it (sent
+    /// only on a change); refused unless it is 32 bytes of standard base64,
+    /// not all zero, and no other node's.
+    SetNodeEncryptionKey {
+        id: String,
+        public_key: String,
+    },
+    /// `node update --rotate-key`: the node makes a new key pair.
+    RotateNodeKey {
+        id: String,
+    },
     /// A renewed certificate, recorded before it is handed out; it must be
     /// for the key the node joined with.
     SetNodeCert {

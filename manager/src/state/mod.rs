@@ -93,6 +93,8 @@ impl ClusterState {
             | Command::RemoveNode { .. }
             | Command::SetNodeErrors { .. }
             | Command::SetNodeCert { .. }
+            | Command::SetNodeEncryptionKey { .. }
+            | Command::RotateNodeKey { .. }
             | Command::RotateToken { .. } => self.apply_node_command(index, cmd),
             Command::CreateNetwork { .. }
             | Command::RemoveNetwork { .. }

@@ -117,6 +117,29 @@ impl ClusterState {
                 node.datapath_errors = errors.clone();
                 CommandResult::Node(Box::new(node.clone()))
             }
+            Command::SetNodeEncryptionKey { id, public_key } => {
+                if let Some(why) = self.wireguard_key_refusal(id, public_key) {
+                    return CommandResult::Refused(why);
+                }
+                let Some(node) = self.nodes.get_mut(id) else {
+                    return CommandResult::Refused(Refusal::not_found(format!(
+                        "node {id} not found"
+                    )));
+                };
+                node.encryption_public_key = public_key.clone();
+                node.version = index;
+                CommandResult::Node(Box::new(node.clone()))
+            }
+            Command::RotateNodeKey { id } => {
+                let Some(node) = self.nodes.get_mut(id) else {
+                    return CommandResult::Refused(Refusal::not_found(format!(
+                        "node {id} not found"
+                    )));
+                };
+                node.encryption_key_rotations += 1;
+                node.version = index;
+                CommandResult::Node(Box::new(node.clone()))
+            }
             Command::RemoveNode { id } => {
                 if self.nodes.remove(id).is_none() {
                     return CommandResult::Refused(Refusal::not_found(format!(
@@ -170,6 +193,25 @@ impl ClusterState {
         }
     }
 
+    /// Why node `id` may not hold WireGuard key `public_key`, if it may
+    /// not: the key is malformed, or another node holds it (two nodes with
+    /// one key would get each other's traffic). The heartbeat handler asks
+    /// before proposing, so a bad report costs no log entry.
+    pub fn wireguard_key_refusal(&self, id: &str, public_key: &str) -> Option<Refusal> {
+        if let Err(why) = check_wireguard_key(public_key) {
+            return Some(Refusal::invalid(why));
+        }
+        self.nodes
+            .values()
+            .find(|n| n.id != id && n.encryption_public_key == public_key)
+            .map(|other| {
+                Refusal::already_exists(format!(
+                    "WireGuard key {public_key} is held by node {}: every node makes its own",
+                    short_id(&other.id)
+                ))
+            })
+    }
+
     /// Why `hostname` cannot be given to node `id`, if another current node
     /// has it: constraints such as `node.hostname==H` must not be captured
     /// by whoever holds a join token.
@@ -184,4 +226,21 @@ impl ClusterState {
                 )
             })
     }
+}
+
+/// Why a reported WireGuard public key is not one: it must be standard
+/// base64 (as `wg` prints keys) of exactly 32 bytes, and not all zero (the
+/// key of no one: every handshake with it would fail).
+fn check_wireguard_key(key: &str) -> Result<(), String> {
+    use base64::Engine;
+    let shown: String = key.chars().take(60).collect();
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(key)
+        .map_err(|_| format!("WireGuard key {shown:?} is not standard base64"))?;
+    let bytes = <[u8; 32]>::try_from(bytes)
+        .map_err(|b| format!("WireGuard key {shown:?} is {} bytes, not 32", b.len()))?;
+    if bytes == [0u8; 32] {
+        return Err("the all-zero WireGuard key is no node's key".into());
+    }
+    Ok(())
 }

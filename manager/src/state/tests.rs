@@ -59,6 +59,138 @@ fn data_path_errors_are_recorded_and_absent_while_empty() {
     assert!(matches!(s.apply(4, &gone), CommandResult::Refused(_)));
 }
 
+fn wg_key(i: u8) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode([i; 32])
+}
+
+fn set_key(id: &str, public_key: &str) -> Command {
+    Command::SetNodeEncryptionKey {
+        id: id.into(),
+        public_key: public_key.into(),
+    }
+}
+
+fn refusal(r: CommandResult) -> mesh_common::refusal::Refusal {
+    match r {
+        CommandResult::Refused(why) => why,
+        other => panic!("not refused: {other:?}"),
+    }
+}
+
+#[test]
+fn wireguard_keys_are_checked_and_unique() {
+    use mesh_common::refusal::RefusalKind;
+    let mut s = ClusterState::default();
+    init(&mut s);
+    s.apply(2, &Command::AddNode { node: node("w1") });
+    let CommandResult::Node(n) = s.apply(3, &set_key("w1", &wg_key(1))) else {
+        panic!("a good key is recorded")
+    };
+    assert_eq!(
+        (n.encryption_public_key.as_str(), n.version),
+        (wg_key(1).as_str(), 3)
+    );
+    let r = refusal(s.apply(4, &set_key("nosuch", &wg_key(2))));
+    assert_eq!(r.kind, RefusalKind::NotFound);
+    let r = refusal(s.apply(5, &set_key("m1", &wg_key(1))));
+    assert_eq!(r.kind, RefusalKind::AlreadyExists, "{r}");
+    assert!(r.contains("w1"), "{r}");
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    for bad in [
+        String::new(),
+        "not base64!".into(),
+        b64.encode([1u8; 31]),
+        b64.encode([1u8; 33]),
+        // URL-safe alphabet and missing padding are not what `wg` prints.
+        base64::engine::general_purpose::URL_SAFE.encode([0xfbu8; 32]),
+        b64.encode([1u8; 32]).trim_end_matches('=').to_string(),
+        b64.encode([0u8; 32]),
+    ] {
+        let r = refusal(s.apply(6, &set_key("m1", &bad)));
+        assert_eq!(r.kind, RefusalKind::InvalidArgument, "{bad:?}: {r}");
+    }
+    assert!(
+        s.nodes["m1"].encryption_public_key.is_empty(),
+        "nothing half-made"
+    );
+    // A node may report its own key again, and replace it.
+    assert!(matches!(
+        s.apply(7, &set_key("w1", &wg_key(1))),
+        CommandResult::Node(_)
+    ));
+    assert!(matches!(
+        s.apply(8, &set_key("w1", &wg_key(3))),
+        CommandResult::Node(_)
+    ));
+    // The key it gave up may go to another node.
+    assert!(matches!(
+        s.apply(9, &set_key("m1", &wg_key(1))),
+        CommandResult::Node(_)
+    ));
+    // A removed node's key is free again, and the node stays out.
+    s.apply(10, &Command::RemoveNode { id: "w1".into() });
+    assert_eq!(
+        refusal(s.apply(11, &set_key("w1", &wg_key(5)))).kind,
+        RefusalKind::NotFound
+    );
+}
+
+#[test]
+fn key_rotations_count_per_node() {
+    let mut s = ClusterState::default();
+    init(&mut s);
+    s.apply(2, &Command::AddNode { node: node("w1") });
+    for i in 0..3 {
+        let CommandResult::Node(n) = s.apply(3 + i, &Command::RotateNodeKey { id: "w1".into() })
+        else {
+            panic!("rotation refused")
+        };
+        assert_eq!(n.encryption_key_rotations, i + 1);
+        assert_eq!(n.version, 3 + i);
+    }
+    assert_eq!(s.nodes["m1"].encryption_key_rotations, 0, "only that node");
+    assert!(matches!(
+        s.apply(
+            9,
+            &Command::RotateNodeKey {
+                id: "nosuch".into()
+            }
+        ),
+        CommandResult::Refused(_)
+    ));
+}
+
+#[test]
+fn encryption_fields_are_absent_until_set_and_old_states_load() {
+    let mut s = ClusterState::default();
+    init(&mut s);
+    let plain = serde_json::to_value(&s.nodes["m1"]).expect("json");
+    assert!(plain.get("encryption_public_key").is_none(), "{plain}");
+    assert!(plain.get("encryption_key_rotations").is_none(), "{plain}");
+    let cluster = serde_json::to_value(s.cluster.as_ref().expect("cluster")).expect("json");
+    assert!(
+        cluster.get("encryption_key_rotation_secs").is_none(),
+        "{cluster}"
+    );
+    let old: Node = serde_json::from_value(plain).expect("old node loads");
+    assert!(old.encryption_public_key.is_empty());
+    assert_eq!(old.encryption_key_rotations, 0);
+    s.apply(2, &set_key("m1", &wg_key(4)));
+    s.apply(3, &Command::RotateNodeKey { id: "m1".into() });
+    let v = serde_json::to_value(&s.nodes["m1"]).expect("json");
+    assert_eq!(v["encryption_public_key"], wg_key(4));
+    assert_eq!(v["encryption_key_rotations"], 1);
+    let back: Node = serde_json::from_value(v).expect("reads back");
+    assert_eq!(back, s.nodes["m1"]);
+    let mut c = s.cluster.clone().expect("cluster");
+    c.encryption_key_rotation_secs = 3600;
+    let v = serde_json::to_value(&c).expect("json");
+    assert_eq!(v["encryption_key_rotation_secs"], 3600);
+    assert_eq!(serde_json::from_value::<ClusterInfo>(v).expect("back"), c);
+}
+
 #[test]
 fn init_only_once() {
     let mut s = ClusterState::default();
@@ -432,6 +564,9 @@ fn old_json_round_trips_through_the_typed_model() {
     );
     same::<Command>(
         r#"{"UpdateNode":{"id":"n","availability":"pause","role":null,"label_add":{},"label_rm":[],"at":"t"}}"#,
+    );
+    same::<ClusterInfo>(
+        r#"{"id":"c","created_at":"t","ca_cert_pem":"p","ca_key_pem":"k","worker_token":"w","manager_token":"m","cert_expiry_secs":7776000,"address_pools":["10.0.0.0/8"],"pool_mask_len":24,"data_path_port":4789}"#,
     );
     same::<Command>(
         r#"{"ReportTasks":{"node_id":"n","reports":[{"task_id":"t","state":"complete","message":"finished","error":"","exit_code":0}],"at":"t"}}"#,

@@ -31,6 +31,15 @@ pub struct ClusterInfo {
     /// UDP port of VXLAN traffic (`--data-path-port`).
     #[serde(default)]
     pub data_path_port: u16,
+    /// How often every node replaces its WireGuard key
+    /// (`--encryption-key-rotation`); 0 = never. Left out while 0, so a
+    /// cluster without it is written as before.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub encryption_key_rotation_secs: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// What a user asks for in `mesh network create`. Addresses are kept as the
@@ -133,6 +142,14 @@ pub struct Node {
     /// without faults is written as before.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub datapath_errors: Vec<String>,
+    /// The node's WireGuard static public key (standard base64), as its
+    /// heartbeat reported it and `apply` checked it; left out while empty.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub encryption_public_key: String,
+    /// How many key rotations were asked for this node
+    /// (`node update --rotate-key`); left out while 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub encryption_key_rotations: u64,
 }
 
 /// A short node ID for messages, as Docker shortens IDs.
