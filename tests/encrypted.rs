@@ -177,9 +177,11 @@ fn enc_info(lab: &Lab, node: &str) -> Result<EncInfo> {
 fn inspected_key(lab: &Lab, via: &str, node: &str) -> Result<String> {
     let out = lab.mesh_ok(via, &["node", "inspect", node])?;
     let v: Value = serde_json::from_str(&out).with_context(|| format!("node inspect: {out}"))?;
-    Ok(text(
-        find(&v, "encryptionpublickey").or_else(|| find(&v, "publickey")),
-    ))
+    Ok(text(find(&v, "encryptionpublickey").or_else(|| {
+        find(&v, "encryption")
+            .filter(|e| e.is_object())
+            .and_then(|e| get(e, "publickey"))
+    })))
 }
 
 // ---- tcpdump on the underlay ---------------------------------------------
