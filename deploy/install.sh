@@ -5,8 +5,9 @@ set -euo pipefail
 
 # Run-time: iproute2 (ip), nftables (nft), util-linux (nsenter, unshare),
 # procps (ps, sysctl). Test tools: ping, dig, iperf3, curl, tcpdump, python3,
-# dnsmasq-base (an upstream DNS server in DNS tests; no service), dnsperf.
-packages=(iproute2 nftables iputils-ping dnsutils iperf3 curl tcpdump util-linux procps python3 dnsmasq-base dnsperf)
+# dnsmasq-base (an upstream DNS server in DNS tests; no service), dnsperf,
+# wireguard-tools (`wg`: configures stock boringtun-cli in the encrypted bench).
+packages=(iproute2 nftables iputils-ping dnsutils iperf3 curl tcpdump util-linux procps python3 dnsmasq-base dnsperf wireguard-tools)
 
 if [[ $(id -u) -ne 0 ]]; then
     echo "install.sh: run as root (it installs Debian packages with apt-get)" >&2

@@ -37,6 +37,9 @@ use crate::teardown::teardown;
 /// Port managers listen on for joins, as in Swarm.
 pub const CLUSTER_PORT: u16 = 2377;
 
+/// nftables table (in a node's namespace) of [`Lab::cut_control`].
+const CONTROL_CUT_TABLE: &str = "mesh_lab_cut";
+
 /// Name of the underlay bridge inside the underlay namespace.
 pub const UNDERLAY_BRIDGE: &str = "br0";
 
@@ -594,6 +597,43 @@ impl Lab {
     /// Restores `node`'s underlay link.
     pub fn heal(&mut self, node: &str) -> Result<()> {
         self.set_link(node, true)
+    }
+
+    /// Cuts only `node`'s control plane: an nftables table of the lab's own
+    /// in the node's namespace drops TCP to and from the cluster port, so the
+    /// node loses its managers (or they lose it) while its data path (VXLAN,
+    /// WireGuard) keeps running on the last view it had. The table goes with
+    /// the namespace at teardown.
+    pub fn cut_control(&self, node: &str) -> Result<()> {
+        let n = self.node(node)?;
+        let (netns, name) = (n.netns.clone(), n.name.clone());
+        let p = CLUSTER_PORT;
+        let rules = format!(
+            "table inet {CONTROL_CUT_TABLE} {{\n\
+             chain input {{ type filter hook input priority -300; tcp dport {p} drop; tcp sport {p} drop; }}\n\
+             chain output {{ type filter hook output priority -300; tcp dport {p} drop; tcp sport {p} drop; }}\n\
+             }}\n"
+        );
+        let path = self.dir.join(format!("{name}-cut-control.nft"));
+        fs::write(&path, rules)
+            .map_err(|e| LabError::io(format!("writing {}", path.display()), e))?;
+        let path = path.to_string_lossy().into_owned();
+        sys::ip(&["netns", "exec", netns.as_str(), "nft", "-f", path.as_str()])
+    }
+
+    /// Undoes [`Lab::cut_control`].
+    pub fn heal_control(&self, node: &str) -> Result<()> {
+        let netns = self.node(node)?.netns.clone();
+        sys::ip(&[
+            "netns",
+            "exec",
+            netns.as_str(),
+            "nft",
+            "delete",
+            "table",
+            "inet",
+            CONTROL_CUT_TABLE,
+        ])
     }
 
     /// Tears the lab down now, reporting every problem.
