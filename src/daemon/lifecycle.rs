@@ -203,6 +203,7 @@ impl Daemon {
             dp.clone(),
             self.sandboxes.clone(),
             session.applied.clone(),
+            encryption.clone(),
             mesh_worker::agent::NodeIds {
                 node_id: config.node_id.clone(),
                 hostname: hostname(),
@@ -291,6 +292,21 @@ impl Daemon {
             && let Err(e) = tokio::task::block_in_place(|| mesh_worker::ingress::remove(&dp.node()))
         {
             warn!("removing the routing mesh: {e}");
+        }
+        // The agent has stopped the WireGuard device; its namespace (and
+        // with it any encrypted VXLAN's socket) goes too.
+        let prefix = self
+            .datapath
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|dp| dp.prefix.clone());
+        if let Some(prefix) = prefix
+            && let Err(e) =
+                mesh_worker::netns::delete_async(&mesh_worker::overlay::tunnel_ns_name(&prefix))
+                    .await
+        {
+            warn!("removing the tunnel namespace: {e}");
         }
         *self.datapath.write().unwrap_or_else(|e| e.into_inner()) = None;
         *self

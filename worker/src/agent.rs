@@ -20,6 +20,8 @@ use tracing::{debug, info, warn};
 use mesh_common::model::DriverKind;
 
 use crate::drivers::{self, Desired, Egress, Fault, Repair};
+use crate::encryption::Encryption;
+use crate::tunnel::Tunnel;
 use crate::managers::Managers;
 use crate::sandboxes::{DataPath, Record, Sandboxes};
 
@@ -49,6 +51,7 @@ pub fn spawn(
     dp: DataPath,
     sandboxes: Arc<Sandboxes>,
     applied: Arc<crate::session::Applied>,
+    encryption: Arc<Encryption>,
     me: NodeIds,
 ) -> AgentHandle {
     let (stop, stop_rx) = watch::channel(false);
@@ -64,7 +67,7 @@ pub fn spawn(
         stop_rx.clone(),
     ));
     let task = tokio::spawn(async move {
-        reconcile_loop(dp, sandboxes, applied, view_rx, stop_rx).await;
+        reconcile_loop(dp, sandboxes, applied, encryption, view_rx, stop_rx).await;
         follow.abort();
         let _ = tasks.await;
         let _ = logs.await;
@@ -137,13 +140,21 @@ async fn reconcile_loop(
     dp: DataPath,
     sandboxes: Arc<Sandboxes>,
     applied: Arc<crate::session::Applied>,
+    encryption: Arc<Encryption>,
     mut views: watch::Receiver<Option<NodeView>>,
     mut stop: watch::Receiver<bool>,
 ) {
+    // The WireGuard device lives as long as this loop: leaving the cluster
+    // stops the agent and so the device.
+    let mut tunnel = Tunnel::default();
+    let mut rotations = encryption.subscribe();
     loop {
         let view = views.borrow_and_update().clone();
         if let Some(view) = view {
-            let pass = reconcile(&dp, &sandboxes, &view).await;
+            let key = encryption.private_key();
+            let pass = reconcile(&dp, &sandboxes, &view, &mut tunnel, key).await;
+            let (datapath, port, peers) = tunnel.status().unwrap_or_default();
+            encryption.set_status(datapath, port, peers);
             if pass.repairs > 0 {
                 info!(
                     generation = view.generation,
@@ -169,6 +180,8 @@ async fn reconcile_loop(
         }
         tokio::select! {
             _ = views.changed() => {}
+            // A new key pair goes into the device at once.
+            _ = rotations.changed() => {}
             _ = tokio::time::sleep(RESYNC_EVERY) => {}
             _ = stop.changed() => {
                 // Out of the cluster, nothing is being reconciled.
@@ -197,10 +210,16 @@ impl Pass {
     }
 }
 
-/// One pass over every part of the data path: each driver, egress, the
-/// service VIP tables and the DNS listeners. A failure in one network or
-/// sandbox is recorded and the pass goes on with the rest.
-pub async fn reconcile(dp: &DataPath, sandboxes: &Sandboxes, view: &NodeView) -> Pass {
+/// One pass over every part of the data path: the WireGuard device, each
+/// driver, egress, the service VIP tables and the DNS listeners. A failure
+/// in one network or sandbox is recorded and the pass goes on with the rest.
+pub async fn reconcile(
+    dp: &DataPath,
+    sandboxes: &Sandboxes,
+    view: &NodeView,
+    tunnel: &mut Tunnel,
+    key: [u8; 32],
+) -> Pass {
     let _kernel = dp.kernel.lock().await;
     let dp = DataPath {
         port: u16::try_from(view.data_path_port).unwrap_or(dp.port),
@@ -218,6 +237,9 @@ pub async fn reconcile(dp: &DataPath, sandboxes: &Sandboxes, view: &NodeView) ->
     };
     let cx = sandboxes.ctx(&dp);
     let mut pass = Pass::default();
+    // Before the overlays: an encrypted network's VXLAN is made in the
+    // device's namespace.
+    pass.add(tunnel.repair(&dp, view, key));
     for driver in drivers::all() {
         let r = driver.repair(&cx, &want).await;
         if driver.kind() == DriverKind::Overlay {

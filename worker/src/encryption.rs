@@ -127,7 +127,7 @@ impl Encryption {
 
     /// Standard base64, as `wg` prints keys.
     pub fn public_key_b64(&self) -> String {
-        STANDARD.encode(self.public_key())
+        encode_key(&self.public_key())
     }
 
     pub fn created_at(&self) -> SystemTime {
@@ -178,7 +178,7 @@ impl Encryption {
     pub fn info(&self) -> mesh_proto::EncryptionInfo {
         let (public, created_at) = {
             let k = self.keys();
-            (STANDARD.encode(k.public), k.created_at)
+            (encode_key(&k.public), k.created_at)
         };
         let st = self.status();
         mesh_proto::EncryptionInfo {
@@ -259,6 +259,11 @@ fn save(path: &Path, keys: &Keys) -> Result<(), EncryptionError> {
 }
 
 /// A key as `wg` prints it: standard base64 of exactly 32 bytes.
+/// A key as `wg` prints it (standard base64).
+pub fn encode_key(key: &[u8; 32]) -> String {
+    STANDARD.encode(key)
+}
+
 pub fn parse_public_key(b64: &str) -> Result<[u8; 32], EncryptionError> {
     STANDARD
         .decode(b64)
@@ -267,7 +272,7 @@ pub fn parse_public_key(b64: &str) -> Result<[u8; 32], EncryptionError> {
         .ok_or_else(|| EncryptionError::BadKey(b64.chars().take(60).collect()))
 }
 
-fn rfc3339(t: SystemTime) -> String {
+pub(crate) fn rfc3339(t: SystemTime) -> String {
     time::OffsetDateTime::from(t)
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()

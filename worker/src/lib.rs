@@ -59,6 +59,7 @@ pub mod state_dir;
 pub mod task_logs;
 pub mod task_plan;
 pub mod tasks;
+pub mod tunnel;
 mod veth;
 pub mod vip;
 pub mod wg;

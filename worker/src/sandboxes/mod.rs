@@ -28,7 +28,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-pub use datapath::{DataPath, overlay_mtu_for};
+pub use datapath::{DataPath, WIREGUARD_OVERHEAD, overlay_mtu_for};
 pub use record::{Attachment, Record, RunSpec, check_id};
 
 use crate::drivers::{self, Ctx};

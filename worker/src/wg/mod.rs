@@ -136,9 +136,6 @@ pub enum WgError {
     Stopped(String),
 }
 
-/// The namespace holding a node's TAP and encrypted VXLAN sockets.
-pub fn namespace_name(prefix: &str) -> String {
-    format!("{prefix}-wg")
-}
+pub use crate::overlay::tunnel_ns_name as namespace_name;
 
 pub use engine::Device;
