@@ -208,12 +208,10 @@ pub async fn rm(host: &str, force: bool, names: Vec<String>) -> Result<ExitCode>
 
 /// The host side of a binding as Docker prints it: `0.0.0.0:8080`.
 fn host_side(p: &PortBinding) -> String {
-    let ip = if p.host_ip.is_empty() {
-        "0.0.0.0"
-    } else {
-        &p.host_ip
-    };
-    format!("{ip}:{}", p.host_port)
+    mesh_common::ports::host_side(
+        p.host_ip.parse().ok(),
+        u16::try_from(p.host_port).unwrap_or(0),
+    )
 }
 
 /// `mesh port NAME [PORT[/PROTO]]`, as `docker port`.
@@ -221,12 +219,8 @@ pub async fn port(host: &str, name: &str, which: Option<String>) -> Result<ExitC
     let filter = match &which {
         None => None,
         Some(w) => {
-            let (p, proto) = w.split_once('/').unwrap_or((w, "tcp"));
-            let p = mesh_common::ports::parse_port(w, p)?;
-            let proto: mesh_common::model::Protocol = proto
-                .to_ascii_lowercase()
-                .parse()
-                .map_err(|_| anyhow::anyhow!("unknown protocol {proto:?}: expected tcp or udp"))?;
+            let (p, proto) = mesh_common::ports::parse_port_ref(w)?;
+            let proto = proto.unwrap_or_default();
             Some((p, proto.to_string()))
         }
     };
