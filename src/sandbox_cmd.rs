@@ -154,17 +154,21 @@ pub async fn ps(host: &str, all: bool, format: Option<String>, quiet: bool) -> R
     Ok(ExitCode::SUCCESS)
 }
 
+/// One sandbox as its daemon shows it.
+async fn inspect_one(host: &str, name: &str) -> Result<Sandbox> {
+    let mut c = connect(host).await?;
+    Ok(c.sandbox_inspect(SandboxRef {
+        sandbox: name.to_string(),
+    })
+    .await
+    .map_err(status)?
+    .into_inner())
+}
+
 /// Joins the sandbox's namespaces in a child and runs CMD there with this
 /// terminal's stdio (the CLI runs on the same machine as its daemon).
 pub async fn exec(host: &str, name: &str, cmd: Vec<String>) -> Result<ExitCode> {
-    let mut c = connect(host).await?;
-    let sb = c
-        .sandbox_inspect(SandboxRef {
-            sandbox: name.to_string(),
-        })
-        .await
-        .map_err(status)?
-        .into_inner();
+    let sb = inspect_one(host, name).await?;
     if sb.state != "running" {
         bail!(
             "sandbox {} is not running (exited with {}); start a new one with `mesh run`",
@@ -224,14 +228,7 @@ pub async fn port(host: &str, name: &str, which: Option<String>) -> Result<ExitC
             Some((p, proto.to_string()))
         }
     };
-    let mut c = connect(host).await?;
-    let sb = c
-        .sandbox_inspect(SandboxRef {
-            sandbox: name.to_string(),
-        })
-        .await
-        .map_err(status)?
-        .into_inner();
+    let sb = inspect_one(host, name).await?;
     match filter {
         None => {
             for p in &sb.ports {

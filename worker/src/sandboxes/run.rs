@@ -439,6 +439,67 @@ mod tests {
 
     use super::*;
 
+    fn rec(drivers: &[(DriverKind, bool)], service: bool) -> Record {
+        let networks = drivers
+            .iter()
+            .map(|(driver, internal)| super::super::Attachment {
+                network: "n".into(),
+                network_id: "n".into(),
+                endpoint_id: "e".into(),
+                ifname: "eth0".into(),
+                ip: Ipv4Addr::new(10, 0, 0, 2),
+                prefix: 24,
+                mac: String::new(),
+                gateway: Ipv4Addr::new(10, 0, 0, 1),
+                vni: 0,
+                mtu: 1450,
+                internal: *internal,
+                driver: *driver,
+                parent: None,
+                default_route: false,
+            })
+            .collect();
+        Record {
+            id: "i".into(),
+            name: "s".into(),
+            netns: "ns".into(),
+            pid: 0,
+            cmd: Vec::new(),
+            env: Vec::new(),
+            networks,
+            egress_ip: None,
+            created_at: String::new(),
+            exit_code: None,
+            host_network: false,
+            service: service.then(|| "svc".into()),
+            ports: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn egress_for_overlay_only_sandboxes_and_network_less_tasks() {
+        use DriverKind::{Bridge, Overlay};
+        assert!(gets_egress(&rec(&[(Overlay, false)], false), false));
+        assert!(gets_egress(
+            &rec(&[(Overlay, true), (Overlay, false)], false),
+            false
+        ));
+        assert!(!gets_egress(&rec(&[(Overlay, true)], false), false));
+        assert!(!gets_egress(
+            &rec(&[(Overlay, false), (Bridge, false)], false),
+            false
+        ));
+        assert!(!gets_egress(&rec(&[(Overlay, false)], false), true), "none");
+        assert!(
+            gets_egress(&rec(&[], true), false),
+            "a task without networks"
+        );
+        assert!(!gets_egress(&rec(&[], false), false));
+        let mut host = rec(&[], true);
+        host.host_network = true;
+        assert!(!gets_egress(&host, false));
+    }
+
     #[test]
     fn a_port_is_claimed_once_until_released() {
         let root = std::env::temp_dir().join(format!("mesh-sbp-{}", std::process::id()));
