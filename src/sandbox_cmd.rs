@@ -154,17 +154,21 @@ pub async fn ps(host: &str, all: bool, format: Option<String>, quiet: bool) -> R
     Ok(ExitCode::SUCCESS)
 }
 
+/// One sandbox as its daemon shows it.
+async fn inspect_one(host: &str, name: &str) -> Result<Sandbox> {
+    let mut c = connect(host).await?;
+    Ok(c.sandbox_inspect(SandboxRef {
+        sandbox: name.to_string(),
+    })
+    .await
+    .map_err(status)?
+    .into_inner())
+}
+
 /// Joins the sandbox's namespaces in a child and runs CMD there with this
 /// terminal's stdio (the CLI runs on the same machine as its daemon).
 pub async fn exec(host: &str, name: &str, cmd: Vec<String>) -> Result<ExitCode> {
-    let mut c = connect(host).await?;
-    let sb = c
-        .sandbox_inspect(SandboxRef {
-            sandbox: name.to_string(),
-        })
-        .await
-        .map_err(status)?
-        .into_inner();
+    let sb = inspect_one(host, name).await?;
     if sb.state != "running" {
         bail!(
             "sandbox {} is not running (exited with {}); start a new one with `mesh run`",
@@ -208,12 +212,10 @@ pub async fn rm(host: &str, force: bool, names: Vec<String>) -> Result<ExitCode>
 
 /// The host side of a binding as Docker prints it: `0.0.0.0:8080`.
 fn host_side(p: &PortBinding) -> String {
-    let ip = if p.host_ip.is_empty() {
-        "0.0.0.0"
-    } else {
-        &p.host_ip
-    };
-    format!("{ip}:{}", p.host_port)
+    mesh_common::ports::host_side(
+        p.host_ip.parse().ok(),
+        u16::try_from(p.host_port).unwrap_or(0),
+    )
 }
 
 /// `mesh port NAME [PORT[/PROTO]]`, as `docker port`.
@@ -221,23 +223,12 @@ pub async fn port(host: &str, name: &str, which: Option<String>) -> Result<ExitC
     let filter = match &which {
         None => None,
         Some(w) => {
-            let (p, proto) = w.split_once('/').unwrap_or((w, "tcp"));
-            let p = mesh_common::ports::parse_port(w, p)?;
-            let proto: mesh_common::model::Protocol = proto
-                .to_ascii_lowercase()
-                .parse()
-                .map_err(|_| anyhow::anyhow!("unknown protocol {proto:?}: expected tcp or udp"))?;
+            let (p, proto) = mesh_common::ports::parse_port_ref(w)?;
+            let proto = proto.unwrap_or_default();
             Some((p, proto.to_string()))
         }
     };
-    let mut c = connect(host).await?;
-    let sb = c
-        .sandbox_inspect(SandboxRef {
-            sandbox: name.to_string(),
-        })
-        .await
-        .map_err(status)?
-        .into_inner();
+    let sb = inspect_one(host, name).await?;
     match filter {
         None => {
             for p in &sb.ports {

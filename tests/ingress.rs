@@ -126,6 +126,36 @@ fn create(lab: &Lab, name: &str, flags: &[&str], port: u16, udp: bool) -> Result
     Ok(())
 }
 
+/// Waits up to 20 s for host1's first answers from `url` (`n` requests a
+/// try): running means started, so the servers and the rules get a
+/// bounded while.
+fn host1_answers(lab: &Lab, what: &str, url: &str, n: usize) -> Result<Vec<Answer>> {
+    let (answers, _) = wait_for(what, Duration::from_secs(20), || {
+        let (a, _) = curl_many(lab, "host1", url, n).ok()?;
+        (!a.is_empty()).then_some(a)
+    })?;
+    Ok(answers)
+}
+
+/// `http://NODE_IP:PORT/`
+fn node_url(lab: &Lab, node: &str, port: u16) -> Result<String> {
+    Ok(format!("http://{}:{port}/", lab.node(node)?.ip))
+}
+
+/// `network create --driver overlay --ingress` with `more` arguments.
+fn create_ingress_args<'a>(more: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["network", "create", "--driver", "overlay", "--ingress"];
+    args.extend(more);
+    args
+}
+
+/// `mesh run -d --name NAME -p 8090:80` of the test server.
+fn run_on_8090_args(name: &str) -> [&str; 10] {
+    [
+        "run", "-d", "--name", name, "-p", "8090:80", "--", "python3", SERVER, "80",
+    ]
+}
+
 /// Asks through `node`'s address from host1 until every task in `want`
 /// answered; every answer must come from one of them and carry host1's
 /// address as the peer (the client address kept through the mesh).
@@ -279,15 +309,11 @@ fn routing_mesh_udp_host_mode_and_a_dead_node() -> Result<()> {
     );
     let want: BTreeSet<String> = tasks.keys().cloned().collect();
     step("the routing mesh from host1");
-    // Running means started: give the servers and the rules a bounded while.
-    wait_for(
+    host1_answers(
+        &lab,
         "web to answer through node3 from host1",
-        Duration::from_secs(20),
-        || {
-            let ip = lab.node("node3").ok()?.ip.to_string();
-            let (a, _) = curl_many(&lab, "host1", &format!("http://{ip}:8080/"), 1).ok()?;
-            (!a.is_empty()).then_some(())
-        },
+        &node_url(&lab, "node3", 8080)?,
+        1,
     )
     .context("the published port 8080 never answered through node3 (a node with no task)")?;
     for node in ["node1", "node2", "node3"] {
@@ -359,14 +385,7 @@ fn routing_mesh_udp_host_mode_and_a_dead_node() -> Result<()> {
             .map(|(t, _)| t)
             .collect();
         if let Some(task) = here.first() {
-            let (answers, _) = wait_for(
-                &format!("host-mode port {url} to answer"),
-                Duration::from_secs(20),
-                || {
-                    let (a, _) = curl_many(&lab, "host1", &url, 3).ok()?;
-                    (!a.is_empty()).then_some(a)
-                },
-            )?;
+            let answers = host1_answers(&lab, &format!("host-mode port {url} to answer"), &url, 3)?;
             for a in answers {
                 ensure!(
                     &a.task == *task && a.peer == client,
@@ -437,14 +456,11 @@ fn restart_custom_ingress_and_standalone_ports() -> Result<()> {
         false,
     )?;
     let want: BTreeSet<String> = converged(&lab, "web", 3)?.keys().cloned().collect();
-    wait_for(
+    host1_answers(
+        &lab,
         "web to answer through node1 from host1",
-        Duration::from_secs(20),
-        || {
-            let ip = lab.node("node1").ok()?.ip.to_string();
-            let (a, _) = curl_many(&lab, "host1", &format!("http://{ip}:8080/"), 1).ok()?;
-            (!a.is_empty()).then_some(())
-        },
+        &node_url(&lab, "node1", 8080)?,
+        1,
     )?;
     // Let every node finish applying before the snapshot.
     wait_for(
@@ -510,25 +526,12 @@ fn restart_custom_ingress_and_standalone_ports() -> Result<()> {
     refused(
         &lab,
         "node1",
-        &[
-            "network",
-            "create",
-            "--driver",
-            "overlay",
-            "--ingress",
-            "--attachable",
-            "bad-ingress",
-        ],
+        &create_ingress_args(&["--attachable", "bad-ingress"]),
         "attachable",
     )?;
     lab.mesh_ok(
         "node1",
-        &[
-            "network",
-            "create",
-            "--driver",
-            "overlay",
-            "--ingress",
+        &create_ingress_args(&[
             "--subnet",
             "10.11.0.0/16",
             "--gateway",
@@ -536,32 +539,22 @@ fn restart_custom_ingress_and_standalone_ports() -> Result<()> {
             "--opt",
             "com.docker.network.driver.mtu=1200",
             "my-ingress",
-        ],
+        ]),
     )?;
     refused(
         &lab,
         "node1",
-        &[
-            "network",
-            "create",
-            "--driver",
-            "overlay",
-            "--ingress",
-            "second",
-        ],
+        &create_ingress_args(&["second"]),
         "ingress network already exists",
     )?;
     create(&lab, "w2", &["--replicas", "2", "-p", "8080:80"], 80, false)?;
     let w2 = converged(&lab, "w2", 2)?;
     let want2: BTreeSet<String> = w2.keys().cloned().collect();
-    wait_for(
+    host1_answers(
+        &lab,
         "w2 to answer through my-ingress from host1",
-        Duration::from_secs(20),
-        || {
-            let ip = lab.node("node1").ok()?.ip.to_string();
-            let (a, _) = curl_many(&lab, "host1", &format!("http://{ip}:8080/"), 1).ok()?;
-            (!a.is_empty()).then_some(())
-        },
+        &node_url(&lab, "node1", 8080)?,
+        1,
     )?;
     for node in ["node1", "node2", "node3"] {
         reaches_all(&lab, node, 8080, &want2)?;
@@ -589,20 +582,12 @@ fn restart_custom_ingress_and_standalone_ports() -> Result<()> {
     step("mesh run -p");
     // `mesh run -p` on a bridge: published from other hosts and the node's
     // loopback; a second sandbox on the same port is refused and leaves nothing.
-    lab.mesh_ok(
-        "node2",
-        &[
-            "run", "-d", "--name", "s1", "-p", "8090:80", "--", "python3", SERVER, "80",
-        ],
-    )?;
-    let ip2 = lab.node("node2")?.ip.to_string();
-    let (answers, _) = wait_for(
+    lab.mesh_ok("node2", &run_on_8090_args("s1"))?;
+    let answers = host1_answers(
+        &lab,
         "s1 to answer on node2:8090 from host1",
-        Duration::from_secs(20),
-        || {
-            let (a, _) = curl_many(&lab, "host1", &format!("http://{ip2}:8090/"), 1).ok()?;
-            (!a.is_empty()).then_some(a)
-        },
+        &node_url(&lab, "node2", 8090)?,
+        1,
     )?;
     ensure!(!answers.is_empty());
     let (_, failed) = curl_many(&lab, "node2", "http://127.0.0.1:8090/", 3)?;
@@ -618,9 +603,7 @@ fn restart_custom_ingress_and_standalone_ports() -> Result<()> {
     refused(
         &lab,
         "node2",
-        &[
-            "run", "-d", "--name", "s2", "-p", "8090:80", "--", "python3", SERVER, "80",
-        ],
+        &run_on_8090_args("s2"),
         "port is already allocated",
     )?;
     ensure!(
@@ -628,13 +611,8 @@ fn restart_custom_ingress_and_standalone_ports() -> Result<()> {
         "the refused sandbox s2 was left behind"
     );
     lab.mesh_ok("node2", &["rm", "-f", "s1"])?;
-    lab.mesh_ok(
-        "node2",
-        &[
-            "run", "-d", "--name", "s3", "-p", "8090:80", "--", "python3", SERVER, "80",
-        ],
-    )
-    .context("`mesh rm` did not free port 8090")?;
+    lab.mesh_ok("node2", &run_on_8090_args("s3"))
+        .context("`mesh rm` did not free port 8090")?;
     lab.down()?;
     Ok(())
 }

@@ -207,6 +207,39 @@ word_enum! {
     }
 }
 
+impl Protocol {
+    /// A protocol as the wire carries it: empty is Docker's default (tcp),
+    /// case is ignored, anything else is refused.
+    pub fn from_wire(s: &str) -> Result<Self, UnknownWord> {
+        from_wire_word(s)
+    }
+}
+
+impl PublishMode {
+    /// A publish mode as the wire carries it: empty is Docker's default
+    /// (ingress), case is ignored, anything else is refused.
+    pub fn from_wire(s: &str) -> Result<Self, UnknownWord> {
+        from_wire_word(s)
+    }
+}
+
+/// The wire's optional word: empty means the enum's default.
+fn from_wire_word<T>(s: &str) -> Result<T, UnknownWord>
+where
+    T: Default + FromStr<Err = UnknownWord>,
+{
+    if s.is_empty() {
+        Ok(T::default())
+    } else {
+        s.to_ascii_lowercase()
+            .parse()
+            .map_err(|e: UnknownWord| UnknownWord {
+                got: s.to_string(),
+                ..e
+            })
+    }
+}
+
 word_enum! {
     /// Which network driver serves a network.
     DriverKind, "driver" {
@@ -314,6 +347,17 @@ impl<'de> Deserialize<'de> for Mac {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wire_words_default_when_empty_and_refuse_the_unknown() {
+        assert_eq!(Protocol::from_wire(""), Ok(Protocol::Tcp));
+        assert_eq!(Protocol::from_wire("UDP"), Ok(Protocol::Udp));
+        assert_eq!(PublishMode::from_wire(""), Ok(PublishMode::Ingress));
+        assert_eq!(PublishMode::from_wire("host"), Ok(PublishMode::Host));
+        let e = Protocol::from_wire("SCTP").expect_err("sctp");
+        assert_eq!(e.got, "SCTP");
+        assert!(PublishMode::from_wire("global").is_err());
+    }
 
     #[test]
     fn words_round_trip_through_text_and_json() {

@@ -8,6 +8,8 @@ use std::fmt;
 use std::net::Ipv4Addr;
 use std::ops::RangeInclusive;
 
+use serde::{Deserialize, Serialize};
+
 use crate::model::{Protocol, PublishMode};
 
 /// Where the managers pick a published port when none is given (Swarm's).
@@ -21,14 +23,27 @@ pub struct PortError {
     pub why: String,
 }
 
-/// One port of a service, as Docker's `PortConfig`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// One port of a service, as Docker's `PortConfig`; also the managers'
+/// `PortSpec`, kept in the Raft log and state as this JSON (field names and
+/// order are the stored form: do not rename).
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
 pub struct ServicePort {
     pub protocol: Protocol,
     pub target: u16,
-    /// None: the managers allocate one from [`DYNAMIC_PORTS`].
+    /// None in a spec: the managers allocate one from [`DYNAMIC_PORTS`].
+    /// Always set in a service's `endpoint_ports`.
+    #[serde(default)]
     pub published: Option<u16>,
     pub mode: PublishMode,
+}
+
+impl ServicePort {
+    /// `8080/tcp`, as refusals name a port.
+    pub fn label(&self) -> String {
+        format!("{}/{}", self.published.unwrap_or(0), self.protocol)
+    }
 }
 
 impl fmt::Display for ServicePort {
@@ -55,9 +70,14 @@ pub struct PortBinding {
 impl fmt::Display for PortBinding {
     /// As `docker port` prints a binding's host side: `0.0.0.0:8080`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let ip = self.host_ip.unwrap_or(Ipv4Addr::UNSPECIFIED);
-        write!(f, "{ip}:{}", self.host_port.unwrap_or(0))
+        f.write_str(&host_side(self.host_ip, self.host_port.unwrap_or(0)))
     }
+}
+
+/// A binding's host side as `docker port` prints it: `0.0.0.0:8080` when
+/// bound on every address.
+pub fn host_side(ip: Option<Ipv4Addr>, port: u16) -> String {
+    format!("{}:{port}", ip.unwrap_or(Ipv4Addr::UNSPECIFIED))
 }
 
 fn err(spec: &str, why: impl Into<String>) -> PortError {
@@ -92,12 +112,20 @@ fn parse_protocol(spec: &str, s: &str) -> Result<Protocol, PortError> {
     })
 }
 
-/// Splits `80/udp` into the port text and its protocol (tcp if none).
-fn split_protocol<'a>(spec: &str, s: &'a str) -> Result<(&'a str, Protocol), PortError> {
+/// Splits `80/udp` into the port text and its protocol (None if not given).
+fn split_protocol(s: &str) -> Result<(&str, Option<Protocol>), PortError> {
     match s.split_once('/') {
-        Some((p, proto)) => Ok((p, parse_protocol(spec, proto)?)),
-        None => Ok((s, Protocol::Tcp)),
+        Some((p, proto)) => Ok((p, Some(parse_protocol(s, proto)?))),
+        None => Ok((s, None)),
     }
+}
+
+/// A port named with an optional protocol, `8080` or `8080/udp`, as
+/// `--publish-rm` and `mesh port` take it: None when no protocol is given
+/// (the caller decides whether that means tcp or any).
+pub fn parse_port_ref(spec: &str) -> Result<(u16, Option<Protocol>), PortError> {
+    let (port, protocol) = split_protocol(spec)?;
+    Ok((parse_port(spec, port)?, protocol))
 }
 
 /// A service's `--publish`, long or short form.
@@ -151,7 +179,8 @@ fn parse_long(spec: &str) -> Result<ServicePort, PortError> {
 
 /// `8080:80`, `8080:80/udp` or `80` (published port allocated).
 fn parse_short(spec: &str) -> Result<ServicePort, PortError> {
-    let (ports, protocol) = split_protocol(spec, spec)?;
+    let (ports, protocol) = split_protocol(spec)?;
+    let protocol = protocol.unwrap_or_default();
     let (published, target) = match ports.split(':').collect::<Vec<_>>().as_slice() {
         [t] => (None, parse_port(spec, t)?),
         [p, t] => (Some(parse_port(spec, p)?), parse_port(spec, t)?),
@@ -172,7 +201,8 @@ fn parse_short(spec: &str) -> Result<ServicePort, PortError> {
 
 /// A standalone sandbox's `-p [IP:][HOST]:CONT[/PROTOCOL]`, or `-p CONT`.
 pub fn parse_binding(spec: &str) -> Result<PortBinding, PortError> {
-    let (ports, protocol) = split_protocol(spec, spec)?;
+    let (ports, protocol) = split_protocol(spec)?;
+    let protocol = protocol.unwrap_or_default();
     let parts: Vec<&str> = ports.split(':').collect();
     let ip = |s: &str| -> Result<Option<Ipv4Addr>, PortError> {
         if s.is_empty() {
@@ -261,6 +291,40 @@ mod tests {
             assert!(e.contains(says), "{spec}: {e}");
             assert!(!e.contains('\n'));
         }
+    }
+
+    #[test]
+    fn port_refs() {
+        assert_eq!(parse_port_ref("8080"), Ok((8080, None)));
+        assert_eq!(parse_port_ref("8080/UDP"), Ok((8080, Some(Protocol::Udp))));
+        assert_eq!(parse_port_ref("53/tcp"), Ok((53, Some(Protocol::Tcp))));
+        for (spec, says) in [
+            ("8080/sctp", "unknown protocol"),
+            ("0/tcp", "out of range"),
+            ("web", "not a port number"),
+            ("/udp", "a port is missing"),
+        ] {
+            let e = parse_port_ref(spec).expect_err(spec).to_string();
+            assert!(e.contains(says), "{spec}: {e}");
+            assert!(e.contains(spec), "{spec}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_service_port_keeps_its_stored_json() {
+        // As a PortSpec written before it became this type.
+        let old = r#"{"protocol":"udp","target":53,"published":5353,"mode":"host"}"#;
+        let p: ServicePort = serde_json::from_str(old).expect("loads");
+        assert_eq!(p.label(), "5353/udp");
+        assert_eq!(serde_json::to_string(&p).expect("json"), old);
+        let unset: ServicePort =
+            serde_json::from_str(r#"{"protocol":"tcp","target":80,"mode":"ingress"}"#)
+                .expect("published may be left out");
+        assert_eq!(unset.published, None);
+        assert_eq!(
+            serde_json::to_string(&ServicePort::default()).expect("json"),
+            r#"{"protocol":"tcp","target":0,"published":null,"mode":"ingress"}"#
+        );
     }
 
     #[test]

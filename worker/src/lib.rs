@@ -19,6 +19,7 @@
 //! - `local_request`: what a local network create may ask for, and how a
 //!   local network is shown through the Control API;
 //! - `stable_hash`: the one hash device names are derived with;
+//! - `sysctl`: network sysctls of a namespace, written only when they differ;
 //! - `egress`: `mesh_gwbridge` and NAT for traffic leaving the node;
 //! - `vip`: which sandboxes get which service VIPs;
 //! - `firewall`: our nftables tables (egress NAT, bridge NAT, VIP), one type
@@ -56,6 +57,7 @@ pub mod sandboxes;
 pub mod session;
 pub mod stable_hash;
 pub mod state_dir;
+pub mod sysctl;
 pub mod task_logs;
 pub mod task_plan;
 pub mod tasks;

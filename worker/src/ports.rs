@@ -29,11 +29,7 @@ pub struct Published {
 impl Published {
     /// `0.0.0.0:8080`, the host side as `docker port` prints it.
     pub fn host(&self) -> String {
-        format!(
-            "{}:{}",
-            self.host_ip.unwrap_or(Ipv4Addr::UNSPECIFIED),
-            self.host_port
-        )
+        mesh_common::ports::host_side(self.host_ip, self.host_port)
     }
 
     /// Whether both would receive the same packets: same protocol and port,
@@ -88,12 +84,11 @@ pub fn from_wire(
         Some(port(host_port, "host port")?)
     };
     let container_port = port(container_port, "container port")?;
-    let protocol = match protocol {
-        "" => Protocol::Tcp,
-        p => p.parse().map_err(|_| {
-            PortsError::Invalid(format!("unknown protocol {p:?}: expected tcp or udp"))
-        })?,
-    };
+    let protocol = Protocol::from_wire(protocol).map_err(|_| {
+        PortsError::Invalid(format!(
+            "unknown protocol {protocol:?}: expected tcp or udp"
+        ))
+    })?;
     Ok(PortBinding {
         host_ip,
         host_port,

@@ -176,10 +176,20 @@ fn has_table(ns: &str, table: &str) -> bool {
     .success()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_published_port_reaches_the_task_with_the_client_address() {
-    require_root("ingress tests");
-    let prefix = format!("ti{}", std::process::id() % 100_000);
+/// The namespaces of one test: a fake node, an outside client wired to
+/// it (`up0`, NODE_IP <-> CLIENT_IP) and a task; removed on drop.
+struct Setup {
+    prefix: String,
+    node_ns: String,
+    client_ns: String,
+    task_ns: String,
+    node_nl: Netlink,
+    task_nl: Netlink,
+    cleanup: Cleanup,
+}
+
+async fn setup(tag: &str) -> Setup {
+    let prefix = format!("{tag}{}", std::process::id() % 100_000);
     let (node_ns, client_ns, task_ns) = (
         format!("{prefix}-host"),
         format!("{prefix}-client"),
@@ -189,8 +199,6 @@ async fn a_published_port_reaches_the_task_with_the_client_address() {
     let node_nl = namespace(&node_ns, &mut cleanup).await;
     namespace(&client_ns, &mut cleanup).await;
     let task_nl = namespace(&task_ns, &mut cleanup).await;
-    cleanup.add(&network_ns_name(&prefix, VNI));
-    cleanup.add(&sandbox_ns(&prefix));
 
     // The client's wire to the node.
     let client_fd = netns::open(&client_ns).expect("client ns");
@@ -214,6 +222,42 @@ async fn a_published_port_reaches_the_task_with_the_client_address() {
         .await
         .expect("addr");
     client_nl.set_up("up0").await.expect("up");
+    Setup {
+        prefix,
+        node_ns,
+        client_ns,
+        task_ns,
+        node_nl,
+        task_nl,
+        cleanup,
+    }
+}
+
+/// The node's data path as the daemon would have it.
+fn data_path(prefix: &str) -> DataPath {
+    DataPath {
+        prefix: prefix.to_string(),
+        local_ip: NODE_IP,
+        port: 4789,
+        overlay_mtu: 1450,
+        kernel: Default::default(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_published_port_reaches_the_task_with_the_client_address() {
+    require_root("ingress tests");
+    let Setup {
+        prefix,
+        node_ns,
+        client_ns,
+        task_ns,
+        node_nl,
+        task_nl,
+        mut cleanup,
+    } = setup("ti").await;
+    cleanup.add(&network_ns_name(&prefix, VNI));
+    cleanup.add(&sandbox_ns(&prefix));
 
     // The ingress overlay on this node, and the task on it.
     let node = Node::in_ns(prefix.clone(), node_ns.clone());
@@ -263,13 +307,7 @@ async fn a_published_port_reaches_the_task_with_the_client_address() {
         .await
         .expect("route");
 
-    let dp = DataPath {
-        prefix: prefix.clone(),
-        local_ip: NODE_IP,
-        port: 4789,
-        overlay_mtu: 1450,
-        kernel: Default::default(),
-    };
+    let dp = data_path(&prefix);
     let live = [task_record(&task_ns)];
     let pass = ingress::repair_in(&dp, &node, &view(&[TASK_ING], true), &live).await;
     assert!(pass.faults.is_empty(), "{:?}", pass.faults);
@@ -401,37 +439,14 @@ async fn a_published_port_reaches_the_task_with_the_client_address() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_mode_port_reaches_the_local_task() {
     require_root("ingress tests");
-    let prefix = format!("th{}", std::process::id() % 100_000);
-    let (node_ns, client_ns, task_ns) = (
-        format!("{prefix}-host"),
-        format!("{prefix}-client"),
-        format!("{prefix}-task"),
-    );
-    let mut cleanup = Cleanup(Vec::new());
-    let node_nl = namespace(&node_ns, &mut cleanup).await;
-    namespace(&client_ns, &mut cleanup).await;
-    namespace(&task_ns, &mut cleanup).await;
-    let client_fd = netns::open(&client_ns).expect("client ns");
-    node_nl
-        .create_veth(
-            "up0",
-            "up0",
-            1500,
-            Some(std::os::fd::AsFd::as_fd(&client_fd)),
-        )
-        .await
-        .expect("veth");
-    node_nl
-        .add_address_v4("up0", NODE_IP, 24)
-        .await
-        .expect("addr");
-    node_nl.set_up("up0").await.expect("up");
-    let client_nl = Netlink::open(Some(&client_ns)).await.expect("netlink");
-    client_nl
-        .add_address_v4("up0", CLIENT_IP, 24)
-        .await
-        .expect("addr");
-    client_nl.set_up("up0").await.expect("up");
+    let Setup {
+        prefix,
+        node_ns,
+        client_ns,
+        task_ns,
+        cleanup: _cleanup,
+        ..
+    } = setup("th").await;
 
     let task_gw = Ipv4Addr::new(172, 18, 0, 7);
     tokio::task::block_in_place(|| {
@@ -440,13 +455,7 @@ async fn a_host_mode_port_reaches_the_local_task() {
     })
     .expect("egress");
     let node = Node::in_ns(prefix.clone(), node_ns.clone());
-    let dp = DataPath {
-        prefix: prefix.clone(),
-        local_ip: NODE_IP,
-        port: 4789,
-        overlay_mtu: 1450,
-        kernel: Default::default(),
-    };
+    let dp = data_path(&prefix);
     let mut rec = task_record(&task_ns);
     rec.networks.clear();
     rec.egress_ip = Some(task_gw);

@@ -8,9 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use mesh_common::model::{
-    EndpointMode, NodeState, Protocol, RestartCondition, ServiceMode, TaskState,
-};
+use mesh_common::model::{EndpointMode, NodeState, RestartCondition, ServiceMode, TaskState};
 use mesh_proto::{LogLine, ServiceCreateRequest, ServiceStatusReply, ServiceUpdateRequest};
 use tokio::sync::mpsc;
 use tonic::Status;
@@ -154,19 +152,8 @@ pub fn update_ports(
         })
         .collect();
     for r in rm {
-        let (port, protocol) = match r.split_once('/') {
-            Some((p, proto)) => {
-                let proto: Protocol = proto.to_ascii_lowercase().parse().map_err(|_| {
-                    Refusal::invalid(format!(
-                        "invalid --publish-rm {r:?}: unknown protocol {proto:?}, expected tcp or udp"
-                    ))
-                })?;
-                (p, Some(proto))
-            }
-            None => (r.as_str(), None),
-        };
-        let port =
-            mesh_common::ports::parse_port(r, port).map_err(|e| Refusal::invalid(e.to_string()))?;
+        let (port, protocol) = mesh_common::ports::parse_port_ref(r)
+            .map_err(|e| Refusal::invalid(format!("invalid --publish-rm {r:?}: {}", e.why)))?;
         let before = ports.len();
         ports.retain(|(p, published)| {
             !(*published == Some(port) && protocol.is_none_or(|x| x == p.protocol))
@@ -504,6 +491,7 @@ fn rfc3339(s: &str) -> Option<time::OffsetDateTime> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mesh_common::model::Protocol;
 
     fn create_req() -> ServiceCreateRequest {
         ServiceCreateRequest {

@@ -88,24 +88,18 @@ fn port_number(what: &str, n: u32) -> Result<u16, Refusal> {
 /// A port from a request, every word and number checked (empty words are
 /// Docker's defaults: tcp, ingress; published 0 is allocated).
 pub fn port_from_pb(p: &mesh_proto::PortConfig) -> Result<PortSpec, Refusal> {
-    let protocol = match p.protocol.to_ascii_lowercase().as_str() {
-        "" => Protocol::Tcp,
-        w => w.parse().map_err(|_| {
-            Refusal::invalid(format!(
-                "unknown protocol {:?}: expected tcp or udp",
-                p.protocol
-            ))
-        })?,
-    };
-    let mode = match p.publish_mode.to_ascii_lowercase().as_str() {
-        "" => PublishMode::Ingress,
-        w => w.parse().map_err(|_| {
-            Refusal::invalid(format!(
-                "unknown publish mode {:?}: expected ingress or host",
-                p.publish_mode
-            ))
-        })?,
-    };
+    let protocol = Protocol::from_wire(&p.protocol).map_err(|_| {
+        Refusal::invalid(format!(
+            "unknown protocol {:?}: expected tcp or udp",
+            p.protocol
+        ))
+    })?;
+    let mode = PublishMode::from_wire(&p.publish_mode).map_err(|_| {
+        Refusal::invalid(format!(
+            "unknown publish mode {:?}: expected ingress or host",
+            p.publish_mode
+        ))
+    })?;
     let published = match p.published_port {
         0 => None,
         n => Some(port_number("published", n)?),

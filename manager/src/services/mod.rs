@@ -15,9 +15,7 @@
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
-use mesh_common::model::{
-    EndpointMode, Protocol, PublishMode, RestartCondition, ServiceMode, TaskState,
-};
+use mesh_common::model::{EndpointMode, PublishMode, RestartCondition, ServiceMode, TaskState};
 use serde::{Deserialize, Serialize};
 
 pub use crate::scheduler::Constraint;
@@ -63,24 +61,9 @@ pub struct ServiceSpec {
     pub ports: Vec<PortSpec>,
 }
 
-/// One published port of a service, as Docker's `PortConfig`.
-#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
-pub struct PortSpec {
-    pub protocol: Protocol,
-    pub target: u16,
-    /// None in a spec: allocated from `DYNAMIC_PORTS` in `apply`. Always
-    /// set in a service's `endpoint_ports`.
-    #[serde(default)]
-    pub published: Option<u16>,
-    pub mode: PublishMode,
-}
-
-impl PortSpec {
-    /// `8080/tcp`, as refusals name a port.
-    pub fn label(&self) -> String {
-        format!("{}/{}", self.published.unwrap_or(0), self.protocol)
-    }
-}
+/// One published port of a service, as Docker's `PortConfig`: the same
+/// type the CLI parses, stored as the JSON it always had.
+pub use mesh_common::ports::ServicePort as PortSpec;
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct Service {

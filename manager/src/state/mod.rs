@@ -64,15 +64,17 @@ impl ClusterState {
     pub fn apply(&mut self, index: u64, cmd: &Command) -> CommandResult {
         let result = self.apply_one(index, cmd);
         // Every node has an ingress sandbox while there is an ingress
-        // network; checked after every command, so a state written before
-        // ingress sandboxes existed gets them on its next command.
-        let at = match cmd {
-            Command::Init { cluster, .. } => cluster.created_at.as_str(),
-            Command::AddNode { node } => node.created_at.as_str(),
-            Command::CreateNetwork { at, .. } | Command::SetNodeState { at, .. } => at.as_str(),
-            _ => "",
-        };
-        self.sync_ingress_sboxes(at);
+        // network; checked after the commands that can change that (and
+        // on a state from before ingress sandboxes), not on the hot path.
+        if self.ingress_sync_due(cmd) {
+            let at = match cmd {
+                Command::Init { cluster, .. } => cluster.created_at.as_str(),
+                Command::AddNode { node } => node.created_at.as_str(),
+                Command::CreateNetwork { at, .. } | Command::SetNodeState { at, .. } => at.as_str(),
+                _ => "",
+            };
+            self.sync_ingress_sboxes(at);
+        }
         // Node changes move tasks: a node down, drained or back.
         match cmd {
             Command::AddNode { .. } | Command::RemoveNode { .. } => self.orchestrate(index, ""),

@@ -358,6 +358,11 @@ pub fn ingress_sbox_id(node_id: &str) -> String {
     format!("ingress-{node_id}")
 }
 
+/// The endpoint ID of `node_id`'s ingress sandbox on network `net_id`.
+fn ingress_sbox_endpoint_id(node_id: &str, net_id: &str) -> String {
+    mesh_common::id::derived_id(&[INGRESS_SBOX, node_id, net_id])
+}
+
 /// Whether an endpoint is a node's ingress sandbox (made by the managers,
 /// not a user of its network).
 pub fn is_ingress_sbox(e: &Endpoint) -> bool {
@@ -365,6 +370,33 @@ pub fn is_ingress_sbox(e: &Endpoint) -> bool {
 }
 
 impl ClusterState {
+    /// Whether [`Self::sync_ingress_sboxes`] may find anything to do after
+    /// `cmd`: the commands that change the nodes or the ingress network, or
+    /// free an address of it (a node left without one for a full subnet
+    /// then gets one). Any other command (task reports, heartbeats' node
+    /// states, the hot path) skips it, unless the first node has no
+    /// ingress sandbox yet: a state written before ingress sandboxes
+    /// existed gets them on its next command, whatever it is. That check
+    /// is one lookup, the endpoint ID being derived.
+    pub(crate) fn ingress_sync_due(&self, cmd: &Command) -> bool {
+        match cmd {
+            Command::Init { .. }
+            | Command::AddNode { .. }
+            | Command::RemoveNode { .. }
+            | Command::CreateNetwork { .. }
+            | Command::RemoveNetwork { .. }
+            | Command::RemoveEndpoint { .. }
+            | Command::RemoveService { .. } => true,
+            _ => self.ingress_network().is_some_and(|net| {
+                self.nodes.keys().next().is_some_and(|node_id| {
+                    !self
+                        .endpoints
+                        .contains_key(&ingress_sbox_endpoint_id(node_id, &net.id))
+                })
+            }),
+        }
+    }
+
     /// One ingress-sandbox endpoint per node while an ingress network
     /// exists, none otherwise: made for new nodes and a new ingress
     /// network, dropped with their node. A full subnet leaves the node
@@ -396,7 +428,7 @@ impl ClusterState {
                 continue;
             };
             let ep = Endpoint {
-                id: mesh_common::id::derived_id(&[INGRESS_SBOX, &node_id, &net.id]),
+                id: ingress_sbox_endpoint_id(&node_id, &net.id),
                 network_id: net.id.clone(),
                 node_id,
                 sandbox: INGRESS_SBOX.into(),
@@ -426,4 +458,98 @@ pub const DEFAULT_DATA_PATH_PORT: u16 = 4789;
 
 fn default_pool() -> Ipv4Net {
     Ipv4Net::new(Ipv4Addr::new(10, 0, 0, 0), 8).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod ingress_sbox_tests {
+    use mesh_common::model::{NodeRole, NodeState};
+
+    use super::super::{ClusterInfo, Node};
+    use super::*;
+
+    fn node(id: &str) -> Node {
+        Node {
+            id: id.into(),
+            role: NodeRole::Worker,
+            ..Default::default()
+        }
+    }
+
+    fn sboxes(s: &ClusterState) -> BTreeSet<String> {
+        s.endpoints
+            .values()
+            .filter(|e| is_ingress_sbox(e))
+            .map(|e| e.node_id.clone())
+            .collect()
+    }
+
+    fn cluster() -> ClusterState {
+        let mut s = ClusterState::default();
+        s.apply(
+            1,
+            &Command::Init {
+                cluster: ClusterInfo {
+                    id: "c".into(),
+                    ..Default::default()
+                },
+                node: node("a"),
+                ingress: Some("ing".into()),
+            },
+        );
+        s.apply(2, &Command::AddNode { node: node("b") });
+        s
+    }
+
+    #[test]
+    fn hot_commands_skip_the_sync_and_node_changes_run_it() {
+        let mut s = cluster();
+        assert_eq!(sboxes(&s), ["a", "b"].map(String::from).into());
+        // Node b loses its sandbox behind the state machine's back: only a
+        // command that can change the outcome (or the first node missing
+        // one) brings it back.
+        s.endpoints
+            .retain(|_, e| !(is_ingress_sbox(e) && e.node_id == "b"));
+        let hot = [
+            Command::SetNodeState {
+                id: "b".into(),
+                state: NodeState::Ready,
+                addr: None,
+                at: "t".into(),
+            },
+            Command::SetNodeErrors {
+                id: "b".into(),
+                errors: vec!["x".into()],
+            },
+            Command::ReportTasks {
+                node_id: "b".into(),
+                reports: Vec::new(),
+                at: "t".into(),
+            },
+        ];
+        for (i, cmd) in (3..).zip(&hot) {
+            assert!(!s.ingress_sync_due(cmd), "{cmd:?}");
+            s.apply(i, cmd);
+            assert_eq!(sboxes(&s), ["a".to_string()].into(), "{cmd:?}");
+        }
+        s.apply(9, &Command::AddNode { node: node("c") });
+        assert_eq!(sboxes(&s), ["a", "b", "c"].map(String::from).into());
+        s.apply(10, &Command::RemoveNode { id: "c".into() });
+        assert_eq!(sboxes(&s), ["a", "b"].map(String::from).into());
+    }
+
+    #[test]
+    fn a_state_from_before_ingress_sandboxes_gets_them_on_any_command() {
+        let mut s = cluster();
+        // As an older version wrote it: an ingress network, no sandboxes.
+        s.endpoints.retain(|_, e| !is_ingress_sbox(e));
+        let report = Command::ReportTasks {
+            node_id: "b".into(),
+            reports: Vec::new(),
+            at: "t".into(),
+        };
+        assert!(s.ingress_sync_due(&report));
+        s.apply(3, &report);
+        assert_eq!(sboxes(&s), ["a", "b"].map(String::from).into());
+        assert!(!s.ingress_sync_due(&report), "nothing left to do");
+    }
 }

@@ -18,14 +18,16 @@ use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
-use nftables::expr::{
-    Expression, Fib, FibFlag, FibResult, MetaKey, NamedExpression, Payload, PayloadField,
-};
+use mesh_common::model::Protocol;
+use nftables::expr::MetaKey;
 use nftables::schema::NfListObject;
-use nftables::stmt::{Match, NAT, Operator, Statement};
+use nftables::stmt::{Operator, Statement};
 use nftables::types::{NfChainType, NfHook};
 
-use super::rules::{TableId, counter, meta_is, saddr_in, string};
+use super::rules::{
+    TableId, counter, ct_status_dnat, cut_comment, dnat, dport, fib_daddr_local, meta_is, saddr_in,
+    string,
+};
 use super::{FirewallError, Table};
 
 /// Our table (family `ip`) in the node namespace.
@@ -36,42 +38,17 @@ const PREROUTING: &str = "prerouting";
 const OUTPUT: &str = "output";
 const POSTROUTING: &str = "postrouting";
 
-/// A transport protocol a port is published for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Proto {
-    Tcp,
-    Udp,
-}
-
-impl Proto {
-    /// "tcp" (also the empty default of the wire) or "udp".
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "" | "tcp" => Some(Proto::Tcp),
-            "udp" => Some(Proto::Udp),
-            _ => None,
-        }
-    }
-
-    pub fn word(self) -> &'static str {
-        match self {
-            Proto::Tcp => "tcp",
-            Proto::Udp => "udp",
-        }
-    }
-}
-
 /// An ingress-mode port: to the node's ingress sandbox.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct MeshPort {
-    pub proto: Proto,
+    pub proto: Protocol,
     pub port: u16,
 }
 
 /// A host-mode port of a local task: straight to its `gw0` address.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct HostPort {
-    pub proto: Proto,
+    pub proto: Protocol,
     pub port: u16,
     pub task: String,
     pub addr: Ipv4Addr,
@@ -111,32 +88,31 @@ impl Table for IngressHost {
             b.push(ID.chain(chain, Some((NfChainType::NAT, hook, -100))));
             if let Some((sbox, _)) = &self.sandbox {
                 for p in &self.mesh_ports {
-                    let mut r = vec![fib_daddr_local()];
-                    r.extend(dport(p.proto, p.port));
-                    r.push(counter());
-                    r.push(dnat(*sbox, None));
+                    let r = vec![
+                        fib_daddr_local(),
+                        dport(p.proto, p.port),
+                        counter(),
+                        dnat(*sbox, None),
+                    ];
                     b.push(ID.rule(
                         chain,
                         r,
-                        format!("ingress {}/{} to the routing mesh", p.port, p.proto.word()),
+                        format!("ingress {}/{} to the routing mesh", p.port, p.proto),
                     ));
                 }
             }
             for p in &self.host_ports {
-                let mut r = vec![fib_daddr_local()];
-                r.extend(dport(p.proto, p.port));
-                r.push(counter());
-                r.push(dnat(p.addr, Some(p.target)));
-                let mut c = format!(
+                let r = vec![
+                    fib_daddr_local(),
+                    dport(p.proto, p.port),
+                    counter(),
+                    dnat(p.addr, Some(p.target)),
+                ];
+                let c = format!(
                     "host {}/{} to {}:{} task {}",
-                    p.port,
-                    p.proto.word(),
-                    p.addr,
-                    p.target,
-                    p.task
+                    p.port, p.proto, p.addr, p.target, p.task
                 );
-                c.truncate(super::vip::COMMENT_MAX);
-                b.push(ID.rule(chain, r, c));
+                b.push(ID.rule(chain, r, cut_comment(c)));
             }
         }
         b.push(ID.chain(
@@ -177,63 +153,6 @@ impl Table for IngressHost {
     }
 }
 
-/// `fib daddr type local`: any of the node's own addresses.
-pub(crate) fn fib_daddr_local() -> Statement<'static> {
-    Statement::Match(Match {
-        left: Expression::Named(NamedExpression::Fib(Fib {
-            result: FibResult::Type,
-            flags: [FibFlag::Daddr].into_iter().collect(),
-        })),
-        right: string("local"),
-        op: Operator::EQ,
-    })
-}
-
-/// `ct status dnat`
-pub(crate) fn ct_status_dnat() -> Statement<'static> {
-    Statement::Match(Match {
-        left: ct("status"),
-        right: string("dnat"),
-        op: Operator::IN,
-    })
-}
-
-pub(crate) fn ct(key: &'static str) -> Expression<'static> {
-    Expression::Named(NamedExpression::CT(nftables::expr::CT {
-        key: key.into(),
-        family: None,
-        dir: None,
-    }))
-}
-
-pub(crate) fn payload(protocol: &'static str, field: &'static str) -> Expression<'static> {
-    Expression::Named(NamedExpression::Payload(Payload::PayloadField(
-        PayloadField {
-            protocol: protocol.into(),
-            field: field.into(),
-        },
-    )))
-}
-
-/// `tcp dport P` (or udp): the protocol match is implied by the payload.
-pub(crate) fn dport(proto: Proto, port: u16) -> Vec<Statement<'static>> {
-    vec![Statement::Match(Match {
-        left: payload(proto.word(), "dport"),
-        right: Expression::Number(u32::from(port)),
-        op: Operator::EQ,
-    })]
-}
-
-/// `dnat to ADDR[:PORT]`
-pub(crate) fn dnat(addr: Ipv4Addr, port: Option<u16>) -> Statement<'static> {
-    Statement::DNAT(Some(NAT {
-        addr: Some(string(addr)),
-        family: None,
-        port: port.map(|p| Expression::Number(u32::from(p))),
-        flags: None,
-    }))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -255,12 +174,12 @@ mod tests {
         let t = IngressHost {
             sandbox: Some((Ipv4Addr::new(169, 254, 254, 2), "mesh_ingress".into())),
             mesh_ports: [MeshPort {
-                proto: Proto::Tcp,
+                proto: Protocol::Tcp,
                 port: 8080,
             }]
             .into(),
             host_ports: [HostPort {
-                proto: Proto::Udp,
+                proto: Protocol::Udp,
                 port: 5353,
                 task: "dns.1.x".into(),
                 addr: Ipv4Addr::new(172, 18, 0, 5),

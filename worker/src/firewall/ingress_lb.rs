@@ -20,15 +20,15 @@
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
-use nftables::expr::{
-    Expression, Map, MetaKey, NamedExpression, NgMode, Numgen, RT, RTKey, SetItem, TcpOption,
-};
+use mesh_common::model::Protocol;
+use nftables::expr::{Expression, MetaKey, NamedExpression, RT, RTKey, TcpOption};
 use nftables::schema::NfListObject;
-use nftables::stmt::{Mangle, Match, NAT, Operator, Reject, RejectType, Statement};
+use nftables::stmt::{Mangle, Match, Operator, Reject, RejectType, Statement};
 use nftables::types::{NfChainType, NfHook, RejectCode};
 
-use super::ingress_host::{Proto, dport, payload};
-use super::rules::{TableId, counter, meta_is, string};
+use super::rules::{
+    TableId, counter, cut_comment, dnat_round_robin, dport, meta_is, payload, string,
+};
 use super::{FirewallError, Table};
 
 /// Our table (family `ip`) in the ingress sandbox.
@@ -39,7 +39,7 @@ pub const ID: TableId = TableId::ip(TABLE);
 /// One published port and where it goes.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct LbPort {
-    pub proto: Proto,
+    pub proto: Protocol,
     pub port: u16,
     pub target: u16,
     pub service: String,
@@ -75,26 +75,25 @@ impl Table for IngressLb {
             ID.chain("forward", Some((NfChainType::Filter, NfHook::Forward, 0))),
         ];
         for p in &self.ports {
-            let what = format!("{}/{} service {}", p.port, p.proto.word(), p.service);
-            let mut what = format!("published {what}");
-            what.truncate(super::vip::COMMENT_MAX);
-            let mut r = vec![meta_is(
-                MetaKey::Iifname,
-                Operator::EQ,
-                string(&self.from_node),
-            )];
-            r.extend(dport(p.proto, p.port));
-            r.push(counter());
+            let what = cut_comment(format!(
+                "published {}/{} service {}",
+                p.port, p.proto, p.service
+            ));
+            let mut r = vec![
+                meta_is(MetaKey::Iifname, Operator::EQ, string(&self.from_node)),
+                dport(p.proto, p.port),
+                counter(),
+            ];
             if p.backends.is_empty() {
                 r.push(Statement::Reject(Some(match p.proto {
-                    Proto::Tcp => Reject::new(Some(RejectType::TCPReset), None),
-                    Proto::Udp => {
+                    Protocol::Tcp => Reject::new(Some(RejectType::TCPReset), None),
+                    Protocol::Udp => {
                         Reject::new(Some(RejectType::ICMP), Some(RejectCode::PortUnreach))
                     }
                 })));
                 b.push(ID.rule("input", r, what));
             } else {
-                r.push(dnat_round_robin(&p.backends, p.target)?);
+                r.push(dnat_round_robin(TABLE, &p.backends, Some(p.target))?);
                 b.push(ID.rule("prerouting", r, what));
             }
         }
@@ -133,35 +132,6 @@ impl Table for IngressLb {
     }
 }
 
-/// `dnat to numgen inc mod N map { 0 : b0, … } : TARGET`
-fn dnat_round_robin(
-    backends: &BTreeSet<Ipv4Addr>,
-    target: u16,
-) -> Result<Statement<'static>, FirewallError> {
-    let n = u32::try_from(backends.len()).map_err(|_| FirewallError::Invalid {
-        table: TABLE,
-        reason: "too many backends".into(),
-    })?;
-    let map = backends
-        .iter()
-        .zip(0u32..)
-        .map(|(ip, i)| SetItem::Mapping(Expression::Number(i), string(ip)))
-        .collect();
-    Ok(Statement::DNAT(Some(NAT {
-        addr: Some(Expression::Named(NamedExpression::Map(Box::new(Map {
-            key: Expression::Named(NamedExpression::Numgen(Numgen {
-                mode: NgMode::Inc,
-                ng_mod: n,
-                offset: Some(0),
-            })),
-            data: Expression::Named(NamedExpression::Set(map)),
-        })))),
-        family: None,
-        port: Some(Expression::Number(u32::from(target))),
-        flags: None,
-    })))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -174,14 +144,14 @@ mod tests {
             ingress: "eth0".into(),
             ports: [
                 LbPort {
-                    proto: Proto::Tcp,
+                    proto: Protocol::Tcp,
                     port: 8080,
                     target: 80,
                     service: "web".into(),
                     backends: [Ipv4Addr::new(10, 0, 0, 6), Ipv4Addr::new(10, 0, 0, 5)].into(),
                 },
                 LbPort {
-                    proto: Proto::Udp,
+                    proto: Protocol::Udp,
                     port: 5353,
                     target: 53,
                     service: "dns".into(),

@@ -23,8 +23,9 @@ use nftables::schema::NfListObject;
 use nftables::stmt::{Mangle, Match, Operator, Statement};
 use nftables::types::{NfChainType, NfHook};
 
-use super::ingress_host::{Proto, ct, dport, payload};
-use super::rules::{TableId, counter, meta_is, string};
+use mesh_common::model::Protocol;
+
+use super::rules::{TableId, counter, ct, dport, meta_is, payload, string};
 use super::{FirewallError, Table};
 
 /// Our table (family `ip`) in each task sandbox on the ingress network.
@@ -41,7 +42,7 @@ pub struct IngressTask {
     /// Each node's ingress MAC ("02:42:…") and its mark.
     pub marks: BTreeMap<String, u32>,
     /// The target ports the ingress interface accepts.
-    pub ports: BTreeSet<(Proto, u16)>,
+    pub ports: BTreeSet<(Protocol, u16)>,
 }
 
 fn ct_state(states: &[&str]) -> Statement<'static> {
@@ -131,14 +132,13 @@ impl Table for IngressTask {
             "replies and the rest of accepted connections",
         ));
         for (proto, port) in &self.ports {
-            let mut r = vec![ing(), ct_state(&["new"])];
-            r.extend(dport(*proto, *port));
-            r.push(Statement::Accept(None));
-            b.push(ID.rule(
-                "input",
-                r,
-                format!("published target {port}/{}", proto.word()),
-            ));
+            let r = vec![
+                ing(),
+                ct_state(&["new"]),
+                dport(*proto, *port),
+                Statement::Accept(None),
+            ];
+            b.push(ID.rule("input", r, format!("published target {port}/{proto}")));
         }
         b.push(ID.rule(
             "input",
@@ -159,7 +159,7 @@ mod tests {
         let t = IngressTask {
             ifname: "eth1".into(),
             marks: [("02:42:0a:ff:00:02".to_string(), 0x102)].into(),
-            ports: [(Proto::Tcp, 80)].into(),
+            ports: [(Protocol::Tcp, 80)].into(),
         };
         let j = serde_json::to_string(&batch(&t).expect("batch").to_nftables()).expect("json");
         assert!(

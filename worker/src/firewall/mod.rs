@@ -182,17 +182,13 @@ pub fn repair(ns: Option<&str>, table: &dyn Table) -> Result<Drift, FirewallErro
 /// Turns IPv4 forwarding on in `ns`; returns whether it was off. Nothing
 /// here turns it off again: other parts of the node may rely on it.
 pub fn enable_forwarding(ns: Option<&str>) -> Result<bool, FirewallError> {
-    // /proc/sys/net answers for the opening thread's namespace.
-    in_ns(ns, || {
-        let on = || -> io::Result<bool> {
-            if std::fs::read_to_string(IP_FORWARD)?.trim() == "1" {
-                return Ok(false);
-            }
-            std::fs::write(IP_FORWARD, b"1")?;
-            Ok(true)
-        };
-        on().map_err(FirewallError::Forwarding)
-    })
+    match crate::sysctl::ensure(ns, &[("ipv4/ip_forward", "1")]) {
+        Ok(changed) => Ok(changed > 0),
+        Err(crate::sysctl::SysctlError::Io { source, .. }) => {
+            Err(FirewallError::Forwarding(source))
+        }
+        Err(crate::sysctl::SysctlError::Net(e)) => Err(FirewallError::Net(e)),
+    }
 }
 
 /// Runs `nft ARGS` in `ns`, feeding it `input`, and returns its stdout; a

@@ -9,19 +9,20 @@
 //!   interface, set by the caller), and hairpin (`ct status dnat` from the
 //!   same interface), so replies come back through the node.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 use mesh_common::model::Protocol;
-use nftables::expr::{
-    CT, Expression, Fib, FibFlag, FibResult, MetaKey, NamedExpression, Payload, PayloadField,
-};
+use nftables::expr::MetaKey;
 use nftables::schema::NfListObject;
-use nftables::stmt::{Match, NAT, Operator, Statement};
+use nftables::stmt::{Operator, Statement};
 use nftables::types::{NfChainType, NfHook};
 
-use super::rules::{TableId, counter, ip_field_is, meta_is, saddr_in, string};
+use super::rules::{
+    TableId, counter, ct_status_dnat, cut_comment, dnat, dport, fib_daddr_local, ip_field_is,
+    meta_is, saddr_in, string,
+};
 use super::{FirewallError, Table};
 
 /// Our table (family `ip`) in the node's namespace.
@@ -84,14 +85,9 @@ impl Table for PortsTable<'_> {
                 if let Some(ip) = r.host_ip {
                     e.push(ip_field_is("daddr", string(ip)));
                 }
-                e.push(dport_is(r.protocol, r.host_port));
+                e.push(dport(r.protocol, r.host_port));
                 e.push(counter());
-                e.push(Statement::DNAT(Some(NAT {
-                    addr: Some(string(r.target)),
-                    family: None,
-                    port: Some(Expression::Number(u32::from(r.target_port))),
-                    flags: None,
-                })));
+                e.push(dnat(r.target, Some(r.target_port)));
                 b.push(ID.rule(chain, e, comment(r)));
             }
         }
@@ -124,56 +120,12 @@ impl Table for PortsTable<'_> {
     }
 }
 
-/// "sandbox NAME 80/tcp", cut to what nft accepts (on a character boundary).
+/// "sandbox NAME 80/tcp", cut to what nft accepts.
 fn comment(r: &PortRule) -> String {
-    let mut c = format!("sandbox {} {}/{}", r.sandbox, r.target_port, r.protocol);
-    if c.len() > super::vip::COMMENT_MAX {
-        let mut end = super::vip::COMMENT_MAX;
-        while !c.is_char_boundary(end) {
-            end -= 1;
-        }
-        c.truncate(end);
-    }
-    c
-}
-
-/// `fib daddr type local`: any address of the node.
-fn fib_daddr_local() -> Statement<'static> {
-    Statement::Match(Match {
-        left: Expression::Named(NamedExpression::Fib(Fib {
-            result: FibResult::Type,
-            flags: HashSet::from([FibFlag::Daddr]),
-        })),
-        right: string("local"),
-        op: Operator::EQ,
-    })
-}
-
-/// `tcp dport P` / `udp dport P`.
-fn dport_is(proto: Protocol, port: u16) -> Statement<'static> {
-    Statement::Match(Match {
-        left: Expression::Named(NamedExpression::Payload(Payload::PayloadField(
-            PayloadField {
-                protocol: proto.to_string().into(),
-                field: "dport".into(),
-            },
-        ))),
-        right: Expression::Number(u32::from(port)),
-        op: Operator::EQ,
-    })
-}
-
-/// `ct status dnat`
-fn ct_status_dnat() -> Statement<'static> {
-    Statement::Match(Match {
-        left: Expression::Named(NamedExpression::CT(CT {
-            key: "status".into(),
-            family: None,
-            dir: None,
-        })),
-        right: string("dnat"),
-        op: Operator::IN,
-    })
+    cut_comment(format!(
+        "sandbox {} {}/{}",
+        r.sandbox, r.target_port, r.protocol
+    ))
 }
 
 #[cfg(test)]

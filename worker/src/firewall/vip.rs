@@ -10,13 +10,13 @@ use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
-use nftables::expr::{Expression, Map, MetaKey, NamedExpression, NgMode, Numgen, SetItem};
+use nftables::expr::{Expression, MetaKey, NamedExpression, SetItem};
 use nftables::schema::NfListObject;
-use nftables::stmt::{NAT, Operator, Reject, RejectType, Statement};
+use nftables::stmt::{Operator, Reject, RejectType, Statement};
 use nftables::types::{NfChainType, NfHook, RejectCode};
 use tracing::warn;
 
-use super::rules::{TableId, counter, ip_field_is, meta_is, string};
+use super::rules::{TableId, counter, cut_comment, dnat_round_robin, ip_field_is, meta_is, string};
 use super::{FirewallError, Table};
 use crate::vip::VipService;
 
@@ -31,8 +31,6 @@ const FILTER_CHAIN: &str = "output_filter";
 const NAT_PRIORITY: i32 = -100;
 /// filter: after DNAT, so translated packets no longer carry a VIP.
 const FILTER_PRIORITY: i32 = 0;
-/// nft refuses longer rule comments.
-pub(crate) const COMMENT_MAX: usize = 128;
 
 /// The VIP table for the services one sandbox sees. Services are sorted by
 /// VIP and backends by address, so the same input (in any order,
@@ -94,7 +92,7 @@ impl Table for VipTable<'_> {
                     vec![
                         ip_field_is("daddr", string(vip)),
                         counter(),
-                        dnat_round_robin(backends)?,
+                        dnat_round_robin(TABLE, backends, None)?,
                     ],
                     comment(name),
                 ));
@@ -141,48 +139,15 @@ impl Table for VipTable<'_> {
     }
 }
 
-/// `dnat to numgen inc mod N map { 0 : b0, 1 : b1, ... }`
-fn dnat_round_robin(backends: &BTreeSet<Ipv4Addr>) -> Result<Statement<'static>, FirewallError> {
-    let n = u32::try_from(backends.len()).map_err(|_| FirewallError::Invalid {
-        table: TABLE,
-        reason: "too many backends".into(),
-    })?;
-    let map = backends
-        .iter()
-        .zip(0u32..)
-        .map(|(ip, i)| SetItem::Mapping(Expression::Number(i), string(ip)))
-        .collect();
-    Ok(Statement::DNAT(Some(NAT {
-        addr: Some(Expression::Named(NamedExpression::Map(Box::new(Map {
-            key: Expression::Named(NamedExpression::Numgen(Numgen {
-                mode: NgMode::Inc,
-                ng_mod: n,
-                offset: Some(0),
-            })),
-            data: Expression::Named(NamedExpression::Set(map)),
-        })))),
-        family: None,
-        port: None,
-        flags: None,
-    })))
-}
-
-/// "service NAME", cut to what nft accepts (on a character boundary).
+/// "service NAME", cut to what nft accepts.
 pub(crate) fn comment(name: &str) -> String {
-    let mut c = format!("service {name}");
-    if c.len() > COMMENT_MAX {
-        let mut end = COMMENT_MAX;
-        while !c.is_char_boundary(end) {
-            end -= 1;
-        }
-        c.truncate(end);
-    }
-    c
+    cut_comment(format!("service {name}"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::firewall::rules::COMMENT_MAX;
     use crate::vip::render;
 
     fn svc(name: &str, vip: [u8; 4], backends: &[[u8; 4]]) -> VipService {

@@ -21,23 +21,27 @@ mod sbox;
 mod task;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io;
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use futures::TryStreamExt;
 use ipnet::Ipv4Net;
-use mesh_common::model::Mac;
+use mesh_common::model::{Mac, Protocol, PublishMode};
 use mesh_proto::{NodeView, TaskAssignment};
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
+use rtnetlink::RouteMessageBuilder;
 use tracing::info;
 
 use crate::drivers::{EGRESS_SUBNET, Fault, Repair};
 use crate::egress::GWBRIDGE;
-use crate::firewall::ingress_host::{HostPort, IngressHost, MeshPort, Proto};
+use crate::firewall::ingress_host::{HostPort, IngressHost, MeshPort};
 use crate::firewall::ingress_lb::{IngressLb, LbPort};
 use crate::firewall::{self, Drift, FirewallError};
+use crate::link::Netlink;
 use crate::netns::{self, NetError};
 use crate::overlay::Node;
 use crate::sandboxes::{DataPath, Record};
+use crate::sysctl::{self, SysctlError};
 
 pub use sbox::{
     LINK_PREFIX, NODE_IFNAME, NODE_LINK_IP, SANDBOX_LINK_IP, remove_sandbox, sandbox_ns,
@@ -61,12 +65,8 @@ pub enum IngressError {
         ns: String,
         source: FirewallError,
     },
-    #[error("cannot set {path} in {ns}: {source}")]
-    Sysctl {
-        path: String,
-        ns: String,
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Sysctl(#[from] SysctlError),
 }
 
 /// One node's ingress endpoint, as a task's reply routing needs it.
@@ -122,7 +122,7 @@ impl Plan {
             .collect();
         let mut ports = BTreeSet::new();
         for p in &ing.ports {
-            let proto = Proto::parse(&p.protocol);
+            let proto = Protocol::from_wire(&p.protocol).ok();
             let port = u16::try_from(p.published_port).ok().filter(|p| *p != 0);
             let target = u16::try_from(p.target_port).ok().filter(|p| *p != 0);
             let (Some(proto), Some(port), Some(target)) = (proto, port, target) else {
@@ -165,15 +165,15 @@ impl Plan {
     }
 }
 
-/// The published ports of a task with their mode: (proto, published,
-/// target) for ingress ones and host ones.
-fn task_ports(t: &TaskAssignment, host: bool) -> BTreeSet<(Proto, u16, u16)> {
+/// The published ports of a task in one mode: (proto, published,
+/// target). A port whose words do not parse is in neither mode.
+fn task_ports(t: &TaskAssignment, mode: PublishMode) -> BTreeSet<(Protocol, u16, u16)> {
     t.ports
         .iter()
-        .filter(|p| (p.publish_mode == "host") == host)
+        .filter(|p| PublishMode::from_wire(&p.publish_mode) == Ok(mode))
         .filter_map(|p| {
             Some((
-                Proto::parse(&p.protocol)?,
+                Protocol::from_wire(&p.protocol).ok()?,
                 u16::try_from(p.published_port).ok()?,
                 u16::try_from(p.target_port).ok()?,
             ))
@@ -194,7 +194,7 @@ pub fn host_table(
         let Some(t) = view.tasks.iter().find(|t| t.id == rec.id) else {
             continue;
         };
-        for (proto, port, target) in task_ports(t, true) {
+        for (proto, port, target) in task_ports(t, PublishMode::Host) {
             match rec.egress_ip {
                 Some(addr) => {
                     host_ports.insert(HostPort {
@@ -206,7 +206,7 @@ pub fn host_table(
                     });
                 }
                 None => faults.push(Fault::new(
-                    format!("task {} host port {port}/{}", rec.name, proto.word()),
+                    format!("task {} host port {port}/{proto}", rec.name),
                     "the task has no address on mesh_gwbridge (all its networks are --internal?); its host port is not published",
                 )),
             }
@@ -240,7 +240,7 @@ pub fn task_side<'a>(
     plan: &Plan,
     view: &NodeView,
     rec: &'a Record,
-) -> Option<(&'a crate::sandboxes::Attachment, BTreeSet<(Proto, u16)>)> {
+) -> Option<(&'a crate::sandboxes::Attachment, BTreeSet<(Protocol, u16)>)> {
     let a = rec
         .networks
         .iter()
@@ -250,7 +250,7 @@ pub fn task_side<'a>(
         .iter()
         .find(|t| t.id == rec.id)
         .map(|t| {
-            task_ports(t, false)
+            task_ports(t, PublishMode::Ingress)
                 .into_iter()
                 .map(|(p, _, t)| (p, t))
                 .collect()
@@ -304,7 +304,7 @@ pub async fn repair_in(dp: &DataPath, node: &Node, view: &NodeView, live: &[Reco
     if !host.host_ports.is_empty() {
         // 127.0.0.1:PORT on the node reaches a host-mode task too.
         let r = tokio::task::block_in_place(|| {
-            sysctls(
+            sysctl::ensure(
                 node.ns.as_deref(),
                 &[(format!("ipv4/conf/{GWBRIDGE}/route_localnet"), "1")],
             )
@@ -340,9 +340,8 @@ pub async fn repair_in(dp: &DataPath, node: &Node, view: &NodeView, live: &[Reco
             let Some((a, targets)) = task_side(plan, view, rec) else {
                 continue;
             };
-            let r = tokio::task::block_in_place(|| {
-                sync_task(&rec.netns, &a.ifname, a.prefix, plan, &targets)
-            });
+            let r =
+                tokio::task::block_in_place(|| sync_task(&rec.netns, &a.ifname, plan, &targets));
             match r {
                 Ok(n) => out.repairs += n,
                 Err(e) => out.fail(|| format!("task {} ingress", rec.name), e),
@@ -366,39 +365,52 @@ pub fn remove(node: &Node) -> Result<(), IngressError> {
     })
 }
 
-/// Writes sysctls in `ns` (None: the namespace of the daemon), each only
-/// when it differs; returns how many changed.
-pub(crate) fn sysctls(ns: Option<&str>, items: &[(String, &str)]) -> Result<usize, IngressError> {
-    let label = netns::label(ns);
-    let work = || -> Result<usize, IngressError> {
-        let mut changed = 0;
-        for (key, value) in items {
-            let path = format!("/proc/sys/net/{key}");
-            let err = |source| IngressError::Sysctl {
-                path: path.clone(),
-                ns: label.clone(),
-                source,
-            };
-            if std::fs::read_to_string(&path).map_err(err)?.trim() != *value {
-                std::fs::write(&path, value).map_err(err)?;
-                changed += 1;
-            }
-        }
-        Ok(changed)
-    };
-    match ns {
-        // /proc/sys/net answers for the opening thread's namespace.
-        Some(name) => netns::run_in(name, work)?,
-        None => work(),
-    }
-}
-
 /// Every node's mark, by MAC, for a task's table.
-pub(crate) fn marks(plan: &Plan, subnet: &Ipv4Net) -> BTreeMap<String, u32> {
+pub(crate) fn marks(plan: &Plan) -> BTreeMap<String, u32> {
     plan.nodes
         .iter()
-        .filter_map(|n| Some((n.mac.clone(), mark_for(n.ip, subnet)?)))
+        .filter_map(|n| Some((n.mac.clone(), mark_for(n.ip, &plan.subnet)?)))
         .collect()
+}
+
+/// A default route as the kernel holds it: its gateway and device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct DefaultRoute {
+    pub gateway: Option<Ipv4Addr>,
+    pub oif: Option<u32>,
+}
+
+/// The IPv4 default route of every routing table of `nl`'s namespace, by
+/// table ID, so a pass replaces only the routes that differ.
+pub(crate) async fn default_routes(nl: &Netlink) -> Result<BTreeMap<u32, DefaultRoute>, NetError> {
+    let routes: Vec<RouteMessage> = nl
+        .handle()
+        .route()
+        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .execute()
+        .try_collect()
+        .await
+        .map_err(|e| nl.err("list the routes", e))?;
+    Ok(routes
+        .iter()
+        .filter(|r| r.header.destination_prefix_length == 0)
+        .map(|r| {
+            let mut table = u32::from(r.header.table);
+            let mut d = DefaultRoute {
+                gateway: None,
+                oif: None,
+            };
+            for a in &r.attributes {
+                match a {
+                    RouteAttribute::Table(t) => table = *t,
+                    RouteAttribute::Gateway(RouteAddress::Inet(g)) => d.gateway = Some(*g),
+                    RouteAttribute::Oif(i) => d.oif = Some(*i),
+                    _ => {}
+                }
+            }
+            (table, d)
+        })
+        .collect())
 }
 
 #[cfg(test)]
@@ -509,7 +521,7 @@ mod tests {
         let hp: Vec<_> = t.host_ports.iter().collect();
         assert_eq!(
             (hp[0].port, hp[0].target, hp[0].proto),
-            (5353, 53, Proto::Udp)
+            (5353, 53, Protocol::Udp)
         );
         assert_eq!(t.mesh_ports.len(), 1);
         let (t, faults) = host_table(Some(&plan), &v, &[task(None)]);
@@ -524,6 +536,6 @@ mod tests {
         let rec = task(None);
         let (a, targets) = task_side(&plan, &v, &rec).expect("on ingress");
         assert_eq!(a.ifname, "eth1");
-        assert_eq!(targets, [(Proto::Tcp, 80)].into());
+        assert_eq!(targets, [(Protocol::Tcp, 80)].into());
     }
 }

@@ -14,13 +14,16 @@ use std::os::fd::AsFd;
 
 use tracing::info;
 
-use super::{IngressError, Plan, SANDBOX_INGRESS_IF, SANDBOX_LINK_IF, sysctls};
+use super::{
+    DefaultRoute, IngressError, Plan, SANDBOX_INGRESS_IF, SANDBOX_LINK_IF, default_routes,
+};
 use crate::drivers::overlay_spec;
 use crate::firewall::{self, Drift};
 use crate::link::Netlink;
 use crate::netns::{self, NetError};
 use crate::overlay::{self, Attachment, Node};
 use crate::sandboxes::DataPath;
+use crate::sysctl;
 
 /// The node's end of the link to the ingress sandbox.
 pub const NODE_IFNAME: &str = "mesh_ingress";
@@ -67,7 +70,7 @@ pub(super) async fn ensure(dp: &DataPath, node: &Node, plan: &Plan) -> Result<us
     fixed += link(node, &ns).await?;
     let all = |k: &str| (format!("ipv4/conf/{k}/rp_filter"), "0");
     fixed += tokio::task::block_in_place(|| {
-        sysctls(
+        sysctl::ensure(
             Some(&ns),
             &[
                 ("ipv4/ip_forward".into(), "1"),
@@ -87,10 +90,10 @@ pub(super) async fn ensure(dp: &DataPath, node: &Node, plan: &Plan) -> Result<us
                 source,
             }
         })?;
-        sysctls(
+        Ok::<_, IngressError>(sysctl::ensure(
             node.ns.as_deref(),
             &[(format!("ipv4/conf/{NODE_IFNAME}/route_localnet"), "1")],
-        )
+        )?)
     })?;
     let lb = plan.lb_table();
     let found =
@@ -109,7 +112,8 @@ pub(super) async fn ensure(dp: &DataPath, node: &Node, plan: &Plan) -> Result<us
 
 /// The veth between the node and the sandbox, its addresses and the
 /// sandbox's default route; recreated when either end is missing or they
-/// are not each other's peer.
+/// are not each other's peer. Each part is read first and set only where it
+/// differs.
 async fn link(node: &Node, ns: &str) -> Result<usize, IngressError> {
     let host = Netlink::open(node.ns.as_deref()).await?;
     let sb = Netlink::open(Some(ns)).await?;
@@ -139,11 +143,29 @@ async fn link(node: &Node, ns: &str) -> Result<usize, IngressError> {
             .await?;
         fixed += 1;
     }
-    host.set_up(NODE_IFNAME).await?;
-    sb.set_up(SANDBOX_LINK_IF).await?;
-    sb.set_up("lo").await?;
-    sb.replace_default_route(NODE_LINK_IP, SANDBOX_LINK_IF)
-        .await?;
+    let (outer_up, inner_up) = match (&outer, &inner) {
+        (Some(o), Some(i)) if paired => (o.up, i.up),
+        _ => (false, false),
+    };
+    if !outer_up {
+        host.set_up(NODE_IFNAME).await?;
+    }
+    if !inner_up {
+        sb.set_up(SANDBOX_LINK_IF).await?;
+    }
+    if !sb.link("lo").await?.is_some_and(|l| l.up) {
+        sb.set_up("lo").await?;
+    }
+    let wanted = DefaultRoute {
+        gateway: Some(NODE_LINK_IP),
+        oif: sb.index(SANDBOX_LINK_IF).await?,
+    };
+    let main = u32::from(netlink_packet_route::route::RouteHeader::RT_TABLE_MAIN);
+    if default_routes(&sb).await?.get(&main) != Some(&wanted) {
+        sb.replace_default_route(NODE_LINK_IP, SANDBOX_LINK_IF)
+            .await?;
+        fixed += 1;
+    }
     Ok(fixed)
 }
 

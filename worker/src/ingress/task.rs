@@ -12,12 +12,13 @@ use ipnet::Ipv4Net;
 use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use rtnetlink::{IpVersion, RouteMessageBuilder};
 
-use super::{IngressError, Plan, marks, sysctls};
-use crate::firewall::ingress_host::Proto;
+use mesh_common::model::Protocol;
+
+use super::{DefaultRoute, IngressError, Plan, default_routes, marks};
 use crate::firewall::ingress_task::IngressTask;
 use crate::firewall::{self, Drift};
 use crate::link::Netlink;
-use crate::netns;
+use crate::{netns, sysctl};
 
 /// Marks (and routing tables) start here: clear of the kernel's tables
 /// 253-255 and of small marks other tools use.
@@ -36,20 +37,17 @@ pub fn mark_for(ip: Ipv4Addr, subnet: &Ipv4Net) -> Option<u32> {
 
 /// Makes a task sandbox's ingress side what `plan` says: its table, its
 /// sysctls, one rule and one route per node, and no rule for a node that
-/// left. Returns how many things it changed.
+/// left. Each is read first and written only where it differs. Returns
+/// how many things it changed.
 pub fn sync_task(
     ns: &str,
     ifname: &str,
-    prefix: u8,
     plan: &Plan,
-    targets: &BTreeSet<(Proto, u16)>,
+    targets: &BTreeSet<(Protocol, u16)>,
 ) -> Result<usize, IngressError> {
-    let subnet = Ipv4Net::new(plan.ip, prefix)
-        .map(|n| n.trunc())
-        .unwrap_or(plan.subnet);
     let table = IngressTask {
         ifname: ifname.into(),
-        marks: marks(plan, &subnet),
+        marks: marks(plan),
         ports: targets.clone(),
     };
     let mut fixed = 0;
@@ -61,7 +59,7 @@ pub fn sync_task(
     if found != Drift::InSync {
         fixed += 1;
     }
-    fixed += sysctls(
+    fixed += sysctl::ensure(
         Some(ns),
         &[
             ("ipv4/conf/all/rp_filter".into(), "0"),
@@ -73,7 +71,7 @@ pub fn sync_task(
     let routes: Vec<(u32, Ipv4Addr)> = plan
         .nodes
         .iter()
-        .filter_map(|n| Some((mark_for(n.ip, &subnet)?, n.ip)))
+        .filter_map(|n| Some((mark_for(n.ip, &plan.subnet)?, n.ip)))
         .collect();
     let ns_owned = ns.to_string();
     let ifname = ifname.to_string();
@@ -120,6 +118,7 @@ async fn policy_routes(
         .await
         .map_err(|e| nl.err("list the routing rules", e))?;
     let have: BTreeSet<u32> = rules.iter().filter_map(our_mark).collect();
+    let table_routes = default_routes(&nl).await?;
     let want: BTreeSet<u32> = routes.iter().map(|(m, _)| *m).collect();
     let mut fixed = 0;
     for r in rules {
@@ -139,17 +138,24 @@ async fn policy_routes(
         fixed += 1;
     }
     for (mark, gw) in routes {
-        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
-            .gateway(*gw)
-            .output_interface(idx)
-            .table_id(*mark)
-            .build();
-        h.route()
-            .add(msg)
-            .replace()
-            .execute()
-            .await
-            .map_err(|e| nl.err(format!("set table {mark}'s route via {gw} on {ifname}"), e))?;
+        let wanted = DefaultRoute {
+            gateway: Some(*gw),
+            oif: Some(idx),
+        };
+        if table_routes.get(mark) != Some(&wanted) {
+            let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+                .gateway(*gw)
+                .output_interface(idx)
+                .table_id(*mark)
+                .build();
+            h.route()
+                .add(msg)
+                .replace()
+                .execute()
+                .await
+                .map_err(|e| nl.err(format!("set table {mark}'s route via {gw} on {ifname}"), e))?;
+            fixed += 1;
+        }
         if !have.contains(mark) {
             h.rule()
                 .add()

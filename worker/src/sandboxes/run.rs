@@ -248,11 +248,7 @@ impl Sandboxes {
         // Ports go to a bridge address, or to the egress address an
         // overlay-only sandbox gets (as `start_built` decides it).
         let bridge = rec.networks.iter().any(|a| a.driver == DriverKind::Bridge);
-        let egress = !rec.host_network
-            && !none
-            && !rec.networks.iter().any(|a| !a.driver.is_cluster())
-            && rec.networks.iter().any(|a| !a.internal);
-        if !rec.ports.is_empty() && !bridge && !egress {
+        if !rec.ports.is_empty() && !bridge && !gets_egress(rec, none) {
             return Err(SandboxesError::Refused(
                 "publishing a port needs a bridge network (or an overlay with egress); host, none, macvlan and internal networks cannot publish".into(),
             ));
@@ -286,16 +282,7 @@ impl Sandboxes {
         for kind in wiring::kinds_of(rec) {
             drivers::driver(kind).settle(&cx).await?;
         }
-        // Egress like docker_gwbridge for overlay-only sandboxes, unless
-        // every network is --internal; a task without networks gets it too,
-        // as every Swarm task does (its host-mode ports arrive there).
-        let local_route = rec.networks.iter().any(|a| !a.driver.is_cluster());
-        let no_networks_task = rec.networks.is_empty() && rec.service.is_some();
-        if !rec.host_network
-            && !none
-            && !local_route
-            && (no_networks_task || rec.networks.iter().any(|a| !a.internal))
-        {
+        if gets_egress(rec, none) {
             let ip = self.next_egress_ip()?;
             Egress.attach(rec, ip)?;
             rec.egress_ip = Some(ip);
@@ -408,22 +395,39 @@ impl Sandboxes {
     }
 }
 
+/// Whether a sandbox gets an address on `mesh_gwbridge` (egress like
+/// docker_gwbridge): overlay-only sandboxes, unless every network is
+/// --internal; a task without networks gets it too, as every Swarm task
+/// does (its host-mode ports arrive there). Decided before the kernel is
+/// touched (may it publish ports?) and when wiring it, alike.
+fn gets_egress(rec: &Record, none: bool) -> bool {
+    let local_route = rec.networks.iter().any(|a| !a.driver.is_cluster());
+    let no_networks_task = rec.networks.is_empty() && rec.service.is_some();
+    !rec.host_network
+        && !none
+        && !local_route
+        && (no_networks_task || rec.networks.iter().any(|a| !a.internal))
+}
+
 /// `route_localnet=1` on every interface a published port is reached
 /// through, so `127.0.0.1:PORT` on the node can be routed to a sandbox
 /// (and then masqueraded). Never turned off: other ports may rely on it.
 fn route_localnet(rules: &[PortRule]) -> Result<(), SandboxesError> {
-    let ifaces: std::collections::BTreeSet<&str> = rules.iter().map(|r| r.iface.as_str()).collect();
-    for iface in ifaces {
-        let path = format!("/proc/sys/net/ipv4/conf/{iface}/route_localnet");
-        if std::fs::read_to_string(&path).is_ok_and(|v| v.trim() == "1") {
-            continue;
-        }
-        std::fs::write(&path, b"1").map_err(|source| SandboxesError::Io {
+    let items: Vec<(String, &str)> = rules
+        .iter()
+        .map(|r| r.iface.as_str())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .map(|iface| (format!("ipv4/conf/{iface}/route_localnet"), "1"))
+        .collect();
+    crate::sysctl::ensure(None, &items).map_err(|e| match e {
+        crate::sysctl::SysctlError::Io { path, source, .. } => SandboxesError::Io {
             what: "turn on route_localnet in",
             path: path.into(),
             source,
-        })?;
-    }
+        },
+        e => SandboxesError::Refused(e.to_string()),
+    })?;
     Ok(())
 }
 
@@ -434,6 +438,67 @@ mod tests {
     use mesh_common::model::Protocol;
 
     use super::*;
+
+    fn rec(drivers: &[(DriverKind, bool)], service: bool) -> Record {
+        let networks = drivers
+            .iter()
+            .map(|(driver, internal)| super::super::Attachment {
+                network: "n".into(),
+                network_id: "n".into(),
+                endpoint_id: "e".into(),
+                ifname: "eth0".into(),
+                ip: Ipv4Addr::new(10, 0, 0, 2),
+                prefix: 24,
+                mac: String::new(),
+                gateway: Ipv4Addr::new(10, 0, 0, 1),
+                vni: 0,
+                mtu: 1450,
+                internal: *internal,
+                driver: *driver,
+                parent: None,
+                default_route: false,
+            })
+            .collect();
+        Record {
+            id: "i".into(),
+            name: "s".into(),
+            netns: "ns".into(),
+            pid: 0,
+            cmd: Vec::new(),
+            env: Vec::new(),
+            networks,
+            egress_ip: None,
+            created_at: String::new(),
+            exit_code: None,
+            host_network: false,
+            service: service.then(|| "svc".into()),
+            ports: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn egress_for_overlay_only_sandboxes_and_network_less_tasks() {
+        use DriverKind::{Bridge, Overlay};
+        assert!(gets_egress(&rec(&[(Overlay, false)], false), false));
+        assert!(gets_egress(
+            &rec(&[(Overlay, true), (Overlay, false)], false),
+            false
+        ));
+        assert!(!gets_egress(&rec(&[(Overlay, true)], false), false));
+        assert!(!gets_egress(
+            &rec(&[(Overlay, false), (Bridge, false)], false),
+            false
+        ));
+        assert!(!gets_egress(&rec(&[(Overlay, false)], false), true), "none");
+        assert!(
+            gets_egress(&rec(&[], true), false),
+            "a task without networks"
+        );
+        assert!(!gets_egress(&rec(&[], false), false));
+        let mut host = rec(&[], true);
+        host.host_network = true;
+        assert!(!gets_egress(&host, false));
+    }
 
     #[test]
     fn a_port_is_claimed_once_until_released() {

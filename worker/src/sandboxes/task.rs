@@ -110,7 +110,7 @@ impl Sandboxes {
             return Ok(());
         };
         tokio::task::block_in_place(|| {
-            crate::ingress::sync_task(&rec.netns, &a.ifname, a.prefix, &plan, &targets)
+            crate::ingress::sync_task(&rec.netns, &a.ifname, &plan, &targets)
         })
         .map(drop)
         .map_err(|e| SandboxesError::Refused(format!("cannot set up the task's ingress side: {e}")))
