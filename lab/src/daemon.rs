@@ -128,7 +128,9 @@ impl Lab {
             .or_else(|| sys::proc_info(pid).map(|p| p.start))
             .unwrap_or(0);
         sys::signal(pid, Some(start), Signal::SIGKILL)?;
-        if !sys::wait_gone(&[(pid, start)], Duration::from_secs(10)).is_empty() {
+        if !sys::wait_gone(&[(pid, start)], Duration::from_secs(10)).is_empty()
+            || !sys::wait_threads_gone(pid, Duration::from_secs(10))
+        {
             return Err(self.node_error(i, format!("daemon pid {pid} survived SIGKILL for 10s")));
         }
         reap(&mut self.children);

@@ -374,6 +374,38 @@ pub(crate) fn wait_gone(procs: &[(i32, u64)], timeout: Duration) -> Vec<(i32, u6
     }
 }
 
+/// Waits until every thread of `pid` has exited. A killed process whose
+/// leader is already a zombie keeps its sockets open while another thread
+/// is still leaving the kernel (closing a TAP waits for the device to be
+/// unregistered), and a daemon restarted meanwhile finds its socket taken.
+pub(crate) fn wait_threads_gone(pid: i32, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let live = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| {
+                        let stat =
+                            std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+                        // The state follows the ")" closing the command name.
+                        let state = stat
+                            .rsplit_once(')')
+                            .and_then(|(_, r)| r.trim_start().chars().next());
+                        !matches!(state, None | Some('Z' | 'X'))
+                    })
+                    .count()
+            })
+            .unwrap_or(0);
+        if live == 0 {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Names in /run/netns.
 pub(crate) fn list_netns() -> Vec<String> {
     let Ok(dir) = std::fs::read_dir(NETNS_DIR) else {

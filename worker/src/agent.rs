@@ -21,9 +21,9 @@ use mesh_common::model::DriverKind;
 
 use crate::drivers::{self, Desired, Egress, Fault, Repair};
 use crate::encryption::Encryption;
-use crate::tunnel::Tunnel;
 use crate::managers::Managers;
 use crate::sandboxes::{DataPath, Record, Sandboxes};
+use crate::tunnel::Tunnel;
 
 /// How often the kernel is re-checked without a new view.
 pub const RESYNC_EVERY: Duration = Duration::from_secs(3);

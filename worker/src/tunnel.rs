@@ -55,7 +55,10 @@ impl Tunnel {
         };
         let scope = || "encryption".to_string();
         let Ok(listen_port) = u16::try_from(enc.listen_port) else {
-            out.fail(scope, format!("bad WireGuard port {} in the view", enc.listen_port));
+            out.fail(
+                scope,
+                format!("bad WireGuard port {} in the view", enc.listen_port),
+            );
             return out;
         };
         let settings = Settings {
@@ -71,7 +74,11 @@ impl Tunnel {
                 Err(e) => out.fail(|| format!("encryption peer {}", p.node_id), e),
             }
         }
-        if self.running.as_ref().is_some_and(|r| r.settings != settings) {
+        if self
+            .running
+            .as_ref()
+            .is_some_and(|r| r.settings != settings)
+        {
             info!("WireGuard settings changed; restarting the device");
             self.running = None;
         }
@@ -164,4 +171,3 @@ fn peer_config(p: &mesh_proto::WireguardPeer) -> Result<wg::PeerConfig, String> 
         addr,
     })
 }
-

@@ -158,6 +158,7 @@ fn task_record(ns: &str) -> Record {
             driver: DriverKind::Overlay,
             parent: None,
             default_route: false,
+            encrypted: false,
         }],
         egress_ip: None,
         created_at: String::new(),

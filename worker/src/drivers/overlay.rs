@@ -154,9 +154,13 @@ mod tests {
     fn spec_takes_the_node_default_mtu() {
         let subnet: Ipv4Net = "10.0.1.0/24".parse().expect("subnet");
         let gw = Ipv4Addr::new(10, 0, 1, 1);
-        assert_eq!(overlay_spec(&dp(), 4097, subnet, gw, 0).mtu, 1450);
-        let s = overlay_spec(&dp(), 4097, subnet, gw, 1400);
+        assert_eq!(overlay_spec(&dp(), 4097, subnet, gw, 0, false).mtu, 1450);
+        let s = overlay_spec(&dp(), 4097, subnet, gw, 1400, false);
         assert_eq!((s.mtu, s.port, s.local_ip), (1400, 4789, dp().local_ip));
+        // Encrypted: WireGuard's 60 bytes come off too, unless --opt mtu.
+        let e = overlay_spec(&dp(), 4097, subnet, gw, 0, true);
+        assert_eq!((e.mtu, e.encrypted), (1390, true));
+        assert_eq!(overlay_spec(&dp(), 4097, subnet, gw, 1300, true).mtu, 1300);
     }
 
     #[test]

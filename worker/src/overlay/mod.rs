@@ -315,12 +315,12 @@ async fn create_vxlan_in_node(
     encrypted: bool,
 ) -> Result<(), NetError> {
     let underlay = node.underlay_ns(encrypted);
-    if encrypted && !underlay.as_deref().is_some_and(netns::exists) {
-        return Err(NetError::Invalid(format!(
-            "encrypted network VNI {}: the node's WireGuard device is not up (no namespace {})",
-            want.vni,
-            tunnel_ns_name(&node.prefix)
-        )));
+    if let Some(tunnel) = underlay.as_deref().filter(|_| encrypted) {
+        // A sandbox may attach before the agent has started the device
+        // (the view naming the peers comes after the endpoint). The socket
+        // goes into the tunnel namespace anyway: until the device is up,
+        // what it sends has no route out at all, never a clear one.
+        netns::create_async(tunnel).await?;
     }
     let host = Netlink::open(underlay.as_deref()).await?;
     let tmp = temp_vxlan_name(&node.prefix, want.vni);

@@ -457,6 +457,7 @@ mod tests {
                 driver: *driver,
                 parent: None,
                 default_route: false,
+                encrypted: false,
             })
             .collect();
         Record {
