@@ -129,6 +129,10 @@ impl Tunnel {
             }
         }
         if let Err(e) = tokio::task::block_in_place(|| r.device.repair()) {
+            // What repair cannot mend (the TAP itself deleted by hand) needs
+            // a new device: the next pass starts one.
+            info!(error = %e, "WireGuard device broken; restarting it on the next pass");
+            self.running = None;
             out.fail(scope, e);
         }
         out

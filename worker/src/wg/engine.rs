@@ -519,8 +519,31 @@ fn identify(
         }
         Packet::HandshakeResponse(p) => table.by_index(p.receiver_idx >> 8).cloned(),
         Packet::PacketCookieReply(p) => table.by_index(p.receiver_idx >> 8).cloned(),
-        Packet::PacketData(p) => table.by_index(p.receiver_idx >> 8).cloned(),
+        Packet::PacketData(p) => {
+            let peer = table.by_index(p.receiver_idx >> 8).cloned();
+            if peer.is_none()
+                && let Some(stale) = table.by_addr(*src.ip())
+            {
+                rehandshake(sh, stale);
+            }
+            peer
+        }
     }
+}
+
+/// A peer goes on sending data on a session this device no longer has
+/// (this daemon restarted, or its key was rotated): WireGuard would let it
+/// wait for its own rekey timeout (15 s); a fresh initiation from here ends
+/// that at once. One at a time: Tunn sends none while one is in flight, so
+/// a stream of such packets (or spoofed ones) costs no more.
+fn rehandshake(sh: &Shared, peer: &Peer) {
+    let mut buf = [0u8; 256];
+    let init = match peer.lock().format_handshake_initiation(&mut buf, false) {
+        TunnResult::WriteToNetwork(b) => b.to_vec(),
+        _ => return,
+    };
+    debug!(peer = %peer.cfg.node_id, "data on an unknown session; starting a handshake");
+    sh.send_control(peer, &init);
 }
 
 /// UDP → TAP: receive batches, decrypt, keep only packets from the peer's
