@@ -186,7 +186,7 @@ impl Encryption {
             datapath: st.datapath.clone(),
             listen_port: st.listen_port,
             peers: st.peers.clone(),
-            key_created_at: rfc3339(created_at),
+            key_created_at: crate::rfc3339(created_at),
         }
     }
 
@@ -270,12 +270,6 @@ pub fn parse_public_key(b64: &str) -> Result<[u8; 32], EncryptionError> {
         .ok()
         .and_then(|v| <[u8; 32]>::try_from(v).ok())
         .ok_or_else(|| EncryptionError::BadKey(b64.chars().take(60).collect()))
-}
-
-pub(crate) fn rfc3339(t: SystemTime) -> String {
-    time::OffsetDateTime::from(t)
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
 }
 
 #[cfg(test)]

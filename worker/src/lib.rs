@@ -65,3 +65,10 @@ pub mod tunnel;
 mod veth;
 pub mod vip;
 pub mod wg;
+
+/// A time as the managers and `mesh info` write times (RFC 3339, UTC).
+pub(crate) fn rfc3339(t: std::time::SystemTime) -> String {
+    time::OffsetDateTime::from(t)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}

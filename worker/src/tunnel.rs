@@ -150,10 +150,7 @@ impl Tunnel {
                 node_id: p.node_id.clone(),
                 public_key: crate::encryption::encode_key(&p.public_key),
                 endpoint: p.endpoint.to_string(),
-                last_handshake: p
-                    .last_handshake
-                    .map(crate::encryption::rfc3339)
-                    .unwrap_or_default(),
+                last_handshake: p.last_handshake.map(crate::rfc3339).unwrap_or_default(),
                 rx_bytes: p.rx_bytes,
                 tx_bytes: p.tx_bytes,
             })

@@ -30,9 +30,7 @@ pub(super) fn read_host_resolv_conf() -> String {
 }
 
 pub(super) fn now() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
+    crate::rfc3339(std::time::SystemTime::now())
 }
 
 #[cfg(test)]
