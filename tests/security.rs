@@ -200,6 +200,13 @@ impl mesh_proto::cluster_server::Cluster for FakeManager {
         self.saw("join_raft");
         no()
     }
+    async fn read_index(
+        &self,
+        _: tonic::Request<mesh_proto::Empty>,
+    ) -> Reply<mesh_proto::ReadIndexReply> {
+        self.saw("read_index");
+        no()
+    }
     type AssignmentsStream =
         tokio_stream::wrappers::ReceiverStream<Result<mesh_proto::NodeView, tonic::Status>>;
     async fn assignments(
@@ -388,12 +395,16 @@ fn removed_manager_certificate_is_refused() -> Result<()> {
                 .await
                 .map(|_| ()),
         ));
+        out.push((
+            "read_index",
+            cluster.read_index(mesh_proto::Empty {}).await.map(|_| ()),
+        ));
         Ok(out
             .into_iter()
             .map(|(w, r)| (w, code(&r), r.err().map(|s| s.message().to_string())))
             .collect::<Vec<_>>())
     })?;
-    ensure!(results.len() == 6, "{results:?}");
+    ensure!(results.len() == 7, "{results:?}");
     for (what, code, msg) in &results {
         ensure!(
             *code == tonic::Code::PermissionDenied,
@@ -641,11 +652,20 @@ fn nodes_assert_nothing_about_others() -> Result<()> {
                 ok += 1;
             }
         }
-        Ok(ok)
+        // The read index is for managers: a worker learns nothing of the
+        // leader's log from it.
+        let read_index = c.read_index(mesh_proto::Empty {}).await;
+        Ok((ok, code(&read_index)))
     })?;
     ensure!(
-        forged == 40,
-        "heartbeats themselves are allowed: {forged}/40"
+        forged.0 == 40,
+        "heartbeats themselves are allowed: {}/40",
+        forged.0
+    );
+    ensure!(
+        forged.1 == tonic::Code::PermissionDenied,
+        "a worker's ReadIndex: {:?}",
+        forged.1
     );
     std::thread::sleep(Duration::from_secs(1));
     let (addr_after, index_after) = version(&lab)?;

@@ -306,6 +306,15 @@ impl cluster_server::Cluster for ClusterService {
         Ok(Response::new(ProposeResponse { result }))
     }
 
+    async fn read_index(&self, req: Request<Empty>) -> Result<Response<ReadIndexReply>, Status> {
+        self.manager_member(&req)?;
+        if !self.mgr.is_leader() {
+            return Err(self.not_leader());
+        }
+        let index = self.mgr.leader_read_index().await?;
+        Ok(Response::new(ReadIndexReply { index }))
+    }
+
     async fn join_raft(&self, req: Request<JoinRaftRequest>) -> Result<Response<Empty>, Status> {
         let node = self.manager_member(&req)?;
         if !self.mgr.is_leader() {

@@ -59,6 +59,14 @@ impl ControlService {
         }
     }
 
+    /// The manager role for a read: only once it has confirmed its state
+    /// reflects every write acknowledged before the read began.
+    async fn current_manager(&self) -> Result<Arc<Manager>, Status> {
+        let mgr = self.manager()?;
+        mgr.ensure_current().await?;
+        Ok(mgr)
+    }
+
     /// `network connect` and `disconnect`: one path, so both answer alike.
     async fn attachment(
         &self,
@@ -260,7 +268,9 @@ impl Control for ControlService {
     }
 
     async fn node_list(&self, _req: Request<Empty>) -> Result<Response<NodeList>, Status> {
-        Ok(Response::new(control::nodes::list(&*self.manager()?)))
+        Ok(Response::new(control::nodes::list(
+            &*self.current_manager().await?,
+        )))
     }
 
     async fn node_update(
@@ -319,8 +329,8 @@ impl Control for ControlService {
             .iter()
             .map(|n| mesh_worker::local_request::to_pb(n, &records))
             .collect();
-        if let Some(mgr) = self.d.manager() {
-            networks.extend(control::networks::list(&mgr));
+        if self.d.manager().is_some() {
+            networks.extend(control::networks::list(&*self.current_manager().await?));
         }
         Ok(Response::new(NetworkList { networks }))
     }
@@ -338,7 +348,7 @@ impl Control for ControlService {
         }
         // A worker knows its local networks only: for it, no such network.
         let net = match self.d.manager() {
-            Some(mgr) => control::networks::inspect(&mgr, &r)?,
+            Some(_) => control::networks::inspect(&*self.current_manager().await?, &r)?,
             None => return Err(no_such_network(&r).into()),
         };
         Ok(Response::new(net))
@@ -505,14 +515,16 @@ impl Control for ControlService {
     }
 
     async fn service_list(&self, _req: Request<Empty>) -> Result<Response<ServiceList>, Status> {
-        Ok(Response::new(control::services::list(&*self.manager()?)))
+        Ok(Response::new(control::services::list(
+            &*self.current_manager().await?,
+        )))
     }
 
     async fn service_status(
         &self,
         req: Request<ServiceRef>,
     ) -> Result<Response<ServiceStatusReply>, Status> {
-        let mgr = self.manager()?;
+        let mgr = self.current_manager().await?;
         let reply = control::services::status(&mgr, &req.into_inner().service).await?;
         Ok(Response::new(reply))
     }

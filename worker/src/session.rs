@@ -296,6 +296,7 @@ impl Session {
             encryption_public_key: self.encryption.public_key_b64(),
             encryption_key_rotations_done: self.encryption.rotations_done(),
             encryption_peers: self.encryption.peers(),
+            routes: Vec::new(),
         });
         req.set_timeout(CALL_TIMEOUT);
         let reply = ClusterClient::new(channel).heartbeat(req).await;

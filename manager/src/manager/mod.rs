@@ -39,6 +39,8 @@ const NEW_LEADER_GRACE: Duration = Duration::from_millis(1500);
 const PREVIOUS_LEADER_GRACE: Duration = Duration::from_millis(800);
 /// How long a write may wait for a quorum before the user is told why not.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a read may wait to confirm this manager is current.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManagerError {
@@ -58,6 +60,10 @@ pub enum ManagerError {
     Forward { addr: String, msg: String },
     #[error("{0}")]
     Refused(mesh_common::refusal::Refusal),
+    #[error(
+        "this manager cannot confirm that its state is current ({0}); it does not answer from a possibly old state: retry, or ask another manager"
+    )]
+    NotCurrent(String),
     #[error("raft: {0}")]
     Raft(String),
 }
@@ -71,7 +77,8 @@ impl From<ManagerError> for tonic::Status {
             ManagerError::Refused(r) => r.into(),
             ManagerError::NoQuorum(..)
             | ManagerError::NoLeader(_)
-            | ManagerError::Forward { .. } => tonic::Status::unavailable(e.to_string()),
+            | ManagerError::Forward { .. }
+            | ManagerError::NotCurrent(_) => tonic::Status::unavailable(e.to_string()),
             other => tonic::Status::internal(other.to_string()),
         }
     }
@@ -398,6 +405,88 @@ impl Manager {
                 addr,
                 msg: s.message().to_string(),
             })),
+        }
+    }
+
+    /// Makes the next `read` linearizable: it reflects every write
+    /// acknowledged before this call began. The leader confirms with a
+    /// quorum that it still leads (openraft's read index); a follower asks
+    /// the leader for that index. Either then waits until this manager has
+    /// applied that far. Fails, rather than answering from an old state,
+    /// when that cannot be confirmed within READ_TIMEOUT.
+    pub async fn ensure_current(&self) -> Result<(), ManagerError> {
+        let deadline = tokio::time::Instant::now() + READ_TIMEOUT;
+        let index = loop {
+            match tokio::time::timeout_at(deadline, self.read_index_once()).await {
+                Err(_) => return Err(ManagerError::NotCurrent(self.quorum_note())),
+                Ok(Ok(i)) => break i,
+                Ok(Err(Retry::Fail(e))) => return Err(e),
+                Ok(Err(Retry::Later(why))) => {
+                    debug!("read index retry: {why}");
+                    if tokio::time::Instant::now() + Duration::from_millis(100) >= deadline {
+                        return Err(ManagerError::NotCurrent(why));
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        self.raft
+            .wait(Some(left.max(Duration::from_millis(1))))
+            .applied_index_at_least(Some(index), "linearizable read")
+            .await
+            .map(|_| ())
+            .map_err(|e| {
+                ManagerError::NotCurrent(format!(
+                    "it has not applied the cluster's log up to index {index}: {e}"
+                ))
+            })
+    }
+
+    async fn read_index_once(&self) -> Result<u64, Retry> {
+        if self.is_leader() {
+            return self.leader_read_index().await.map_err(|e| match e {
+                ManagerError::NotCurrent(why) => Retry::Later(why),
+                other => Retry::Fail(other),
+            });
+        }
+        let Some(addr) = self.leader_addr() else {
+            return Err(Retry::Later("no leader is known".into()));
+        };
+        let channel = self
+            .peers
+            .channel(&addr)
+            .map_err(|e| Retry::Later(e.to_string()))?;
+        match ClusterClient::new(channel)
+            .read_index(mesh_proto::Empty {})
+            .await
+        {
+            Ok(r) => Ok(r.into_inner().index),
+            Err(s)
+                if matches!(
+                    s.code(),
+                    tonic::Code::Unavailable | tonic::Code::FailedPrecondition
+                ) =>
+            {
+                Err(Retry::Later(format!(
+                    "the leader at {addr} did not confirm: {}",
+                    s.message()
+                )))
+            }
+            Err(s) => Err(Retry::Fail(ManagerError::Forward {
+                addr,
+                msg: s.message().to_string(),
+            })),
+        }
+    }
+
+    /// The leader's read index: its commit index once a quorum has
+    /// confirmed it still leads.
+    pub async fn leader_read_index(&self) -> Result<u64, ManagerError> {
+        match self.raft.get_read_log_id().await {
+            Ok((read, _applied)) => Ok(read.map(|l| l.index).unwrap_or(0)),
+            Err(RaftError::APIError(e)) => Err(ManagerError::NotCurrent(e.to_string())),
+            Err(e) => Err(ManagerError::Raft(e.to_string())),
         }
     }
 

@@ -38,6 +38,7 @@ pub fn node_to_pb(n: &Node, leader: Option<u64>) -> mesh_proto::Node {
         tls_not_after: n.cert_not_after.clone(),
         tls_serial: n.cert_serial.clone(),
         tls_key_fingerprint: n.key_fingerprint.clone(),
+        routes: Vec::new(),
         datapath_errors: n.datapath_errors.clone(),
         encryption_public_key: n.encryption_public_key.clone(),
         encryption_key_rotations: n.encryption_key_rotations,
