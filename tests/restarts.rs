@@ -340,10 +340,9 @@ fn wait_applied(lab: &Lab, node: &str) -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn worker_restarts_keep_workloads_and_leak_nothing() -> Result<()> {
-    let host_tables_before = host_tables()?;
-    let mut lab = up("rs", 3, 1, &[])?;
+/// The service, the client and the 20 restarts, with the node's kernel
+/// compared before and after.
+fn restarts(lab: &mut Lab) -> Result<()> {
     let lab_name = lab.name.clone();
     lab.mesh_ok(
         "node1",
@@ -399,14 +398,14 @@ fn worker_restarts_keep_workloads_and_leak_nothing() -> Result<()> {
         .ok()
         .filter(|o| o.status.success())
     })?;
-    let before = Kernel::take(&lab, "node2")?;
+    let before = Kernel::take(lab, "node2")?;
     println!("node2 before: {}", before.counts());
     ensure!(
         before.duplicates().is_empty(),
         "duplicates before any restart: {:?}",
         before.duplicates()
     );
-    let tasks_before: BTreeSet<String> = status(&lab, "node1", "web")?
+    let tasks_before: BTreeSet<String> = status(lab, "node1", "web")?
         .tasks
         .iter()
         .filter(|t| t.desired_state == "running")
@@ -447,8 +446,8 @@ fn worker_restarts_keep_workloads_and_leak_nothing() -> Result<()> {
                 started = Instant::now();
                 lab.start("node2")?;
             }
-            gaps.push(wait_session(&lab, "node2", killed)?);
-            wait_applied(&lab, "node2")?;
+            gaps.push(wait_session(lab, "node2", killed)?);
+            wait_applied(lab, "node2")?;
             waits.push(started.elapsed());
             // Its agent runs its periodic passes for a while, or not at all.
             std::thread::sleep(Duration::from_millis(400 * (round % 4)));
@@ -504,7 +503,7 @@ fn worker_restarts_keep_workloads_and_leak_nothing() -> Result<()> {
         stats["echo_ok"].as_u64().unwrap_or(0) > 60,
         "too few echoes to count: {stats}"
     );
-    let tasks_after: BTreeSet<String> = status(&lab, "node1", "web")?
+    let tasks_after: BTreeSet<String> = status(lab, "node1", "web")?
         .tasks
         .iter()
         .filter(|t| t.desired_state == "running")
@@ -516,7 +515,7 @@ fn worker_restarts_keep_workloads_and_leak_nothing() -> Result<()> {
     );
 
     // The kernel holds what it held, and nothing twice.
-    let after = Kernel::take(&lab, "node2")?;
+    let after = Kernel::take(lab, "node2")?;
     println!("node2 after:  {}", after.counts());
     let mut problems: Vec<String> = [
         diff(
@@ -542,8 +541,8 @@ fn worker_restarts_keep_workloads_and_leak_nothing() -> Result<()> {
     .collect();
     problems.extend(after.duplicates());
     // Every permanent neighbour on the overlay is a current remote endpoint.
-    let remote = remote_endpoints(&lab, "node2")?;
-    let vni = network_ls(&lab, "node1")?
+    let remote = remote_endpoints(lab, "node2")?;
+    let vni = network_ls(lab, "node1")?
         .iter()
         .find(|n| n["Name"] == "app")
         .and_then(|n| n["VNI"].as_u64())
@@ -557,6 +556,23 @@ fn worker_restarts_keep_workloads_and_leak_nothing() -> Result<()> {
     }
     ensure!(problems.is_empty(), "after 20 restarts: {problems:?}");
 
+    Ok(())
+}
+
+#[test]
+fn worker_restarts_keep_workloads_and_leak_nothing() -> Result<()> {
+    let host_tables_before = host_tables()?;
+    let mut lab = up("rs", 3, 1, &[])?;
+    if let Err(e) = restarts(&mut lab) {
+        // The lab goes with this test; its daemons' logs say what happened.
+        let keep = std::env::temp_dir().join(format!("{}-logs", lab.name));
+        let _ = std::fs::create_dir_all(&keep);
+        for n in &lab.nodes {
+            let _ = std::fs::copy(&n.log, keep.join(format!("{}.log", n.name)));
+        }
+        return Err(e.context(format!("daemon logs kept in {}", keep.display())));
+    }
+    let lab_name = lab.name.clone();
     // `lab down` leaves nothing: no namespace, no process, no directory,
     // no host link or table.
     let prefixes: Vec<String> = ["node1", "node2", "node3"]
