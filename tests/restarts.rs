@@ -116,6 +116,8 @@ struct Kernel {
     namespaces: BTreeSet<String>,
     /// `ns/ifname`.
     links: BTreeSet<String>,
+    /// `ns/ifname` to its index: a link deleted and made again gets a new one.
+    ifindex: BTreeMap<String, u64>,
     /// `ns/family name`.
     tables: BTreeSet<String>,
     /// FDB entries the daemon installs (permanent or static):
@@ -142,7 +144,10 @@ impl Kernel {
         }
         for ns in &all {
             for l in items(&json_of(&["ip", "-n", ns, "-j", "link", "show"])?) {
-                k.links.insert(format!("{ns}/{}", s(&l, "ifname")));
+                let name = format!("{ns}/{}", s(&l, "ifname"));
+                k.ifindex
+                    .insert(name.clone(), l["ifindex"].as_u64().unwrap_or_default());
+                k.links.insert(name);
             }
             let tables = json_of(&["ip", "netns", "exec", ns, "nft", "-j", "list", "tables"])?;
             for t in items(&tables["nftables"]) {
@@ -188,6 +193,7 @@ impl Kernel {
         let short = |x: &String| x.replace(&prefix, "P-").replace(&node_ns, "NODE");
         k.namespaces = k.namespaces.iter().map(short).collect();
         k.links = k.links.iter().map(short).collect();
+        k.ifindex = k.ifindex.iter().map(|(n, i)| (short(n), *i)).collect();
         k.tables = k.tables.iter().map(short).collect();
         k.fdb = k.fdb.iter().map(short).collect();
         k.neigh = k.neigh.iter().map(short).collect();
@@ -548,14 +554,96 @@ fn restarts(lab: &mut Lab) -> Result<()> {
         .and_then(|n| n["VNI"].as_u64())
         .context("app's VNI")?;
     let ov = format!("P-ov-{vni}/");
+    let peers_neigh = after.neigh.iter().filter(|n| n.starts_with(&ov)).count();
+    let peers_fdb = after
+        .fdb
+        .iter()
+        .filter(|e| e.starts_with(&ov) && !e.ends_with(' '))
+        .count();
+    println!(
+        "app's VXLAN on node2: {peers_neigh} neighbour and {peers_fdb} FDB entries for remote endpoints"
+    );
+    ensure!(
+        peers_neigh > 0 && peers_fdb > 0,
+        "no peer entries on app's VXLAN to check: {:?} {:?}",
+        after.neigh,
+        after.fdb
+    );
     for n in after.neigh.iter().filter(|n| n.starts_with(&ov)) {
         let ip = n.split(' ').nth(1).unwrap_or_default();
         if !remote.contains(ip) {
             problems.push(format!("neighbour {n} is no remote endpoint of app"));
         }
     }
+    // Every FDB entry of the overlay's VXLAN points at another node, for
+    // the MAC of a current remote endpoint (02:42 + its address).
+    let macs: BTreeSet<String> = remote
+        .iter()
+        .filter_map(|ip| ip.parse::<std::net::Ipv4Addr>().ok())
+        .map(|ip| {
+            let o = ip.octets();
+            format!("02:42:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3])
+        })
+        .collect();
+    let vteps: BTreeSet<String> = lab
+        .nodes
+        .iter()
+        .filter(|n| n.name != "node2")
+        .map(|n| n.ip.to_string())
+        .collect();
+    for e in after.fdb.iter().filter(|e| e.starts_with(&ov)) {
+        let f: Vec<&str> = e.split(' ').collect();
+        let (mac, dst) = (
+            f.get(1).copied().unwrap_or(""),
+            f.get(2).copied().unwrap_or(""),
+        );
+        if dst.is_empty() {
+            continue;
+        }
+        if !vteps.contains(dst) || (mac != "00:00:00:00:00:00" && !macs.contains(mac)) {
+            problems.push(format!("FDB {e} is no remote endpoint of app"));
+        }
+    }
     ensure!(problems.is_empty(), "after 20 restarts: {problems:?}");
+    // A new daemon repairs what differs and leaves the rest alone.
+    let remade: Vec<&String> = before
+        .ifindex
+        .iter()
+        .filter(|(n, i)| after.ifindex.get(*n).is_some_and(|j| j != *i))
+        .map(|(n, _)| n)
+        .collect();
+    println!("links made anew by the restarts: {}", remade.len());
+    ensure!(
+        remade.is_empty(),
+        "links deleted and made again: {remade:?}"
+    );
 
+    // Inside the tasks, the restarted daemon serves DNS again and their
+    // VIP tables are in place: a task reaches its own service by name.
+    let task = ps(lab, "node2")?
+        .iter()
+        .filter_map(|s| s["Names"].as_str().map(String::from))
+        .find(|n| n.starts_with("web."))
+        .context("no task sandbox on node2")?;
+    let answers = dig_answers(&dig(lab, "node2", &task, "c")?);
+    ensure!(
+        answers == vec![sandbox_ip(lab, "node3", "c")?],
+        "a task on node2 resolves c to {answers:?}"
+    );
+    lab.mesh_ok(
+        "node2",
+        &[
+            "exec",
+            &task,
+            "--",
+            "curl",
+            "-sf",
+            "-m",
+            "2",
+            "http://web:8080/",
+        ],
+    )
+    .context("a task on node2 cannot reach its own service's VIP")?;
     Ok(())
 }
 
