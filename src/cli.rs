@@ -396,9 +396,13 @@ pub enum ServiceCmd {
         #[arg(required = true, value_name = "SERVICE=REPLICAS", value_parser = crate::service_cmd::parse_scale)]
         scales: Vec<(String, u64)>,
     },
-    /// Remove services.
+    /// Remove services; waits until their tasks have stopped and their
+    /// addresses are freed.
     #[command(alias = "remove")]
     Rm {
+        /// Return once the removal is recorded, without waiting for the tasks.
+        #[arg(short, long)]
+        detach: bool,
         #[arg(required = true)]
         services: Vec<String>,
     },

@@ -1,5 +1,6 @@
 //! mesh service create|ls|ps|inspect|update|scale|rm|logs, and the progress
-//! display `create`, `update` and `scale` show until the service converges.
+//! display `create`, `update` and `scale` show until the service converges
+//! (and the wait of `rm` until its tasks are gone).
 //!
 //! - `flags`: flags that need more than clap (replicas, delays, env, labels);
 //! - `show`: how services and tasks are printed, and `service ps`;
@@ -191,16 +192,23 @@ pub async fn run(host: &str, cmd: ServiceCmd) -> Result<ExitCode> {
                 .collect();
             println!("{}", serde_json::to_string_pretty(&out)?);
         }
-        ServiceCmd::Rm { services } => {
+        ServiceCmd::Rm { detach, services } => {
             let mut failed = false;
             for s in services {
-                match c.service_remove(ServiceRef { service: s.clone() }).await {
-                    Ok(_) => println!("{s}"),
+                let removed = match c.service_remove(ServiceRef { service: s.clone() }).await {
+                    Ok(svc) => svc.into_inner(),
                     Err(e) => {
                         eprintln!("Error: {}", status(e));
                         failed = true;
+                        continue;
                     }
+                };
+                if !detach && let Err(e) = progress::stopped(&mut c, &removed).await {
+                    eprintln!("Error: {e:#}");
+                    failed = true;
+                    continue;
                 }
+                println!("{s}");
             }
             if failed {
                 return Ok(ExitCode::FAILURE);

@@ -28,6 +28,28 @@ const FAILURES_TO_GIVE_UP: usize = 3;
 
 /// The scheduler's message for a task no node can take.
 pub(super) const NO_NODE: &str = "no suitable node";
+/// How long `service rm` waits for the service's tasks to stop: more than
+/// a task's 10 s stop grace, and a lost node is Down (and its tasks freed)
+/// after 2 s.
+const RM_WAIT: Duration = Duration::from_secs(30);
+
+/// A task the managers cannot place or give addresses to: it stays
+/// pending, and only the state machine writes a pending task's message
+/// (no node qualifies, a network has no free address).
+pub(super) fn blocked(t: &Task) -> bool {
+    t.state == "pending" && !t.message.is_empty()
+}
+
+/// What a blocked task waits for, for the line `create` exits with.
+fn until(why: &str) -> &'static str {
+    if why.starts_with(NO_NODE) {
+        "a node qualifies"
+    } else if why.contains("no free address") {
+        "an address is freed"
+    } else {
+        "that changes"
+    }
+}
 
 /// The states a task goes through to run, for the progress bars.
 const STAGES: [&str; 4] = ["pending", "assigned", "starting", "running"];
@@ -60,7 +82,7 @@ fn bar(state: &str) -> Option<String> {
 fn task_line(label: &str, t: Option<&Task>, newest: u64) -> String {
     let line = match t {
         Some(t) if t.spec_version >= newest => {
-            if t.state == "pending" && t.message.starts_with(NO_NODE) {
+            if blocked(t) {
                 format!("{label}: {}", t.message)
             } else if let Some(b) = bar(&t.state) {
                 format!("{label}: {:<9} {b}", t.state)
@@ -196,19 +218,14 @@ fn assess(st: &ServiceStatusReply) -> Progress {
             st.behind.join(", ")
         ));
     }
-    if !stuck.is_empty()
-        && !lingering
-        && st.converged
-        && stuck
-            .iter()
-            .all(|t| t.state == "pending" && t.message.starts_with(NO_NODE))
-    {
+    if !stuck.is_empty() && !lingering && st.converged && stuck.iter().all(|t| blocked(t)) {
         return Progress {
             lines,
             outcome: Outcome::Unplaceable(format!(
-                "service {name}: {} task(s) cannot be placed: {}; they stay pending until a node qualifies {see}",
+                "service {name}: {} task(s) cannot be placed: {}; they stay pending until {} {see}",
                 stuck.len(),
-                stuck[0].message
+                stuck[0].message,
+                until(&stuck[0].message)
             )),
         };
     }
@@ -300,6 +317,48 @@ pub(super) async fn converge(c: &mut ControlClient<Channel>, service_id: &str) -
             Outcome::Failed(m) => bail!("{m}"),
             Outcome::Unplaceable(m) if stable => bail!("{m}"),
             _ => {}
+        }
+    }
+}
+
+/// Waits until a removed service's tasks are gone (stopped, their
+/// endpoints freed; its VIPs went with the service), or fails after
+/// [`RM_WAIT`] naming a task still held.
+pub(super) async fn stopped(c: &mut ControlClient<Channel>, svc: &Service) -> Result<()> {
+    let start = Instant::now();
+    let mut unavailable_since: Option<Instant> = None;
+    let mut tick = tokio::time::interval(POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let req = ServiceRef {
+            service: svc.id.clone(),
+        };
+        let left = match c.service_status(req).await {
+            Ok(r) => {
+                unavailable_since = None;
+                r.into_inner().tasks
+            }
+            Err(s) if s.code() == tonic::Code::NotFound => return Ok(()),
+            Err(s)
+                if s.code() == tonic::Code::Unavailable
+                    && unavailable_since.is_none_or(|t| t.elapsed() < UNAVAILABLE_GRACE) =>
+            {
+                unavailable_since.get_or_insert_with(Instant::now);
+                continue;
+            }
+            Err(s) => return Err(status(s)),
+        };
+        if start.elapsed() >= RM_WAIT {
+            let mut first = left.first().cloned().unwrap_or_default();
+            first.name = first.name.replace("<removed>", &svc.name);
+            bail!(
+                "service {} is removed, but {} of its task(s) have not stopped after {}s: {}; their node stops them when it answers, and they are freed once it is Down (see `mesh node ls`)",
+                svc.name,
+                left.len(),
+                RM_WAIT.as_secs(),
+                task_ref(&first)
+            );
         }
     }
 }
@@ -419,6 +478,29 @@ mod tests {
         let p = assess(&reply(vec![task(1, "running"), pending], 2, true));
         assert!(
             matches!(p.outcome, Outcome::Unplaceable(m) if m.starts_with("service web: 1 task(s) cannot be placed: no suitable node"))
+        );
+
+        let mut full = task(2, "pending");
+        full.message = "network tiny has no free address (10.20.0.0/30)".into();
+        let p = assess(&reply(vec![task(1, "running"), full], 2, true));
+        assert_eq!(
+            p.lines[2],
+            "2/2: network tiny has no free address (10.20.0.0/30)"
+        );
+        assert!(
+            matches!(&p.outcome, Outcome::Unplaceable(m) if m.starts_with("service web: 1 task(s) cannot be placed: network tiny has no free address (10.20.0.0/30); they stay pending until an address is freed")),
+            "{:?}",
+            p.outcome
+        );
+        // A fresh pending task has no message: it is on its way.
+        assert_eq!(
+            assess(&reply(
+                vec![task(1, "running"), task(2, "pending")],
+                2,
+                true
+            ))
+            .outcome,
+            Outcome::Waiting
         );
     }
 }

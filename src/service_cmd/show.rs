@@ -14,7 +14,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tonic::transport::Channel;
 
-use super::progress::NO_NODE;
+use super::progress::blocked;
 use crate::client::status;
 use crate::table::{self, title};
 
@@ -187,7 +187,7 @@ pub(super) async fn ps(
     let error_column = |t: &Task| {
         let e = if !t.error.is_empty() {
             t.error.clone()
-        } else if t.state == "pending" && t.message.starts_with(NO_NODE) {
+        } else if blocked(t) {
             t.message.clone()
         } else {
             String::new()

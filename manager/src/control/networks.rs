@@ -5,6 +5,7 @@
 //! (`mesh_worker::local_request`).
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use mesh_common::id::check_network_name as check_name;
 use mesh_common::model::DriverKind;
@@ -148,11 +149,49 @@ pub fn inspect(mgr: &Manager, r: &str) -> Result<mesh_proto::Network, Refusal> {
     })
 }
 
+/// How long `network rm` waits for tasks already being removed (a
+/// `service rm --detach`, or one still stopping) to let go of the network:
+/// more than a task's 10 s stop grace and a lost node's 2 s to Down.
+pub const RM_WAIT: Duration = Duration::from_secs(30);
+
+/// Removes a cluster network. Refused while anything uses it, except that
+/// when its only users are tasks on their way out, it waits for them (up
+/// to [`RM_WAIT`]), so `service rm X` then `network rm N` works at once.
 pub async fn remove(mgr: &Manager, r: &str) -> Result<mesh_proto::Network, Status> {
     let net = mgr.read(|s| s.find_network(r).cloned())?;
-    mgr.write(Command::RemoveNetwork { id: net.id.clone() })
-        .await?;
-    Ok(mgr.read(|s| network_to_pb(s, &net, &mgr.node_id)))
+    let deadline = tokio::time::Instant::now() + RM_WAIT;
+    let mut applied = mgr.sm.subscribe();
+    loop {
+        let refused = match mgr
+            .write(Command::RemoveNetwork { id: net.id.clone() })
+            .await
+        {
+            Ok(_) => return Ok(mgr.read(|s| network_to_pb(s, &net, &mgr.node_id))),
+            // In use: maybe only by tasks on their way out.
+            Err(ManagerError::Refused(r)) if r.kind == RefusalKind::FailedPrecondition => r,
+            Err(e) => return Err(e.into()),
+        };
+        // The leader refused from its state: judge the users from a state
+        // at least that new, not from this manager's possibly older copy.
+        // Users that left meanwhile count as leaving: the retry succeeds.
+        if mgr.ensure_current().await.is_err()
+            || !mgr.read(|s| s.network_held_only_by_leaving_tasks(&net.id))
+        {
+            return Err(refused.into());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let users = mgr.read(|s| s.network_users(&net.id)).join(", ");
+            return Err(Refusal::precondition(format!(
+                "network {} is still in use after {}s by {users}: tasks being removed whose nodes have not confirmed they stopped; retry once they have (see `mesh node ls`)",
+                net.spec.name,
+                RM_WAIT.as_secs()
+            ))
+            .into());
+        }
+        // Retry at the next change applied here, or after a second.
+        let next = deadline.min(tokio::time::Instant::now() + Duration::from_secs(1));
+        let _ = tokio::time::timeout_at(next, applied.changed()).await;
+    }
 }
 
 /// Removes every cluster network nothing uses; ingress belongs to the

@@ -310,12 +310,20 @@ pub async fn status(mgr: &Manager, r: &str) -> Result<ServiceStatusReply, Status
     // The state first, then convergence: nodes that caught up with a newer
     // state have also applied this one.
     let (service, tasks) = mgr.read(|s| {
-        let svc = find(s, r)?;
-        let mut tasks: Vec<&Task> = s
-            .tasks
-            .values()
-            .filter(|t| t.service_id == svc.id)
-            .collect();
+        let (service, id) = match find(s, r) {
+            Ok(svc) => (Some(service_to_pb(s, &svc)), svc.id),
+            // A removed service, by full ID, while its tasks are still
+            // stopping: no service, its remaining tasks (what `service rm`
+            // waits for). NotFound once they are gone.
+            Err(e) if s.tasks.values().any(|t| t.service_id == r) => {
+                if e.kind != mesh_common::refusal::RefusalKind::NotFound {
+                    return Err(e);
+                }
+                (None, r.to_string())
+            }
+            Err(e) => return Err(e),
+        };
+        let mut tasks: Vec<&Task> = s.tasks.values().filter(|t| t.service_id == id).collect();
         let host = |t: &Task| s.nodes.get(&t.node_id).map(|n| n.hostname.clone());
         tasks.sort_by_cached_key(|t| {
             (
@@ -326,7 +334,7 @@ pub async fn status(mgr: &Manager, r: &str) -> Result<ServiceStatusReply, Status
             )
         });
         let tasks: Vec<mesh_proto::Task> = tasks.into_iter().map(|t| task_to_pb(s, t)).collect();
-        Ok::<_, Refusal>((service_to_pb(s, &svc), tasks))
+        Ok::<_, Refusal>((service, tasks))
     })?;
     let behind = mgr.wait_converged("", Duration::ZERO).await?;
     let behind: Vec<String> = mgr.read(|s| {
@@ -336,7 +344,7 @@ pub async fn status(mgr: &Manager, r: &str) -> Result<ServiceStatusReply, Status
             .collect()
     });
     Ok(ServiceStatusReply {
-        service: Some(service),
+        service,
         tasks,
         converged: behind.is_empty(),
         behind,

@@ -219,6 +219,31 @@ impl ClusterState {
         CommandResult::Service(Box::new(svc))
     }
 
+    /// Whether nothing but tasks on their way out (told to stop, or of a
+    /// removed service) holds network `id`, so a refused `network rm` may
+    /// wait for them rather than fail. True also when nothing holds it any
+    /// more (they left meanwhile); false while a service asks for it or
+    /// any other sandbox is attached.
+    pub fn network_held_only_by_leaving_tasks(&self, id: &str) -> bool {
+        let ingress = self.networks.get(id).is_some_and(|n| n.spec.ingress);
+        if self
+            .services
+            .values()
+            .any(|s| s.spec.networks.iter().any(|n| n == id) || ingress && s.uses_ingress())
+        {
+            return false;
+        }
+        self.endpoints
+            .values()
+            .filter(|e| e.network_id == id && !crate::state::is_ingress_sbox(e))
+            .all(|e| {
+                self.tasks.get(&e.sandbox_id).is_some_and(|t| {
+                    t.desired_state != TaskState::Running
+                        || !self.services.contains_key(&t.service_id)
+                })
+            })
+    }
+
     /// Applies a node's reports on its own tasks. A report never moves a
     /// task backwards (a late "running" after "shutdown" is ignored), and
     /// a node cannot speak for another node's tasks.

@@ -102,10 +102,19 @@ impl ClusterState {
                     for id in made {
                         self.endpoints.remove(&id);
                     }
-                    if let Some(t) = self.tasks.get_mut(task_id) {
+                    // Stays pending with the reason (what `service ps`
+                    // shows and `create` exits with); retried at every
+                    // orchestration, so it runs once an address is freed.
+                    // Written only when it changes, so the status holds
+                    // still and the CLI can tell it is stuck.
+                    let reason = why.to_string();
+                    if let Some(t) = self.tasks.get_mut(task_id)
+                        && (t.state != TaskState::Pending || t.message != reason)
+                    {
                         t.state = TaskState::Pending;
-                        t.message = format!("cannot allocate an address: {why}");
+                        t.message = reason;
                         t.version = index;
+                        t.updated_at = at.to_string();
                     }
                     return;
                 }

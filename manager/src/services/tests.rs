@@ -657,3 +657,73 @@ fn host_mode_ports_one_task_per_node() {
     assert_eq!(other.state, TaskState::Assigned);
     assert_eq!(other.node_id, stopped[0].node_id);
 }
+
+#[test]
+fn exhausted_network_leaves_tasks_pending_with_the_reason() {
+    let mut lab = Lab::new(&["n1", "n2"]);
+    lab.cmd(Command::CreateNetwork {
+        id: "tiny".into(),
+        spec: NetworkSpec {
+            name: "tiny".into(),
+            driver: DriverKind::Overlay,
+            subnet: Some("10.20.0.0/30".into()),
+            ..Default::default()
+        },
+        at: "t".into(),
+    });
+    let r = lab.create("web", |s| {
+        s.replicas = 2;
+        s.networks = vec!["tiny".into()];
+    });
+    assert!(matches!(r, CommandResult::Service(_)), "{r:?}");
+    let tasks = lab.live("web");
+    assert_eq!(tasks.len(), 2);
+    for t in &tasks {
+        assert_eq!(t.state, TaskState::Pending);
+        assert_eq!(t.message, "network tiny has no free address (10.20.0.0/30)");
+    }
+    // Another orchestration does not touch them: their status holds still.
+    lab.create("other", |_| {});
+    assert_eq!(
+        lab.live("web")
+            .iter()
+            .map(|t| t.version)
+            .collect::<Vec<_>>(),
+        tasks.iter().map(|t| t.version).collect::<Vec<_>>()
+    );
+    // A second VIP on the full network is refused with the same reason.
+    let r = lab.create("more", |s| s.networks = vec!["tiny".into()]);
+    assert!(
+        matches!(&r, CommandResult::Refused(m) if m.contains("network tiny has no free address (10.20.0.0/30)")),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn network_held_only_by_leaving_tasks() {
+    let mut lab = Lab::new(&["n1", "n2"]);
+    assert!(
+        lab.s.network_held_only_by_leaving_tasks("net"),
+        "nothing holds it"
+    );
+    lab.create("web", |s| s.replicas = 2);
+    lab.run_all("web");
+    assert!(
+        !lab.s.network_held_only_by_leaving_tasks("net"),
+        "a live service holds it"
+    );
+    lab.cmd(Command::RemoveService {
+        id: "web".into(),
+        at: "t".into(),
+    });
+    assert!(lab.s.network_held_only_by_leaving_tasks("net"));
+    let rm = lab.cmd(Command::RemoveNetwork { id: "net".into() });
+    assert!(matches!(rm, CommandResult::Refused(_)), "{rm:?}");
+    let stopping: Vec<Task> = lab.s.tasks.values().cloned().collect();
+    for t in &stopping {
+        lab.report(t, TaskState::Shutdown, 0);
+    }
+    assert!(lab.s.tasks.is_empty() && lab.task_endpoints().next().is_none());
+    let rm = lab.cmd(Command::RemoveNetwork { id: "net".into() });
+    assert_eq!(rm, CommandResult::Ok);
+}

@@ -243,12 +243,8 @@ impl ClusterState {
                 .values()
                 .filter_map(|s| s.vips.get(&net.id).copied()),
         );
-        Ok(ipam::next_host(
-            &net.subnet,
-            range.as_ref(),
-            net.gateway,
-            &used,
-        )?)
+        ipam::next_host(&net.subnet, range.as_ref(), net.gateway, &used)
+            .map_err(|e| no_free_address(net, e))
     }
 
     /// Checks a spec and allocates its subnet and VNI. Everything is
@@ -346,6 +342,18 @@ impl ClusterState {
         let vnis: BTreeSet<u32> = self.networks.values().map(|n| n.vni).collect();
         let vni = ipam::next_vni(&vnis)?;
         Ok((subnet, gateway, vni))
+    }
+}
+
+/// An exhausted network, named as the user knows it (this line is what a
+/// blocked task shows in `service ps` and what `create` exits with).
+fn no_free_address(net: &Network, e: ipam::IpamError) -> Refusal {
+    match e {
+        ipam::IpamError::HostsExhausted(range) => Refusal::precondition(format!(
+            "network {} has no free address ({range})",
+            net.spec.name
+        )),
+        other => other.into(),
     }
 }
 
