@@ -246,7 +246,7 @@ mod tests {
             route("172.19.0.0/24", main, 5),
             route("172.17.0.0/16", main, 6),
             route("10.200.0.0/16", main, 7),
-            route("192.168.1.11/32", RouteHeader::RT_TABLE_LOCAL, 2),
+            route("192.168.1.11/32", 255, 2), // the local table
             route("10.1.0.0/24", 100, 2),
             route("10.2.0.0/24", main, 99), // its device went meanwhile
             blackhole,
