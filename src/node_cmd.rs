@@ -54,7 +54,14 @@ fn inspect_json(n: &Node) -> serde_json::Value {
                 "KeyFingerprint": n.tls_key_fingerprint,
             },
         },
-        "Status": {"State": n.state, "Addr": n.addr, "DataPathErrors": n.datapath_errors},
+        // Routes: the node's own, as its heartbeats report them (Docker has
+        // no such field); overlay subnets may not overlap them.
+        "Status": {
+            "State": n.state,
+            "Addr": n.addr,
+            "DataPathErrors": n.datapath_errors,
+            "Routes": n.routes.iter().map(|r| json!({"Destination": r.destination, "Device": r.device})).collect::<Vec<_>>(),
+        },
         // The WireGuard key of encrypted overlays, and the peers' last
         // handshakes as the node's last heartbeat reported them.
         "Encryption": {

@@ -31,7 +31,9 @@
 //! - `tasks`: the task runner, carrying out `task_plan`'s decisions;
 //! - `task_plan`: the runner's decision table (view + records → start, stop,
 //!   remove, report), free of I/O;
-//! - `task_logs`: the node's side of task logs, a stream to every manager.
+//! - `task_logs`: the node's side of task logs, a stream to every manager;
+//! - `routes`: the node's own IPv4 routes (not mesh's), sent with heartbeats
+//!   so managers refuse overlay subnets that collide with them.
 //!
 //! It must not touch Raft or cluster state: it only asks managers.
 
@@ -52,6 +54,7 @@ pub mod netns;
 pub mod overlay;
 pub mod ports;
 pub mod private_fs;
+pub mod routes;
 pub mod sandbox;
 pub mod sandboxes;
 pub mod session;

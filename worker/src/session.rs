@@ -87,6 +87,9 @@ pub struct Session {
     /// The node's WireGuard key: its public half goes with each heartbeat,
     /// and the replies say when to replace it.
     encryption: Arc<Encryption>,
+    /// The node's own routes, sent with each heartbeat (read every few
+    /// seconds).
+    routes: crate::routes::Reader,
 }
 
 /// What the agent last applied; a change triggers a heartbeat at once, so
@@ -207,6 +210,7 @@ impl Session {
             events,
             applied: applied.clone(),
             encryption,
+            routes: crate::routes::Reader::default(),
         };
         let task = tokio::spawn(session.run(stop_rx));
         Ok(SessionHandle {
@@ -286,6 +290,7 @@ impl Session {
                 return Beat::Failed;
             }
         };
+        let routes = self.routes.current().await;
         let mut req = tonic::Request::new(HeartbeatRequest {
             addr: self.config.advertise_addr.clone(),
             hostname: String::new(),
@@ -296,7 +301,7 @@ impl Session {
             encryption_public_key: self.encryption.public_key_b64(),
             encryption_key_rotations_done: self.encryption.rotations_done(),
             encryption_peers: self.encryption.peers(),
-            routes: Vec::new(),
+            routes,
         });
         req.set_timeout(CALL_TIMEOUT);
         let reply = ClusterClient::new(channel).heartbeat(req).await;

@@ -15,7 +15,9 @@ use tonic::Status;
 use crate::dispatcher::MTU_OPTIONS;
 use crate::manager::{Manager, ManagerError, now};
 use crate::pb::network::network_to_pb;
-use crate::state::{Command, CommandResult, Network, NetworkSpec, no_such_network};
+use crate::state::{
+    Command, CommandResult, NO_OVERLAP_CHECK, Network, NetworkSpec, no_such_network,
+};
 use mesh_common::refusal::{Refusal, RefusalKind};
 
 /// The driver a create asks for (Docker's default is a local bridge).
@@ -52,6 +54,16 @@ pub fn spec_from(r: NetworkCreateRequest) -> Result<NetworkSpec, Refusal> {
             "encrypted" => {
                 options.insert(k, String::new());
             }
+            // The escape hatch of the check against the nodes' own routes
+            // (done in `apply`); a flag, shown as Docker shows flags.
+            NO_OVERLAP_CHECK => {
+                if !v.is_empty() && v != "true" {
+                    return Err(Refusal::invalid(format!(
+                        "--opt {NO_OVERLAP_CHECK} takes no value (got {v:?}): pass --opt {NO_OVERLAP_CHECK} to skip the check, leave it out to keep it"
+                    )));
+                }
+                options.insert(k, String::new());
+            }
             // Kept under the name given, as `network inspect` shows it;
             // `dispatcher::network_mtu` reads either.
             k2 if MTU_OPTIONS.contains(&k2) => match v.parse::<u32>() {
@@ -71,7 +83,7 @@ pub fn spec_from(r: NetworkCreateRequest) -> Result<NetworkSpec, Refusal> {
             },
             _ => {
                 return Err(Refusal::invalid(format!(
-                    "unknown option {k:?} for the overlay driver: use --opt mtu=N (or com.docker.network.driver.mtu=N)"
+                    "unknown option {k:?} for the overlay driver: use --opt mtu=N (or com.docker.network.driver.mtu=N), --opt encrypted or --opt {NO_OVERLAP_CHECK}"
                 )));
             }
         }

@@ -2,6 +2,7 @@
 //! leader's monitor that marks silent nodes down.
 
 use super::*;
+use crate::state::{MAX_NODE_ROUTES, RouteReport, check_route, check_routes};
 
 impl Manager {
     /// Records a heartbeat and marks the node Ready again if it was not.
@@ -42,6 +43,7 @@ impl Manager {
             })
             .await?;
         }
+        self.record_routes(node, &r.routes).await?;
         self.encryption_peers
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -80,6 +82,41 @@ impl Manager {
             // Lost a race with another node's report: logged, not fatal.
             Err(ManagerError::Refused(why)) => {
                 warn!(node = %node.id, "WireGuard key refused: {why}");
+                Ok(())
+            }
+            other => other.map(|_| ()),
+        }
+    }
+
+    /// Proposes the node's reported routes if they differ from the record.
+    /// Entries the state machine would refuse (not a CIDR, not a device
+    /// name) and any beyond the bound are dropped first, so a bad report
+    /// costs no log entry and the good routes still count.
+    async fn record_routes(
+        &self,
+        node: &Node,
+        reported: &[mesh_proto::NodeRoute],
+    ) -> Result<(), ManagerError> {
+        let (routes, dropped) = usable_routes(reported);
+        if dropped > 0 {
+            debug!(node = %node.id, dropped, "unusable routes left out of the node's report");
+        }
+        let Ok(checked) = check_routes(&routes) else {
+            return Ok(());
+        };
+        if node.routes == checked {
+            return Ok(());
+        }
+        info!(node = %node.id, routes = checked.len(), "node's routes changed");
+        match self
+            .write(Command::SetNodeRoutes {
+                id: node.id.clone(),
+                routes,
+            })
+            .await
+        {
+            Err(ManagerError::Refused(why)) => {
+                warn!(node = %node.id, "routes refused: {why}");
                 Ok(())
             }
             other => other.map(|_| ()),
@@ -303,6 +340,22 @@ fn cut(e: &str, len: usize) -> String {
     }
 }
 
+/// The reported routes the state machine accepts, at most
+/// [`MAX_NODE_ROUTES`] of them, and how many others were dropped.
+fn usable_routes(reported: &[mesh_proto::NodeRoute]) -> (Vec<RouteReport>, usize) {
+    let usable: Vec<RouteReport> = reported
+        .iter()
+        .map(|r| RouteReport {
+            destination: r.destination.clone(),
+            device: r.device.clone(),
+        })
+        .filter(|r| check_route(r).is_ok())
+        .take(MAX_NODE_ROUTES)
+        .collect();
+    let dropped = reported.len() - usable.len();
+    (usable, dropped)
+}
+
 /// A node's peer report is kept in memory only, but still bounded: a
 /// member must not be able to grow a manager's memory by reporting.
 const MAX_ENCRYPTION_PEERS: usize = 1024;
@@ -335,6 +388,30 @@ mod bounded_tests {
         let cut = bounded_errors(&long);
         assert_eq!(cut[0].chars().count(), MAX_DATAPATH_ERROR_LEN + 1);
         assert_eq!(bounded_errors(&["ok".to_string()]), ["ok"]);
+    }
+
+    #[test]
+    fn unusable_reported_routes_are_dropped_and_the_rest_bounded() {
+        let r = |d: &str, dev: &str| mesh_proto::NodeRoute {
+            destination: d.into(),
+            device: dev.into(),
+        };
+        let (kept, dropped) = usable_routes(&[
+            r("10.0.0.0/8", "eth0"),
+            r("junk", "eth0"),
+            r("10.1.0.0/16", ""),
+        ]);
+        assert_eq!((kept.len(), dropped), (1, 2));
+        assert_eq!(kept[0].destination, "10.0.0.0/8");
+        let many: Vec<_> = (0..100)
+            .map(|i| r(&format!("10.{i}.0.0/16"), "eth0"))
+            .collect();
+        let (kept, dropped) = usable_routes(&many);
+        assert_eq!(
+            (kept.len(), dropped),
+            (MAX_NODE_ROUTES, 100 - MAX_NODE_ROUTES)
+        );
+        assert!(check_routes(&kept).is_ok());
     }
 
     #[test]

@@ -38,7 +38,14 @@ pub fn node_to_pb(n: &Node, leader: Option<u64>) -> mesh_proto::Node {
         tls_not_after: n.cert_not_after.clone(),
         tls_serial: n.cert_serial.clone(),
         tls_key_fingerprint: n.key_fingerprint.clone(),
-        routes: Vec::new(),
+        routes: n
+            .routes
+            .iter()
+            .map(|r| mesh_proto::NodeRoute {
+                destination: r.destination.to_string(),
+                device: r.device.clone(),
+            })
+            .collect(),
         datapath_errors: n.datapath_errors.clone(),
         encryption_public_key: n.encryption_public_key.clone(),
         encryption_key_rotations: n.encryption_key_rotations,

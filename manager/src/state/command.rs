@@ -121,4 +121,18 @@ pub enum Command {
         reports: Vec<TaskReport>,
         at: String,
     },
+    /// The node's own routes as its heartbeat reported them (sent only on
+    /// a change); refused unless every one is a CIDR and a device name, at
+    /// most `MAX_NODE_ROUTES` of them.
+    SetNodeRoutes {
+        id: String,
+        routes: Vec<RouteReport>,
+    },
+}
+
+/// A route as a node reported it: text, checked in `apply`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RouteReport {
+    pub destination: String,
+    pub device: String,
 }

@@ -23,12 +23,13 @@ mod tests;
 mod types;
 
 pub use crate::services::{PortSpec, Service, ServiceSpec, Task, TaskReport};
-pub use command::Command;
+pub use command::{Command, RouteReport};
 pub use networks::{
     DEFAULT_DATA_PATH_PORT, DEFAULT_MASK_LEN, DEFAULT_POOL, INGRESS_SBOX, INGRESS_SUBNET,
     ingress_sbox_id, is_ingress_sbox, no_such_network,
 };
-pub use types::{ClusterInfo, Endpoint, Network, NetworkSpec, Node, short_id};
+pub use nodes::{MAX_NODE_ROUTES, NO_OVERLAP_CHECK, check_route, check_routes};
+pub use types::{ClusterInfo, Endpoint, Network, NetworkSpec, Node, NodeRoute, short_id};
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub enum CommandResult {
@@ -97,7 +98,8 @@ impl ClusterState {
             | Command::SetNodeCert { .. }
             | Command::SetNodeEncryptionKey { .. }
             | Command::RotateNodeKey { .. }
-            | Command::RotateToken { .. } => self.apply_node_command(index, cmd),
+            | Command::RotateToken { .. }
+            | Command::SetNodeRoutes { .. } => self.apply_node_command(index, cmd),
             Command::CreateNetwork { .. }
             | Command::RemoveNetwork { .. }
             | Command::CreateEndpoint { .. }

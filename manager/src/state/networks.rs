@@ -6,9 +6,12 @@ use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
 use mesh_common::ipam::{self, Ipv4Net};
-use mesh_common::model::{Mac, PublishMode};
+use mesh_common::model::{Mac, NodeState, PublishMode};
 
-use super::{ClusterState, Command, CommandResult, Endpoint, Network, NetworkSpec};
+use super::{
+    ClusterState, Command, CommandResult, Endpoint, NO_OVERLAP_CHECK, Network, NetworkSpec, Node,
+    NodeRoute,
+};
 use mesh_common::refusal::Refusal;
 
 impl ClusterState {
@@ -302,10 +305,14 @@ impl ClusterState {
             .values()
             .map(|n| (n.spec.name.as_str(), n.subnet))
             .collect();
+        let avoid_routes = !spec.options.contains_key(NO_OVERLAP_CHECK);
         let subnet = match &spec.subnet {
             Some(s) => {
                 let subnet = ipam::parse_subnet(s)?;
                 ipam::check_overlap(&subnet, used.iter().map(|(n, s)| (*n, s)))?;
+                if avoid_routes && let Some(why) = self.route_overlap(&subnet) {
+                    return Err(why);
+                }
                 subnet
             }
             None => {
@@ -328,7 +335,10 @@ impl ClusterState {
                 } else {
                     cluster.pool_mask_len
                 };
-                let taken: Vec<Ipv4Net> = used.iter().map(|(_, s)| *s).collect();
+                let mut taken: Vec<Ipv4Net> = used.iter().map(|(_, s)| *s).collect();
+                if avoid_routes {
+                    taken.extend(self.ready_routes().map(|(_, r)| r.destination));
+                }
                 ipam::carve(&pools, mask, &taken)?
             }
         };
@@ -354,6 +364,33 @@ fn no_free_address(net: &Network, e: ipam::IpamError) -> Refusal {
             net.spec.name
         )),
         other => other.into(),
+    }
+}
+
+impl ClusterState {
+    /// Every route of every Ready node, with its node: what a cluster
+    /// subnet must not overlap. A Down node's routes do not count (it may
+    /// never come back, and its report may be old).
+    fn ready_routes(&self) -> impl Iterator<Item = (&Node, &NodeRoute)> {
+        self.nodes
+            .values()
+            .filter(|n| n.state == NodeState::Ready)
+            .flat_map(|n| n.routes.iter().map(move |r| (n, r)))
+    }
+
+    /// Why `subnet` cannot be an overlay's, if it overlaps a Ready node's
+    /// own route: that node's sandboxes on the overlay would lose what the
+    /// route reaches (the underlay itself, often). Names the first such
+    /// node and route.
+    fn route_overlap(&self, subnet: &Ipv4Net) -> Option<Refusal> {
+        let (node, route) = self
+            .ready_routes()
+            .find(|(_, r)| ipam::overlaps(subnet, &r.destination))?;
+        let id: String = node.id.chars().take(12).collect();
+        Some(Refusal::precondition(format!(
+            "subnet {subnet} overlaps route {} dev {} on node {} ({id}); pick another subnet, or pass --opt {NO_OVERLAP_CHECK}",
+            route.destination, route.device, node.hostname
+        )))
     }
 }
 
@@ -559,5 +596,198 @@ mod ingress_sbox_tests {
         s.apply(3, &report);
         assert_eq!(sboxes(&s), ["a", "b"].map(String::from).into());
         assert!(!s.ingress_sync_due(&report), "nothing left to do");
+    }
+}
+
+#[cfg(test)]
+mod route_overlap_tests {
+    use std::collections::BTreeMap;
+
+    use mesh_common::model::{NodeRole, NodeState};
+    use mesh_common::refusal::RefusalKind;
+
+    use super::super::{ClusterInfo, MAX_NODE_ROUTES, RouteReport};
+    use super::*;
+
+    fn node(id: &str, hostname: &str, state: NodeState) -> Node {
+        Node {
+            id: id.into(),
+            hostname: hostname.into(),
+            role: NodeRole::Worker,
+            state,
+            ..Default::default()
+        }
+    }
+
+    fn routes(id: &str, list: &[(&str, &str)]) -> Command {
+        Command::SetNodeRoutes {
+            id: id.into(),
+            routes: list
+                .iter()
+                .map(|(d, dev)| RouteReport {
+                    destination: d.to_string(),
+                    device: dev.to_string(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Node `aaaa…` Ready with the underlay route, node `bbbb…` Down with
+    /// a route of its own; no ingress network.
+    fn cluster() -> ClusterState {
+        let mut s = ClusterState::default();
+        let a = "a".repeat(24);
+        let b = "b".repeat(24);
+        s.apply(
+            1,
+            &Command::Init {
+                cluster: ClusterInfo {
+                    id: "c".into(),
+                    ..Default::default()
+                },
+                node: node(&a, "node1", NodeState::Ready),
+                ingress: None,
+            },
+        );
+        s.apply(
+            2,
+            &Command::AddNode {
+                node: node(&b, "node2", NodeState::Down),
+            },
+        );
+        let r = s.apply(3, &routes(&a, &[("192.168.1.0/24", "eth0")]));
+        assert!(matches!(r, CommandResult::Node(_)), "{r:?}");
+        let r = s.apply(4, &routes(&b, &[("10.88.0.0/16", "eth0")]));
+        assert!(matches!(r, CommandResult::Node(_)), "{r:?}");
+        s
+    }
+
+    fn create(
+        s: &mut ClusterState,
+        name: &str,
+        subnet: Option<&str>,
+        opts: &[&str],
+    ) -> CommandResult {
+        let spec = NetworkSpec {
+            name: name.into(),
+            subnet: subnet.map(String::from),
+            options: opts
+                .iter()
+                .map(|o| (o.to_string(), String::new()))
+                .collect::<BTreeMap<_, _>>(),
+            ..Default::default()
+        };
+        let id = format!("net-{name}");
+        s.apply(
+            10,
+            &Command::CreateNetwork {
+                id,
+                spec,
+                at: "t".into(),
+            },
+        )
+    }
+
+    #[test]
+    fn a_subnet_overlapping_a_ready_nodes_route_is_refused_by_name() {
+        let mut s = cluster();
+        for (i, subnet) in ["192.168.1.0/24", "192.168.1.128/25", "192.168.0.0/16"]
+            .into_iter()
+            .enumerate()
+        {
+            let CommandResult::Refused(why) = create(&mut s, &format!("n{i}"), Some(subnet), &[])
+            else {
+                panic!("{subnet} was accepted");
+            };
+            assert_eq!(why.kind, RefusalKind::FailedPrecondition);
+            assert_eq!(
+                why.message,
+                format!(
+                    "subnet {subnet} overlaps route 192.168.1.0/24 dev eth0 on node node1 (aaaaaaaaaaaa); pick another subnet, or pass --opt no-overlap-check"
+                )
+            );
+        }
+        assert!(s.networks.is_empty(), "nothing made");
+        // Beside it, the escape hatch, and a Down node's route.
+        for (name, subnet, opts) in [
+            ("beside", "192.168.2.0/24", &[][..]),
+            ("forced", "192.168.1.0/24", &[NO_OVERLAP_CHECK][..]),
+            ("downs", "10.88.1.0/24", &[][..]),
+        ] {
+            let r = create(&mut s, name, Some(subnet), opts);
+            assert!(matches!(r, CommandResult::Network(_)), "{name}: {r:?}");
+        }
+    }
+
+    #[test]
+    fn carved_subnets_skip_ready_nodes_routes() {
+        let mut s = cluster();
+        let a = "a".repeat(24);
+        s.apply(
+            5,
+            &routes(&a, &[("10.0.0.0/23", "eth1"), ("192.168.1.0/24", "eth0")]),
+        );
+        let CommandResult::Network(n) = create(&mut s, "auto", None, &[]) else {
+            panic!("not carved");
+        };
+        assert_eq!(n.subnet.to_string(), "10.0.2.0/24");
+        // With the check off, the pool's first block is taken as before.
+        let CommandResult::Network(n) = create(&mut s, "forced", None, &[NO_OVERLAP_CHECK]) else {
+            panic!("not carved");
+        };
+        assert_eq!(n.subnet.to_string(), "10.0.0.0/24");
+    }
+
+    #[test]
+    fn a_route_report_is_checked_bounded_and_kept_sorted() {
+        let mut s = cluster();
+        let a = "a".repeat(24);
+        let bad = [
+            ("10.1.0.0", "eth0"),
+            ("10.1.0.1/24", "eth0"),
+            ("fd00::/8", "eth0"),
+            ("10.1.0.0/24", ""),
+            ("10.1.0.0/24", "a-very-long-device"),
+            ("10.1.0.0/24", "eth 0"),
+        ];
+        for (d, dev) in bad {
+            let r = s.apply(6, &routes(&a, &[(d, dev)]));
+            assert!(
+                matches!(&r, CommandResult::Refused(w) if w.kind == RefusalKind::InvalidArgument),
+                "{d} dev {dev:?}: {r:?}"
+            );
+        }
+        let many: Vec<(String, &str)> = (0..=MAX_NODE_ROUTES)
+            .map(|i| (format!("10.{i}.0.0/16"), "eth0"))
+            .collect();
+        let many: Vec<(&str, &str)> = many.iter().map(|(d, e)| (d.as_str(), *e)).collect();
+        assert!(matches!(
+            s.apply(7, &routes(&a, &many)),
+            CommandResult::Refused(_)
+        ));
+        assert!(matches!(
+            s.apply(8, &routes("nobody", &[("10.1.0.0/24", "eth0")])),
+            CommandResult::Refused(_)
+        ));
+        // Nothing refused changed the record; a good report replaces it,
+        // sorted and without duplicates.
+        assert_eq!(s.nodes[&a].routes.len(), 1);
+        s.apply(
+            9,
+            &routes(
+                &a,
+                &[
+                    ("192.168.1.0/24", "eth0"),
+                    ("10.5.0.0/16", "wg0"),
+                    ("10.5.0.0/16", "wg0"),
+                ],
+            ),
+        );
+        let kept: Vec<String> = s.nodes[&a]
+            .routes
+            .iter()
+            .map(|r| format!("{} dev {}", r.destination, r.device))
+            .collect();
+        assert_eq!(kept, ["10.5.0.0/16 dev wg0", "192.168.1.0/24 dev eth0"]);
     }
 }

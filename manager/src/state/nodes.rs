@@ -1,11 +1,22 @@
 //! Applying node commands: init, joins, updates, liveness, removal,
 //! certificates and join tokens.
 
+use std::collections::BTreeSet;
+
+use mesh_common::ipam::Ipv4Net;
 use mesh_common::model::DriverKind;
 
 use super::networks::INGRESS_SUBNET;
-use super::{ClusterState, Command, CommandResult, NetworkSpec, short_id};
+use super::{ClusterState, Command, CommandResult, NetworkSpec, NodeRoute, RouteReport, short_id};
 use mesh_common::refusal::Refusal;
+
+/// At most this many routes are kept per node (the worker caps its report
+/// alike): a node must not grow the replicated state by reporting.
+pub const MAX_NODE_ROUTES: usize = 64;
+/// Longest interface name the kernel accepts (IFNAMSIZ less the NUL).
+const MAX_DEVICE_LEN: usize = 15;
+/// `--opt no-overlap-check`: the network's subnet may overlap nodes' routes.
+pub const NO_OVERLAP_CHECK: &str = "no-overlap-check";
 
 impl ClusterState {
     pub(super) fn apply_node_command(&mut self, index: u64, cmd: &Command) -> CommandResult {
@@ -130,6 +141,19 @@ impl ClusterState {
                 node.version = index;
                 CommandResult::Node(Box::new(node.clone()))
             }
+            Command::SetNodeRoutes { id, routes } => {
+                let routes = match check_routes(routes) {
+                    Ok(r) => r,
+                    Err(why) => return CommandResult::Refused(Refusal::invalid(why)),
+                };
+                let Some(node) = self.nodes.get_mut(id) else {
+                    return CommandResult::Refused(Refusal::not_found(format!(
+                        "node {id} not found"
+                    )));
+                };
+                node.routes = routes;
+                CommandResult::Node(Box::new(node.clone()))
+            }
             Command::RotateNodeKey { id } => {
                 let Some(node) = self.nodes.get_mut(id) else {
                     return CommandResult::Refused(Refusal::not_found(format!(
@@ -226,6 +250,53 @@ impl ClusterState {
                 )
             })
     }
+}
+
+/// Reported routes as the state keeps them, or why they cannot be: each
+/// destination an IPv4 CIDR without host bits, each device an interface
+/// name; at most [`MAX_NODE_ROUTES`]; kept sorted and deduplicated, so a
+/// report compares equal whatever order it came in.
+pub fn check_routes(routes: &[RouteReport]) -> Result<Vec<NodeRoute>, String> {
+    if routes.len() > MAX_NODE_ROUTES {
+        return Err(format!(
+            "{} routes reported: at most {MAX_NODE_ROUTES} are kept",
+            routes.len()
+        ));
+    }
+    let mut kept = BTreeSet::new();
+    for r in routes {
+        kept.insert(check_route(r)?);
+    }
+    Ok(kept.into_iter().collect())
+}
+
+/// One reported route, checked (see [`check_routes`]).
+pub fn check_route(r: &RouteReport) -> Result<NodeRoute, String> {
+    let shown = |s: &str| s.chars().take(60).collect::<String>();
+    let destination: Ipv4Net = r.destination.parse().map_err(|_| {
+        format!(
+            "route destination {:?} is not an IPv4 CIDR",
+            shown(&r.destination)
+        )
+    })?;
+    if destination.trunc() != destination {
+        return Err(format!("route destination {destination} has host bits set"));
+    }
+    let d = &r.device;
+    if d.is_empty()
+        || d.len() > MAX_DEVICE_LEN
+        || d.chars()
+            .any(|c| c.is_control() || c.is_whitespace() || c == '/')
+    {
+        return Err(format!(
+            "route device {:?} is not an interface name",
+            shown(d)
+        ));
+    }
+    Ok(NodeRoute {
+        destination,
+        device: d.clone(),
+    })
 }
 
 /// Why a reported WireGuard public key is not one: it must be standard

@@ -150,6 +150,18 @@ pub struct Node {
     /// (`node update --rotate-key`); left out while 0.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub encryption_key_rotations: u64,
+    /// The node's own IPv4 routes as its heartbeat reported them (checked
+    /// in `apply`, sorted): overlay subnets must not overlap them while the
+    /// node is Ready. Left out while empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<NodeRoute>,
+}
+
+/// One route of a node's own namespace.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct NodeRoute {
+    pub destination: Ipv4Net,
+    pub device: String,
 }
 
 /// A short node ID for messages, as Docker shortens IDs.
