@@ -205,7 +205,7 @@ mod tests {
 
     fn route(dst: &str, table: u8, oif: u32) -> Listed {
         Listed {
-            destination: dst.parse().unwrap(),
+            destination: dst.parse().expect("a CIDR"),
             table: u32::from(table),
             unicast: true,
             oif: Some(oif),
