@@ -48,13 +48,14 @@ pub enum Cmd {
     Ps {
         #[arg(short, long)]
         all: bool,
-        #[arg(long)]
+        #[arg(long, value_parser = ["json"])]
         format: Option<String>,
         #[arg(short, long)]
         quiet: bool,
     },
     /// Run a command inside a sandbox.
     Exec {
+        #[arg(value_parser = reference)]
         sandbox: String,
         /// Command and arguments: after `--`, or from the first word that
         /// is not a flag.
@@ -65,18 +66,19 @@ pub enum Cmd {
     Rm {
         #[arg(short, long)]
         force: bool,
-        #[arg(required = true)]
+        #[arg(required = true, value_parser = reference)]
         sandboxes: Vec<String>,
     },
     /// List a sandbox's published ports, or the host side of one of them.
     Port {
+        #[arg(value_parser = reference)]
         sandbox: String,
         /// PORT[/PROTOCOL] inside the sandbox (tcp if none).
         port: Option<String>,
     },
     /// Show sandboxes as `docker inspect` does (JSON array).
     Inspect {
-        #[arg(required = true)]
+        #[arg(required = true, value_parser = reference)]
         sandboxes: Vec<String>,
     },
     /// Multi-node labs of network namespaces on this machine.
@@ -114,10 +116,10 @@ pub struct InitArgs {
     #[arg(long = "default-addr-pool")]
     pub default_addr_pool: Vec<String>,
     /// Prefix length of the subnets carved from the pools.
-    #[arg(long = "default-addr-pool-mask-length", default_value_t = 24)]
+    #[arg(long = "default-addr-pool-mask-length", default_value_t = 24, value_parser = nonzero_mask)]
     pub default_addr_pool_mask_length: u32,
     /// UDP port for VXLAN traffic between nodes.
-    #[arg(long = "data-path-port", default_value_t = 4789)]
+    #[arg(long = "data-path-port", default_value_t = 4789, value_parser = nonzero_port)]
     pub data_path_port: u32,
     /// How often every node replaces its WireGuard key for encrypted
     /// overlays (e.g. 12h; at least 1m; 0 or absent = only on `node update
@@ -157,7 +159,53 @@ fn parse_rotation(s: &str) -> Result<std::time::Duration, String> {
             "{s} is too short for a key rotation interval: use at least 1m, or 0 for never"
         ));
     }
+    if d.as_secs() > mesh_manager::control::cluster::MAX_KEY_ROTATION_SECS {
+        return Err(format!(
+            "{s} is too long for a key rotation interval: use at most 8760h (a year), or 0 for never"
+        ));
+    }
     Ok(d)
+}
+
+/// A name or ID a command refers to: never empty, so a refusal never reads
+/// "no such network: " with nothing after it.
+fn reference(s: &str) -> Result<String, String> {
+    if s.trim().is_empty() {
+        return Err("it is empty: give a name or ID".into());
+    }
+    Ok(s.to_string())
+}
+
+/// A key to remove (`--label-rm`, `--env-rm`, `--constraint-rm`).
+fn not_empty(s: &str) -> Result<String, String> {
+    if s.trim().is_empty() {
+        return Err("it is empty: give the key to remove".into());
+    }
+    Ok(s.to_string())
+}
+
+/// A DNS alias, checked as the daemon checks it.
+fn alias(s: &str) -> Result<String, String> {
+    mesh_common::input::check_alias(s).map_err(|e| e.message)?;
+    Ok(s.to_string())
+}
+
+/// The API reads 0 as "left out"; typed by a user it is a mistake.
+fn nonzero_mask(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(0) => Err("0 leaves no network part: use 8 to 29".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("{s:?} is not a prefix length: use 8 to 29")),
+    }
+}
+
+/// As [`nonzero_mask`], for `--data-path-port`.
+fn nonzero_port(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(0) => Err("0 is not a port: use 1024 to 49151".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("{s:?} is not a port number: use 1024 to 49151")),
+    }
 }
 
 #[derive(Args)]
@@ -192,7 +240,7 @@ pub struct LeaveArgs {
 
 #[derive(Args)]
 pub struct InfoArgs {
-    #[arg(short, long)]
+    #[arg(short, long, value_parser = ["json"])]
     pub format: Option<String>,
 }
 
@@ -203,14 +251,14 @@ pub enum NodeCmd {
     Ls {
         #[arg(short, long)]
         filter: Vec<String>,
-        #[arg(long)]
+        #[arg(long, value_parser = ["json"])]
         format: Option<String>,
         #[arg(short, long)]
         quiet: bool,
     },
     /// Show nodes as JSON.
     Inspect {
-        #[arg(required = true)]
+        #[arg(required = true, value_parser = reference)]
         nodes: Vec<String>,
     },
     /// Remove nodes from the cluster.
@@ -218,17 +266,17 @@ pub enum NodeCmd {
     Rm {
         #[arg(short, long)]
         force: bool,
-        #[arg(required = true)]
+        #[arg(required = true, value_parser = reference)]
         nodes: Vec<String>,
     },
     /// Make nodes managers.
     Promote {
-        #[arg(required = true)]
+        #[arg(required = true, value_parser = reference)]
         nodes: Vec<String>,
     },
     /// Make managers workers.
     Demote {
-        #[arg(required = true)]
+        #[arg(required = true, value_parser = reference)]
         nodes: Vec<String>,
     },
     /// Change a node's availability or labels.
@@ -237,11 +285,12 @@ pub enum NodeCmd {
         availability: Option<String>,
         #[arg(long = "label-add")]
         label_add: Vec<String>,
-        #[arg(long = "label-rm")]
+        #[arg(long = "label-rm", value_parser = not_empty)]
         label_rm: Vec<String>,
         /// Make the node replace its WireGuard key (encrypted overlays).
         #[arg(long = "rotate-key")]
         rotate_key: bool,
+        #[arg(value_parser = reference)]
         node: String,
     },
 }
@@ -281,7 +330,7 @@ pub enum NetworkCmd {
     Ls {
         #[arg(short, long)]
         filter: Vec<String>,
-        #[arg(long)]
+        #[arg(long, value_parser = ["json"])]
         format: Option<String>,
         #[arg(short, long)]
         quiet: bool,
@@ -291,27 +340,31 @@ pub enum NetworkCmd {
     },
     /// Show networks as JSON.
     Inspect {
-        #[arg(required = true)]
+        #[arg(required = true, value_parser = reference)]
         networks: Vec<String>,
     },
     /// Remove networks.
     #[command(alias = "remove")]
     Rm {
-        #[arg(required = true)]
+        #[arg(required = true, value_parser = reference)]
         networks: Vec<String>,
     },
     /// Connect a running sandbox to a network.
     Connect {
-        #[arg(long)]
+        #[arg(long, value_parser = alias)]
         alias: Vec<String>,
+        #[arg(value_parser = reference)]
         network: String,
+        #[arg(value_parser = reference)]
         sandbox: String,
     },
     /// Disconnect a sandbox from a network.
     Disconnect {
         #[arg(short, long)]
         force: bool,
+        #[arg(value_parser = reference)]
         network: String,
+        #[arg(value_parser = reference)]
         sandbox: String,
     },
     /// Remove all unused networks.
@@ -326,9 +379,9 @@ pub enum NetworkCmd {
 pub struct RunArgs {
     #[arg(long, default_value = "")]
     pub name: String,
-    #[arg(long)]
+    #[arg(long, value_parser = reference)]
     pub network: Vec<String>,
-    #[arg(long = "network-alias")]
+    #[arg(long = "network-alias", value_parser = alias)]
     pub network_alias: Vec<String>,
     #[arg(short, long)]
     pub env: Vec<String>,
@@ -360,7 +413,7 @@ pub enum ServiceCmd {
     /// List services.
     #[command(alias = "list")]
     Ls {
-        #[arg(long)]
+        #[arg(long, value_parser = ["json"])]
         format: Option<String>,
         #[arg(short, long)]
         quiet: bool,
@@ -370,19 +423,19 @@ pub enum ServiceCmd {
     },
     /// List the tasks of services.
     Ps {
-        #[arg(long)]
+        #[arg(long, value_parser = ["json"])]
         format: Option<String>,
         #[arg(short, long)]
         quiet: bool,
         /// Show full IDs.
         #[arg(long)]
         no_trunc: bool,
-        #[arg(required = true)]
+        #[arg(required = true, value_parser = reference)]
         services: Vec<String>,
     },
     /// Show services as JSON.
     Inspect {
-        #[arg(required = true)]
+        #[arg(required = true, value_parser = reference)]
         services: Vec<String>,
     },
     /// Change a service; its tasks are replaced one at a time.
@@ -403,11 +456,14 @@ pub enum ServiceCmd {
         /// Return once the removal is recorded, without waiting for the tasks.
         #[arg(short, long)]
         detach: bool,
-        #[arg(required = true)]
+        #[arg(required = true, value_parser = reference)]
         services: Vec<String>,
     },
     /// Show the output of a service's tasks.
-    Logs { service: String },
+    Logs {
+        #[arg(value_parser = reference)]
+        service: String,
+    },
 }
 
 #[derive(Args)]
@@ -421,7 +477,7 @@ pub struct ServiceCreateArgs {
     #[arg(long, default_value = "replicated", value_parser = ["replicated", "global"])]
     pub mode: String,
     /// Overlay network to attach to (repeatable).
-    #[arg(long)]
+    #[arg(long, value_parser = reference)]
     pub network: Vec<String>,
     #[arg(long = "endpoint-mode", default_value = "vip", value_parser = ["vip", "dnsrr"])]
     pub endpoint_mode: String,
@@ -434,7 +490,7 @@ pub struct ServiceCreateArgs {
     #[arg(long = "restart-condition", default_value = "any", value_parser = ["any", "on-failure", "none"])]
     pub restart_condition: String,
     /// Wait between restarts (e.g. 5s, 500ms; default 5s).
-    #[arg(long = "restart-delay", value_parser = crate::service_cmd::parse_delay)]
+    #[arg(long = "restart-delay", allow_hyphen_values = true, value_parser = crate::service_cmd::parse_delay)]
     pub restart_delay: Option<std::time::Duration>,
     /// Restarts before giving up (0 = unlimited).
     #[arg(long = "restart-max-attempts", default_value_t = 0)]
@@ -460,19 +516,19 @@ pub struct ServiceCreateArgs {
 pub struct ServiceUpdateArgs {
     #[arg(long, allow_negative_numbers = true, value_parser = crate::service_cmd::parse_replicas)]
     pub replicas: Option<u64>,
-    #[arg(long = "network-add")]
+    #[arg(long = "network-add", value_parser = reference)]
     pub network_add: Vec<String>,
-    #[arg(long = "network-rm")]
+    #[arg(long = "network-rm", value_parser = reference)]
     pub network_rm: Vec<String>,
     /// K=V: sets the variable (replacing its old value).
     #[arg(long = "env-add")]
     pub env_add: Vec<String>,
     /// K: removes the variable.
-    #[arg(long = "env-rm")]
+    #[arg(long = "env-rm", value_parser = not_empty)]
     pub env_rm: Vec<String>,
     #[arg(long = "constraint-add")]
     pub constraint_add: Vec<String>,
-    #[arg(long = "constraint-rm")]
+    #[arg(long = "constraint-rm", value_parser = not_empty)]
     pub constraint_rm: Vec<String>,
     /// Add a published port, as `service create --publish` (repeatable).
     #[arg(long = "publish-add", value_name = "PORT", value_parser = parse_service_port)]
@@ -486,6 +542,7 @@ pub struct ServiceUpdateArgs {
     /// Return without waiting for the update to converge.
     #[arg(short, long)]
     pub detach: bool,
+    #[arg(value_parser = reference)]
     pub service: String,
 }
 

@@ -28,6 +28,10 @@ use clap::Parser;
 use cli::{Cli, Cmd};
 
 fn main() -> ExitCode {
+    if let Some(msg) = non_utf8_argument(std::env::args_os()) {
+        eprintln!("Error: {msg}");
+        return ExitCode::from(2);
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),
@@ -82,6 +86,27 @@ fn usage_error(e: clap::Error) -> ExitCode {
         .join(" ");
     eprintln!("Error: {}", msg.strip_prefix("error: ").unwrap_or(&msg));
     ExitCode::from(2)
+}
+
+/// clap says only "invalid UTF-8 was detected in one or more arguments":
+/// this names the argument (bytes escaped, the start of it if long) and the
+/// flag it is the value of.
+fn non_utf8_argument(args: impl Iterator<Item = std::ffi::OsString>) -> Option<String> {
+    use std::os::unix::ffi::OsStrExt;
+    let args: Vec<std::ffi::OsString> = args.collect();
+    let i = args.iter().position(|a| a.to_str().is_none())?;
+    let bytes = args[i].as_bytes();
+    let shown = bytes[..bytes.len().min(60)].escape_ascii();
+    let more = if bytes.len() > 60 { "..." } else { "" };
+    let of = i
+        .checked_sub(1)
+        .and_then(|j| args[j].to_str())
+        .filter(|flag| flag.starts_with('-'))
+        .map(|flag| format!(" (the value of {flag})"))
+        .unwrap_or_default();
+    Some(format!(
+        "argument \"{shown}{more}\"{of} is not valid UTF-8: mesh takes text arguments only"
+    ))
 }
 
 /// Errors are shown on one line: the chain joined with ": ".

@@ -37,6 +37,24 @@ fn matches(n: &Node, filters: &[(String, String)], self_id: &str) -> bool {
     })
 }
 
+/// Filters whose values are words: a misspelt one would match nothing
+/// and look like an empty cluster, so it is refused as Docker does.
+fn check_filter_value(key: &str, value: &str) -> Result<()> {
+    let allowed: &[&str] = match key {
+        "role" => &["manager", "worker"],
+        "membership" => &["accepted", "pending"],
+        "self" => &["true", "false"],
+        _ => return Ok(()),
+    };
+    if !allowed.contains(&value) {
+        bail!(
+            "invalid filter {key}={value:?}: use {key}={}",
+            allowed.join(" or ")
+        );
+    }
+    Ok(())
+}
+
 fn inspect_json(n: &Node) -> serde_json::Value {
     let mut v = json!({
         "ID": n.id,
@@ -103,6 +121,7 @@ pub async fn run(host: &str, cmd: NodeCmd) -> Result<ExitCode> {
                 {
                     bail!("invalid filter key {k:?}: use role, name, id, label or self");
                 }
+                check_filter_value(k, v)?;
                 filters.push((k.to_string(), v.to_string()));
             }
             let self_id = c.info(Empty {}).await.map_err(status)?.into_inner().node_id;

@@ -16,7 +16,7 @@ pub async fn run(host: &str, a: RunArgs) -> Result<ExitCode> {
     let mut c = connect(host).await?;
     let mut env = std::collections::HashMap::new();
     for e in a.env {
-        let Some((k, v)) = e.split_once('=') else {
+        let Some((k, v)) = e.split_once('=').filter(|(k, _)| !k.is_empty()) else {
             bail!("invalid --env {e:?}: use KEY=VALUE")
         };
         env.insert(k.to_string(), v.to_string());

@@ -90,13 +90,25 @@ pub fn valid_name(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
 }
 
+/// Longest network name: as long as a service's or a sandbox's, so every
+/// name a user gives fits one DNS label.
+pub const MAX_NETWORK_NAME: usize = 63;
+
 /// The refusal for a malformed network name, local or cluster-wide alike.
 pub fn check_network_name(name: &str) -> Result<(), crate::refusal::Refusal> {
+    if name.len() > MAX_NETWORK_NAME && valid_name(name) {
+        return Err(crate::refusal::Refusal::invalid(format!(
+            "invalid network name {}: it is {} characters long: use at most {MAX_NETWORK_NAME}",
+            crate::input::shorten(name),
+            name.len()
+        )));
+    }
     if valid_name(name) {
         return Ok(());
     }
     Err(crate::refusal::Refusal::invalid(format!(
-        "invalid network name {name:?}: use letters, digits, '_', '.' and '-', starting with a letter or digit"
+        "invalid network name {:?}: use letters, digits, '_', '.' and '-', starting with a letter or digit",
+        crate::input::shorten(name)
     )))
 }
 

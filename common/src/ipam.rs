@@ -100,6 +100,47 @@ pub enum IpamError {
         "no free address left in {0}: remove unused endpoints, or use a larger subnet or --ip-range"
     )]
     HostsExhausted(Ipv4Net),
+    #[error(
+        "{kind} {net} overlaps {reserved} ({what}), which hosts cannot use: choose a private range such as 10.1.0.0/24"
+    )]
+    Reserved {
+        kind: &'static str,
+        net: Ipv4Net,
+        reserved: Ipv4Net,
+        what: &'static str,
+    },
+}
+
+/// Ranges no network of ours may take: the kernel treats them specially
+/// (or we use them ourselves: 169.254.254.0/30 links each node to its
+/// ingress sandbox).
+const RESERVED: [(&str, &str); 5] = [
+    ("0.0.0.0/8", "\"this network\""),
+    ("127.0.0.0/8", "loopback"),
+    ("169.254.0.0/16", "link-local"),
+    ("224.0.0.0/4", "multicast"),
+    ("240.0.0.0/4", "reserved and broadcast"),
+];
+
+/// Why a subnet or pool cannot hold hosts' addresses, if it cannot: it
+/// overlaps loopback, link-local, multicast or another reserved range.
+/// Checked where users give subnets (network create, init's pools), not
+/// when state is replayed.
+pub fn check_usable(net: &Ipv4Net, kind: &'static str) -> Result<(), IpamError> {
+    for (range, what) in RESERVED {
+        let Ok(reserved) = range.parse::<Ipv4Net>() else {
+            continue;
+        };
+        if overlaps(net, &reserved) {
+            return Err(IpamError::Reserved {
+                kind,
+                net: *net,
+                reserved,
+                what,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Comma-separated list of networks for error messages.
@@ -553,6 +594,31 @@ mod tests {
             parse_pool("10.0.0.0/31"),
             Err(IpamError::TooSmall { .. })
         ));
+    }
+
+    #[test]
+    fn ipam_reserved_ranges_are_not_usable() {
+        for ok in [
+            "10.0.0.0/8",
+            "192.168.1.0/24",
+            "172.16.0.0/12",
+            "100.64.0.0/10",
+        ] {
+            assert!(check_usable(&net(ok), "subnet").is_ok(), "{ok}");
+        }
+        for (bad, says) in [
+            ("127.0.0.0/24", "loopback"),
+            ("169.254.254.0/24", "link-local"),
+            ("224.0.0.0/24", "multicast"),
+            ("240.0.0.0/24", "reserved"),
+            ("0.0.0.0/24", "this network"),
+            ("128.0.0.0/1", "link-local"),
+        ] {
+            let e = check_usable(&net(bad), "subnet")
+                .expect_err(bad)
+                .to_string();
+            assert!(e.contains(says), "{e}");
+        }
     }
 
     #[test]

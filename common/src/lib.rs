@@ -1,6 +1,7 @@
 //! Types and pure helpers shared by managers, workers and the CLI.
 //!
 //! - `id`: node and cluster IDs (Swarm's 25-character base-36 shape);
+//! - `input`: limits on free-form words users type (labels, DNS aliases);
 //! - `ipam`: subnet and address allocation math over the managers' state;
 //! - `model`: the cluster's words as enums (roles, states, modes, drivers)
 //!   and the MAC type, serialized as the strings older versions wrote;
@@ -20,6 +21,7 @@
 //! No sockets are opened and no files are read here.
 
 pub mod id;
+pub mod input;
 pub mod ipam;
 pub mod model;
 pub mod pki;

@@ -73,6 +73,7 @@ impl ControlService {
         r: ConnectRequest,
         connect: bool,
     ) -> Result<Response<mesh_proto::Sandbox>, Status> {
+        check_aliases(&r.aliases)?;
         let (dp, managers) = (self.d.datapath(), self.d.managers_link());
         let rec = if connect {
             let s = &self.d.sandboxes;
@@ -85,6 +86,15 @@ impl ControlService {
         };
         self.reply(rec)
     }
+}
+
+/// DNS aliases a sandbox asks for, checked before anything is made: the
+/// embedded DNS could never answer a malformed one.
+fn check_aliases(aliases: &[String]) -> Result<(), Status> {
+    for a in aliases {
+        mesh_common::input::check_alias(a)?;
+    }
+    Ok(())
 }
 
 /// A lifecycle failure (init, join, leave): a typed refusal keeps its
@@ -417,6 +427,7 @@ impl Control for ControlService {
         req: Request<RunRequest>,
     ) -> Result<Response<mesh_proto::Sandbox>, Status> {
         let r = req.into_inner();
+        check_aliases(&r.aliases)?;
         let ports = r
             .ports
             .iter()

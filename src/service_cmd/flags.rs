@@ -27,6 +27,9 @@ pub fn parse_delay(s: &str) -> Result<Duration, String> {
     if s.trim() == "0" {
         return Ok(Duration::ZERO);
     }
+    if s.trim().starts_with('-') {
+        return Err(format!("a delay cannot be negative (got {s})"));
+    }
     humantime::parse_duration(s.trim())
         .map_err(|e| format!("invalid duration {s:?}: {e} (e.g. 5s, 500ms, 1m30s)"))
 }

@@ -175,8 +175,8 @@ pub(super) async fn ps(
     quiet: bool,
     no_trunc: bool,
 ) -> Result<ExitCode> {
-    if format.as_deref().is_some_and(|f| f != "json") {
-        bail!("unsupported --format {format:?}: use json or leave it out for a table");
+    if let Some(f) = format.as_deref().filter(|f| *f != "json") {
+        bail!("unsupported --format {f:?}: use json or leave it out for a table");
     }
     let tasks: Vec<Task> = statuses(c, services)
         .await?

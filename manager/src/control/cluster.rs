@@ -31,7 +31,9 @@ pub fn network_settings(
     let parsed = pools
         .iter()
         .map(|s| {
-            ipam::parse_pool(s).map_err(|e| Refusal::invalid(format!("--default-addr-pool: {e}")))
+            ipam::parse_pool(s)
+                .and_then(|n| ipam::check_usable(&n, "address pool").map(|()| n))
+                .map_err(|e| Refusal::invalid(format!("--default-addr-pool: {e}")))
         })
         .collect::<Result<Vec<_>, _>>()?;
     for (i, a) in parsed.iter().enumerate() {
@@ -78,11 +80,20 @@ pub fn network_settings(
 /// handshake with every peer, so a shorter one buys nothing but churn.
 pub const MIN_KEY_ROTATION_SECS: u64 = 60;
 
+/// The longest `--encryption-key-rotation`: a year. Longer is a typo; for
+/// no rotation at all, 0 says so.
+pub const MAX_KEY_ROTATION_SECS: u64 = 365 * 24 * 3600;
+
 /// `--encryption-key-rotation` in seconds, checked (0 = never rotate).
 pub fn key_rotation(secs: u64) -> Result<u64, Refusal> {
     if secs != 0 && secs < MIN_KEY_ROTATION_SECS {
         return Err(Refusal::invalid(format!(
             "--encryption-key-rotation {secs}s is too short: use at least 1m, or 0 for never"
+        )));
+    }
+    if secs > MAX_KEY_ROTATION_SECS {
+        return Err(Refusal::invalid(format!(
+            "--encryption-key-rotation {secs}s is too long: use at most 8760h (a year), or 0 for never"
         )));
     }
     Ok(secs)
@@ -137,5 +148,12 @@ mod tests {
         assert_eq!(key_rotation(43200), Ok(43200));
         assert!(key_rotation(59).is_err_and(|e| e.contains("at least 1m")));
         assert!(key_rotation(1).is_err());
+        assert_eq!(
+            key_rotation(MAX_KEY_ROTATION_SECS),
+            Ok(MAX_KEY_ROTATION_SECS)
+        );
+        assert!(
+            key_rotation(MAX_KEY_ROTATION_SECS + 1).is_err_and(|e| e.contains("at most 8760h"))
+        );
     }
 }

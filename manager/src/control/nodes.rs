@@ -110,12 +110,29 @@ fn parse_update(
             "a label needs a key: use --label-add KEY=VALUE",
         ));
     }
+    mesh_common::input::check_labels("--label-add", &r.label_add)?;
     Ok((availability, role))
+}
+
+/// `--label-rm K` of a label the node does not have is refused, as Docker
+/// does: it is most often a typo, and a no-op write would still count as
+/// an update.
+fn check_label_rm(node: &Node, label_rm: &[String]) -> Result<(), Refusal> {
+    match label_rm.iter().find(|k| !node.labels.contains_key(*k)) {
+        Some(k) => Err(Refusal::not_found(format!(
+            "node {} has no label {:?}: see `mesh node inspect {}`",
+            node.hostname,
+            mesh_common::input::shorten(k),
+            node.hostname
+        ))),
+        None => Ok(()),
+    }
 }
 
 pub async fn update(mgr: &Manager, r: NodeUpdateRequest) -> Result<mesh_proto::Node, Status> {
     let node = mgr.read(|s| resolve_node(&s.nodes, &r.node, &mgr.node_id))?;
     let (availability, role) = parse_update(&r)?;
+    check_label_rm(&node, &r.label_rm)?;
     let role = role.filter(|x| *x != node.role);
     if role == Some(NodeRole::Worker) {
         mgr.read(|s| check_demote(&s.nodes, &node))?;

@@ -16,7 +16,9 @@ use tonic::Status;
 use crate::logs::LogError;
 use crate::manager::{Manager, ManagerError, now};
 use crate::pb::service::{port_from_pb, service_to_pb, task_to_pb};
-use crate::services::{DEFAULT_RESTART_DELAY_MS, PortSpec, Service, ServiceSpec, Task, validate};
+use crate::services::{
+    DEFAULT_RESTART_DELAY_MS, PortSpec, Service, ServiceSpec, Task, check_user_words, validate,
+};
 use crate::state::{ClusterState, Command, CommandResult};
 use mesh_common::refusal::Refusal;
 
@@ -108,6 +110,7 @@ pub fn spec_from_create(
         labels: r.labels.into_iter().collect(),
     };
     validate(&spec)?;
+    check_user_words(&spec)?;
     Ok(spec)
 }
 
@@ -236,6 +239,7 @@ pub fn updated_spec(
         }
     }
     validate(&spec)?;
+    check_user_words(&spec)?;
     Ok(spec)
 }
 

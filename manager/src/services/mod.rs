@@ -36,6 +36,9 @@ pub const MAX_REPLICAS: u64 = 10_000;
 pub const TASK_HISTORY: usize = 5;
 /// Docker's default restart delay.
 pub const DEFAULT_RESTART_DELAY_MS: u64 = 5_000;
+/// Longest restart delay: a day. Longer is a typo (or a unit mix-up), and
+/// a task that waits for it looks hung.
+pub const MAX_RESTART_DELAY_MS: u64 = 24 * 3600 * 1000;
 
 /// What a user asks for in `mesh service create` (and `update`). Networks
 /// are held by ID; the proposer resolves names.
@@ -209,6 +212,32 @@ pub fn validate(spec: &ServiceSpec) -> Result<(), Refusal> {
         return Err(Refusal::invalid("a network is given twice"));
     }
     ports::validate_ports(&spec.ports)?;
+    Ok(())
+}
+
+/// What a user typed into a spec that `validate` leaves alone: limits
+/// checked by the control API before Raft (not in `apply`, so entries
+/// already in a log replay as they did): an empty program, a restart delay
+/// over a day, labels and constraint label keys beyond the label limits.
+pub fn check_user_words(spec: &ServiceSpec) -> Result<(), Refusal> {
+    if spec.cmd.first().is_some_and(|p| p.trim().is_empty()) {
+        return Err(Refusal::invalid(
+            "the command is empty: give a program to run after the flags",
+        ));
+    }
+    if spec.restart_delay_ms > MAX_RESTART_DELAY_MS {
+        return Err(Refusal::invalid(format!(
+            "--restart-delay of {}s is too long: use at most 24h",
+            spec.restart_delay_ms / 1000
+        )));
+    }
+    mesh_common::input::check_labels("--label", &spec.labels)?;
+    for c in &spec.constraints {
+        let key = c.split(['=', '!']).next().unwrap_or_default().trim();
+        if let Some(label) = key.strip_prefix("node.labels.") {
+            mesh_common::input::check_label_key("--constraint", label)?;
+        }
+    }
     Ok(())
 }
 
