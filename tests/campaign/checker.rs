@@ -504,7 +504,6 @@ pub fn table(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::BTreeSet;
 
     fn ms(v: u64) -> Duration {
         Duration::from_millis(v)

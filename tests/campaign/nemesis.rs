@@ -28,7 +28,7 @@ pub fn rounds(
     for index in 0..cfg.rounds {
         let kind = cfg.kinds[index % cfg.kinds.len()];
         // Every other round of a kind hits the leader.
-        let at_leader = (index / cfg.kinds.len()) % 2 == 0;
+        let at_leader = (index / cfg.kinds.len()).is_multiple_of(2);
         let leader = find_leader(lab, &managers).unwrap_or_else(|| managers[0].clone());
         let victim = if at_leader {
             leader.clone()
@@ -100,17 +100,15 @@ pub fn rounds(
                     .map(|n| n.name.clone())
                     .filter(|n| !second.contains(n))
                     .collect();
+                // A window ends before the call that changes it (the change
+                // happens inside) and starts after the call returns.
+                let switch = t0.elapsed();
                 let w2 = partition(lab, &second, &rest, t0)?;
-                minority.push(Window {
-                    end: w2.start,
-                    ..w1
-                });
+                minority.push(Window { end: switch, ..w1 });
                 std::thread::sleep(cfg.hold);
+                let heal = t0.elapsed();
                 lab.heal_all()?;
-                minority.push(Window {
-                    end: t0.elapsed(),
-                    ..w2
-                });
+                minority.push(Window { end: heal, ..w2 });
                 target = format!("{} then {}", first.join(","), second.join(","));
             }
             FaultKind::PauseManager => {
