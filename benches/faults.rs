@@ -9,7 +9,9 @@
 //!
 //! Run: `cargo bench --bench faults` (as root). Rounds: `FAULT_ROUNDS=8
 //! cargo bench --bench faults` or `cargo bench --bench faults -- 8`;
-//! managers: `FAULT_MANAGERS=5`.
+//! managers: `FAULT_MANAGERS=5`; only some fault kinds:
+//! `FAULT_KINDS=kill-manager,partition`; the whole history to a file:
+//! `FAULT_HISTORY=/tmp/history.txt`.
 
 use std::time::Instant;
 
@@ -36,8 +38,22 @@ fn main() -> Result<()> {
     let rounds = number("FAULT_ROUNDS", arg, 100)?;
     let managers = number("FAULT_MANAGERS", None, 3)?;
     let mut lab = common::up("fb", managers + 1, managers, &[])?;
+    // FAULT_KINDS=kill-manager,partition narrows the nemesis to those kinds.
+    let kinds = match std::env::var("FAULT_KINDS") {
+        Ok(list) => list
+            .split(',')
+            .map(|k| {
+                campaign::FaultKind::ALL
+                    .into_iter()
+                    .find(|f| f.name() == k.trim())
+                    .ok_or_else(|| anyhow::anyhow!("FAULT_KINDS: no fault kind {k:?}"))
+            })
+            .collect::<Result<Vec<_>>>()?,
+        Err(_) => campaign::FaultKind::ALL.to_vec(),
+    };
     let cfg = campaign::Config {
         rounds,
+        kinds,
         ..campaign::Config::default()
     };
     let started = Instant::now();
@@ -48,6 +64,12 @@ fn main() -> Result<()> {
         started.elapsed().as_secs_f64()
     );
     print!("{}", report.table);
+    // FAULT_HISTORY=FILE keeps every operation, one per line, for evidence.
+    if let Ok(path) = std::env::var("FAULT_HISTORY") {
+        let lines: Vec<String> = report.history.iter().map(|o| format!("{o:?}")).collect();
+        std::fs::write(&path, lines.join("\n") + "\n")?;
+        println!("history: {} operations in {path}", lines.len());
+    }
     let s = &report.summary;
     for (what, lines) in [
         ("lost", &s.lost),
