@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::error::{LabError, Result};
+use crate::faults::parse_groups;
 use crate::lab::{Lab, UNDERLAY_BRIDGE};
 use crate::registry::{self, LabListing};
 use crate::spec::{LabStatus, UpSpec};
@@ -70,8 +71,22 @@ pub enum LabCommand {
     Start { lab: String, node: String },
     /// Cut a node's underlay link (as if its cable were pulled)
     Cut { lab: String, node: String },
-    /// Restore a node's underlay link
-    Heal { lab: String, node: String },
+    /// Restore a node's underlay link; without NODE, restore everything:
+    /// partitions, cut links, control cuts, paused daemons
+    Heal { lab: String, node: Option<String> },
+    /// Cut the underlay between groups of nodes, and only between them:
+    /// `mesh lab partition LAB node1,node2 node3,node4,node5` (replaces any
+    /// earlier partition; `mesh lab heal LAB` removes it)
+    Partition {
+        lab: String,
+        /// Comma-separated node (or host) names, one argument per group
+        #[arg(required = true, num_args = 2.., value_name = "GROUP")]
+        groups: Vec<String>,
+    },
+    /// Freeze a node's daemon (SIGSTOP); its sandboxes keep running
+    Pause { lab: String, node: String },
+    /// Thaw a paused daemon (SIGCONT)
+    Resume { lab: String, node: String },
     /// Remove a lab: daemons, processes, namespaces, links and files (also after a crash)
     Down { lab: String },
 }
@@ -177,10 +192,46 @@ fn dispatch(cmd: LabCommand, mesh_bin: &Path) -> Result<()> {
             println!("{}: underlay link cut", lab.node(&node)?.name);
             Ok(())
         }
-        LabCommand::Heal { lab, node } => {
+        LabCommand::Heal {
+            lab,
+            node: Some(node),
+        } => {
             let mut lab = Lab::open(&lab, mesh_bin)?;
             lab.heal(&node)?;
             println!("{}: underlay link restored", lab.node(&node)?.name);
+            Ok(())
+        }
+        LabCommand::Heal { lab, node: None } => {
+            let mut lab = Lab::open(&lab, mesh_bin)?;
+            lab.heal_all()?;
+            println!(
+                "lab {}: partitions, cut links and paused daemons restored",
+                lab.name
+            );
+            Ok(())
+        }
+        LabCommand::Partition { lab, groups } => {
+            let mut lab = Lab::open(&lab, mesh_bin)?;
+            let groups = parse_groups(&groups);
+            let refs: Vec<Vec<&str>> = groups
+                .iter()
+                .map(|g| g.iter().map(String::as_str).collect())
+                .collect();
+            let refs: Vec<&[&str]> = refs.iter().map(Vec::as_slice).collect();
+            lab.partition(&refs)?;
+            println!("lab {}: partitioned {}", lab.name, partition_text(&lab));
+            Ok(())
+        }
+        LabCommand::Pause { lab, node } => {
+            let mut lab = Lab::open(&lab, mesh_bin)?;
+            lab.pause(&node)?;
+            println!("{}: daemon paused", lab.node(&node)?.name);
+            Ok(())
+        }
+        LabCommand::Resume { lab, node } => {
+            let mut lab = Lab::open(&lab, mesh_bin)?;
+            lab.resume(&node)?;
+            println!("{}: daemon resumed", lab.node(&node)?.name);
             Ok(())
         }
         LabCommand::Down { lab } => {
@@ -188,6 +239,24 @@ fn dispatch(cmd: LabCommand, mesh_bin: &Path) -> Result<()> {
             println!("lab {lab} removed");
             Ok(())
         }
+    }
+}
+
+/// `node1,node2 | node3`: the groups of a lab's partition.
+fn partition_text(lab: &Lab) -> String {
+    lab.partition
+        .iter()
+        .map(|g| g.join(","))
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
+/// What `lab ls` shows in DAEMON.
+fn daemon_text(n: &crate::spec::LabNode) -> &'static str {
+    match (n.running(), n.paused) {
+        (true, true) => "paused",
+        (true, false) => "running",
+        (false, _) => "dead",
     }
 }
 
@@ -290,7 +359,7 @@ fn print_ls_table(labs: &[LabListing]) {
                         n.role.to_string(),
                         n.ip.to_string(),
                         n.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
-                        if n.running() { "running" } else { "dead" }.into(),
+                        daemon_text(n).into(),
                         if n.cut { "cut" } else { "up" }.into(),
                         n.socket.display().to_string(),
                     ]);
@@ -332,6 +401,11 @@ fn print_ls_table(labs: &[LabListing]) {
         ],
         &rows,
     );
+    for l in labs {
+        if let Some(lab) = l.lab.as_ref().filter(|lab| !lab.partition.is_empty()) {
+            println!("lab {} is partitioned: {}", lab.name, partition_text(lab));
+        }
+    }
     for s in incomplete {
         eprintln!(
             "lab {s} is incomplete: its `up` is still running or was interrupted (then `mesh lab down {s}`)"
@@ -363,9 +437,11 @@ fn listing_json(l: &LabListing) -> serde_json::Value {
                 "Log": n.log,
                 "Pid": n.pid,
                 "Running": n.running(),
+                "Paused": n.paused && n.running(),
                 "Link": if n.cut { "cut" } else { "up" },
                 "ID": n.id,
             })).collect::<Vec<_>>(),
+            "Partition": lab.partition,
             "Hosts": lab.hosts.iter().map(|h| json!({
                 "Name": h.name,
                 "Address": h.ip,
@@ -474,6 +550,40 @@ mod tests {
             LabCommand::Exec { cmd, .. } => assert_eq!(cmd, ["--bogus"]),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn fault_commands() {
+        match parse(&["partition", "t1", "node1,node2", "3,node4"]) {
+            LabCommand::Partition { lab, groups } => {
+                assert_eq!(lab, "t1");
+                assert_eq!(groups, ["node1,node2", "3,node4"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            parse(&["heal", "t1"]),
+            LabCommand::Heal { node: None, .. }
+        ));
+        assert!(matches!(
+            parse(&["heal", "t1", "node2"]),
+            LabCommand::Heal { node: Some(_), .. }
+        ));
+        assert!(matches!(
+            parse(&["pause", "t1", "2"]),
+            LabCommand::Pause { .. }
+        ));
+        assert!(matches!(
+            parse(&["resume", "t1", "2"]),
+            LabCommand::Resume { .. }
+        ));
+        // One group is not a partition.
+        #[derive(Debug, clap::Parser)]
+        struct C {
+            #[command(subcommand)]
+            lab: LabCommand,
+        }
+        assert!(C::try_parse_from(["lab", "partition", "t1", "node1"]).is_err());
     }
 
     #[test]

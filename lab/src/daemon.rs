@@ -61,6 +61,7 @@ impl Lab {
             node.previous_pids.push(old);
         }
         node.pid = Some(pid);
+        node.paused = false;
         node.pid_start = sys::proc_info(pid).map(|p| p.start);
         self.children.insert(name, child);
         tracing::debug!(lab = %self.name, node = %self.nodes[i].name, pid, "daemon started");
@@ -134,6 +135,8 @@ impl Lab {
             return Err(self.node_error(i, format!("daemon pid {pid} survived SIGKILL for 10s")));
         }
         reap(&mut self.children);
+        self.nodes[i].paused = false;
+        self.save()?;
         tracing::info!(lab = %self.name, node = %self.nodes[i].name, pid, "daemon killed");
         Ok(true)
     }

@@ -38,7 +38,7 @@ use crate::teardown::teardown;
 pub const CLUSTER_PORT: u16 = 2377;
 
 /// nftables table (in a node's namespace) of [`Lab::cut_control`].
-const CONTROL_CUT_TABLE: &str = "mesh_lab_cut";
+pub(crate) const CONTROL_CUT_TABLE: &str = "mesh_lab_cut";
 
 /// Name of the underlay bridge inside the underlay namespace.
 pub const UNDERLAY_BRIDGE: &str = "br0";
@@ -75,6 +75,10 @@ pub struct Lab {
     pub hosts: Vec<LabHost>,
     #[serde(default)]
     pub created_unix: u64,
+    /// Groups of the current [`Lab::partition`] (node or host names); empty
+    /// when the underlay is whole.
+    #[serde(default)]
+    pub partition: Vec<Vec<String>>,
     #[serde(skip, default = "default_command_timeout")]
     pub(crate) command_timeout: Duration,
     /// Daemons started by this process, kept to reap them.
@@ -205,6 +209,7 @@ impl Lab {
                     previous_pids: Vec::new(),
                     id: None,
                     cut: false,
+                    paused: false,
                     name: node,
                 }
             })
@@ -232,6 +237,7 @@ impl Lab {
             nodes,
             hosts,
             created_unix: now_unix(),
+            partition: Vec::new(),
             command_timeout: DEFAULT_COMMAND_TIMEOUT,
             children: HashMap::new(),
             owned: true,
@@ -571,7 +577,7 @@ impl Lab {
         self.owned = false;
     }
 
-    fn set_link(&mut self, node: &str, up: bool) -> Result<()> {
+    pub(crate) fn set_link(&mut self, node: &str, up: bool) -> Result<()> {
         let i = self.index(node)?;
         let veth = self.nodes[i].veth.clone();
         let state = if up { "up" } else { "down" };

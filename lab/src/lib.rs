@@ -15,6 +15,7 @@
 //! - `lab`: building a lab (namespaces, underlay, cluster) and its links;
 //! - `daemon`: a node's daemon: start, wait for its socket, kill, restart;
 //! - `exec`: commands (and `mesh`) run inside a node;
+//! - `faults`: partitions, paused daemons, healing everything at once;
 //! - `readiness`: whether the cluster is complete, from `mesh node ls`;
 //! - `registry`: the labs on this machine, their state files and lock;
 //! - `teardown`: removing a lab, also a half-made or crashed one;
@@ -38,6 +39,7 @@ mod cli;
 mod daemon;
 mod error;
 mod exec;
+mod faults;
 mod lab;
 mod names;
 mod readiness;

@@ -68,6 +68,9 @@ pub struct LabNode {
     /// True while its underlay link is cut.
     #[serde(default)]
     pub cut: bool,
+    /// True while its daemon is stopped by [`crate::Lab::pause`].
+    #[serde(default)]
+    pub paused: bool,
 }
 
 impl LabNode {

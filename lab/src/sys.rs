@@ -217,6 +217,16 @@ pub(crate) fn ip<S: AsRef<OsStr>>(args: &[S]) -> Result<()> {
     check(&line, &out)
 }
 
+/// Runs `ip ARGS` and returns its stdout; fails with its stderr unless it exits 0.
+pub(crate) fn ip_output<S: AsRef<OsStr>>(args: &[S]) -> Result<String> {
+    let mut cmd = Command::new("ip");
+    cmd.args(args);
+    let line = cmd_line(&cmd);
+    let out = run_capture(cmd, Some(IP_TIMEOUT))?;
+    check(&line, &out)?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// How a process entering a node gets its UTS namespace (its hostname).
 pub(crate) enum Uts {
     /// Join the namespace of a running process (the node's daemon).

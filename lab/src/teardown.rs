@@ -77,6 +77,8 @@ pub(crate) fn teardown(
             continue;
         }
         members.extend(sys::session_members(pid));
+        // A paused daemon (`mesh lab pause`) must run to handle SIGTERM.
+        let _ = sys::signal(pid, Some(start), Signal::SIGCONT);
         match sys::signal(pid, Some(start), Signal::SIGTERM) {
             Ok(()) => daemons.push((pid, start)),
             Err(e) => problems.push(format!("{}: {e}", n.name)),
