@@ -26,8 +26,18 @@ pub async fn connect(host: &str) -> Result<ControlClient<Channel>> {
 /// Turns a daemon refusal into the one-line error the user sees.
 pub fn status(s: tonic::Status) -> anyhow::Error {
     let msg = s.message();
-    if s.code() == tonic::Code::Unavailable && msg.contains("error trying to connect") {
-        return anyhow!("lost the connection to the mesh daemon: {msg}");
+    let transport = msg.contains("transport error")
+        || msg.contains("error trying to connect")
+        || msg.contains("os error")
+        || msg.contains("h2 protocol error");
+    match s.code() {
+        // tonic's own failures carry no context: say whose connection broke.
+        tonic::Code::Unavailable if transport => {
+            anyhow!("cannot reach the mesh daemon (it is not running or is restarting): {msg}")
+        }
+        tonic::Code::Unknown | tonic::Code::Cancelled if transport => anyhow!(
+            "lost the connection to the mesh daemon mid-call (it stopped or restarted): the command may or may not have taken effect; check before retrying"
+        ),
+        _ => anyhow!("{msg}"),
     }
-    anyhow!("{msg}")
 }

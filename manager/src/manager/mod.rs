@@ -48,16 +48,16 @@ pub enum ManagerError {
     Store(#[from] store::StoreError),
     #[error("cannot start Raft: {0}")]
     Start(String),
-    #[error(
-        "the write was not committed within {0:?}: fewer than a majority of managers are reachable ({1}); bring managers back or wait for them to reconnect"
-    )]
+    #[error("the write was not committed within {0:?}: {1}")]
     NoQuorum(Duration, String),
-    #[error(
-        "the cluster has no leader: fewer than a majority of managers are reachable ({0}); bring managers back up"
-    )]
+    #[error("no leader took the command: {0}")]
     NoLeader(String),
     #[error("cannot forward the write to the leader at {addr}: {msg}")]
     Forward { addr: String, msg: String },
+    #[error(
+        "the leader at {0} went away before answering: the write may or may not have been committed; check with ls/inspect before retrying"
+    )]
+    LeaderLost(String),
     #[error("{0}")]
     Refused(mesh_common::refusal::Refusal),
     #[error(
@@ -78,6 +78,7 @@ impl From<ManagerError> for tonic::Status {
             ManagerError::NoQuorum(..)
             | ManagerError::NoLeader(_)
             | ManagerError::Forward { .. }
+            | ManagerError::LeaderLost(_)
             | ManagerError::NotCurrent(_) => tonic::Status::unavailable(e.to_string()),
             other => tonic::Status::internal(other.to_string()),
         }
@@ -312,7 +313,7 @@ impl Manager {
         let needed = voters.len() / 2 + 1;
         if !self.is_leader() {
             return format!(
-                "no leader is elected; {needed} of {} managers are needed",
+                "no leader is elected, and a majority of managers ({needed} of {}) is needed to elect one: bring managers back up or wait for them to reconnect",
                 voters.len()
             );
         }
@@ -335,10 +336,17 @@ impl Manager {
                 })
                 .count()
         });
-        format!(
-            "{up} of {} managers are heard from, {needed} needed",
-            voters.len()
-        )
+        if up < needed {
+            format!(
+                "fewer than a majority of managers are reachable ({up} of {} are heard from, {needed} needed): bring managers back or wait for them to reconnect",
+                voters.len()
+            )
+        } else {
+            format!(
+                "{up} of {} managers are heard from, yet a majority did not confirm in time (a manager just restarted or is overloaded): retry",
+                voters.len()
+            )
+        }
     }
 
     /// Commits a command: on the leader directly, elsewhere by forwarding it
@@ -401,6 +409,11 @@ impl Manager {
             Err(s) if s.code() == tonic::Code::FailedPrecondition => {
                 Err(Retry::Later(format!("{addr}: {}", s.message())))
             }
+            // The connection broke after the command was sent: it may have
+            // been committed, so it is not sent again.
+            Err(s) if matches!(s.code(), tonic::Code::Unknown | tonic::Code::Cancelled) => {
+                Err(Retry::Fail(ManagerError::LeaderLost(addr)))
+            }
             Err(s) => Err(Retry::Fail(ManagerError::Forward {
                 addr,
                 msg: s.message().to_string(),
@@ -462,17 +475,12 @@ impl Manager {
             .await
         {
             Ok(r) => Ok(r.into_inner().index),
-            Err(s)
-                if matches!(
-                    s.code(),
-                    tonic::Code::Unavailable | tonic::Code::FailedPrecondition
-                ) =>
-            {
-                Err(Retry::Later(format!(
-                    "the leader at {addr} did not confirm: {}",
-                    s.message()
-                )))
-            }
+            Err(s) if s.code() == tonic::Code::FailedPrecondition => Err(Retry::Later(format!(
+                "{addr} is no longer the leader and no other is known yet"
+            ))),
+            Err(s) if s.code() == tonic::Code::Unavailable => Err(Retry::Later(format!(
+                "the leader at {addr} could not confirm that it still leads"
+            ))),
             Err(s) => Err(Retry::Fail(ManagerError::Forward {
                 addr,
                 msg: s.message().to_string(),
@@ -480,12 +488,24 @@ impl Manager {
         }
     }
 
-    /// The leader's read index: its commit index once a quorum has
-    /// confirmed it still leads.
+    /// The leader's read index, once a quorum has confirmed it still
+    /// leads: the end of its log, not only openraft's read log id. A
+    /// leader restarted by kill -9 resumes its old term at once, and its
+    /// commit index (saved without an fsync) may predate writes it had
+    /// acknowledged; those are in its log (every committed entry is in the
+    /// leader's log), so waiting for the log's end covers them.
     pub async fn leader_read_index(&self) -> Result<u64, ManagerError> {
         match self.raft.get_read_log_id().await {
-            Ok((read, _applied)) => Ok(read.map(|l| l.index).unwrap_or(0)),
-            Err(RaftError::APIError(e)) => Err(ManagerError::NotCurrent(e.to_string())),
+            Ok((read, _applied)) => {
+                let last = self.raft.metrics().borrow().last_log_index;
+                Ok(read.map(|l| l.index).unwrap_or(0).max(last.unwrap_or(0)))
+            }
+            Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(_))) => {
+                Err(ManagerError::NotCurrent("leadership moved".into()))
+            }
+            Err(RaftError::APIError(_)) => Err(ManagerError::NotCurrent(
+                "a majority of managers did not confirm this leader".into(),
+            )),
             Err(e) => Err(ManagerError::Raft(e.to_string())),
         }
     }
