@@ -26,10 +26,16 @@ pub async fn connect(host: &str) -> Result<ControlClient<Channel>> {
 /// Turns a daemon refusal into the one-line error the user sees.
 pub fn status(s: tonic::Status) -> anyhow::Error {
     let msg = s.message();
-    let transport = msg.contains("transport error")
-        || msg.contains("error trying to connect")
-        || msg.contains("os error")
-        || msg.contains("h2 protocol error");
+    // tonic's own words for a broken unix socket; a daemon's refusal that
+    // quotes such an error further in (a manager's lost leader) is not one.
+    let transport = [
+        "transport error",
+        "error trying to connect",
+        "Connection refused",
+        "h2 protocol error",
+    ]
+    .iter()
+    .any(|p| msg.starts_with(p));
     match s.code() {
         // tonic's own failures carry no context: say whose connection broke.
         tonic::Code::Unavailable if transport => {
@@ -39,5 +45,30 @@ pub fn status(s: tonic::Status) -> anyhow::Error {
             "lost the connection to the mesh daemon mid-call (it stopped or restarted): the command may or may not have taken effect; check before retrying"
         ),
         _ => anyhow!("{msg}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::status;
+
+    #[test]
+    fn whose_connection_broke() {
+        let lost = status(tonic::Status::unknown("transport error")).to_string();
+        assert!(
+            lost.contains("lost the connection to the mesh daemon"),
+            "{lost}"
+        );
+        let down = status(tonic::Status::unavailable(
+            "error trying to connect: No such file or directory (os error 2)",
+        ))
+        .to_string();
+        assert!(down.contains("cannot reach the mesh daemon"), "{down}");
+        // A manager's own refusal that quotes a transport error is passed on.
+        let quoted = "cannot forward the write to the leader at 10.0.0.1:2377: h2 protocol error: http2 error";
+        assert_eq!(
+            status(tonic::Status::unavailable(quoted)).to_string(),
+            quoted
+        );
     }
 }

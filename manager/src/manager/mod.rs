@@ -411,7 +411,10 @@ impl Manager {
             }
             // The connection broke after the command was sent: it may have
             // been committed, so it is not sent again.
-            Err(s) if matches!(s.code(), tonic::Code::Unknown | tonic::Code::Cancelled) => {
+            Err(s)
+                if matches!(s.code(), tonic::Code::Unknown | tonic::Code::Cancelled)
+                    || s.message().contains("h2 protocol error") =>
+            {
                 Err(Retry::Fail(ManagerError::LeaderLost(addr)))
             }
             Err(s) => Err(Retry::Fail(ManagerError::Forward {
