@@ -10,19 +10,12 @@
 //! namespaces of their own, so their routes never show here.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use futures::TryStreamExt;
 use ipnet::Ipv4Net;
-use netlink_packet_route::AddressFamily;
-use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteType,
-};
-use rtnetlink::RouteMessageBuilder;
 use tracing::warn;
 
-use crate::link::{Link, Netlink};
+use crate::link::{Link, Netlink, Route4};
 use crate::netns::NetError;
 
 /// At most this many routes are reported: a node with a full routing table
@@ -58,16 +51,6 @@ impl From<&Route> for mesh_proto::NodeRoute {
     }
 }
 
-/// A route as the kernel listed it, reduced to what the filter looks at.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Listed {
-    destination: Ipv4Net,
-    table: u32,
-    unicast: bool,
-    /// The output device, or the first next hop's for a multipath route.
-    oif: Option<u32>,
-}
-
 /// Whether mesh made this device (see the module's comment).
 fn is_ours(link: &Link) -> bool {
     OUR_DEVICES.contains(&link.name.as_str())
@@ -80,11 +63,10 @@ fn is_ours(link: &Link) -> bool {
 /// The routes worth reporting, sorted, deduplicated and capped: main table,
 /// unicast, a prefix of at least /1, through a device that is not ours.
 /// A route through a device that vanished meanwhile is left out.
-fn select(listed: &[Listed], links: &BTreeMap<u32, Link>) -> Vec<Route> {
-    let main = u32::from(RouteHeader::RT_TABLE_MAIN);
+fn select(listed: &[Route4], links: &BTreeMap<u32, Link>) -> Vec<Route> {
     let set: BTreeSet<Route> = listed
         .iter()
-        .filter(|r| r.table == main && r.unicast && r.destination.prefix_len() > 0)
+        .filter(|r| r.in_main() && r.destination.prefix_len() > 0)
         .filter_map(|r| {
             let link = links.get(&r.oif?)?;
             (!is_ours(link)).then(|| Route {
@@ -96,51 +78,16 @@ fn select(listed: &[Listed], links: &BTreeMap<u32, Link>) -> Vec<Route> {
     set.into_iter().take(MAX_ROUTES).collect()
 }
 
-/// Reduces a kernel route message; `None` for anything but IPv4.
-fn listed(m: &RouteMessage) -> Option<Listed> {
-    if m.header.address_family != AddressFamily::Inet {
-        return None;
-    }
-    let mut dst = Ipv4Addr::UNSPECIFIED;
-    let mut table = u32::from(m.header.table);
-    let mut oif = None;
-    let mut first_hop = None;
-    for a in &m.attributes {
-        match a {
-            RouteAttribute::Destination(RouteAddress::Inet(ip)) => dst = *ip,
-            // Tables above 255 only fit here.
-            RouteAttribute::Table(t) => table = *t,
-            RouteAttribute::Oif(i) => oif = Some(*i),
-            RouteAttribute::MultiPath(hops) => first_hop = hops.first().map(|h| h.interface_index),
-            _ => {}
-        }
-    }
-    Some(Listed {
-        destination: Ipv4Net::new(dst, m.header.destination_prefix_length).ok()?,
-        table,
-        unicast: m.header.kind == RouteType::Unicast,
-        oif: oif.or(first_hop),
-    })
-}
-
 /// Reads the routes of the calling task's namespace (the node's).
 pub async fn read() -> Result<Vec<Route>, NetError> {
     let nl = Netlink::open(None).await?;
-    let msgs: Vec<RouteMessage> = nl
-        .handle()
-        .route()
-        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-        .execute()
-        .try_collect()
-        .await
-        .map_err(|e| nl.err("list the routes", e))?;
+    let listed = nl.routes_v4().await?;
     let links: BTreeMap<u32, Link> = nl
         .links()
         .await?
         .into_iter()
         .map(|l| (l.index, l))
         .collect();
-    let listed: Vec<Listed> = msgs.iter().filter_map(listed).collect();
     Ok(select(&listed, &links))
 }
 
@@ -187,6 +134,7 @@ impl Reader {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use netlink_packet_route::route::RouteHeader;
 
     fn link(index: u32, name: &str, alias: Option<&str>) -> Link {
         Link {
@@ -203,11 +151,12 @@ mod tests {
         }
     }
 
-    fn route(dst: &str, table: u8, oif: u32) -> Listed {
-        Listed {
+    fn route(dst: &str, table: u8, oif: u32) -> Route4 {
+        Route4 {
             destination: dst.parse().expect("a CIDR"),
             table: u32::from(table),
             unicast: true,
+            gateway: None,
             oif: Some(oif),
         }
     }
@@ -261,7 +210,7 @@ mod tests {
     #[test]
     fn reports_are_capped() {
         let links: BTreeMap<u32, Link> = [(2, link(2, "eth0", None))].into();
-        let listed: Vec<Listed> = (0..200u32)
+        let listed: Vec<Route4> = (0..200u32)
             .map(|i| {
                 let dst = format!("10.{}.{}.0/24", i / 256, i % 256);
                 route(&dst, RouteHeader::RT_TABLE_MAIN, 2)

@@ -24,12 +24,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use futures::TryStreamExt;
 use ipnet::Ipv4Net;
 use mesh_common::model::{Mac, Protocol, PublishMode};
 use mesh_proto::{NodeView, TaskAssignment};
-use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
-use rtnetlink::RouteMessageBuilder;
 use tracing::info;
 
 use crate::drivers::{EGRESS_SUBNET, Fault, Repair};
@@ -383,32 +380,17 @@ pub(crate) struct DefaultRoute {
 /// The IPv4 default route of every routing table of `nl`'s namespace, by
 /// table ID, so a pass replaces only the routes that differ.
 pub(crate) async fn default_routes(nl: &Netlink) -> Result<BTreeMap<u32, DefaultRoute>, NetError> {
-    let routes: Vec<RouteMessage> = nl
-        .handle()
-        .route()
-        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-        .execute()
-        .try_collect()
-        .await
-        .map_err(|e| nl.err("list the routes", e))?;
-    Ok(routes
-        .iter()
-        .filter(|r| r.header.destination_prefix_length == 0)
+    Ok(nl
+        .routes_v4()
+        .await?
+        .into_iter()
+        .filter(|r| r.destination.prefix_len() == 0)
         .map(|r| {
-            let mut table = u32::from(r.header.table);
-            let mut d = DefaultRoute {
-                gateway: None,
-                oif: None,
+            let d = DefaultRoute {
+                gateway: r.gateway,
+                oif: r.oif,
             };
-            for a in &r.attributes {
-                match a {
-                    RouteAttribute::Table(t) => table = *t,
-                    RouteAttribute::Gateway(RouteAddress::Inet(g)) => d.gateway = Some(*g),
-                    RouteAttribute::Oif(i) => d.oif = Some(*i),
-                    _ => {}
-                }
-            }
-            (table, d)
+            (r.table, d)
         })
         .collect())
 }

@@ -6,7 +6,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use futures::TryStreamExt;
 use netlink_packet_route::AddressFamily;
 use netlink_packet_route::address::AddressAttribute;
-use netlink_packet_route::route::{RouteHeader, RouteMessage, RouteScope, RouteType};
+use netlink_packet_route::route::{RouteMessage, RouteScope};
 use rtnetlink::{AddressMessageBuilder, RouteMessageBuilder};
 
 use super::{NetError, Netlink};
@@ -159,23 +159,5 @@ impl Netlink {
             .execute()
             .await
             .map_err(|e| self.err(what(), e))
-    }
-
-    /// Whether the main table has an IPv4 default route.
-    pub async fn has_default_route_v4(&self) -> Result<bool, NetError> {
-        let query = RouteMessageBuilder::<Ipv4Addr>::new().build();
-        let routes: Vec<RouteMessage> = self
-            .handle
-            .route()
-            .get(query)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(|e| self.err("list the routes", e))?;
-        Ok(routes.iter().any(|r| {
-            r.header.destination_prefix_length == 0
-                && r.header.table == RouteHeader::RT_TABLE_MAIN
-                && r.header.kind == RouteType::Unicast
-        }))
     }
 }

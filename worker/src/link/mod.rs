@@ -23,9 +23,11 @@ use tracing::debug;
 
 pub use crate::netns::NetError;
 pub use neigh::{FdbEntry, NeighEntry};
+pub use route::Route4;
 
 mod addr;
 mod neigh;
+mod route;
 
 /// A MAC address.
 pub type Mac = [u8; 6];
