@@ -281,32 +281,62 @@ impl Screen {
     }
 }
 
+/// Asks for a service's status every [`POLL`]; a manager that is briefly
+/// unavailable (an election) is waited out for [`UNAVAILABLE_GRACE`].
+struct StatusPoll {
+    tick: tokio::time::Interval,
+    unavailable_since: Option<Instant>,
+}
+
+impl StatusPoll {
+    fn new() -> Self {
+        let mut tick = tokio::time::interval(POLL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Self {
+            tick,
+            unavailable_since: None,
+        }
+    }
+
+    /// The next answer, `Ok(None)` while the manager is unavailable within
+    /// the grace, or the manager's refusal.
+    async fn next(
+        &mut self,
+        c: &mut ControlClient<Channel>,
+        service: &str,
+    ) -> Result<Option<ServiceStatusReply>, tonic::Status> {
+        self.tick.tick().await;
+        let req = ServiceRef {
+            service: service.to_string(),
+        };
+        match c.service_status(req).await {
+            Ok(r) => {
+                self.unavailable_since = None;
+                Ok(Some(r.into_inner()))
+            }
+            Err(s)
+                if s.code() == tonic::Code::Unavailable
+                    && self
+                        .unavailable_since
+                        .is_none_or(|t| t.elapsed() < UNAVAILABLE_GRACE) =>
+            {
+                self.unavailable_since.get_or_insert_with(Instant::now);
+                Ok(None)
+            }
+            Err(s) => Err(s),
+        }
+    }
+}
+
 /// Polls the service's status until it converges or cannot; the end is
 /// always a state seen, never a fixed wait.
 pub(super) async fn converge(c: &mut ControlClient<Channel>, service_id: &str) -> Result<()> {
     let mut screen = Screen::new();
     let mut last: Option<ServiceStatusReply> = None;
-    let mut unavailable_since: Option<Instant> = None;
-    let mut tick = tokio::time::interval(POLL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut poll = StatusPoll::new();
     loop {
-        tick.tick().await;
-        let req = ServiceRef {
-            service: service_id.to_string(),
-        };
-        let st = match c.service_status(req).await {
-            Ok(r) => {
-                unavailable_since = None;
-                r.into_inner()
-            }
-            Err(s)
-                if s.code() == tonic::Code::Unavailable
-                    && unavailable_since.is_none_or(|t| t.elapsed() < UNAVAILABLE_GRACE) =>
-            {
-                unavailable_since.get_or_insert_with(Instant::now);
-                continue;
-            }
-            Err(s) => return Err(status(s)),
+        let Some(st) = poll.next(c, service_id).await.map_err(status)? else {
+            continue;
         };
         let p = assess(&st);
         let stable = last.as_ref() == Some(&st);
@@ -326,27 +356,12 @@ pub(super) async fn converge(c: &mut ControlClient<Channel>, service_id: &str) -
 /// [`RM_WAIT`] naming a task still held.
 pub(super) async fn stopped(c: &mut ControlClient<Channel>, svc: &Service) -> Result<()> {
     let start = Instant::now();
-    let mut unavailable_since: Option<Instant> = None;
-    let mut tick = tokio::time::interval(POLL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut poll = StatusPoll::new();
     loop {
-        tick.tick().await;
-        let req = ServiceRef {
-            service: svc.id.clone(),
-        };
-        let left = match c.service_status(req).await {
-            Ok(r) => {
-                unavailable_since = None;
-                r.into_inner().tasks
-            }
+        let left = match poll.next(c, &svc.id).await {
+            Ok(Some(st)) => st.tasks,
+            Ok(None) => continue,
             Err(s) if s.code() == tonic::Code::NotFound => return Ok(()),
-            Err(s)
-                if s.code() == tonic::Code::Unavailable
-                    && unavailable_since.is_none_or(|t| t.elapsed() < UNAVAILABLE_GRACE) =>
-            {
-                unavailable_since.get_or_insert_with(Instant::now);
-                continue;
-            }
             Err(s) => return Err(status(s)),
         };
         if start.elapsed() >= RM_WAIT {
