@@ -90,15 +90,14 @@ pub fn valid_name(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
 }
 
-/// Longest network name: as long as a service's or a sandbox's, so every
-/// name a user gives fits one DNS label.
-pub const MAX_NETWORK_NAME: usize = 63;
+/// Longest name of a network, service or sandbox: each fits one DNS label.
+pub const MAX_NAME: usize = 63;
 
 /// The refusal for a malformed network name, local or cluster-wide alike.
 pub fn check_network_name(name: &str) -> Result<(), crate::refusal::Refusal> {
-    if name.len() > MAX_NETWORK_NAME && valid_name(name) {
+    if name.len() > MAX_NAME && valid_name(name) {
         return Err(crate::refusal::Refusal::invalid(format!(
-            "invalid network name {}: it is {} characters long: use at most {MAX_NETWORK_NAME}",
+            "invalid network name {}: it is {} characters long: use at most {MAX_NAME}",
             crate::input::shorten(name),
             name.len()
         )));

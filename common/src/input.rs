@@ -71,6 +71,20 @@ pub fn check_labels<'a>(
     Ok(())
 }
 
+/// What a user typed into a network create that no state can make right,
+/// cluster or local network alike: a subnet in a range hosts cannot use,
+/// labels beyond their limits. Checked before anything is made.
+pub fn check_network_words<'a>(
+    subnet: &str,
+    labels: impl IntoIterator<Item = (&'a String, &'a String)>,
+) -> Result<(), Refusal> {
+    if !subnet.is_empty() {
+        let net = crate::ipam::parse_subnet(subnet)?;
+        crate::ipam::check_usable(&net, "subnet")?;
+    }
+    check_labels("--label", labels)
+}
+
 /// Why a DNS alias (`--network-alias`, `network connect --alias`) cannot be
 /// used: it must be a DNS name the embedded resolver can answer, dot-separated
 /// labels of letters, digits, `-` and `_` (1-63 each, 253 in all), not

@@ -114,12 +114,27 @@ pub enum IpamError {
 /// Ranges no network of ours may take: the kernel treats them specially
 /// (or we use them ourselves: 169.254.254.0/30 links each node to its
 /// ingress sandbox).
-const RESERVED: [(&str, &str); 5] = [
-    ("0.0.0.0/8", "\"this network\""),
-    ("127.0.0.0/8", "loopback"),
-    ("169.254.0.0/16", "link-local"),
-    ("224.0.0.0/4", "multicast"),
-    ("240.0.0.0/4", "reserved and broadcast"),
+const RESERVED: [(Ipv4Net, &str); 5] = [
+    (
+        Ipv4Net::new_assert(Ipv4Addr::new(0, 0, 0, 0), 8),
+        "\"this network\"",
+    ),
+    (
+        Ipv4Net::new_assert(Ipv4Addr::new(127, 0, 0, 0), 8),
+        "loopback",
+    ),
+    (
+        Ipv4Net::new_assert(Ipv4Addr::new(169, 254, 0, 0), 16),
+        "link-local",
+    ),
+    (
+        Ipv4Net::new_assert(Ipv4Addr::new(224, 0, 0, 0), 4),
+        "multicast",
+    ),
+    (
+        Ipv4Net::new_assert(Ipv4Addr::new(240, 0, 0, 0), 4),
+        "reserved and broadcast",
+    ),
 ];
 
 /// Why a subnet or pool cannot hold hosts' addresses, if it cannot: it
@@ -127,20 +142,15 @@ const RESERVED: [(&str, &str); 5] = [
 /// Checked where users give subnets (network create, init's pools), not
 /// when state is replayed.
 pub fn check_usable(net: &Ipv4Net, kind: &'static str) -> Result<(), IpamError> {
-    for (range, what) in RESERVED {
-        let Ok(reserved) = range.parse::<Ipv4Net>() else {
-            continue;
-        };
-        if overlaps(net, &reserved) {
-            return Err(IpamError::Reserved {
-                kind,
-                net: *net,
-                reserved,
-                what,
-            });
-        }
+    match RESERVED.iter().find(|(r, _)| overlaps(net, r)) {
+        Some(&(reserved, what)) => Err(IpamError::Reserved {
+            kind,
+            net: *net,
+            reserved,
+            what,
+        }),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// Comma-separated list of networks for error messages.

@@ -11,7 +11,6 @@
 
 use std::collections::BTreeSet;
 use std::ffi::OsStr;
-use std::fs;
 use std::process::Output;
 use std::time::Duration;
 
@@ -68,18 +67,7 @@ const UNPARTITION_SCRIPT: &str =
 impl Lab {
     /// Runs an nftables script in the underlay namespace.
     fn underlay_nft(&self, file: &str, script: &str) -> Result<()> {
-        let path = self.dir.join(file);
-        fs::write(&path, script)
-            .map_err(|e| LabError::io(format!("writing {}", path.display()), e))?;
-        let path = path.to_string_lossy().into_owned();
-        sys::ip(&[
-            "netns",
-            "exec",
-            self.underlay_netns.as_str(),
-            "nft",
-            "-f",
-            path.as_str(),
-        ])
+        self.nft_script(&self.underlay_netns, file, script)
     }
 
     /// Cuts the underlay between `groups` (two or more, of node or outside

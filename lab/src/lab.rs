@@ -620,11 +620,16 @@ impl Lab {
              chain output {{ type filter hook output priority -300; tcp dport {p} drop; tcp sport {p} drop; }}\n\
              }}\n"
         );
-        let path = self.dir.join(format!("{name}-cut-control.nft"));
-        fs::write(&path, rules)
+        self.nft_script(&netns, &format!("{name}-cut-control.nft"), &rules)
+    }
+
+    /// Runs an nftables script (kept in the lab dir as `file`) in `netns`.
+    pub(crate) fn nft_script(&self, netns: &str, file: &str, script: &str) -> Result<()> {
+        let path = self.dir.join(file);
+        fs::write(&path, script)
             .map_err(|e| LabError::io(format!("writing {}", path.display()), e))?;
         let path = path.to_string_lossy().into_owned();
-        sys::ip(&["netns", "exec", netns.as_str(), "nft", "-f", path.as_str()])
+        sys::ip(&["netns", "exec", netns, "nft", "-f", path.as_str()])
     }
 
     /// Undoes [`Lab::cut_control`].

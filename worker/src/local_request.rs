@@ -34,11 +34,7 @@ pub fn spec_from(r: mesh_proto::NetworkCreateRequest) -> Result<LocalSpec, Refus
     if r.subnet.is_empty() && (!r.gateway.is_empty() || !r.ip_range.is_empty()) {
         return bad("--gateway and --ip-range need --subnet".into());
     }
-    if !r.subnet.is_empty() {
-        let net = mesh_common::ipam::parse_subnet(&r.subnet)?;
-        mesh_common::ipam::check_usable(&net, "subnet")?;
-    }
-    mesh_common::input::check_labels("--label", &r.labels)?;
+    mesh_common::input::check_network_words(&r.subnet, &r.labels)?;
     let opt = |s: String| (!s.is_empty()).then_some(s);
     Ok(LocalSpec {
         name: r.name,

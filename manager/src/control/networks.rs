@@ -37,7 +37,8 @@ pub fn encrypted_needs_overlay(driver: &str) -> Refusal {
 /// folded into ours.
 pub fn spec_from(r: NetworkCreateRequest) -> Result<NetworkSpec, Refusal> {
     check_name(&r.name)?;
-    check_user_words(&r)?;
+    // Before Raft, so entries already in the log replay as they did.
+    mesh_common::input::check_network_words(&r.subnet, &r.labels)?;
     if driver_of(&r) != DriverKind::Overlay.as_str() {
         if r.options.contains_key("encrypted") {
             return Err(encrypted_needs_overlay(driver_of(&r)));
@@ -115,17 +116,6 @@ pub fn spec_from(r: NetworkCreateRequest) -> Result<NetworkSpec, Refusal> {
         options,
         labels: r.labels.into_iter().collect(),
     })
-}
-
-/// What a user typed that no state can make right: a subnet in a range
-/// hosts cannot use, labels beyond their limits. Checked here, before Raft,
-/// so entries already in the log replay as they did.
-fn check_user_words(r: &NetworkCreateRequest) -> Result<(), Refusal> {
-    if !r.subnet.is_empty() {
-        let net = mesh_common::ipam::parse_subnet(&r.subnet)?;
-        mesh_common::ipam::check_usable(&net, "subnet")?;
-    }
-    mesh_common::input::check_labels("--label", &r.labels)
 }
 
 /// Creates a cluster network. `local_taken` says whether this node already

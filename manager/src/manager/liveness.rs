@@ -2,7 +2,9 @@
 //! leader's monitor that marks silent nodes down.
 
 use super::*;
-use crate::state::{MAX_NODE_ROUTES, RouteReport, check_route, check_routes};
+use std::collections::BTreeSet;
+
+use crate::state::{MAX_NODE_ROUTES, NodeRoute, RouteReport, check_route};
 
 impl Manager {
     /// Records a heartbeat and marks the node Ready again if it was not.
@@ -101,13 +103,17 @@ impl Manager {
         if dropped > 0 {
             debug!(node = %node.id, dropped, "unusable routes left out of the node's report");
         }
-        let Ok(checked) = check_routes(&routes) else {
-            return Ok(());
-        };
-        if node.routes == checked {
+        if node.routes == routes {
             return Ok(());
         }
-        info!(node = %node.id, routes = checked.len(), "node's routes changed");
+        info!(node = %node.id, routes = routes.len(), "node's routes changed");
+        let routes = routes
+            .iter()
+            .map(|r| RouteReport {
+                destination: r.destination.to_string(),
+                device: r.device.clone(),
+            })
+            .collect();
         match self
             .write(Command::SetNodeRoutes {
                 id: node.id.clone(),
@@ -340,18 +346,21 @@ fn cut(e: &str, len: usize) -> String {
     }
 }
 
-/// The reported routes the state machine accepts, at most
-/// [`MAX_NODE_ROUTES`] of them, and how many others were dropped.
-fn usable_routes(reported: &[mesh_proto::NodeRoute]) -> (Vec<RouteReport>, usize) {
-    let usable: Vec<RouteReport> = reported
+/// The reported routes the state machine accepts, checked, sorted and
+/// deduplicated as it keeps them, at most [`MAX_NODE_ROUTES`] of them, and
+/// how many reported entries were not kept.
+fn usable_routes(reported: &[mesh_proto::NodeRoute]) -> (Vec<NodeRoute>, usize) {
+    let usable: BTreeSet<NodeRoute> = reported
         .iter()
-        .map(|r| RouteReport {
-            destination: r.destination.clone(),
-            device: r.device.clone(),
+        .filter_map(|r| {
+            check_route(&RouteReport {
+                destination: r.destination.clone(),
+                device: r.device.clone(),
+            })
+            .ok()
         })
-        .filter(|r| check_route(r).is_ok())
-        .take(MAX_NODE_ROUTES)
         .collect();
+    let usable: Vec<NodeRoute> = usable.into_iter().take(MAX_NODE_ROUTES).collect();
     let dropped = reported.len() - usable.len();
     (usable, dropped)
 }
@@ -402,7 +411,7 @@ mod bounded_tests {
             r("10.1.0.0/16", ""),
         ]);
         assert_eq!((kept.len(), dropped), (1, 2));
-        assert_eq!(kept[0].destination, "10.0.0.0/8");
+        assert_eq!(kept[0].destination.to_string(), "10.0.0.0/8");
         let many: Vec<_> = (0..100)
             .map(|i| r(&format!("10.{i}.0.0/16"), "eth0"))
             .collect();
@@ -411,7 +420,14 @@ mod bounded_tests {
             (kept.len(), dropped),
             (MAX_NODE_ROUTES, 100 - MAX_NODE_ROUTES)
         );
-        assert!(check_routes(&kept).is_ok());
+        let reports: Vec<RouteReport> = kept
+            .iter()
+            .map(|r| RouteReport {
+                destination: r.destination.to_string(),
+                device: r.device.clone(),
+            })
+            .collect();
+        assert_eq!(crate::state::check_routes(&reports), Ok(kept));
     }
 
     #[test]

@@ -233,15 +233,11 @@ impl ClusterState {
         {
             return false;
         }
-        self.endpoints
-            .values()
-            .filter(|e| e.network_id == id && !crate::state::is_ingress_sbox(e))
-            .all(|e| {
-                self.tasks.get(&e.sandbox_id).is_some_and(|t| {
-                    t.desired_state != TaskState::Running
-                        || !self.services.contains_key(&t.service_id)
-                })
+        self.user_endpoints(id).all(|e| {
+            self.tasks.get(&e.sandbox_id).is_some_and(|t| {
+                t.desired_state != TaskState::Running || !self.services.contains_key(&t.service_id)
             })
+        })
     }
 
     /// Applies a node's reports on its own tasks. A report never moves a

@@ -178,7 +178,7 @@ fn rank(state: TaskState) -> u8 {
 
 /// Checks a spec for what `apply` can decide alone.
 pub fn validate(spec: &ServiceSpec) -> Result<(), Refusal> {
-    if !mesh_common::id::valid_name(&spec.name) || spec.name.len() > 63 {
+    if !mesh_common::id::valid_name(&spec.name) || spec.name.len() > mesh_common::id::MAX_NAME {
         return Err(Refusal::invalid(format!(
             "invalid service name {:?}: use letters, digits, '_', '.' and '-', starting with a letter or digit, at most 63 characters",
             spec.name

@@ -206,9 +206,7 @@ impl ClusterState {
     /// Who uses a network, for refusals that name them. The nodes'
     /// ingress sandboxes belong to the network itself and do not count.
     pub fn network_users(&self, id: &str) -> Vec<String> {
-        self.endpoints
-            .values()
-            .filter(|e| e.network_id == id && !is_ingress_sbox(e))
+        self.user_endpoints(id)
             .map(|e| {
                 let host = self
                     .nodes
@@ -217,6 +215,14 @@ impl ClusterState {
                 format!("{} on {host}", e.sandbox)
             })
             .collect()
+    }
+
+    /// The endpoints that make a network in use: all but the nodes'
+    /// ingress sandboxes, which belong to the network itself.
+    pub(crate) fn user_endpoints<'a>(&'a self, id: &'a str) -> impl Iterator<Item = &'a Endpoint> {
+        self.endpoints
+            .values()
+            .filter(move |e| e.network_id == id && !is_ingress_sbox(e))
     }
 
     /// Next free address of a network (within --ip-range if given).

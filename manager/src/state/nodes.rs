@@ -272,11 +272,10 @@ pub fn check_routes(routes: &[RouteReport]) -> Result<Vec<NodeRoute>, String> {
 
 /// One reported route, checked (see [`check_routes`]).
 pub fn check_route(r: &RouteReport) -> Result<NodeRoute, String> {
-    let shown = |s: &str| s.chars().take(60).collect::<String>();
     let destination: Ipv4Net = r.destination.parse().map_err(|_| {
         format!(
             "route destination {:?} is not an IPv4 CIDR",
-            shown(&r.destination)
+            mesh_common::input::shorten(&r.destination)
         )
     })?;
     if destination.trunc() != destination {
@@ -290,7 +289,7 @@ pub fn check_route(r: &RouteReport) -> Result<NodeRoute, String> {
     {
         return Err(format!(
             "route device {:?} is not an interface name",
-            shown(d)
+            mesh_common::input::shorten(d)
         ));
     }
     Ok(NodeRoute {

@@ -141,7 +141,7 @@ pub struct RunSpec {
 
 /// Docker's name rule, within a hostname's 63-character label.
 pub(super) fn valid_name(name: &str) -> bool {
-    name.len() <= 63 && mesh_common::id::valid_name(name)
+    name.len() <= mesh_common::id::MAX_NAME && mesh_common::id::valid_name(name)
 }
 
 /// Refuses an ID that is not the shape mesh makes (25 characters of 0-9 and
