@@ -21,6 +21,8 @@ pub async fn init(host: &str, a: InitArgs) -> Result<ExitCode> {
             default_addr_pool_mask_length: a.default_addr_pool_mask_length,
             data_path_port: a.data_path_port,
             encryption_key_rotation_secs: a.encryption_key_rotation.map_or(0, |d| d.as_secs()),
+            dispatcher_heartbeat_ms: 0,
+            node_down_grace_ms: 0,
         })
         .await
         .map_err(status)?

@@ -58,6 +58,7 @@ async fn create(c: &mut ControlClient<Channel>, a: ServiceCreateArgs) -> Result<
         cmd: a.cmd,
         labels: labels(a.label)?,
         ports: a.publish.iter().map(port_config).collect(),
+        health: None,
     };
     let svc = c.service_create(req).await.map_err(status)?.into_inner();
     println!("{}", svc.id);
@@ -80,6 +81,7 @@ async fn update(c: &mut ControlClient<Channel>, a: ServiceUpdateArgs) -> Result<
         force: a.force,
         publish_add: a.publish_add.iter().map(port_config).collect(),
         publish_rm: a.publish_rm,
+        health: None,
     };
     let svc = c.service_update(req).await.map_err(status)?.into_inner();
     println!("{}", a.service);

@@ -75,6 +75,7 @@ impl Report {
             message: self.message.to_string(),
             error: self.error.clone(),
             exit_code: self.exit_code,
+            health: String::new(),
         }
     }
 }
