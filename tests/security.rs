@@ -208,7 +208,7 @@ impl mesh_proto::cluster_server::Cluster for FakeManager {
         no()
     }
     type AssignmentsStream =
-        tokio_stream::wrappers::ReceiverStream<Result<mesh_proto::NodeView, tonic::Status>>;
+        tokio_stream::wrappers::ReceiverStream<Result<mesh_proto::ViewUpdate, tonic::Status>>;
     async fn assignments(
         &self,
         _: tonic::Request<mesh_proto::Empty>,

@@ -345,8 +345,10 @@ impl cluster_server::Cluster for ClusterService {
         Ok(Response::new(Empty {}))
     }
 
-    type AssignmentsStream = tokio_stream::wrappers::ReceiverStream<Result<NodeView, Status>>;
+    type AssignmentsStream = tokio_stream::wrappers::ReceiverStream<Result<ViewUpdate, Status>>;
 
+    /// The whole view first, then a delta at each applied change that
+    /// changes it. Authorization is re-checked at every change.
     async fn assignments(
         &self,
         req: Request<Empty>,
@@ -365,11 +367,8 @@ impl cluster_server::Cluster for ClusterService {
                 }
                 let generation = *applied.borrow_and_update();
                 let view = mgr.read(|s| dispatcher::view_for(s, &node.id, generation));
-                if last
-                    .as_ref()
-                    .is_none_or(|l| !dispatcher::same_content(l, &view))
-                {
-                    if tx.send(Ok(view.clone())).await.is_err() {
+                if let Some(update) = dispatcher::update_for(last.as_ref(), &view) {
+                    if tx.send(Ok(update)).await.is_err() {
                         return; // the node hung up
                     }
                     last = Some(view);

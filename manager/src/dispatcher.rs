@@ -3,15 +3,18 @@
 //! endpoint on other nodes (its FDB and neighbour entries): this is what
 //! keeps the push small as clusters grow.
 
+use std::collections::{BTreeSet, HashMap};
+
 use mesh_common::model::PublishMode;
+use mesh_proto::view_update::Update;
 use mesh_proto::{
     EncryptionView, EndpointInfo, IngressNode, IngressPort, IngressView, NetworkAssignment,
-    NodeView, PeerEntry, ServiceEntry, TaskAssignment, WireguardPeer,
+    NodeView, PeerEntry, ServiceEntry, TaskAssignment, ViewUpdate, WireguardPeer,
 };
 
 use crate::pb::service::port_to_pb;
 use crate::state::{
-    ClusterState, DEFAULT_DATA_PATH_PORT, Endpoint, Network, NetworkSpec, ingress_sbox_id,
+    ClusterState, DEFAULT_DATA_PATH_PORT, Endpoint, Network, NetworkSpec, Task, ingress_sbox_id,
     is_ingress_sbox,
 };
 
@@ -57,210 +60,291 @@ pub fn endpoint_info(s: &ClusterState, e: &Endpoint) -> EndpointInfo {
     }
 }
 
-fn assignment(s: &ClusterState, net: &Network, node_id: &str) -> NetworkAssignment {
-    let mut local = Vec::new();
-    let mut peers = Vec::new();
-    for e in s.endpoints.values().filter(|e| e.network_id == net.id) {
-        if e.node_id == node_id {
-            local.push(endpoint_info(s, e));
-        } else if let Some(n) = s.nodes.get(&e.node_id) {
-            peers.push(PeerEntry {
+/// Who is where in one state, gathered in one scan of its endpoints and
+/// tasks, so a view costs what it holds rather than tasks × endpoints
+/// (every lookup below was a scan of the whole state). Built per read, so
+/// it never outlives the state it was made from nor goes into a snapshot.
+pub struct Views<'a> {
+    s: &'a ClusterState,
+    /// Endpoints per network, in endpoint id order (as the state keeps them).
+    on_network: HashMap<&'a str, Vec<&'a Endpoint>>,
+    /// Endpoints per sandbox (task id for a task's).
+    of_sandbox: HashMap<&'a str, Vec<&'a Endpoint>>,
+    /// Tasks not ended, per node, in task id order.
+    tasks_on: HashMap<&'a str, Vec<&'a Task>>,
+    /// Networks each node has an endpoint on.
+    nets_of: HashMap<&'a str, BTreeSet<&'a str>>,
+    /// Addresses of running tasks on Ready nodes per (service, network),
+    /// in endpoint id order: what `ClusterState::backends` gives.
+    backends: HashMap<(&'a str, &'a str), Vec<String>>,
+}
+
+impl<'a> Views<'a> {
+    pub fn new(s: &'a ClusterState) -> Self {
+        let mut on_network: HashMap<&str, Vec<&Endpoint>> = HashMap::new();
+        let mut of_sandbox: HashMap<&str, Vec<&Endpoint>> = HashMap::new();
+        let mut nets_of: HashMap<&str, BTreeSet<&str>> = HashMap::new();
+        let mut backends: HashMap<(&str, &str), Vec<String>> = HashMap::new();
+        for e in s.endpoints.values() {
+            on_network.entry(&e.network_id).or_default().push(e);
+            of_sandbox.entry(&e.sandbox_id).or_default().push(e);
+            nets_of.entry(&e.node_id).or_default().insert(&e.network_id);
+            if let Some(t) = s.tasks.get(&e.sandbox_id)
+                && s.is_backend(t)
+            {
+                backends
+                    .entry((&t.service_id, &e.network_id))
+                    .or_default()
+                    .push(e.ip.to_string());
+            }
+        }
+        let mut tasks_on: HashMap<&str, Vec<&Task>> = HashMap::new();
+        for t in s.tasks.values().filter(|t| !t.state.is_terminal()) {
+            tasks_on.entry(&t.node_id).or_default().push(t);
+        }
+        Views {
+            s,
+            on_network,
+            of_sandbox,
+            tasks_on,
+            nets_of,
+            backends,
+        }
+    }
+
+    fn backends(&self, service_id: &str, network_id: &str) -> Vec<String> {
+        self.backends
+            .get(&(service_id, network_id))
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn on_network(&self, network_id: &str) -> &[&'a Endpoint] {
+        self.on_network.get(network_id).map_or(&[], Vec::as_slice)
+    }
+
+    /// The view of one node at Raft index `generation`.
+    pub fn view(&self, node_id: &str, generation: u64) -> NodeView {
+        let s = self.s;
+        let networks = self
+            .nets_of
+            .get(node_id)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| s.networks.get(*id))
+            .map(|n| self.assignment(n, node_id))
+            .collect();
+        NodeView {
+            generation,
+            data_path_port: data_path_port(s),
+            networks,
+            tasks: self.tasks_for(node_id),
+            ingress: self.ingress_for(node_id),
+            encryption: self.encryption_for(node_id),
+        }
+    }
+
+    fn assignment(&self, net: &Network, node_id: &str) -> NetworkAssignment {
+        let s = self.s;
+        let mut local = Vec::new();
+        let mut peers = Vec::new();
+        for e in self.on_network(&net.id) {
+            if e.node_id == node_id {
+                local.push(endpoint_info(s, e));
+            } else if let Some(n) = s.nodes.get(&e.node_id) {
+                peers.push(PeerEntry {
+                    ip: e.ip.to_string(),
+                    mac: e.mac.to_string(),
+                    node_addr: n.addr.clone(),
+                    name: e.sandbox.clone(),
+                    aliases: e.aliases.clone(),
+                });
+            }
+        }
+        NetworkAssignment {
+            id: net.id.clone(),
+            name: net.spec.name.clone(),
+            vni: net.vni,
+            subnet: net.subnet.to_string(),
+            gateway: net.gateway.to_string(),
+            mtu: network_mtu(&net.spec),
+            internal: net.spec.internal,
+            encrypted: is_encrypted(&net.spec),
+            local,
+            peers,
+            services: s
+                .services
+                .values()
+                .filter(|svc| svc.spec.networks.contains(&net.id))
+                .map(|svc| ServiceEntry {
+                    id: svc.id.clone(),
+                    name: svc.spec.name.clone(),
+                    vip: svc
+                        .vips
+                        .get(&net.id)
+                        .map(ToString::to_string)
+                        .unwrap_or_default(),
+                    backends: self.backends(&svc.id, &net.id),
+                })
+                .collect(),
+        }
+    }
+
+    /// The tasks a node must run or stop: every one of its tasks that has
+    /// not ended. Addresses come in the order of the service's networks,
+    /// which is the order of the task's interfaces.
+    fn tasks_for(&self, node_id: &str) -> Vec<TaskAssignment> {
+        let s = self.s;
+        self.tasks_on
+            .get(node_id)
+            .into_iter()
+            .flatten()
+            .map(|t| {
+                let svc = s.services.get(&t.service_id);
+                // The spec's networks, then ingress (not one of them), last.
+                let order = |net: &str| {
+                    svc.and_then(|v| v.spec.networks.iter().position(|n| n == net))
+                        .unwrap_or(usize::MAX)
+                };
+                let mut eps: Vec<&Endpoint> = self
+                    .of_sandbox
+                    .get(t.id.as_str())
+                    .map(|v| v.to_vec())
+                    .unwrap_or_default();
+                eps.sort_by_key(|e| order(&e.network_id));
+                TaskAssignment {
+                    id: t.id.clone(),
+                    name: s.task_sandbox_name(t),
+                    service_id: t.service_id.clone(),
+                    service_name: svc.map(|v| v.spec.name.clone()).unwrap_or_default(),
+                    desired_state: t.desired_state.to_string(),
+                    cmd: svc.map(|v| v.spec.cmd.clone()).unwrap_or_default(),
+                    env: svc.map(|v| v.spec.env.clone()).unwrap_or_default(),
+                    networks: eps.into_iter().map(|e| endpoint_info(s, e)).collect(),
+                    start_delay_ms: t.start_delay_ms,
+                    known_state: t.state.to_string(),
+                    ports: svc
+                        .map(|v| v.endpoint_ports.iter().map(port_to_pb).collect())
+                        .unwrap_or_default(),
+                    health: None,
+                }
+            })
+            .collect()
+    }
+
+    /// The routing mesh as `node_id` builds it: only once the node has its
+    /// ingress sandbox (its address on the ingress network).
+    fn ingress_for(&self, node_id: &str) -> Option<IngressView> {
+        let s = self.s;
+        let net = s.ingress_network()?;
+        let sbox_id = ingress_sbox_id(node_id);
+        let on_ingress = self.on_network(&net.id);
+        let mine = on_ingress.iter().find(|e| e.sandbox_id == sbox_id)?;
+        let nodes = on_ingress
+            .iter()
+            .filter(|e| is_ingress_sbox(e))
+            .map(|e| IngressNode {
+                node_id: e.node_id.clone(),
                 ip: e.ip.to_string(),
                 mac: e.mac.to_string(),
-                node_addr: n.addr.clone(),
-                name: e.sandbox.clone(),
-                aliases: e.aliases.clone(),
-            });
-        }
-    }
-    NetworkAssignment {
-        id: net.id.clone(),
-        name: net.spec.name.clone(),
-        vni: net.vni,
-        subnet: net.subnet.to_string(),
-        gateway: net.gateway.to_string(),
-        mtu: network_mtu(&net.spec),
-        internal: net.spec.internal,
-        encrypted: is_encrypted(&net.spec),
-        local,
-        peers,
-        services: s
-            .services
-            .values()
-            .filter(|svc| svc.spec.networks.contains(&net.id))
-            .map(|svc| ServiceEntry {
-                id: svc.id.clone(),
-                name: svc.spec.name.clone(),
-                vip: svc
-                    .vips
-                    .get(&net.id)
-                    .map(ToString::to_string)
-                    .unwrap_or_default(),
-                backends: s
-                    .backends(&svc.id, &net.id)
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect(),
             })
-            .collect(),
-    }
-}
-
-/// The tasks a node must run or stop: every one of its tasks that has not
-/// ended. Addresses come in the order of the service's networks, which is
-/// the order of the task's interfaces.
-fn tasks_for(s: &ClusterState, node_id: &str) -> Vec<TaskAssignment> {
-    s.tasks
-        .values()
-        .filter(|t| t.node_id == node_id && !t.state.is_terminal())
-        .map(|t| {
-            let svc = s.services.get(&t.service_id);
-            // The spec's networks, then ingress (not one of them), last.
-            let order = |net: &str| {
-                svc.and_then(|v| v.spec.networks.iter().position(|n| n == net))
-                    .unwrap_or(usize::MAX)
-            };
-            let mut eps: Vec<&Endpoint> = s
-                .endpoints
-                .values()
-                .filter(|e| e.sandbox_id == t.id)
+            .collect();
+        let mut ports = Vec::new();
+        for svc in s.services.values() {
+            let ingress: Vec<_> = svc
+                .endpoint_ports
+                .iter()
+                .filter(|p| p.mode == PublishMode::Ingress)
                 .collect();
-            eps.sort_by_key(|e| order(&e.network_id));
-            TaskAssignment {
-                id: t.id.clone(),
-                name: s.task_sandbox_name(t),
-                service_id: t.service_id.clone(),
-                service_name: svc.map(|v| v.spec.name.clone()).unwrap_or_default(),
-                desired_state: t.desired_state.to_string(),
-                cmd: svc.map(|v| v.spec.cmd.clone()).unwrap_or_default(),
-                env: svc.map(|v| v.spec.env.clone()).unwrap_or_default(),
-                networks: eps.into_iter().map(|e| endpoint_info(s, e)).collect(),
-                start_delay_ms: t.start_delay_ms,
-                known_state: t.state.to_string(),
-                ports: svc
-                    .map(|v| v.endpoint_ports.iter().map(port_to_pb).collect())
-                    .unwrap_or_default(),
-                health: None,
+            if ingress.is_empty() {
+                continue;
             }
-        })
-        .collect()
-}
-
-/// The routing mesh as `node_id` builds it: only once the node has its
-/// ingress sandbox (its address on the ingress network).
-fn ingress_for(s: &ClusterState, node_id: &str) -> Option<IngressView> {
-    let net = s.ingress_network()?;
-    let sbox_id = ingress_sbox_id(node_id);
-    let mine = s
-        .endpoints
-        .values()
-        .find(|e| e.network_id == net.id && e.sandbox_id == sbox_id)?;
-    let nodes = s
-        .endpoints
-        .values()
-        .filter(|e| e.network_id == net.id && is_ingress_sbox(e))
-        .map(|e| IngressNode {
-            node_id: e.node_id.clone(),
-            ip: e.ip.to_string(),
-            mac: e.mac.to_string(),
-        })
-        .collect();
-    let mut ports = Vec::new();
-    for svc in s.services.values() {
-        let ingress: Vec<_> = svc
-            .endpoint_ports
-            .iter()
-            .filter(|p| p.mode == PublishMode::Ingress)
-            .collect();
-        if ingress.is_empty() {
-            continue;
+            let backends = self.backends(&svc.id, &net.id);
+            for p in ingress {
+                ports.push(IngressPort {
+                    service_id: svc.id.clone(),
+                    service_name: svc.spec.name.clone(),
+                    protocol: p.protocol.to_string(),
+                    published_port: p.published.map_or(0, u32::from),
+                    target_port: p.target.into(),
+                    backends: backends.clone(),
+                });
+            }
         }
-        let backends: Vec<String> = s
-            .backends(&svc.id, &net.id)
-            .iter()
-            .map(ToString::to_string)
+        Some(IngressView {
+            network_id: net.id.clone(),
+            endpoint: Some(endpoint_info(s, mine)),
+            nodes,
+            ports,
+        })
+    }
+
+    /// The WireGuard peers of `node_id`: every other node with an endpoint
+    /// on an encrypted network this node has an endpoint on (the ingress
+    /// network too, if it is encrypted), once that node has a recorded key.
+    /// `None` while this node needs no encrypted network. Sorted by node ID,
+    /// so the view's digest does not depend on map order.
+    fn encryption_for(&self, node_id: &str) -> Option<EncryptionView> {
+        let s = self.s;
+        let mine: Vec<&str> = self
+            .nets_of
+            .get(node_id)
+            .into_iter()
+            .flatten()
+            .copied()
+            .filter(|id| s.networks.get(*id).is_some_and(|n| is_encrypted(&n.spec)))
             .collect();
-        for p in ingress {
-            ports.push(IngressPort {
-                service_id: svc.id.clone(),
-                service_name: svc.spec.name.clone(),
-                protocol: p.protocol.to_string(),
-                published_port: p.published.map_or(0, u32::from),
-                target_port: p.target.into(),
-                backends: backends.clone(),
-            });
+        if mine.is_empty() {
+            return None;
         }
+        let peer_ids: BTreeSet<&str> = mine
+            .iter()
+            .flat_map(|net| self.on_network(net))
+            .filter(|e| e.node_id != node_id)
+            .map(|e| e.node_id.as_str())
+            .collect();
+        let peers = peer_ids
+            .into_iter()
+            .filter_map(|id| s.nodes.get(id))
+            .filter(|n| !n.encryption_public_key.is_empty())
+            .map(|n| WireguardPeer {
+                node_id: n.id.clone(),
+                public_key: n.encryption_public_key.clone(),
+                addr: n.addr.clone(),
+            })
+            .collect();
+        Some(EncryptionView {
+            listen_port: WIREGUARD_PORT,
+            peers,
+        })
     }
-    Some(IngressView {
-        network_id: net.id.clone(),
-        endpoint: Some(endpoint_info(s, mine)),
-        nodes,
-        ports,
-    })
 }
 
-/// The WireGuard peers of `node_id`: every other node with an endpoint on
-/// an encrypted network this node has an endpoint on (the ingress network
-/// too, if it is encrypted), once that node has a recorded key. `None`
-/// while this node needs no encrypted network. Sorted by node ID, so the
-/// view's digest does not depend on map order.
-fn encryption_for(s: &ClusterState, node_id: &str) -> Option<EncryptionView> {
-    let mine: std::collections::BTreeSet<&str> = s
-        .endpoints
-        .values()
-        .filter(|e| e.node_id == node_id)
-        .filter(|e| {
-            s.networks
-                .get(&e.network_id)
-                .is_some_and(|n| is_encrypted(&n.spec))
-        })
-        .map(|e| e.network_id.as_str())
-        .collect();
-    if mine.is_empty() {
-        return None;
-    }
-    let peer_ids: std::collections::BTreeSet<&str> = s
-        .endpoints
-        .values()
-        .filter(|e| e.node_id != node_id && mine.contains(e.network_id.as_str()))
-        .map(|e| e.node_id.as_str())
-        .collect();
-    let peers = peer_ids
-        .into_iter()
-        .filter_map(|id| s.nodes.get(id))
-        .filter(|n| !n.encryption_public_key.is_empty())
-        .map(|n| WireguardPeer {
-            node_id: n.id.clone(),
-            public_key: n.encryption_public_key.clone(),
-            addr: n.addr.clone(),
-        })
-        .collect();
-    Some(EncryptionView {
-        listen_port: WIREGUARD_PORT,
-        peers,
-    })
-}
-
-/// The view of one node at Raft index `generation`.
+/// The view of one node at Raft index `generation`. For several nodes of
+/// one state, build [`Views`] once.
 pub fn view_for(s: &ClusterState, node_id: &str, generation: u64) -> NodeView {
-    let networks = s
-        .networks
-        .values()
-        .filter(|n| {
-            s.endpoints
-                .values()
-                .any(|e| e.network_id == n.id && e.node_id == node_id)
-        })
-        .map(|n| assignment(s, n, node_id))
-        .collect();
-    NodeView {
-        generation,
-        data_path_port: data_path_port(s),
-        networks,
-        tasks: tasks_for(s, node_id),
-        ingress: ingress_for(s, node_id),
-        encryption: encryption_for(s, node_id),
-    }
+    Views::new(s).view(node_id, generation)
+}
+
+/// The Assignments stream's next message after `last` (what this stream
+/// sent so far): the whole view first, then a delta on `last`; `None` when
+/// the view asks nothing new of the kernel.
+pub fn update_for(last: Option<&NodeView>, view: &NodeView) -> Option<ViewUpdate> {
+    let update = match last {
+        None => Update::Full(view.clone()),
+        Some(l) => match mesh_proto::view_delta(l, view) {
+            Some(d) if mesh_proto::delta_is_empty(&d) => return None,
+            Some(d) => Update::Delta(d),
+            None if same_content(l, view) => return None,
+            None => Update::Full(view.clone()),
+        },
+    };
+    Some(ViewUpdate {
+        generation: view.generation,
+        base_generation: last.map_or(0, |l| l.generation),
+        digest: mesh_proto::view_digest(view),
+        update: Some(update),
+    })
 }
 
 fn data_path_port(s: &ClusterState) -> u32 {
@@ -631,5 +715,460 @@ mod tests {
         );
         s.apply(8, &Command::RemoveNetwork { id: "ing".into() });
         assert!(s.networks.contains_key("ing"), "still published");
+    }
+
+    /// Three Ready nodes, an ingress network and two overlays, `replicas`
+    /// tasks of a published service and a tenth as many of a two-network
+    /// one; most tasks running, every seventh still starting.
+    fn big_state(replicas: u64) -> ClusterState {
+        use crate::services::{PortSpec, ServiceSpec, TaskReport};
+        use mesh_common::model::{
+            Availability, NodeState, Protocol, PublishMode, ServiceMode, TaskState,
+        };
+        let mut s = ClusterState::default();
+        let ready = |id: &str, n: u8| Node {
+            availability: Availability::Active,
+            state: NodeState::Ready,
+            ..node(id, &format!("192.168.1.{n}"))
+        };
+        let mut i = 1;
+        let mut cmd = |s: &mut ClusterState, c: Command| {
+            i += 1;
+            s.apply(i, &c)
+        };
+        cmd(
+            &mut s,
+            Command::Init {
+                cluster: ClusterInfo {
+                    id: "c".into(),
+                    ..Default::default()
+                },
+                node: ready("a", 1),
+                ingress: Some("ing".into()),
+            },
+        );
+        for (n, id) in ["b", "c"].iter().enumerate() {
+            let node = ready(id, n as u8 + 2);
+            cmd(&mut s, Command::AddNode { node });
+        }
+        for net in ["net", "back"] {
+            let spec = NetworkSpec {
+                name: net.into(),
+                driver: mesh_common::model::DriverKind::Overlay,
+                ..Default::default()
+            };
+            let id = net.into();
+            let at = "t".into();
+            cmd(&mut s, Command::CreateNetwork { id, spec, at });
+        }
+        let web = ServiceSpec {
+            name: "web".into(),
+            mode: ServiceMode::Replicated,
+            replicas,
+            networks: vec!["net".into()],
+            cmd: vec!["sleep".into()],
+            ports: vec![PortSpec {
+                protocol: Protocol::Tcp,
+                target: 80,
+                published: Some(8080),
+                mode: PublishMode::Ingress,
+            }],
+            ..Default::default()
+        };
+        let db = ServiceSpec {
+            name: "db".into(),
+            replicas: replicas / 10,
+            networks: vec!["net".into(), "back".into()],
+            ..web.clone()
+        };
+        let db = ServiceSpec {
+            ports: vec![],
+            ..db
+        };
+        for (id, spec) in [("web", web), ("db", db)] {
+            let r = cmd(
+                &mut s,
+                Command::CreateService {
+                    id: id.into(),
+                    spec,
+                    at: "t".into(),
+                },
+            );
+            assert!(matches!(r, crate::state::CommandResult::Service(_)));
+        }
+        let tasks: Vec<Task> = s.tasks.values().cloned().collect();
+        assert_eq!(tasks.len() as u64, replicas + replicas / 10);
+        for (_, t) in tasks.iter().enumerate().filter(|(n, _)| n % 7 != 0) {
+            let reports = vec![TaskReport {
+                task_id: t.id.clone(),
+                state: TaskState::Running,
+                ..Default::default()
+            }];
+            let node_id = t.node_id.clone();
+            let at = "t".into();
+            cmd(
+                &mut s,
+                Command::ReportTasks {
+                    node_id,
+                    reports,
+                    at,
+                },
+            );
+        }
+        s
+    }
+
+    /// The best of `runs` timings of `f`, so a busy machine inflates it less.
+    fn best_of(runs: u32, mut f: impl FnMut()) -> std::time::Duration {
+        (0..runs)
+            .map(|_| {
+                let t = std::time::Instant::now();
+                f();
+                t.elapsed()
+            })
+            .min()
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn indexed_views_are_the_scanned_ones_at_300_replicas() {
+        let mut s = big_state(300);
+        let nodes = ["a", "b", "c", "nobody"];
+        let check = |s: &ClusterState| {
+            let views = Views::new(s);
+            for n in nodes {
+                let want = scans::view_for(s, n, 9);
+                let got = views.view(n, 9);
+                assert_eq!(got, want, "node {n}");
+                assert_eq!(
+                    mesh_proto::view_digest(&got),
+                    mesh_proto::view_digest(&want)
+                );
+            }
+        };
+        check(&s);
+        let vb = view_for(&s, "b", 9);
+        assert!(vb.tasks.len() > 100, "{} tasks on b", vb.tasks.len());
+        let ing = vb.ingress.as_ref().expect("ingress");
+        assert!(!ing.ports[0].backends.is_empty());
+        // A node going down takes its backends out of every view.
+        s.apply(
+            10_000,
+            &Command::SetNodeState {
+                id: "c".into(),
+                state: mesh_common::model::NodeState::Down,
+                addr: None,
+                at: "t".into(),
+            },
+        );
+        check(&s);
+
+        // What one change costs the manager: every node's view computed
+        // again and compared with the last one sent (before: a scan per
+        // lookup; now: one index per change, then a delta).
+        let s = big_state(300);
+        let before = best_of(5, || {
+            for n in nodes {
+                let v = scans::view_for(&s, n, 9);
+                assert!(same_content(&v, &v));
+            }
+        });
+        let last: Vec<NodeView> = nodes.iter().map(|n| view_for(&s, n, 9)).collect();
+        let after = best_of(5, || {
+            let views = Views::new(&s);
+            for (n, l) in nodes.iter().zip(&last) {
+                let v = views.view(n, 10);
+                assert!(update_for(Some(l), &v).is_none(), "nothing changed");
+            }
+        });
+        println!(
+            "views of 3 nodes + 1, 330 tasks: scans {before:?}, indexed {after:?} ({:.1}x)",
+            before.as_secs_f64() / after.as_secs_f64().max(1e-9)
+        );
+    }
+
+    #[test]
+    fn the_stream_sends_the_whole_view_then_small_deltas() {
+        use mesh_common::model::TaskState;
+        let mut s = big_state(300);
+        let v1 = view_for(&s, "b", 9);
+        let c1 = view_for(&s, "c", 9);
+        let first = update_for(None, &v1).expect("a first message");
+        assert!(matches!(first.update, Some(Update::Full(_))));
+        assert_eq!(first.digest, mesh_proto::view_digest(&v1));
+        assert_eq!(update_for(Some(&v1), &view_for(&s, "b", 10)), None);
+        // One starting task of c's comes up: b's view changes only in the
+        // backends of the networks and ports that task is on.
+        let t = s
+            .tasks
+            .values()
+            .find(|t| t.node_id == "c" && t.state != TaskState::Running)
+            .expect("a starting task on c")
+            .clone();
+        s.apply(
+            11,
+            &Command::ReportTasks {
+                node_id: "c".into(),
+                reports: vec![crate::services::TaskReport {
+                    task_id: t.id.clone(),
+                    state: TaskState::Running,
+                    ..Default::default()
+                }],
+                at: "t".into(),
+            },
+        );
+        let v2 = view_for(&s, "b", 11);
+        let u = update_for(Some(&v1), &v2).expect("the view changed");
+        assert_eq!((u.base_generation, u.generation), (9, 11));
+        assert_eq!(u.digest, mesh_proto::view_digest(&v2));
+        let Some(Update::Delta(d)) = &u.update else {
+            panic!("a delta, not {:?}", u.update)
+        };
+        assert!(d.tasks.is_empty(), "none of b's tasks changed");
+        assert!(d.removed_tasks.is_empty() && d.task_order.is_empty());
+        assert!(d.ingress.is_some(), "the ingress backends did");
+        use prost::Message;
+        let (whole, delta) = (v2.encode_to_vec().len(), u.encode_to_vec().len());
+        println!("one task up, 330 tasks: whole view {whole} bytes, delta {delta} bytes");
+        assert!(delta < whole / 2, "{delta} vs {whole}");
+        // On c, the task's own entry changes and nothing else of the tasks.
+        let d = mesh_proto::view_delta(&c1, &view_for(&s, "c", 11)).expect("unique ids");
+        let ids: Vec<&str> = d.tasks.iter().map(|x| x.id.as_str()).collect();
+        assert_eq!(ids, [t.id.as_str()], "its known state");
+    }
+}
+
+/// The views as they were computed before [`Views`]: every lookup a scan of
+/// the whole state. Kept only to check that the indexed views are the same,
+/// digest for digest, and to time both on one state.
+#[cfg(test)]
+mod scans {
+    use super::*;
+    use mesh_common::model::{NodeState, TaskState};
+    use std::collections::BTreeSet;
+
+    fn backends(s: &ClusterState, service_id: &str, network_id: &str) -> Vec<std::net::Ipv4Addr> {
+        let running: BTreeSet<&str> = s
+            .tasks
+            .values()
+            .filter(|t| {
+                t.service_id == service_id
+                    && t.desired_state == TaskState::Running
+                    && t.state == TaskState::Running
+                    && s.nodes
+                        .get(&t.node_id)
+                        .is_some_and(|n| n.state == NodeState::Ready)
+            })
+            .map(|t| t.id.as_str())
+            .collect();
+        s.endpoints
+            .values()
+            .filter(|e| e.network_id == network_id && running.contains(e.sandbox_id.as_str()))
+            .map(|e| e.ip)
+            .collect()
+    }
+
+    fn assignment(s: &ClusterState, net: &Network, node_id: &str) -> NetworkAssignment {
+        let mut local = Vec::new();
+        let mut peers = Vec::new();
+        for e in s.endpoints.values().filter(|e| e.network_id == net.id) {
+            if e.node_id == node_id {
+                local.push(endpoint_info(s, e));
+            } else if let Some(n) = s.nodes.get(&e.node_id) {
+                peers.push(PeerEntry {
+                    ip: e.ip.to_string(),
+                    mac: e.mac.to_string(),
+                    node_addr: n.addr.clone(),
+                    name: e.sandbox.clone(),
+                    aliases: e.aliases.clone(),
+                });
+            }
+        }
+        NetworkAssignment {
+            id: net.id.clone(),
+            name: net.spec.name.clone(),
+            vni: net.vni,
+            subnet: net.subnet.to_string(),
+            gateway: net.gateway.to_string(),
+            mtu: network_mtu(&net.spec),
+            internal: net.spec.internal,
+            encrypted: is_encrypted(&net.spec),
+            local,
+            peers,
+            services: s
+                .services
+                .values()
+                .filter(|svc| svc.spec.networks.contains(&net.id))
+                .map(|svc| ServiceEntry {
+                    id: svc.id.clone(),
+                    name: svc.spec.name.clone(),
+                    vip: svc
+                        .vips
+                        .get(&net.id)
+                        .map(ToString::to_string)
+                        .unwrap_or_default(),
+                    backends: backends(s, &svc.id, &net.id)
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+
+    /// The tasks a node must run or stop: every one of its tasks that has not
+    /// ended. Addresses come in the order of the service's networks, which is
+    /// the order of the task's interfaces.
+    fn tasks_for(s: &ClusterState, node_id: &str) -> Vec<TaskAssignment> {
+        s.tasks
+            .values()
+            .filter(|t| t.node_id == node_id && !t.state.is_terminal())
+            .map(|t| {
+                let svc = s.services.get(&t.service_id);
+                // The spec's networks, then ingress (not one of them), last.
+                let order = |net: &str| {
+                    svc.and_then(|v| v.spec.networks.iter().position(|n| n == net))
+                        .unwrap_or(usize::MAX)
+                };
+                let mut eps: Vec<&Endpoint> = s
+                    .endpoints
+                    .values()
+                    .filter(|e| e.sandbox_id == t.id)
+                    .collect();
+                eps.sort_by_key(|e| order(&e.network_id));
+                TaskAssignment {
+                    id: t.id.clone(),
+                    name: s.task_sandbox_name(t),
+                    service_id: t.service_id.clone(),
+                    service_name: svc.map(|v| v.spec.name.clone()).unwrap_or_default(),
+                    desired_state: t.desired_state.to_string(),
+                    cmd: svc.map(|v| v.spec.cmd.clone()).unwrap_or_default(),
+                    env: svc.map(|v| v.spec.env.clone()).unwrap_or_default(),
+                    networks: eps.into_iter().map(|e| endpoint_info(s, e)).collect(),
+                    start_delay_ms: t.start_delay_ms,
+                    known_state: t.state.to_string(),
+                    ports: svc
+                        .map(|v| v.endpoint_ports.iter().map(port_to_pb).collect())
+                        .unwrap_or_default(),
+                    health: None,
+                }
+            })
+            .collect()
+    }
+
+    /// The routing mesh as `node_id` builds it: only once the node has its
+    /// ingress sandbox (its address on the ingress network).
+    fn ingress_for(s: &ClusterState, node_id: &str) -> Option<IngressView> {
+        let net = s.ingress_network()?;
+        let sbox_id = ingress_sbox_id(node_id);
+        let mine = s
+            .endpoints
+            .values()
+            .find(|e| e.network_id == net.id && e.sandbox_id == sbox_id)?;
+        let nodes = s
+            .endpoints
+            .values()
+            .filter(|e| e.network_id == net.id && is_ingress_sbox(e))
+            .map(|e| IngressNode {
+                node_id: e.node_id.clone(),
+                ip: e.ip.to_string(),
+                mac: e.mac.to_string(),
+            })
+            .collect();
+        let mut ports = Vec::new();
+        for svc in s.services.values() {
+            let ingress: Vec<_> = svc
+                .endpoint_ports
+                .iter()
+                .filter(|p| p.mode == PublishMode::Ingress)
+                .collect();
+            if ingress.is_empty() {
+                continue;
+            }
+            let backends: Vec<String> = backends(s, &svc.id, &net.id)
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            for p in ingress {
+                ports.push(IngressPort {
+                    service_id: svc.id.clone(),
+                    service_name: svc.spec.name.clone(),
+                    protocol: p.protocol.to_string(),
+                    published_port: p.published.map_or(0, u32::from),
+                    target_port: p.target.into(),
+                    backends: backends.clone(),
+                });
+            }
+        }
+        Some(IngressView {
+            network_id: net.id.clone(),
+            endpoint: Some(endpoint_info(s, mine)),
+            nodes,
+            ports,
+        })
+    }
+
+    /// The WireGuard peers of `node_id`: every other node with an endpoint on
+    /// an encrypted network this node has an endpoint on (the ingress network
+    /// too, if it is encrypted), once that node has a recorded key. `None`
+    /// while this node needs no encrypted network. Sorted by node ID, so the
+    /// view's digest does not depend on map order.
+    fn encryption_for(s: &ClusterState, node_id: &str) -> Option<EncryptionView> {
+        let mine: std::collections::BTreeSet<&str> = s
+            .endpoints
+            .values()
+            .filter(|e| e.node_id == node_id)
+            .filter(|e| {
+                s.networks
+                    .get(&e.network_id)
+                    .is_some_and(|n| is_encrypted(&n.spec))
+            })
+            .map(|e| e.network_id.as_str())
+            .collect();
+        if mine.is_empty() {
+            return None;
+        }
+        let peer_ids: std::collections::BTreeSet<&str> = s
+            .endpoints
+            .values()
+            .filter(|e| e.node_id != node_id && mine.contains(e.network_id.as_str()))
+            .map(|e| e.node_id.as_str())
+            .collect();
+        let peers = peer_ids
+            .into_iter()
+            .filter_map(|id| s.nodes.get(id))
+            .filter(|n| !n.encryption_public_key.is_empty())
+            .map(|n| WireguardPeer {
+                node_id: n.id.clone(),
+                public_key: n.encryption_public_key.clone(),
+                addr: n.addr.clone(),
+            })
+            .collect();
+        Some(EncryptionView {
+            listen_port: WIREGUARD_PORT,
+            peers,
+        })
+    }
+
+    /// The view of one node at Raft index `generation`.
+    pub fn view_for(s: &ClusterState, node_id: &str, generation: u64) -> NodeView {
+        let networks = s
+            .networks
+            .values()
+            .filter(|n| {
+                s.endpoints
+                    .values()
+                    .any(|e| e.network_id == n.id && e.node_id == node_id)
+            })
+            .map(|n| assignment(s, n, node_id))
+            .collect();
+        NodeView {
+            generation,
+            data_path_port: data_path_port(s),
+            networks,
+            tasks: tasks_for(s, node_id),
+            ingress: ingress_for(s, node_id),
+            encryption: encryption_for(s, node_id),
+        }
     }
 }

@@ -24,6 +24,83 @@ pub fn view_digest(view: &NodeView) -> u64 {
     u64::from_be_bytes(first)
 }
 
+/// What changed from view `a` to view `b` of one node, as the Assignments
+/// stream sends it; `None` when a delta cannot say it (a network or task id
+/// listed twice), so the whole view goes instead. Applying it on `a` gives
+/// `b` exactly (`mesh_worker::views::apply`), order included, which the
+/// digest the update carries lets the node check.
+pub fn view_delta(a: &NodeView, b: &NodeView) -> Option<ViewDelta> {
+    let (networks, removed_networks, network_order) =
+        list_delta(&a.networks, &b.networks, |n| n.id.as_str())?;
+    let (tasks, removed_tasks, task_order) = list_delta(&a.tasks, &b.tasks, |t| t.id.as_str())?;
+    Some(ViewDelta {
+        networks,
+        removed_networks,
+        network_order,
+        tasks,
+        removed_tasks,
+        task_order,
+        data_path_port: (a.data_path_port != b.data_path_port).then_some(b.data_path_port),
+        ingress: (a.ingress != b.ingress).then(|| IngressChange {
+            view: b.ingress.clone(),
+        }),
+        encryption: (a.encryption != b.encryption).then(|| EncryptionChange {
+            view: b.encryption.clone(),
+        }),
+    })
+}
+
+/// Whether a delta changes nothing.
+pub fn delta_is_empty(d: &ViewDelta) -> bool {
+    d.networks.is_empty()
+        && d.removed_networks.is_empty()
+        && d.network_order.is_empty()
+        && d.tasks.is_empty()
+        && d.removed_tasks.is_empty()
+        && d.task_order.is_empty()
+        && d.data_path_port.is_none()
+        && d.ingress.is_none()
+        && d.encryption.is_none()
+}
+
+/// One keyed list's part of a delta: the items of `b` that are new or
+/// differ, the ids of `a` gone from `b`, and `b`'s ids when replacing in
+/// place and appending the new ones would not give `b`'s order.
+fn list_delta<T: Clone + PartialEq>(
+    a: &[T],
+    b: &[T],
+    id: impl Fn(&T) -> &str,
+) -> Option<(Vec<T>, Vec<String>, Vec<String>)> {
+    use std::collections::HashMap;
+    let old: HashMap<&str, &T> = a.iter().map(|t| (id(t), t)).collect();
+    let new: HashMap<&str, &T> = b.iter().map(|t| (id(t), t)).collect();
+    if old.len() != a.len() || new.len() != b.len() {
+        return None;
+    }
+    let set: Vec<T> = b
+        .iter()
+        .filter(|t| old.get(id(t)).is_none_or(|o| *o != *t))
+        .cloned()
+        .collect();
+    let removed: Vec<String> = a
+        .iter()
+        .map(&id)
+        .filter(|i| !new.contains_key(i))
+        .map(str::to_string)
+        .collect();
+    let derived = a
+        .iter()
+        .map(&id)
+        .filter(|i| new.contains_key(i))
+        .chain(b.iter().map(&id).filter(|i| !old.contains_key(i)));
+    let order = if derived.eq(b.iter().map(&id)) {
+        Vec::new()
+    } else {
+        b.iter().map(|t| id(t).to_string()).collect()
+    };
+    Some((set, removed, order))
+}
+
 /// What a join proof covers: the request with its own proof left out, so
 /// the proof also vouches for the CSR and addresses it travels with.
 pub fn join_request_content(r: &NodeJoinRequest) -> Vec<u8> {

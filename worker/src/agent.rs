@@ -12,8 +12,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use mesh_proto::cluster_client::ClusterClient;
-use mesh_proto::{Empty, NodeView};
+use mesh_proto::NodeView;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
@@ -24,6 +23,7 @@ use crate::encryption::Encryption;
 use crate::managers::Managers;
 use crate::sandboxes::{DataPath, Record, Sandboxes};
 use crate::tunnel::Tunnel;
+use crate::views::ChangeLog;
 
 /// How often the kernel is re-checked without a new view.
 pub const RESYNC_EVERY: Duration = Duration::from_secs(3);
@@ -56,7 +56,13 @@ pub fn spawn(
 ) -> AgentHandle {
     let (stop, stop_rx) = watch::channel(false);
     let (view_tx, view_rx) = watch::channel::<Option<NodeView>>(None);
-    let follow = tokio::spawn(follow_views(managers.clone(), view_tx, stop_rx.clone()));
+    let changes = Arc::new(crate::views::ChangeLog::default());
+    let follow = tokio::spawn(crate::views::follow(
+        managers.clone(),
+        view_tx,
+        changes.clone(),
+        stop_rx.clone(),
+    ));
     let runner =
         crate::tasks::TaskRunner::new(sandboxes.clone(), managers.clone(), dp.clone(), me.node_id);
     let tasks = tokio::spawn(runner.run(view_rx.clone(), stop_rx.clone()));
@@ -67,73 +73,15 @@ pub fn spawn(
         stop_rx.clone(),
     ));
     let task = tokio::spawn(async move {
-        reconcile_loop(dp, sandboxes, applied, encryption, view_rx, stop_rx).await;
+        reconcile_loop(
+            dp, sandboxes, applied, encryption, view_rx, changes, stop_rx,
+        )
+        .await;
         follow.abort();
         let _ = tasks.await;
         let _ = logs.await;
     });
     AgentHandle { stop, task }
-}
-
-/// Opens the Assignments stream on the first manager that gives one, and
-/// says which manager that is.
-async fn open_views(
-    managers: &Managers,
-) -> Result<(String, tonic::Streaming<NodeView>), tonic::Status> {
-    let mut last = tonic::Status::unavailable("no manager known");
-    for addr in managers.addrs() {
-        let ch = match managers.channel_to(&addr) {
-            Ok(ch) => ch,
-            Err(e) => {
-                last = tonic::Status::unavailable(e.to_string());
-                continue;
-            }
-        };
-        match ClusterClient::new(ch).assignments(Empty {}).await {
-            Ok(r) => return Ok((addr, r.into_inner())),
-            Err(s) => last = s,
-        }
-    }
-    Err(last)
-}
-
-/// Keeps one Assignments stream open to some manager, reconnecting on loss.
-/// The stream is dropped as soon as its manager leaves the set of current
-/// managers: a connection is checked only when it is made, so a demoted or
-/// removed manager must not go on pushing views (and so tasks) over it.
-async fn follow_views(
-    managers: Managers,
-    tx: watch::Sender<Option<NodeView>>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut set_changed = managers.subscribe();
-    loop {
-        match open_views(&managers).await {
-            Ok((addr, mut s)) => loop {
-                tokio::select! {
-                    m = s.message() => match m {
-                        Ok(Some(view)) => {
-                            debug!(generation = view.generation, networks = view.networks.len(), "new node view");
-                            let _ = tx.send(Some(view));
-                        }
-                        Ok(None) | Err(_) => break,
-                    },
-                    _ = set_changed.changed() => {
-                        if !managers.addrs().contains(&addr) {
-                            info!(manager = %addr, "view stream's manager is no longer a manager; leaving it");
-                            break;
-                        }
-                    }
-                    _ = stop.changed() => return,
-                }
-            },
-            Err(s) => debug!("no view stream: {}", s.message()),
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(300)) => {}
-            _ = stop.changed() => return,
-        }
-    }
 }
 
 async fn reconcile_loop(
@@ -142,15 +90,31 @@ async fn reconcile_loop(
     applied: Arc<crate::session::Applied>,
     encryption: Arc<Encryption>,
     mut views: watch::Receiver<Option<NodeView>>,
+    changes: Arc<ChangeLog>,
     mut stop: watch::Receiver<bool>,
 ) {
     // The WireGuard device lives as long as this loop: leaving the cluster
     // stops the agent and so the device.
     let mut tunnel = Tunnel::default();
     let mut rotations = encryption.subscribe();
+    // The generation the last pass worked from: what changed since is
+    // what a new view brings.
+    let mut seen: Option<u64> = None;
     loop {
         let view = views.borrow_and_update().clone();
         if let Some(view) = view {
+            if seen != Some(view.generation) {
+                let changed = changes.changed_since(seen);
+                debug!(
+                    generation = view.generation,
+                    all = changed.all,
+                    networks = ?changed.networks,
+                    tasks = changed.tasks.len(),
+                    ingress = changed.ingress,
+                    "view changed"
+                );
+                seen = Some(view.generation);
+            }
             let key = encryption.private_key();
             let pass = reconcile(&dp, &sandboxes, &view, &mut tunnel, key).await;
             let (datapath, port, peers) = tunnel.status().unwrap_or_default();

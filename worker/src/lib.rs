@@ -66,6 +66,7 @@ pub mod task_plan;
 pub mod tasks;
 pub mod tunnel;
 mod veth;
+pub mod views;
 pub mod vip;
 pub mod wg;
 

@@ -187,11 +187,12 @@ impl Manager {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         self.read(|s| {
+            let views = crate::dispatcher::Views::new(s);
             s.nodes
                 .values()
                 .filter(|n| n.state == NodeState::Ready && n.id != exclude)
                 .filter(|n| {
-                    let want = mesh_proto::view_digest(&crate::dispatcher::view_for(s, &n.id, 0));
+                    let want = mesh_proto::view_digest(&views.view(&n.id, 0));
                     acks.get(&n.id).is_none_or(|a| *a != want)
                 })
                 .map(|n| n.id.clone())

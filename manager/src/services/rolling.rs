@@ -1,7 +1,7 @@
 //! Rolling updates one task at a time, the history kept per slot, and the
 //! running tasks a service's VIP balances over.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use mesh_common::model::{NodeState, TaskState};
@@ -113,26 +113,30 @@ impl ClusterState {
     }
 
     /// Addresses of a service's running tasks on a network: what its VIP
-    /// balances over and what `tasks.NAME` answers.
+    /// balances over and what `tasks.NAME` answers. One pass over the
+    /// network's endpoints, each task found by id (an endpoint's sandbox ID
+    /// is its task's ID), not a scan of every task per call.
     pub fn backends(&self, service_id: &str, network_id: &str) -> Vec<Ipv4Addr> {
-        let running: BTreeSet<&str> = self
-            .tasks
-            .values()
-            .filter(|t| {
-                t.service_id == service_id
-                    && t.desired_state == TaskState::Running
-                    && t.state == TaskState::Running
-                    && self
-                        .nodes
-                        .get(&t.node_id)
-                        .is_some_and(|n| n.state == NodeState::Ready)
-            })
-            .map(|t| t.id.as_str())
-            .collect();
         self.endpoints
             .values()
-            .filter(|e| e.network_id == network_id && running.contains(e.sandbox_id.as_str()))
+            .filter(|e| e.network_id == network_id)
+            .filter(|e| {
+                self.tasks
+                    .get(&e.sandbox_id)
+                    .is_some_and(|t| t.service_id == service_id && self.is_backend(t))
+            })
             .map(|e| e.ip)
             .collect()
+    }
+
+    /// Whether a task's addresses are in its service's rotation: the one
+    /// rule for `backends` and for the views (`dispatcher::Views`).
+    pub fn is_backend(&self, t: &Task) -> bool {
+        t.desired_state == TaskState::Running
+            && t.state == TaskState::Running
+            && self
+                .nodes
+                .get(&t.node_id)
+                .is_some_and(|n| n.state == NodeState::Ready)
     }
 }
