@@ -126,6 +126,25 @@ pub struct InitArgs {
     /// --rotate-key`).
     #[arg(long = "encryption-key-rotation", value_parser = parse_rotation)]
     pub encryption_key_rotation: Option<std::time::Duration>,
+    /// How often nodes heartbeat to the leader (e.g. 200ms, 5s; 100ms to
+    /// 1m; default 200ms).
+    #[arg(long = "dispatcher-heartbeat", value_parser = parse_liveness_duration)]
+    pub dispatcher_heartbeat: Option<std::time::Duration>,
+    /// Silence after which a node is Down and its tasks move elsewhere
+    /// (e.g. 800ms, 30s; at least 3 heartbeats; default 4 heartbeats).
+    #[arg(long = "node-down-grace", value_parser = parse_liveness_duration)]
+    pub node_down_grace: Option<std::time::Duration>,
+}
+
+/// A heartbeat period or down grace: a positive duration (the bounds that
+/// depend on each other are checked by the daemon, which knows both).
+fn parse_liveness_duration(s: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("invalid duration {s:?}: {e} (e.g. 200ms, 5s)"))?;
+    if d.is_zero() {
+        return Err("0 is not a period: leave the flag out for the default".into());
+    }
+    Ok(d)
 }
 
 fn parse_upstream(s: &str) -> Result<std::net::SocketAddr, String> {

@@ -21,8 +21,8 @@ pub async fn init(host: &str, a: InitArgs) -> Result<ExitCode> {
             default_addr_pool_mask_length: a.default_addr_pool_mask_length,
             data_path_port: a.data_path_port,
             encryption_key_rotation_secs: a.encryption_key_rotation.map_or(0, |d| d.as_secs()),
-            dispatcher_heartbeat_ms: 0,
-            node_down_grace_ms: 0,
+            dispatcher_heartbeat_ms: a.dispatcher_heartbeat.map_or(0, millis),
+            node_down_grace_ms: a.node_down_grace.map_or(0, millis),
         })
         .await
         .map_err(status)?
@@ -40,6 +40,12 @@ pub async fn init(host: &str, a: InitArgs) -> Result<ExitCode> {
         "To add a manager to this cluster, run 'mesh join-token manager' and follow the instructions."
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// A duration in ms for the API, where 0 means "left out": anything below
+/// 1 ms rounds up, so it is refused as too short rather than defaulted.
+fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
 pub async fn join(host: &str, a: JoinArgs) -> Result<ExitCode> {
@@ -117,6 +123,8 @@ pub async fn info(host: &str, a: InfoArgs) -> Result<ExitCode> {
                 "CertNotAfter": i.cert_not_after,
                 "DataPathErrors": i.datapath_errors,
                 "EncryptionKeyRotation": i.encryption_key_rotation,
+                "DispatcherHeartbeat": i.dispatcher_heartbeat,
+                "NodeDownGrace": i.node_down_grace,
                 "Encryption": i.encryption.as_ref().map(encryption_json),
             }
         });
@@ -159,6 +167,10 @@ pub async fn info(host: &str, a: InfoArgs) -> Result<ExitCode> {
             &i.encryption_key_rotation
         }
     );
+    if !i.dispatcher_heartbeat.is_empty() {
+        println!(" Dispatcher Heartbeat: {}", i.dispatcher_heartbeat);
+        println!(" Node Down Grace: {}", i.node_down_grace);
+    }
     if let Some(e) = &i.encryption {
         println!(" Encryption:");
         println!("  Public Key: {}", e.public_key);

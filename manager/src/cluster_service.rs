@@ -19,7 +19,7 @@ use tracing::{info, warn};
 use crate::authz::{self, Need};
 use crate::dispatcher;
 use crate::join_limit::JoinLimiter;
-use crate::manager::{HEARTBEAT_PERIOD, Manager, ManagerError, now};
+use crate::manager::{Manager, ManagerError, now};
 use crate::state::{Command, CommandResult, Node};
 
 pub struct ClusterService {
@@ -245,11 +245,13 @@ impl cluster_server::Cluster for ClusterService {
                 .as_ref()
                 .map_or(0, |c| c.encryption_key_rotation_secs)
         });
+        let (period, grace) = self.mgr.liveness();
         Ok(Response::new(HeartbeatResponse {
             role: node.role.to_string(),
             managers: managers_of(&self.mgr),
             leader_id: self.mgr.node_id.clone(),
-            period_ms: HEARTBEAT_PERIOD.as_millis() as u32,
+            period_ms: u32::try_from(period.as_millis()).unwrap_or(u32::MAX),
+            node_down_grace_ms: u64::try_from(grace.as_millis()).unwrap_or(u64::MAX),
             cluster_id: self
                 .mgr
                 .read(|s| s.cluster.as_ref().map(|c| c.id.clone()))

@@ -115,6 +115,14 @@ fn rotation_text(secs: u64) -> String {
     humantime::format_duration(Duration::from_secs(secs)).to_string()
 }
 
+/// A period a heartbeat reply gave, as users type it; empty = not heard.
+fn ms_text(ms: u64) -> String {
+    if ms == 0 {
+        return String::new();
+    }
+    mesh_manager::control::cluster::text(Duration::from_millis(ms))
+}
+
 fn secs_to_rfc3339(t: std::time::SystemTime) -> String {
     time::OffsetDateTime::from(t)
         .format(&time::format_description::well_known::Rfc3339)
@@ -139,6 +147,8 @@ impl Control for ControlService {
                 mask_len: r.default_addr_pool_mask_length,
                 data_path_port: r.data_path_port,
                 encryption_key_rotation_secs: r.encryption_key_rotation_secs,
+                dispatcher_heartbeat_ms: r.dispatcher_heartbeat_ms,
+                node_down_grace_ms: r.node_down_grace_ms,
             })
             .await
             .map_err(err)?;
@@ -237,6 +247,8 @@ impl Control for ControlService {
             info.managers = st.managers.clone();
             info.cert_not_after = st.cert_not_after.map(secs_to_rfc3339).unwrap_or_default();
             info.encryption_key_rotation = rotation_text(st.encryption_key_rotation_secs);
+            info.dispatcher_heartbeat = ms_text(st.heartbeat_ms);
+            info.node_down_grace = ms_text(st.node_down_grace_ms);
         }
         if let Some(mgr) = self.d.manager() {
             info.control_available = true;
@@ -252,6 +264,9 @@ impl Control for ControlService {
                     .map_or(0, |c| c.encryption_key_rotation_secs)
             });
             info.encryption_key_rotation = rotation_text(secs);
+            let (period, grace) = mgr.liveness();
+            info.dispatcher_heartbeat = mesh_manager::control::cluster::text(period);
+            info.node_down_grace = mesh_manager::control::cluster::text(grace);
         }
         Ok(Response::new(info))
     }

@@ -38,6 +38,9 @@ pub struct InitParams {
     pub data_path_port: u32,
     /// Seconds between key rotations, checked (0 = never).
     pub encryption_key_rotation_secs: u64,
+    /// Heartbeat period and down grace in ms as asked (0 = default).
+    pub dispatcher_heartbeat_ms: u64,
+    pub node_down_grace_ms: u64,
 }
 
 pub struct JoinParams {
@@ -342,6 +345,10 @@ impl Daemon {
         )?;
         let rotation_secs =
             mesh_manager::control::cluster::key_rotation(p.encryption_key_rotation_secs)?;
+        let liveness = mesh_manager::control::cluster::liveness(
+            p.dispatcher_heartbeat_ms,
+            p.node_down_grace_ms,
+        )?;
         let cluster_id = id::new_id();
         let node_id = id::new_id();
         let ca = CertAuthority::generate(&cluster_id)?;
@@ -380,6 +387,8 @@ impl Daemon {
                 pool_mask_len: settings.mask_len,
                 data_path_port: settings.data_path_port,
                 encryption_key_rotation_secs: rotation_secs,
+                dispatcher_heartbeat_ms: liveness.heartbeat_ms,
+                node_down_grace_ms: liveness.down_grace_ms,
             };
             let node = mesh_manager::control::cluster::first_manager(Node {
                 id: node_id.clone(),

@@ -51,6 +51,14 @@ fn until(why: &str) -> &'static str {
     }
 }
 
+/// The service's restart condition as Docker names it ("any" when unset).
+fn restart_condition(svc: &Service) -> &str {
+    match svc.restart_condition.as_str() {
+        "" => "any",
+        c => c,
+    }
+}
+
 /// The states a task goes through to run, for the progress bars.
 const STAGES: [&str; 4] = ["pending", "assigned", "starting", "running"];
 
@@ -165,8 +173,27 @@ fn assess(st: &ServiceStatusReply) -> Progress {
             )),
         };
     }
-    // A slot that keeps failing since the change began.
     let since = timestamp(&svc.updated_at);
+    // A start refused since the change began (no such command, a bad
+    // network): it would be refused again, so say why at once; the
+    // managers go on restarting it per the policy.
+    if let Some(t) = st
+        .tasks
+        .iter()
+        .filter(|t| t.state == "rejected" && t.spec_version >= newest)
+        .filter(|t| timestamp(&t.updated_at).is_some_and(|at| since.is_none_or(|s| at >= s)))
+        .max_by_key(|t| timestamp(&t.updated_at))
+    {
+        return Progress {
+            lines,
+            outcome: Outcome::Failed(format!(
+                "service {name} failed to converge: {}; restarts go on in the background (restart condition {}) {see}",
+                task_ref(t),
+                restart_condition(svc)
+            )),
+        };
+    }
+    // A slot that keeps failing since the change began.
     let mut failures: BTreeMap<(u64, &str), Vec<&Task>> = BTreeMap::new();
     for t in st
         .tasks
@@ -467,6 +494,33 @@ mod tests {
             Outcome::Failed(
                 "service web failed to converge: task web.1 on node1: rejected: cannot start: no such file (see `mesh service ps web`)".into()
             )
+        );
+
+        // A refused start that will be restarted fails at once, with the
+        // reason and what goes on.
+        let mut refused = task(1, "rejected");
+        refused.desired_state = "shutdown".into();
+        refused.error = "cannot start: /nope: no such file".into();
+        let retry = task(1, "pending");
+        let p = assess(&reply(vec![retry.clone(), refused.clone()], 1, true));
+        assert_eq!(
+            p.outcome,
+            Outcome::Failed(
+                "service web failed to converge: task web.1 on node1: rejected: cannot start: /nope: no such file; restarts go on in the background (restart condition any) (see `mesh service ps web`)".into()
+            )
+        );
+        // ... but not one from before the change, nor one on an older spec.
+        let mut before = refused.clone();
+        before.updated_at = "2024-12-31T23:59:59Z".into();
+        assert_eq!(
+            assess(&reply(vec![retry.clone(), before], 1, true)).outcome,
+            Outcome::Waiting
+        );
+        let mut older = refused;
+        older.spec_version = 6;
+        assert_eq!(
+            assess(&reply(vec![retry, older], 1, true)).outcome,
+            Outcome::Waiting
         );
 
         let mut history = vec![task(1, "starting")];

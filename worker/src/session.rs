@@ -58,6 +58,10 @@ pub struct SessionStatus {
     /// The cluster's key rotation interval as the last reply gave it
     /// (0 = never).
     pub encryption_key_rotation_secs: u64,
+    /// The cluster's heartbeat period and down grace as the last reply
+    /// gave them (0 = not heard yet).
+    pub heartbeat_ms: u64,
+    pub node_down_grace_ms: u64,
 }
 
 pub struct Session {
@@ -78,7 +82,11 @@ pub struct Session {
     /// Index into `config.managers` of the manager to try next.
     next: usize,
     leader: Option<String>,
+    /// The cluster's heartbeat period, from the last reply.
     period: Duration,
+    /// The silence after which the leader calls this node Down, from the
+    /// last reply.
+    grace: Duration,
     status: Arc<Mutex<SessionStatus>>,
     events: mpsc::Sender<SessionEvent>,
     /// The last node view applied to the kernel, reported to the managers
@@ -205,7 +213,9 @@ impl Session {
             channels: HashMap::new(),
             next: 0,
             leader: None,
-            period: Duration::from_millis(500),
+            // Until the first reply says otherwise: the cluster default.
+            period: Duration::from_millis(200),
+            grace: Duration::from_millis(800),
             status: status.clone(),
             events,
             applied: applied.clone(),
@@ -304,7 +314,15 @@ impl Session {
             routes,
         });
         req.set_timeout(CALL_TIMEOUT);
+        let sent = std::time::Instant::now();
         let reply = ClusterClient::new(channel).heartbeat(req).await;
+        // The leader counts a beat it is still handling as heard, so a slow
+        // reply costs nothing; one near the grace is worth a line, since it
+        // is what a node marked down under load would show.
+        let took = sent.elapsed();
+        if took > self.grace / 2 {
+            warn!(?took, manager = %addr, "slow heartbeat reply");
+        }
         let reply = match reply {
             Ok(r) => r.into_inner(),
             Err(s) => {
@@ -351,6 +369,9 @@ impl Session {
         if reply.period_ms > 0 {
             self.period = Duration::from_millis(u64::from(reply.period_ms));
         }
+        if reply.node_down_grace_ms > 0 {
+            self.grace = Duration::from_millis(reply.node_down_grace_ms);
+        }
         let managers: Vec<String> = reply.managers.iter().map(|m| m.addr.clone()).collect();
         let keys: BTreeMap<String, String> = reply
             .managers
@@ -380,6 +401,8 @@ impl Session {
             st.managers = reply.managers.clone();
             st.last_error.clear();
             st.encryption_key_rotation_secs = reply.encryption_key_rotation_secs;
+            st.heartbeat_ms = u64::from(reply.period_ms);
+            st.node_down_grace_ms = reply.node_down_grace_ms;
         }
         self.rotate_key_if_due(&reply);
         if reply.role != self.config.role {

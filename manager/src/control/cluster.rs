@@ -4,7 +4,12 @@
 use mesh_common::ipam;
 use mesh_common::model::{Availability, NodeRole, NodeState};
 
-use crate::state::{DEFAULT_DATA_PATH_PORT, DEFAULT_MASK_LEN, DEFAULT_POOL, Node};
+use std::time::Duration;
+
+use crate::state::{
+    DEFAULT_DATA_PATH_PORT, DEFAULT_DOWN_BEATS, DEFAULT_HEARTBEAT, DEFAULT_MASK_LEN, DEFAULT_POOL,
+    Node,
+};
 use mesh_common::refusal::Refusal;
 
 /// Address pools, carve mask and VXLAN port a cluster starts with.
@@ -99,6 +104,67 @@ pub fn key_rotation(secs: u64) -> Result<u64, Refusal> {
     Ok(secs)
 }
 
+/// The shortest `--dispatcher-heartbeat`: below it the heartbeats cost the
+/// leader more than the faster detection is worth.
+pub const MIN_HEARTBEAT: Duration = Duration::from_millis(100);
+/// The longest `--dispatcher-heartbeat`: a minute. Longer is a typo.
+pub const MAX_HEARTBEAT: Duration = Duration::from_secs(60);
+/// `--node-down-grace` must cover this many periods: with fewer, one late
+/// heartbeat would be enough to call a live node down.
+pub const MIN_DOWN_BEATS: u32 = 3;
+/// The longest `--node-down-grace`: an hour. Longer is a typo.
+pub const MAX_DOWN_GRACE: Duration = Duration::from_secs(3600);
+
+/// The heartbeat period and the down grace a cluster keeps, in ms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Liveness {
+    pub heartbeat_ms: u64,
+    pub down_grace_ms: u64,
+}
+
+/// `--dispatcher-heartbeat` and `--node-down-grace` in ms as given (0 when
+/// left out), checked, with the defaults filled in: the grace defaults to
+/// [`DEFAULT_DOWN_BEATS`] periods.
+pub fn liveness(heartbeat_ms: u64, down_grace_ms: u64) -> Result<Liveness, Refusal> {
+    let period = match heartbeat_ms {
+        0 => DEFAULT_HEARTBEAT,
+        ms => Duration::from_millis(ms),
+    };
+    if period < MIN_HEARTBEAT || period > MAX_HEARTBEAT {
+        return Err(Refusal::invalid(format!(
+            "--dispatcher-heartbeat {} is out of range: use 100ms to 1m",
+            text(period)
+        )));
+    }
+    let grace = match down_grace_ms {
+        0 => period * DEFAULT_DOWN_BEATS,
+        ms => Duration::from_millis(ms),
+    };
+    if grace < period * MIN_DOWN_BEATS {
+        return Err(Refusal::invalid(format!(
+            "--node-down-grace {} is too short for a {} heartbeat: use at least {} ({MIN_DOWN_BEATS} periods), so a late heartbeat does not call a live node down",
+            text(grace),
+            text(period),
+            text(period * MIN_DOWN_BEATS)
+        )));
+    }
+    if grace > MAX_DOWN_GRACE {
+        return Err(Refusal::invalid(format!(
+            "--node-down-grace {} is too long: use at most 1h",
+            text(grace)
+        )));
+    }
+    Ok(Liveness {
+        heartbeat_ms: period.as_millis() as u64,
+        down_grace_ms: grace.as_millis() as u64,
+    })
+}
+
+/// A duration as a user types it ("200ms", "1s 500ms").
+pub fn text(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
 /// The node that initializes a cluster: its first manager, active, in
 /// state unknown until its first heartbeat. Identity fields (ID, Raft ID,
 /// addresses, certificate) are the caller's.
@@ -139,6 +205,37 @@ mod tests {
             network_settings(&["nope".into()], 0, 0)
                 .is_err_and(|e| e.contains("--default-addr-pool"))
         );
+    }
+
+    #[test]
+    fn liveness_defaults_and_bounds() {
+        assert_eq!(
+            liveness(0, 0),
+            Ok(Liveness {
+                heartbeat_ms: 200,
+                down_grace_ms: 800
+            })
+        );
+        assert_eq!(
+            liveness(5000, 0),
+            Ok(Liveness {
+                heartbeat_ms: 5000,
+                down_grace_ms: 20000
+            })
+        );
+        assert_eq!(
+            liveness(0, 600),
+            Ok(Liveness {
+                heartbeat_ms: 200,
+                down_grace_ms: 600
+            })
+        );
+        assert!(liveness(99, 0).is_err_and(|e| e.contains("100ms to 1m")));
+        assert!(liveness(60_001, 0).is_err_and(|e| e.contains("out of range")));
+        assert!(liveness(0, 599).is_err_and(|e| e.contains("at least 600ms")));
+        assert!(liveness(1000, 2000).is_err_and(|e| e.contains("too short for a 1s heartbeat")));
+        assert!(liveness(60_000, 0).is_ok());
+        assert!(liveness(0, 3_600_001).is_err_and(|e| e.contains("at most 1h")));
     }
 
     #[test]

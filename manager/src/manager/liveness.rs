@@ -17,10 +17,10 @@ impl Manager {
         peer: Option<IpAddr>,
     ) -> Result<(), ManagerError> {
         let (addr, digest) = (r.addr.as_str(), r.applied_hash);
-        self.last_seen
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(node.id.clone(), Instant::now());
+        // Seen now, and again when the reply leaves: the node sends its
+        // next heartbeat a period after our reply, so time this leader
+        // spends on the beat (Raft writes) is never counted as silence.
+        let _beat = BeatInFlight::enter(self, &node.id);
         self.applied
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -242,18 +242,123 @@ impl Manager {
     }
 }
 
+impl Manager {
+    /// The cluster's heartbeat period and down grace (defaults before
+    /// `init` has been applied).
+    pub fn liveness(&self) -> (Duration, Duration) {
+        self.read(|s| {
+            let c = s.cluster.clone().unwrap_or_default();
+            (c.heartbeat_period(), c.node_down_grace())
+        })
+    }
+}
+
+/// A heartbeat being handled: the node counts as seen when it arrives,
+/// while it is handled, and when its reply leaves.
+struct BeatInFlight<'a> {
+    mgr: &'a Manager,
+    node: String,
+}
+
+impl<'a> BeatInFlight<'a> {
+    fn enter(mgr: &'a Manager, node: &str) -> Self {
+        mgr.last_seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(node.to_string(), Instant::now());
+        *mgr.beats_in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(node.to_string())
+            .or_default() += 1;
+        BeatInFlight {
+            mgr,
+            node: node.to_string(),
+        }
+    }
+}
+
+impl Drop for BeatInFlight<'_> {
+    fn drop(&mut self) {
+        self.mgr
+            .last_seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(self.node.clone(), Instant::now());
+        let mut inflight = self
+            .mgr
+            .beats_in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = inflight.get_mut(&self.node) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                inflight.remove(&self.node);
+            }
+        }
+    }
+}
+
+/// How often the monitor looks: a small part of the grace, so detection
+/// costs at most that much beyond it.
+fn monitor_tick(grace: Duration) -> Duration {
+    (grace / 16).clamp(Duration::from_millis(20), Duration::from_millis(200))
+}
+
+/// The instant from which `grace` of silence ends `wanted` from `now`.
+fn ends_after(now: Instant, grace: Duration, wanted: Duration) -> Instant {
+    if wanted >= grace {
+        now.checked_add(wanted - grace).unwrap_or(now)
+    } else {
+        now.checked_sub(grace - wanted).unwrap_or(now)
+    }
+}
+
+/// Pure decision of the monitor: the Ready nodes silent for longer than
+/// `grace`. A node with a heartbeat being handled is not silent.
+fn silent_nodes<'a>(
+    ready: impl Iterator<Item = &'a str>,
+    seen: &HashMap<String, Instant>,
+    in_flight: &HashMap<String, usize>,
+    now: Instant,
+    grace: Duration,
+) -> Vec<String> {
+    ready
+        .filter(|id| !in_flight.contains_key(*id))
+        .filter(|id| {
+            seen.get(*id)
+                .is_none_or(|t| now.saturating_duration_since(*t) > grace)
+        })
+        .map(str::to_string)
+        .collect()
+}
+
 /// While this manager leads, marks nodes whose heartbeats stopped as down.
+///
+/// Only the node's own silence counts: a heartbeat this leader is still
+/// handling keeps its node alive (`BeatInFlight`), and when this manager
+/// itself stalls (its monitor wakes late: CPU starved, a long fsync on the
+/// runtime) every node is forgiven the stall, since heartbeats queued
+/// meanwhile were not yet read.
 pub(super) async fn monitor(mgr: std::sync::Weak<Manager>, mut stop: watch::Receiver<bool>) {
     let mut was_leader = false;
     // The leader seen before this manager took over: most likely dead.
     let mut previous_leader: Option<u64> = None;
-    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let mut last_tick = Instant::now();
+    let mut tick = Duration::from_millis(200);
     loop {
         tokio::select! {
-            _ = tick.tick() => {}
+            _ = tokio::time::sleep(tick) => {}
             _ = stop.changed() => return,
         }
         let Some(mgr) = mgr.upgrade() else { return };
+        let (period, grace) = mgr.liveness();
+        let woke = Instant::now();
+        let late = woke
+            .saturating_duration_since(last_tick)
+            .saturating_sub(tick);
+        last_tick = woke;
+        tick = monitor_tick(grace);
         let leader = mgr.is_leader();
         if !leader {
             previous_leader = mgr
@@ -266,10 +371,8 @@ pub(super) async fn monitor(mgr: std::sync::Weak<Manager>, mut stop: watch::Rece
         if leader && !was_leader {
             // A new leader gives every node a grace period: nodes re-home
             // within a few hundred ms of an election (see the worker's
-            // session), so a shorter grace than NODE_DOWN_AFTER suffices.
-            let now = Instant::now()
-                .checked_sub(NODE_DOWN_AFTER - NEW_LEADER_GRACE)
-                .unwrap_or_else(Instant::now);
+            // session), more if their old leader vanished silently.
+            let now = Instant::now();
             let ids: Vec<String> = mgr.read(|s| s.nodes.keys().cloned().collect());
             let prev = previous_leader.filter(|p| *p != mgr.raft_id).and_then(|p| {
                 mgr.read(|s| {
@@ -281,16 +384,23 @@ pub(super) async fn monitor(mgr: std::sync::Weak<Manager>, mut stop: watch::Rece
             });
             let mut seen = mgr.last_seen.lock().unwrap_or_else(|e| e.into_inner());
             seen.clear();
+            let everyone = ends_after(now, grace, grace.max(NEW_LEADER_GRACE));
             for id in ids {
-                seen.insert(id, now);
+                seen.insert(id, everyone);
             }
-            // If the old leader is alive it heartbeats within one period; if
-            // not, calling it down early is what the user wants to see.
+            // If the old leader is alive it heartbeats within a period or
+            // two; if not, calling it down early is what the user wants.
             if let Some(prev) = prev {
-                let t = Instant::now()
-                    .checked_sub(NODE_DOWN_AFTER - PREVIOUS_LEADER_GRACE)
-                    .unwrap_or_else(Instant::now);
-                seen.insert(prev, t);
+                let wanted = PREVIOUS_LEADER_GRACE.max(period * 2).min(grace);
+                seen.insert(prev, ends_after(now, grace, wanted));
+            }
+        } else if leader && late > period / 2 {
+            // This manager did not run for `late`: heartbeats that arrived
+            // meanwhile are still queued, so the stall is not the nodes'.
+            debug!(?late, "leader stalled: forgiving the nodes that long");
+            let mut seen = mgr.last_seen.lock().unwrap_or_else(|e| e.into_inner());
+            for t in seen.values_mut() {
+                *t = t.checked_add(late).unwrap_or(*t).min(woke);
             }
         }
         was_leader = leader;
@@ -299,20 +409,26 @@ pub(super) async fn monitor(mgr: std::sync::Weak<Manager>, mut stop: watch::Rece
         }
         let silent: Vec<String> = {
             let seen = mgr.last_seen.lock().unwrap_or_else(|e| e.into_inner());
+            let in_flight = mgr
+                .beats_in_flight
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let now = Instant::now();
             mgr.read(|s| {
-                s.nodes
-                    .values()
-                    .filter(|n| n.state == NodeState::Ready)
-                    .filter(|n| {
-                        seen.get(&n.id)
-                            .is_none_or(|t| t.elapsed() > NODE_DOWN_AFTER)
-                    })
-                    .map(|n| n.id.clone())
-                    .collect()
+                silent_nodes(
+                    s.nodes
+                        .values()
+                        .filter(|n| n.state == NodeState::Ready)
+                        .map(|n| n.id.as_str()),
+                    &seen,
+                    &in_flight,
+                    now,
+                    grace,
+                )
             })
         };
         for id in silent {
-            info!(node = %id, "no heartbeat for {NODE_DOWN_AFTER:?}: marking node down");
+            info!(node = %id, ?grace, "no heartbeat within the grace: marking node down");
             let cmd = Command::SetNodeState {
                 id,
                 state: NodeState::Down,
@@ -389,6 +505,42 @@ fn bounded_peers(peers: &[mesh_proto::EncryptionPeer]) -> Vec<mesh_proto::Encryp
 #[cfg(test)]
 mod bounded_tests {
     use super::*;
+
+    #[test]
+    fn only_nodes_silent_beyond_the_grace_and_not_being_heard_are_down() {
+        let now = Instant::now();
+        let grace = Duration::from_millis(800);
+        let ago = |ms| now.checked_sub(Duration::from_millis(ms)).expect("uptime");
+        let seen: HashMap<String, Instant> = [
+            ("fresh".to_string(), ago(100)),
+            ("edge".to_string(), ago(800)),
+            ("silent".to_string(), ago(900)),
+            ("slow-reply".to_string(), ago(5000)),
+        ]
+        .into();
+        let in_flight: HashMap<String, usize> = [("slow-reply".to_string(), 1)].into();
+        let ready = ["fresh", "edge", "silent", "slow-reply", "never"];
+        let down = silent_nodes(ready.into_iter(), &seen, &in_flight, now, grace);
+        assert_eq!(down, ["silent", "never"]);
+    }
+
+    #[test]
+    fn a_new_leaders_grace_can_end_after_or_before_the_configured_one() {
+        let now = Instant::now();
+        let grace = Duration::from_millis(800);
+        let later = ends_after(now, grace, Duration::from_millis(1500));
+        assert_eq!(later + grace, now + Duration::from_millis(1500));
+        let sooner = ends_after(now, Duration::from_secs(20), Duration::from_millis(800));
+        assert_eq!(
+            sooner + Duration::from_secs(20),
+            now + Duration::from_millis(800)
+        );
+        assert_eq!(monitor_tick(grace), Duration::from_millis(50));
+        assert_eq!(
+            monitor_tick(Duration::from_secs(60)),
+            Duration::from_millis(200)
+        );
+    }
 
     #[test]
     fn reported_errors_are_bounded_in_number_and_length() {

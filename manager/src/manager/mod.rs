@@ -30,12 +30,14 @@ use mesh_common::model::NodeState;
 mod liveness;
 mod membership;
 
-/// How often nodes heartbeat, and how long a silent node stays Ready. Swarm
-/// waits ~15 s; a 500 ms period with a 2 s grace shows a dead node as Down
-/// within 3 s while tolerating a few lost heartbeats.
-pub const HEARTBEAT_PERIOD: Duration = Duration::from_millis(500);
-pub const NODE_DOWN_AFTER: Duration = Duration::from_secs(2);
+/// How often nodes heartbeat and how long a silent node stays Ready are
+/// cluster settings (`ClusterInfo::heartbeat_period`, `node_down_grace`).
+/// After an election every node gets at least this long to find the new
+/// leader (a node whose old leader vanished waits out its call timeout
+/// first), whatever the grace.
 const NEW_LEADER_GRACE: Duration = Duration::from_millis(1500);
+/// The previous leader, if alive, heartbeats within a period or two of
+/// learning it lost: it gets at most this long (and at most the grace).
 const PREVIOUS_LEADER_GRACE: Duration = Duration::from_millis(800);
 /// How long a write may wait for a quorum before the user is told why not.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -95,6 +97,9 @@ pub struct Manager {
     /// new leader starts everyone afresh so it never marks nodes down for
     /// heartbeats that went to its predecessor.
     last_seen: Mutex<HashMap<String, Instant>>,
+    /// Heartbeats being handled per node: a node whose heartbeat waits on
+    /// this leader (a slow Raft write) is not silent.
+    beats_in_flight: Mutex<HashMap<String, usize>>,
     /// Digest of the node view each node says it has applied to the
     /// kernel: how the managers know, rather than guess, that a change has
     /// reached every node.
@@ -222,6 +227,7 @@ impl Manager {
             sm,
             peers,
             last_seen: Mutex::default(),
+            beats_in_flight: Mutex::default(),
             applied: Mutex::default(),
             acked: tokio::sync::Notify::new(),
             logs: Default::default(),
@@ -322,16 +328,14 @@ impl Manager {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
+        let grace = self.liveness().1;
         let up = self.read(|s| {
             voters
                 .iter()
                 .filter(|v| {
                     **v == self.raft_id
                         || s.nodes.values().any(|n| {
-                            n.raft_id == **v
-                                && seen
-                                    .get(&n.id)
-                                    .is_some_and(|t| t.elapsed() < NODE_DOWN_AFTER)
+                            n.raft_id == **v && seen.get(&n.id).is_some_and(|t| t.elapsed() < grace)
                         })
                 })
                 .count()

@@ -29,7 +29,10 @@ pub use networks::{
     ingress_sbox_id, is_ingress_sbox, no_such_network,
 };
 pub use nodes::{MAX_NODE_ROUTES, NO_OVERLAP_CHECK, check_route, check_routes};
-pub use types::{ClusterInfo, Endpoint, Network, NetworkSpec, Node, NodeRoute, short_id};
+pub use types::{
+    ClusterInfo, DEFAULT_DOWN_BEATS, DEFAULT_HEARTBEAT, Endpoint, Network, NetworkSpec, Node,
+    NodeRoute, short_id,
+};
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub enum CommandResult {

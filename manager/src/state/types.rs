@@ -36,6 +36,42 @@ pub struct ClusterInfo {
     /// cluster without it is written as before.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub encryption_key_rotation_secs: u64,
+    /// How often nodes heartbeat (`--dispatcher-heartbeat`), in ms; 0 (a
+    /// state written before the setting) = [`DEFAULT_HEARTBEAT`].
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub dispatcher_heartbeat_ms: u64,
+    /// Silence after which the leader marks a node Down and moves its
+    /// tasks (`--node-down-grace`), in ms; 0 = [`DEFAULT_DOWN_BEATS`]
+    /// periods.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub node_down_grace_ms: u64,
+}
+
+/// Nodes heartbeat this often unless `init` said otherwise: short, so a
+/// dead node is noticed within a second, yet a few hundred heartbeats a
+/// second at most even for a large cluster.
+pub const DEFAULT_HEARTBEAT: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// A node is Down after this many periods of silence unless `init` said
+/// otherwise: three lost heartbeats are tolerated, the fourth is not.
+pub const DEFAULT_DOWN_BEATS: u32 = 4;
+
+impl ClusterInfo {
+    /// The heartbeat period every manager hands to nodes.
+    pub fn heartbeat_period(&self) -> std::time::Duration {
+        match self.dispatcher_heartbeat_ms {
+            0 => DEFAULT_HEARTBEAT,
+            ms => std::time::Duration::from_millis(ms),
+        }
+    }
+
+    /// How long the leader waits for a silent node before calling it Down.
+    pub fn node_down_grace(&self) -> std::time::Duration {
+        match self.node_down_grace_ms {
+            0 => self.heartbeat_period() * DEFAULT_DOWN_BEATS,
+            ms => std::time::Duration::from_millis(ms),
+        }
+    }
 }
 
 fn is_zero(n: &u64) -> bool {
