@@ -140,7 +140,7 @@ fn tasks_for(s: &ClusterState, node_id: &str) -> Vec<TaskAssignment> {
                 ports: svc
                     .map(|v| v.endpoint_ports.iter().map(port_to_pb).collect())
                     .unwrap_or_default(),
-                health: None,
+                health: svc.and_then(|v| v.spec.health.as_ref()).map(|h| h.to_pb()),
             }
         })
         .collect()

@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 
 use mesh_common::model::{NodeState, TaskState};
 
-use super::{Service, TASK_HISTORY, Task, UpdateState};
+use super::{Service, TASK_HISTORY, Task, TaskHealth, UpdateState};
 use crate::state::ClusterState;
 
 impl ClusterState {
@@ -113,7 +113,8 @@ impl ClusterState {
     }
 
     /// Addresses of a service's running tasks on a network: what its VIP
-    /// balances over and what `tasks.NAME` answers.
+    /// balances over and what `tasks.NAME` answers. A task with a health
+    /// check serves only while healthy.
     pub fn backends(&self, service_id: &str, network_id: &str) -> Vec<Ipv4Addr> {
         let running: BTreeSet<&str> = self
             .tasks
@@ -122,6 +123,7 @@ impl ClusterState {
                 t.service_id == service_id
                     && t.desired_state == TaskState::Running
                     && t.state == TaskState::Running
+                    && matches!(t.health, TaskHealth::None | TaskHealth::Healthy)
                     && self
                         .nodes
                         .get(&t.node_id)
