@@ -525,6 +525,8 @@ pub struct ServiceCreateArgs {
     /// from 30000-32767.
     #[arg(short = 'p', long = "publish", value_name = "PORT", value_parser = parse_service_port)]
     pub publish: Vec<ServicePort>,
+    #[command(flatten)]
+    pub health: crate::service_cmd::HealthArgs,
     /// Command and arguments: after `--`, or from the first word that is
     /// not a flag; an unknown flag before it is an error.
     #[arg(trailing_var_arg = true, required = true)]
@@ -555,6 +557,8 @@ pub struct ServiceUpdateArgs {
     /// Remove a published port: PUBLISHED[/PROTOCOL] (repeatable).
     #[arg(long = "publish-rm", value_name = "PORT")]
     pub publish_rm: Vec<String>,
+    #[command(flatten)]
+    pub health: crate::service_cmd::HealthArgs,
     /// Replace every task even if nothing changed.
     #[arg(long)]
     pub force: bool,

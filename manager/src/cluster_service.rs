@@ -422,7 +422,10 @@ impl cluster_server::Cluster for ClusterService {
                 let state = r.state.parse().map_err(|e: UnknownWord| {
                     Status::invalid_argument(format!("task {}: {e}", r.task_id))
                 })?;
+                let health = crate::services::TaskHealth::from_wire(&r.health)
+                    .map_err(|e| Status::invalid_argument(format!("task {}: {e}", r.task_id)))?;
                 Ok(crate::services::TaskReport {
+                    health,
                     task_id: r.task_id,
                     state,
                     message: r.message,

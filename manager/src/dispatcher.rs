@@ -226,7 +226,7 @@ impl<'a> Views<'a> {
                     ports: svc
                         .map(|v| v.endpoint_ports.iter().map(port_to_pb).collect())
                         .unwrap_or_default(),
-                    health: None,
+                    health: svc.and_then(|v| v.spec.health.as_ref()).map(|h| h.to_pb()),
                 }
             })
             .collect()
@@ -1050,7 +1050,7 @@ mod scans {
                     ports: svc
                         .map(|v| v.endpoint_ports.iter().map(port_to_pb).collect())
                         .unwrap_or_default(),
-                    health: None,
+                    health: svc.and_then(|v| v.spec.health.as_ref()).map(|h| h.to_pb()),
                 }
             })
             .collect()

@@ -19,7 +19,7 @@ use mesh_proto::*;
 use serde_json::json;
 use tonic::transport::Channel;
 
-pub use flags::{parse_delay, parse_replicas, parse_scale};
+pub use flags::{HealthArgs, parse_delay, parse_replicas, parse_scale};
 
 use crate::cli::{ServiceCmd, ServiceCreateArgs, ServiceUpdateArgs};
 use crate::client::{connect, status};
@@ -58,7 +58,7 @@ async fn create(c: &mut ControlClient<Channel>, a: ServiceCreateArgs) -> Result<
         cmd: a.cmd,
         labels: labels(a.label)?,
         ports: a.publish.iter().map(port_config).collect(),
-        health: None,
+        health: a.health.for_create()?,
     };
     let svc = c.service_create(req).await.map_err(status)?.into_inner();
     println!("{}", svc.id);
@@ -81,7 +81,7 @@ async fn update(c: &mut ControlClient<Channel>, a: ServiceUpdateArgs) -> Result<
         force: a.force,
         publish_add: a.publish_add.iter().map(port_config).collect(),
         publish_rm: a.publish_rm,
-        health: None,
+        health: a.health.for_update()?,
     };
     let svc = c.service_update(req).await.map_err(status)?.into_inner();
     println!("{}", a.service);
@@ -190,7 +190,7 @@ pub async fn run(host: &str, cmd: ServiceCmd) -> Result<ExitCode> {
             let out: Vec<_> = statuses(&mut c, services)
                 .await?
                 .iter()
-                .filter_map(|st| st.service.as_ref().map(inspect_json))
+                .filter_map(|st| st.service.as_ref().map(|s| inspect_json(s, &st.tasks)))
                 .collect();
             println!("{}", serde_json::to_string_pretty(&out)?);
         }

@@ -44,15 +44,54 @@ pub(super) fn timestamp(s: &str) -> Option<OffsetDateTime> {
     OffsetDateTime::parse(s, &Rfc3339).ok()
 }
 
-/// "Running 3 seconds ago".
+/// "Running 3 seconds ago", with the health of a task that has a check as
+/// `docker ps` adds it: "Running 3 seconds ago (healthy)". A starting task
+/// is starting for its check, which says nothing more.
 pub(super) fn current_state(t: &Task, now: OffsetDateTime) -> String {
-    match timestamp(&t.updated_at) {
+    let state = match timestamp(&t.updated_at) {
         Some(at) => {
             let age = Duration::try_from(now - at).unwrap_or_default();
             format!("{} {} ago", title(&t.state), human_duration(age))
         }
         None => title(&t.state),
+    };
+    if t.health.is_empty() || t.health == t.state {
+        state
+    } else {
+        format!("{state} ({})", t.health)
     }
+}
+
+/// Docker's `ContainerSpec.Healthcheck` (durations in nanoseconds).
+fn healthcheck_json(h: &HealthCheck) -> serde_json::Value {
+    if h.disabled {
+        return json!({"Test": ["NONE"]});
+    }
+    let ns = |ms: u64| ms.saturating_mul(1_000_000);
+    json!({
+        "Test": ["CMD-SHELL", h.cmd],
+        "Interval": ns(h.interval_ms),
+        "Timeout": ns(h.timeout_ms),
+        "Retries": h.retries,
+        "StartPeriod": ns(h.start_period_ms),
+        "StartInterval": ns(h.start_interval_ms),
+    })
+}
+
+/// How many of the tasks meant to run are starting, healthy or unhealthy:
+/// what `service inspect` adds for a service with a check.
+fn health_json(tasks: &[Task]) -> serde_json::Value {
+    let count = |h: &str| {
+        tasks
+            .iter()
+            .filter(|t| t.desired_state == "running" && t.health == h)
+            .count()
+    };
+    json!({
+        "Starting": count("starting"),
+        "Healthy": count("healthy"),
+        "Unhealthy": count("unhealthy"),
+    })
 }
 
 /// What went wrong with a task, in one phrase (may be empty).
@@ -108,8 +147,9 @@ pub(super) fn ports_column(ports: &[PortConfig]) -> String {
         .join(", ")
 }
 
-/// Docker's `service inspect` shape.
-pub(super) fn inspect_json(s: &Service) -> serde_json::Value {
+/// Docker's `service inspect` shape, plus "HealthStatus" (how its tasks
+/// stand) for a service with a health check.
+pub(super) fn inspect_json(s: &Service, tasks: &[Task]) -> serde_json::Value {
     let mode = if s.mode == "global" {
         json!({"Global": {}})
     } else {
@@ -145,6 +185,12 @@ pub(super) fn inspect_json(s: &Service) -> serde_json::Value {
             "VirtualIPs": s.vips.iter().map(|v| json!({"NetworkID": v.network_id, "Addr": v.addr})).collect::<Vec<_>>(),
         },
     });
+    if let Some(h) = &s.health {
+        v["Spec"]["TaskTemplate"]["ContainerSpec"]["Healthcheck"] = healthcheck_json(h);
+        if !h.disabled {
+            v["HealthStatus"] = health_json(tasks);
+        }
+    }
     if !s.update_state.is_empty() {
         v["UpdateStatus"] = json!({"State": s.update_state, "Message": s.update_message});
     }
@@ -208,6 +254,7 @@ pub(super) async fn ps(
                 "CurrentState": current_state(t, now),
                 "Error": t.error,
                 "Message": t.message,
+                "Health": t.health,
                 "Ports": "",
             });
             println!("{v}");
@@ -276,7 +323,7 @@ mod tests {
             ],
             ..Default::default()
         };
-        let v = inspect_json(&svc);
+        let v = inspect_json(&svc, &[]);
         let spec = &v["Spec"]["EndpointSpec"];
         assert_eq!(spec["Mode"], "vip");
         assert_eq!(
@@ -293,5 +340,66 @@ mod tests {
             "*:8080->80/tcp, *:30000->53/udp"
         );
         assert_eq!(ports_column(&[]), "");
+    }
+
+    #[test]
+    fn health_as_ps_and_inspect_show_it() {
+        let t = |state: &str, health: &str| Task {
+            state: state.into(),
+            desired_state: "running".into(),
+            health: health.into(),
+            ..Default::default()
+        };
+        let now = OffsetDateTime::now_utc();
+        assert_eq!(
+            current_state(&t("running", "healthy"), now),
+            "Running (healthy)"
+        );
+        assert_eq!(current_state(&t("starting", "starting"), now), "Starting");
+        assert_eq!(
+            current_state(&t("failed", "unhealthy"), now),
+            "Failed (unhealthy)"
+        );
+        assert_eq!(current_state(&t("running", ""), now), "Running");
+
+        let svc = Service {
+            health: Some(HealthCheck {
+                cmd: "curl -f localhost".into(),
+                interval_ms: 2000,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let tasks = [
+            t("running", "healthy"),
+            t("starting", "starting"),
+            t("running", "healthy"),
+        ];
+        let v = inspect_json(&svc, &tasks);
+        let h = &v["Spec"]["TaskTemplate"]["ContainerSpec"]["Healthcheck"];
+        assert_eq!(h["Test"], json!(["CMD-SHELL", "curl -f localhost"]));
+        assert_eq!(h["Interval"], 2_000_000_000u64);
+        assert_eq!(
+            v["HealthStatus"],
+            json!({"Starting": 1, "Healthy": 2, "Unhealthy": 0})
+        );
+        let off = Service {
+            health: Some(HealthCheck {
+                disabled: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let v = inspect_json(&off, &tasks);
+        assert_eq!(
+            v["Spec"]["TaskTemplate"]["ContainerSpec"]["Healthcheck"]["Test"],
+            json!(["NONE"])
+        );
+        assert!(v.get("HealthStatus").is_none());
+        assert!(
+            inspect_json(&Service::default(), &[])
+                .get("HealthStatus")
+                .is_none()
+        );
     }
 }

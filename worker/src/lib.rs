@@ -43,6 +43,7 @@ pub mod drivers;
 pub mod egress;
 pub mod encryption;
 pub mod firewall;
+pub mod health;
 pub mod ingress;
 pub mod link;
 pub mod local;

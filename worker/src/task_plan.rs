@@ -2,12 +2,23 @@
 //! node's view, the task sandboxes on this node and what the runner is
 //! already doing with each, which tasks to start, stop and remove, and which
 //! states to report. `tasks.rs` carries the decisions out.
+//!
+//! A task with a health check is "starting" (health starting) until its
+//! check passes, then "running" (healthy); the managers put only running
+//! tasks in VIPs, DNS and ingress, so it serves only once healthy. An
+//! unhealthy task is reported failed ("unhealthy container") and stopped;
+//! its restart policy replaces it.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use mesh_common::model::TaskState;
 use mesh_proto::{TaskAssignment, TaskReport};
+
+use crate::health::Health;
+
+/// The error of a task its health check failed, close to Docker's.
+pub const UNHEALTHY: &str = "unhealthy container";
 
 /// A report the managers have not reflected yet is sent again after this.
 pub const REPORT_AGAIN: Duration = Duration::from_secs(2);
@@ -47,6 +58,8 @@ pub struct Report {
     pub message: &'static str,
     pub error: String,
     pub exit_code: i32,
+    /// "" without a check, else the health's word.
+    pub health: &'static str,
 }
 
 impl Report {
@@ -57,6 +70,14 @@ impl Report {
             message,
             error: String::new(),
             exit_code: 0,
+            health: "",
+        }
+    }
+
+    fn with_health(self, h: Option<Health>) -> Self {
+        Report {
+            health: h.map_or("", Health::as_str),
+            ..self
         }
     }
 
@@ -75,18 +96,27 @@ impl Report {
             message: self.message.to_string(),
             error: self.error.clone(),
             exit_code: self.exit_code,
-            health: String::new(),
+            health: self.health.to_string(),
         }
     }
 }
 
+/// Whether an assignment carries a check that runs.
+pub fn has_check(t: &TaskAssignment) -> bool {
+    t.health
+        .as_ref()
+        .is_some_and(|h| !h.disabled && !h.cmd.is_empty())
+}
+
 /// The table. `tasks` are the view's tasks (IDs already checked),
 /// `exits` this node's task sandboxes by ID with their exit code (None:
-/// still running), `phases` what the runner is doing with each task.
+/// still running), `phases` what the runner is doing with each task,
+/// `health` what the checks of running tasks found so far.
 pub fn plan(
     tasks: &[&TaskAssignment],
     exits: &HashMap<String, Option<i32>>,
     phases: &HashMap<String, Phase>,
+    health: &HashMap<String, Health>,
 ) -> Plan {
     let mut p = Plan::default();
     let mut seen: HashSet<&str> = HashSet::new();
@@ -100,21 +130,40 @@ pub fn plan(
         let phase = phases.get(id);
         let exit = exits.get(id);
         if t.desired_state.parse() == Ok(TaskState::Running) {
+            // Without a check there is no health; with one, starting until
+            // the check says otherwise.
+            let h = has_check(t).then(|| health.get(id).copied().unwrap_or(Health::Starting));
             match (phase, exit) {
                 (Some(Phase::Starting | Phase::Stopping), _) => {}
                 (Some(Phase::Rejected(err)), _) => reports.push(Report::rejected(id, err)),
-                (_, Some(None)) => reports.push(Report::new(id, TaskState::Running, "started")),
+                // Failed for good; stopped while still running.
+                _ if h == Some(Health::Unhealthy) => {
+                    if exit == Some(&None) {
+                        p.stop.push(id.to_string());
+                    }
+                    reports.push(Report {
+                        error: UNHEALTHY.to_string(),
+                        exit_code: -1,
+                        ..Report::new(id, TaskState::Failed, "health check failed").with_health(h)
+                    });
+                }
+                (_, Some(None)) if h == Some(Health::Starting) => {
+                    reports.push(Report::new(id, TaskState::Starting, "starting").with_health(h));
+                }
+                (_, Some(None)) => {
+                    reports.push(Report::new(id, TaskState::Running, "started").with_health(h));
+                }
                 (_, Some(Some(0))) => {
-                    reports.push(Report::new(id, TaskState::Complete, "finished"));
+                    reports.push(Report::new(id, TaskState::Complete, "finished").with_health(h));
                 }
                 (_, Some(Some(code))) => reports.push(Report {
                     error: format!("task: non-zero exit ({code})"),
                     exit_code: *code,
-                    ..Report::new(id, TaskState::Failed, "task exited")
+                    ..Report::new(id, TaskState::Failed, "task exited").with_health(h)
                 }),
                 (_, None) => {
                     p.start.push(id.to_string());
-                    reports.push(Report::new(id, TaskState::Starting, "starting"));
+                    reports.push(Report::new(id, TaskState::Starting, "starting").with_health(h));
                 }
             }
         } else {
@@ -191,7 +240,114 @@ mod tests {
             .iter()
             .map(|(i, p)| (i.to_string(), p.clone()))
             .collect();
-        plan(&refs, &exits, &phases)
+        plan(&refs, &exits, &phases, &HashMap::new())
+    }
+
+    fn checked(id: &str, known: &str) -> TaskAssignment {
+        TaskAssignment {
+            health: Some(mesh_proto::HealthCheck {
+                cmd: "true".into(),
+                ..Default::default()
+            }),
+            ..task(id, "running", known)
+        }
+    }
+
+    fn run_health(
+        tasks: &[TaskAssignment],
+        exits: &[(&str, Option<i32>)],
+        phases: &[(&str, Phase)],
+        health: &[(&str, Health)],
+    ) -> Plan {
+        let refs: Vec<&TaskAssignment> = tasks.iter().collect();
+        let exits = exits.iter().map(|(i, e)| (i.to_string(), *e)).collect();
+        let phases = phases
+            .iter()
+            .map(|(i, p)| (i.to_string(), p.clone()))
+            .collect();
+        let health = health.iter().map(|(i, h)| (i.to_string(), *h)).collect();
+        plan(&refs, &exits, &phases, &health)
+    }
+
+    #[test]
+    fn a_checked_task_is_starting_until_healthy() {
+        // Started: reported starting with health starting.
+        let p = run_health(&[checked("a", "assigned")], &[], &[], &[]);
+        assert_eq!(p.start, ["a"]);
+        assert_eq!(
+            (p.reports[0].state, p.reports[0].health),
+            (TaskState::Starting, "starting")
+        );
+        // Its process runs but no probe passed: nothing new to say.
+        let p = run_health(&[checked("a", "starting")], &[("a", None)], &[], &[]);
+        assert_eq!(p, Plan::default());
+        let p = run_health(
+            &[checked("a", "starting")],
+            &[("a", None)],
+            &[],
+            &[("a", Health::Starting)],
+        );
+        assert_eq!(p, Plan::default());
+        // Healthy: running.
+        let p = run_health(
+            &[checked("a", "starting")],
+            &[("a", None)],
+            &[],
+            &[("a", Health::Healthy)],
+        );
+        assert_eq!(
+            (p.reports[0].state, p.reports[0].health),
+            (TaskState::Running, "healthy")
+        );
+        assert_eq!(p.reports[0].to_proto().health, "healthy");
+    }
+
+    #[test]
+    fn an_unhealthy_task_is_failed_and_stopped() {
+        let p = run_health(
+            &[checked("a", "running")],
+            &[("a", None)],
+            &[],
+            &[("a", Health::Unhealthy)],
+        );
+        assert_eq!(p.stop, ["a"]);
+        let r = &p.reports[0];
+        assert_eq!(
+            (r.state, r.health, r.error.as_str()),
+            (TaskState::Failed, "unhealthy", UNHEALTHY)
+        );
+        // Once stopped it is not started again while the view still wants
+        // it running (no restart policy): only the failure is told.
+        let p = run_health(
+            &[checked("a", "running")],
+            &[],
+            &[("a", Phase::Stopped)],
+            &[("a", Health::Unhealthy)],
+        );
+        assert!(p.start.is_empty() && p.stop.is_empty());
+        assert_eq!(states(&p), [("a", TaskState::Failed)]);
+        // The managers know: silence.
+        let p = run_health(
+            &[checked("a", "failed")],
+            &[],
+            &[("a", Phase::Stopped)],
+            &[("a", Health::Unhealthy)],
+        );
+        assert_eq!(p, Plan::default());
+    }
+
+    #[test]
+    fn a_task_without_a_check_reports_no_health() {
+        let p = run_health(
+            &[task("a", "running", "starting")],
+            &[("a", None)],
+            &[],
+            &[("a", Health::Starting)],
+        );
+        assert_eq!(
+            (p.reports[0].state, p.reports[0].health),
+            (TaskState::Running, "")
+        );
     }
 
     fn states(p: &Plan) -> Vec<(&str, TaskState)> {

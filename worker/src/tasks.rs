@@ -8,6 +8,10 @@
 //! stopped first leaves every VIP and DNS answer — the managers already took
 //! it out when they set it to shutdown; we wait until every other node has
 //! applied that — and only then gets SIGTERM.
+//!
+//! A task with a health check gets a monitor (`health.rs`) once its process
+//! runs; its health decides whether the task is reported starting, running
+//! or failed (`task_plan`).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -16,9 +20,11 @@ use std::time::{Duration, Instant};
 use mesh_common::model::TaskState;
 use mesh_proto::cluster_client::ClusterClient;
 use mesh_proto::{NodeView, TaskAssignment, TaskReport, TaskReports, WaitConvergedRequest};
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, Semaphore, watch};
+use tokio::task::AbortHandle;
 use tracing::{debug, info, warn};
 
+use crate::health::{self, Check, Health};
 use crate::managers::Managers;
 use crate::sandboxes::{DataPath, Sandboxes, check_id};
 use crate::task_plan::{self, Phase, Report};
@@ -35,6 +41,20 @@ struct Local {
     sent: HashMap<String, (TaskState, Instant)>,
     /// Task IDs of the view that are not mesh IDs, already warned about.
     refused: HashSet<String>,
+    /// Health monitors of running tasks with a check, by task ID.
+    monitors: HashMap<String, Monitor>,
+}
+
+/// A running (or finished) health monitor and what it found.
+struct Monitor {
+    task: AbortHandle,
+    status: watch::Receiver<health::Status>,
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 pub struct TaskRunner {
@@ -44,6 +64,8 @@ pub struct TaskRunner {
     node_id: String,
     local: Mutex<Local>,
     wake: Notify,
+    /// Bounds the health probes running at once on this node.
+    probes: Arc<Semaphore>,
 }
 
 impl TaskRunner {
@@ -60,6 +82,7 @@ impl TaskRunner {
             node_id,
             local: Mutex::default(),
             wake: Notify::new(),
+            probes: Arc::new(Semaphore::new(health::MAX_PROBES)),
         })
     }
 
@@ -140,9 +163,10 @@ impl TaskRunner {
             .iter()
             .map(|(id, r)| (id.clone(), r.exit_code))
             .collect();
-        let plan = task_plan::plan(&tasks, &exits, &phases);
         let by_id: HashMap<&str, &TaskAssignment> =
             tasks.iter().map(|t| (t.id.as_str(), *t)).collect();
+        let health = self.monitor_health(&by_id, &records, &phases);
+        let plan = task_plan::plan(&tasks, &exits, &phases, &health);
         for id in &plan.start {
             if let Some(t) = by_id.get(id.as_str()) {
                 self.set_phase(id, Some(Phase::Starting));
@@ -180,6 +204,66 @@ impl TaskRunner {
         if !due.is_empty() {
             self.send(due).await;
         }
+    }
+
+    /// Keeps one health monitor per running task with a check (started
+    /// once its process runs, ended when the task leaves the view or is to
+    /// stop), and returns what each found.
+    fn monitor_health(
+        self: &Arc<Self>,
+        by_id: &HashMap<&str, &TaskAssignment>,
+        records: &HashMap<String, crate::sandboxes::Record>,
+        phases: &HashMap<String, Phase>,
+    ) -> HashMap<String, Health> {
+        let mut l = self.local.lock().unwrap_or_else(|e| e.into_inner());
+        l.monitors.retain(|id, _| {
+            by_id
+                .get(id.as_str())
+                .is_some_and(|t| t.desired_state.parse() == Ok(TaskState::Running))
+        });
+        for (id, t) in by_id {
+            if l.monitors.contains_key(*id)
+                || t.desired_state.parse() != Ok(TaskState::Running)
+                || phases.contains_key(*id)
+            {
+                continue;
+            }
+            let Some(check) = Check::from_pb(t.health.as_ref()) else {
+                continue;
+            };
+            let Some(r) = records.get(*id).filter(|r| r.running() && r.pid > 1) else {
+                continue;
+            };
+            let (tx, rx) = watch::channel(health::Status {
+                health: Health::Starting,
+                outputs: Default::default(),
+            });
+            let me = Arc::downgrade(self);
+            let job = tokio::spawn(health::monitor(
+                r.name.clone(),
+                r.pid,
+                check,
+                r.env.clone(),
+                self.probes.clone(),
+                tx,
+                move || {
+                    if let Some(me) = me.upgrade() {
+                        me.wake.notify_one();
+                    }
+                },
+            ));
+            l.monitors.insert(
+                id.to_string(),
+                Monitor {
+                    task: job.abort_handle(),
+                    status: rx,
+                },
+            );
+        }
+        l.monitors
+            .iter()
+            .map(|(id, m)| (id.clone(), m.status.borrow().health))
+            .collect()
     }
 
     /// The view's tasks whose IDs are mesh IDs: any other is skipped before

@@ -17,7 +17,8 @@ use crate::logs::LogError;
 use crate::manager::{Manager, ManagerError, now};
 use crate::pb::service::{port_from_pb, service_to_pb, task_to_pb};
 use crate::services::{
-    DEFAULT_RESTART_DELAY_MS, PortSpec, Service, ServiceSpec, Task, check_user_words, validate,
+    DEFAULT_RESTART_DELAY_MS, HealthCheck, PortSpec, Service, ServiceSpec, Task, check_user_words,
+    validate,
 };
 use crate::state::{ClusterState, Command, CommandResult};
 use mesh_common::refusal::Refusal;
@@ -108,6 +109,7 @@ pub fn spec_from_create(
         restart_max_attempts: r.restart_max_attempts,
         cmd: r.cmd,
         labels: r.labels.into_iter().collect(),
+        health: r.health.as_ref().map(HealthCheck::from_pb),
     };
     validate(&spec)?;
     check_user_words(&spec)?;
@@ -237,6 +239,9 @@ pub fn updated_spec(
         if !spec.constraints.iter().any(|x| x.trim() == c.trim()) {
             spec.constraints.push(c.clone());
         }
+    }
+    if let Some(h) = &r.health {
+        spec.health = HealthCheck::updated(old.health.as_ref(), h)?;
     }
     validate(&spec)?;
     check_user_words(&spec)?;

@@ -65,7 +65,7 @@ pub fn service_to_pb(s: &ClusterState, svc: &Service) -> mesh_proto::Service {
         network_ids: spec.networks.clone(),
         spec_ports: spec.ports.iter().map(port_to_pb).collect(),
         endpoint_ports: svc.endpoint_ports.iter().map(port_to_pb).collect(),
-        health: None,
+        health: spec.health.as_ref().map(|h| h.to_pb()),
     }
 }
 
@@ -139,6 +139,6 @@ pub fn task_to_pb(s: &ClusterState, t: &Task) -> mesh_proto::Task {
         updated_at: t.updated_at.clone(),
         addresses,
         spec_version: t.spec_version,
-        health: String::new(),
+        health: t.health.as_str().to_string(),
     }
 }

@@ -257,10 +257,13 @@ impl ClusterState {
             if t.node_id != node_id || t.state.is_terminal() {
                 continue;
             }
-            if rank(r.state) < rank(t.state) || r.state == t.state && r.message == t.message {
+            if rank(r.state) < rank(t.state)
+                || r.state == t.state && r.message == t.message && r.health == t.health
+            {
                 continue;
             }
             t.state = r.state;
+            t.health = r.health;
             t.message = r.message.clone();
             t.error = r.error.clone();
             t.exit_code = r.exit_code;

@@ -19,8 +19,10 @@ use mesh_common::model::{EndpointMode, PublishMode, RestartCondition, ServiceMod
 use serde::{Deserialize, Serialize};
 
 pub use crate::scheduler::Constraint;
+pub use health::{HealthCheck, MAX_HEALTH_CMD, MAX_HEALTH_RETRIES, TaskHealth};
 use mesh_common::refusal::Refusal;
 
+mod health;
 mod lifecycle;
 mod orchestrate;
 mod ports;
@@ -62,6 +64,10 @@ pub struct ServiceSpec {
     /// state or log without ports is written as before.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<PortSpec>,
+    /// `--health-*` / `--no-healthcheck`; left out while absent, so a
+    /// spec without one is written as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthCheck>,
 }
 
 /// One published port of a service, as Docker's `PortConfig`: the same
@@ -123,6 +129,10 @@ pub struct Task {
     /// When `state` last changed.
     pub updated_at: String,
     pub version: u64,
+    /// The health its node last reported ("" without a check); left out
+    /// while none.
+    #[serde(default, skip_serializing_if = "TaskHealth::is_none")]
+    pub health: TaskHealth,
 }
 
 /// A node's account of one of its tasks.
@@ -133,6 +143,8 @@ pub struct TaskReport {
     pub message: String,
     pub error: String,
     pub exit_code: i32,
+    #[serde(default, skip_serializing_if = "TaskHealth::is_none")]
+    pub health: TaskHealth,
 }
 
 /// Where a service's rolling update stands; written as the words older
@@ -212,6 +224,9 @@ pub fn validate(spec: &ServiceSpec) -> Result<(), Refusal> {
         return Err(Refusal::invalid("a network is given twice"));
     }
     ports::validate_ports(&spec.ports)?;
+    if let Some(h) = &spec.health {
+        h.validate()?;
+    }
     Ok(())
 }
 

@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 
 use mesh_common::model::{NodeState, TaskState};
 
-use super::{Service, TASK_HISTORY, Task, UpdateState};
+use super::{Service, TASK_HISTORY, Task, TaskHealth, UpdateState};
 use crate::state::ClusterState;
 
 impl ClusterState {
@@ -130,10 +130,12 @@ impl ClusterState {
     }
 
     /// Whether a task's addresses are in its service's rotation: the one
-    /// rule for `backends` and for the views (`dispatcher::Views`).
+    /// rule for `backends` and for the views (`dispatcher::Views`). A task
+    /// with a health check serves only while healthy.
     pub fn is_backend(&self, t: &Task) -> bool {
         t.desired_state == TaskState::Running
             && t.state == TaskState::Running
+            && matches!(t.health, TaskHealth::None | TaskHealth::Healthy)
             && self
                 .nodes
                 .get(&t.node_id)

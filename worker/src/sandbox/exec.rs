@@ -5,7 +5,8 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
-use std::process::{Command, ExitStatus};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::Duration;
 
 use nix::sched::CloneFlags;
 
@@ -30,6 +31,115 @@ pub fn exec(
     argv: &[String],
     env: &[(String, String)],
 ) -> Result<ExitStatus, SandboxError> {
+    let (mut cmd, steps) = prepare(pid, argv, env)?;
+    let result = cmd.status();
+    drop(cmd);
+    result.map_err(|source| step_error(pid, &steps, source))
+}
+
+/// What became of one health probe.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProbeResult {
+    /// Exit 0 within the timeout.
+    pub passed: bool,
+    /// The exit code, or None when killed (timeout or signal).
+    pub exit_code: Option<i32>,
+    /// The start of its stdout then stderr, at most [`PROBE_OUTPUT`] bytes each.
+    pub output: String,
+}
+
+/// Output kept of each stream of a probe; the rest is read and dropped so
+/// the probe never blocks on a full pipe.
+pub const PROBE_OUTPUT: u64 = 4096;
+
+/// Runs `argv` in the sandbox of `pid` as [`exec`] does, without blocking a
+/// thread: stdin empty, output captured (bounded), in a process group of
+/// its own that is killed whole when `timeout` runs out (a failed probe).
+pub async fn probe(
+    pid: u32,
+    argv: &[String],
+    env: &[(String, String)],
+    timeout: Duration,
+) -> Result<ProbeResult, SandboxError> {
+    let (mut cmd, steps) = prepare(pid, argv, env)?;
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    let mut cmd = tokio::process::Command::from(cmd);
+    cmd.kill_on_drop(true);
+    let spawned = cmd.spawn();
+    drop(cmd);
+    let mut child = spawned.map_err(|source| step_error(pid, &steps, source))?;
+    let group = child.id().and_then(|id| i32::try_from(id).ok());
+    let out = child.stdout.take();
+    let err = child.stderr.take();
+    let run = async {
+        let (o, e, status) = tokio::join!(bounded(out), bounded(err), child.wait());
+        (o, e, status)
+    };
+    match tokio::time::timeout(timeout, run).await {
+        Ok((o, e, status)) => {
+            let status = status.map_err(|source| SandboxError::Exec {
+                pid,
+                step: "waiting for the command",
+                source,
+            })?;
+            Ok(ProbeResult {
+                passed: status.success(),
+                exit_code: status.code(),
+                output: format!("{o}{e}"),
+            })
+        }
+        Err(_) => {
+            // The whole group: a shell's children would keep the pipes open.
+            if let Some(g) = group {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(g),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            let _ = child.kill().await;
+            Ok(ProbeResult {
+                passed: false,
+                exit_code: None,
+                output: format!("health check exceeded timeout ({timeout:?})"),
+            })
+        }
+    }
+}
+
+/// The first [`PROBE_OUTPUT`] bytes of a pipe, lossily as text; the rest
+/// is drained.
+async fn bounded<R: tokio::io::AsyncRead + Unpin>(r: Option<R>) -> String {
+    use tokio::io::AsyncReadExt;
+    let Some(mut r) = r else {
+        return String::new();
+    };
+    let mut buf = Vec::new();
+    let _ = (&mut r).take(PROBE_OUTPUT).read_to_end(&mut buf).await;
+    let _ = tokio::io::copy(&mut r, &mut tokio::io::sink()).await;
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+fn step_error(pid: u32, steps: &StepPipe, source: io::Error) -> SandboxError {
+    SandboxError::Exec {
+        pid,
+        step: steps
+            .failed_step()
+            .and_then(|i| EXEC_STEPS.get(usize::from(i)).copied())
+            .unwrap_or("running the command"),
+        source,
+    }
+}
+
+/// A command that joins the namespaces of `pid` before exec; the pipe
+/// tells which step failed.
+fn prepare(
+    pid: u32,
+    argv: &[String],
+    env: &[(String, String)],
+) -> Result<(Command, StepPipe), SandboxError> {
     let Some(command) = argv.first() else {
         return Err(SandboxError::ExecEmpty { pid });
     };
@@ -83,14 +193,5 @@ pub fn exec(
             Ok(())
         });
     }
-    let result = cmd.status();
-    drop(cmd);
-    result.map_err(|source| SandboxError::Exec {
-        pid,
-        step: steps
-            .failed_step()
-            .and_then(|i| EXEC_STEPS.get(usize::from(i)).copied())
-            .unwrap_or("running the command"),
-        source,
-    })
+    Ok((cmd, steps))
 }

@@ -42,7 +42,7 @@ use crate::link::Netlink;
 mod exec;
 mod process;
 
-pub use exec::exec;
+pub use exec::{ProbeResult, exec, probe};
 pub use process::{alive, stop, wait_exit};
 
 /// Where named network namespaces live, as iproute2 keeps them.
