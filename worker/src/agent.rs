@@ -220,7 +220,9 @@ pub async fn reconcile(
     tunnel: &mut Tunnel,
     key: [u8; 32],
 ) -> Pass {
+    let mut steps = crate::timing::Steps::new();
     let _kernel = dp.kernel.lock().await;
+    steps.mark("lock_wait");
     let dp = DataPath {
         port: u16::try_from(view.data_path_port).unwrap_or(dp.port),
         ..dp.clone()
@@ -240,21 +242,35 @@ pub async fn reconcile(
     // Before the overlays: an encrypted network's VXLAN is made in the
     // device's namespace.
     pass.add(tunnel.repair(&dp, view, key));
+    steps.mark("tunnel");
     for driver in drivers::all() {
         let r = driver.repair(&cx, &want).await;
+        steps.mark(driver.kind().as_str());
         if driver.kind() == DriverKind::Overlay {
             pass.overlays_applied = r.faults.is_empty();
         }
         pass.add(r);
     }
     pass.add(Egress.repair(&want).await);
+    steps.mark("egress");
     // The routing mesh, before the view counts as applied: a stopping
     // task leaves the published ports' rotation before its SIGTERM.
     pass.add(crate::ingress::repair(&dp, view, &live).await);
+    steps.mark("ingress");
     pass.add(sandboxes.repair_ports(&dp));
+    steps.mark("ports");
     // Service VIPs in every sandbox on an overlay, before the view counts
     // as applied: a task leaving the rotation is gone from here first.
     pass.add(sandboxes.sync_vips(&live));
+    steps.mark("vips");
     pass.add(sandboxes.repair_dns(&live).await);
+    steps.mark("dns");
+    debug!(
+        generation = view.generation,
+        sandboxes = live.len(),
+        total_ms = format!("{:.1}", steps.total_ms()),
+        "pass: {}",
+        steps.summary()
+    );
     pass
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use mesh_common::model::DriverKind;
 use mesh_common::ports::PortBinding;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{DataPath, Record, RunSpec, Sandboxes, SandboxesError, files, record, wiring};
 use crate::drivers::{self, Egress, Repair};
@@ -268,45 +268,56 @@ impl Sandboxes {
         if let Some(a) = rec.networks.iter_mut().find(|a| !a.driver.is_cluster()) {
             a.default_route = true;
         }
+        let mut steps = crate::timing::Steps::new();
         let _kernel = dp.kernel.lock().await;
+        steps.mark("lock_wait");
         if rec.host_network {
             rec.netns = format!("{}-host", dp.prefix);
             crate::netns::attach_current(&rec.netns)?;
         } else {
             sandbox::create_netns(&rec.netns).await?;
         }
+        steps.mark("netns");
         let cx = self.ctx(dp);
         for a in &rec.networks {
             drivers::wire(&cx, rec, a).await?;
         }
+        steps.mark("wire");
         for kind in wiring::kinds_of(rec) {
             drivers::driver(kind).settle(&cx).await?;
         }
+        steps.mark("settle");
         if gets_egress(rec, none) {
             let ip = self.next_egress_ip()?;
             Egress.attach(rec, ip)?;
             rec.egress_ip = Some(ip);
         }
+        steps.mark("egress");
         if !rec.host_network && !none {
             let services = self.vip_services_for(rec);
             tokio::task::block_in_place(|| crate::vip::sync(&rec.netns, &services))
                 .map_err(|e| SandboxesError::Refused(format!("cannot set up service VIPs: {e}")))?;
         }
+        steps.mark("vip");
         let dir = self.store.create_dir(&rec.id)?;
         rec.created_at = files::now();
+        let resolv_conf = if rec.host_network || none {
+            files::host_resolv_conf(&files::read_host_resolv_conf())
+        } else {
+            self.sandbox_dns(rec).await?
+        };
+        steps.mark("dns");
         rec.pid = sandbox::start(&sandbox::SandboxSpec {
             name: rec.name.clone(),
             netns: rec.netns.clone(),
             cmd: rec.cmd.clone(),
             env: rec.env.clone(),
             hosts: files::hosts_file(rec),
-            resolv_conf: if rec.host_network || none {
-                files::host_resolv_conf(&files::read_host_resolv_conf())
-            } else {
-                self.sandbox_dns(rec).await?
-            },
+            resolv_conf,
             dir,
         })?;
+        steps.mark("spawn");
+        debug!(sandbox = %rec.name, total_ms = format!("{:.1}", steps.total_ms()), "start: {}", steps.summary());
         Ok(())
     }
 

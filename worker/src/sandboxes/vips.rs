@@ -68,7 +68,15 @@ impl Sandboxes {
         let failed = if todo.is_empty() {
             Vec::new()
         } else {
-            tokio::task::block_in_place(|| crate::vip::sync_many(&todo))
+            let started = std::time::Instant::now();
+            let failed = tokio::task::block_in_place(|| crate::vip::sync_many(&todo));
+            tracing::debug!(
+                tables = todo.len(),
+                of = live.len(),
+                ms = started.elapsed().as_millis() as u64,
+                "synced VIP tables"
+            );
+            failed
         };
         let mut out = Repair::default();
         let mut applied = self.vip_applied.lock().unwrap_or_else(|e| e.into_inner());
