@@ -221,7 +221,12 @@ pub async fn reconcile(
     key: [u8; 32],
 ) -> Pass {
     let mut steps = crate::timing::Steps::new();
-    let _kernel = dp.kernel.lock().await;
+    // Teardowns wait for the pass (it acts on the sandboxes it lists);
+    // starts do not, and take the kernel lock only between the node-wide
+    // steps below.
+    let _gate = sandboxes.pass_gate().await;
+    steps.mark("gate_wait");
+    let kernel = dp.kernel.lock().await;
     steps.mark("lock_wait");
     let dp = DataPath {
         port: u16::try_from(view.data_path_port).unwrap_or(dp.port),
@@ -259,6 +264,8 @@ pub async fn reconcile(
     steps.mark("ingress");
     pass.add(sandboxes.repair_ports(&dp));
     steps.mark("ports");
+    // What follows is per sandbox namespace: no node-wide lock.
+    drop(kernel);
     // Service VIPs in every sandbox on an overlay, before the view counts
     // as applied: a task leaving the rotation is gone from here first.
     pass.add(sandboxes.sync_vips(&live));

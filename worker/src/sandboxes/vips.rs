@@ -87,9 +87,29 @@ impl Sandboxes {
                 e,
             ));
             rendered.remove(ns);
+            applied.remove(ns);
         }
-        *applied = rendered;
+        // Merged, not replaced: a sandbox being started (not listed yet)
+        // keeps what its start applied; teardown forgets its entry.
+        applied.extend(rendered);
         out
+    }
+
+    /// Notes the ruleset a start applied in `ns`, so the next pass does not
+    /// apply it again.
+    pub(super) fn vip_synced(&self, ns: &str, text: String) {
+        self.vip_applied
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(ns.to_string(), text);
+    }
+
+    /// Forgets a namespace that is going.
+    pub(super) fn vip_forget(&self, ns: &str) {
+        self.vip_applied
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(ns);
     }
 }
 
