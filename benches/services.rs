@@ -1,13 +1,26 @@
 //! Service benchmark on a 3-node lab. Prints, in one run:
-//! - convergence: `service create --replicas 30` until all 30 tasks answer
-//!   through the VIP from a sandbox (p50 over several runs), and how long
-//!   `create` itself took to report convergence;
-//! - recovery: a worker killed (daemon and link) until its tasks run
-//!   elsewhere and every node has applied it;
+//! - convergence: `service create --replicas N` until all N tasks answer
+//!   through the VIP from a sandbox on another node (p50 over several runs,
+//!   each run shown), and how long `create` itself took to report
+//!   convergence: 30 replicas of the Python HTTP server the tests use (the
+//!   figure issue 15 started from), and 30 and 300 replicas of a tiny Perl
+//!   server (below: why);
+//! - a rolling update of 30 tasks (`service update --env-add X=1`) until all
+//!   30 answer with the new spec;
 //! - VIP-balanced HTTP request rate vs the same client spreading requests
-//!   over the task IPs itself, as a ratio (same run, same tasks).
+//!   over the task IPs itself, as a ratio (same run, same tasks);
+//! - recovery: a worker killed (daemon and link) until its tasks run
+//!   elsewhere and every node has applied it, and until all the service's
+//!   tasks answer through the VIP again.
 //!
-//! Run: `cargo bench --bench services` (as root; needs python3).
+//! The Perl server: a Python `http.server` costs ~100 ms of CPU to start
+//! on the lab machine (2 cores), so 30 of them alone take 1.5 s and 300 of
+//! them 15 s whatever the data path does; Perl without modules starts in
+//! ~2 ms and answers the same (its hostname, and ` X=V` once X is set).
+//!
+//! Run: `cargo bench --bench services` (as root; needs python3 and perl).
+//! `MESH_BENCH_LOGS=DIR` keeps each node's daemon.log in DIR (with
+//! `MESH_LOG=info,mesh_worker=debug` they carry the start and pass timings).
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -21,13 +34,21 @@ use common::{HTTP_SERVER, status};
 
 const RUNS: usize = 3;
 const REPLICAS: usize = 30;
+const MANY: usize = 300;
 
-/// Asks URL host until `want` distinct task names answered; prints them.
+/// An HTTP/1.0 server on :8080 answering its hostname (and ` X=V` when the
+/// environment has X), one connection at a time, with no Perl module.
+const PERL_SERVER: &str = r#"socket(S,2,1,6)||die"socket: $!";setsockopt(S,1,2,pack("i",1));bind(S,pack("SnNx8",2,8080,0))||die"bind: $!";listen(S,128)||die"listen: $!";open(H,"/proc/sys/kernel/hostname");$h=<H>;chomp$h;$b=$h.($ENV{X}?" X=$ENV{X}":"");while(accept(C,S)){sysread(C,$r,4096);syswrite(C,"HTTP/1.0 200 OK\r\nContent-Length: ".length($b)."\r\nConnection: close\r\n\r\n$b");close C}"#;
+
+/// Asks URL host until `want` distinct answers containing argv[3] (if
+/// given) came back; prints how many.
 const UNTIL_ALL: &str = "import http.client,sys,time
-host,want=sys.argv[1],int(sys.argv[2]);seen=set();end=time.time()+120
+host,want=sys.argv[1],int(sys.argv[2]);mark=sys.argv[3] if len(sys.argv)>3 else '';seen=set();end=time.time()+120
 while len(seen)<want and time.time()<end:
     try:
-        h=http.client.HTTPConnection(host,8080,timeout=2);h.request('GET','/');seen.add(h.getresponse().read().decode());h.close()
+        h=http.client.HTTPConnection(host,8080,timeout=2);h.request('GET','/');b=h.getresponse().read().decode();h.close()
+        if mark in b:
+            seen.add(b)
     except Exception:
         time.sleep(0.01)
 print(len(seen))";
@@ -57,6 +78,75 @@ fn py(lab: &Lab, script: &str, args: &[&str]) -> Result<String> {
     Ok(lab.mesh_ok("node1", &argv)?.trim().to_string())
 }
 
+/// The figures of one kind of convergence run.
+#[derive(Default)]
+struct Runs {
+    answering: Vec<f64>,
+    returned: Vec<f64>,
+}
+
+impl Runs {
+    fn line(&self, what: &str) -> String {
+        let show = |v: &[f64]| {
+            v.iter()
+                .map(|x| format!("{x:.2}"))
+                .collect::<Vec<_>>()
+                .join(" / ")
+        };
+        format!(
+            "{what}: p50 {:.2} s (runs {}); `service create` returned p50 {:.2} s (runs {})",
+            median(self.answering.clone()),
+            show(&self.answering),
+            median(self.returned.clone()),
+            show(&self.returned),
+        )
+    }
+}
+
+/// Creates `svc` with `replicas` tasks running `cmd`, and times it until
+/// every task answered through the VIP from the client on node1.
+fn converge(lab: &Lab, svc: &str, replicas: usize, cmd: &[&str], runs: &mut Runs) -> Result<()> {
+    let n = replicas.to_string();
+    let start = Instant::now();
+    let mut argv = vec![
+        "service",
+        "create",
+        "--name",
+        svc,
+        "--replicas",
+        &n,
+        "--network",
+        "bench",
+        "--",
+    ];
+    argv.extend_from_slice(cmd);
+    lab.mesh_ok("node1", &argv)?;
+    let returned = start.elapsed().as_secs_f64();
+    let seen = py(lab, UNTIL_ALL, &[svc, &n])?;
+    let took = start.elapsed().as_secs_f64();
+    if seen != n {
+        bail!("only {seen} of {replicas} tasks answered through the VIP of {svc}");
+    }
+    eprintln!("{svc}: create returned {returned:.2} s, all {replicas} answering {took:.2} s");
+    runs.answering.push(took);
+    runs.returned.push(returned);
+    Ok(())
+}
+
+/// Copies each node's daemon.log into `MESH_BENCH_LOGS`, if set.
+fn keep_logs(lab: &Lab) {
+    let Some(dir) = std::env::var_os("MESH_BENCH_LOGS") else {
+        return;
+    };
+    let dir = std::path::PathBuf::from(dir);
+    let _ = std::fs::create_dir_all(&dir);
+    for n in &lab.nodes {
+        if let Err(e) = std::fs::copy(&n.log, dir.join(format!("{}.log", n.name))) {
+            eprintln!("cannot keep {}: {e}", n.log.display());
+        }
+    }
+}
+
 fn main() -> Result<()> {
     let name = format!("bs{}", std::process::id() % 100_000);
     let _ = mesh_lab::cleanup_stale(&name);
@@ -64,6 +154,14 @@ fn main() -> Result<()> {
         &UpSpec::new(&name, 3, 1),
         std::path::Path::new(env!("CARGO_BIN_EXE_mesh")),
     )?;
+    let r = bench(&mut lab);
+    keep_logs(&lab);
+    r?;
+    lab.down()?;
+    Ok(())
+}
+
+fn bench(lab: &mut Lab) -> Result<()> {
     lab.mesh_ok(
         "node1",
         &[
@@ -72,6 +170,9 @@ fn main() -> Result<()> {
             "-d",
             "overlay",
             "--attachable",
+            // Room for 300 tasks and their VIPs.
+            "--subnet",
+            "10.77.0.0/20",
             "bench",
         ],
     )?;
@@ -89,49 +190,22 @@ fn main() -> Result<()> {
             "86400",
         ],
     )?;
-    let replicas = REPLICAS.to_string();
+    let python = ["python3", "-c", HTTP_SERVER];
+    let perl = ["perl", "-e", PERL_SERVER];
 
-    let mut converge = Vec::new();
-    let mut create_returned = Vec::new();
+    // Python, as the issue's figure: the last service stays for the rate
+    // ratio and the node death.
+    let mut py30 = Runs::default();
     for run in 0..RUNS {
-        let svc = format!("s{run}");
-        let start = Instant::now();
-        lab.mesh_ok(
-            "node1",
-            &[
-                "service",
-                "create",
-                "--name",
-                &svc,
-                "--replicas",
-                &replicas,
-                "--network",
-                "bench",
-                "--",
-                "python3",
-                "-c",
-                HTTP_SERVER,
-            ],
-        )?;
-        create_returned.push(start.elapsed().as_secs_f64());
-        let seen = py(&lab, UNTIL_ALL, &[&svc, &replicas])?;
-        let took = start.elapsed().as_secs_f64();
-        if seen != replicas {
-            bail!("only {seen} of {REPLICAS} tasks answered through the VIP of {svc}");
-        }
-        converge.push(took);
-        eprintln!(
-            "run {run}: create returned {:.2} s, all {REPLICAS} answering {took:.2} s",
-            create_returned[run]
-        );
+        converge(lab, &format!("py{run}"), REPLICAS, &python, &mut py30)?;
         if run + 1 < RUNS {
-            lab.mesh_ok("node1", &["service", "rm", &svc])?;
+            lab.mesh_ok("node1", &["service", "rm", &format!("py{run}")])?;
         }
     }
-    let svc = format!("s{}", RUNS - 1);
+    let pysvc = format!("py{}", RUNS - 1);
 
     // Request rate: through the VIP vs the client cycling over task IPs.
-    let st = status(&lab, "node1", &svc)?;
+    let st = status(lab, "node1", &pysvc)?;
     let vip = st
         .service
         .as_ref()
@@ -148,11 +222,44 @@ fn main() -> Result<()> {
     let mut vip_rate = Vec::new();
     let mut direct_rate = Vec::new();
     for _ in 0..RUNS {
-        vip_rate.push(py(&lab, RATE, &[&vip, "3"])?.parse::<f64>()?);
-        direct_rate.push(py(&lab, RATE, &[&ips.join(","), "3"])?.parse::<f64>()?);
+        vip_rate.push(py(lab, RATE, &[&vip, "3"])?.parse::<f64>()?);
+        direct_rate.push(py(lab, RATE, &[&ips.join(","), "3"])?.parse::<f64>()?);
     }
 
-    // Recovery: node3 dies.
+    let mut pl30 = Runs::default();
+    for run in 0..RUNS {
+        converge(lab, &format!("pl{run}"), REPLICAS, &perl, &mut pl30)?;
+        if run + 1 < RUNS {
+            lab.mesh_ok("node1", &["service", "rm", &format!("pl{run}")])?;
+        }
+    }
+
+    // Rolling update of the last Perl service: one task at a time (the
+    // managers' policy), until all 30 answer with X=1.
+    let plsvc = format!("pl{}", RUNS - 1);
+    let start = Instant::now();
+    lab.mesh_ok("node1", &["service", "update", "--env-add", "X=1", &plsvc])?;
+    let update_returned = start.elapsed().as_secs_f64();
+    let replicas = REPLICAS.to_string();
+    let seen = py(lab, UNTIL_ALL, &[&plsvc, &replicas, "X=1"])?;
+    let updated = start.elapsed().as_secs_f64();
+    if seen != replicas {
+        bail!("only {seen} of {REPLICAS} tasks answered with the new spec");
+    }
+    eprintln!(
+        "{plsvc}: update returned {update_returned:.2} s, all answering with X=1 {updated:.2} s"
+    );
+    lab.mesh_ok("node1", &["service", "rm", &plsvc])?;
+
+    let mut pl300 = Runs::default();
+    for run in 0..RUNS {
+        let svc = format!("many{run}");
+        converge(lab, &svc, MANY, &perl, &mut pl300)?;
+        lab.mesh_ok("node1", &["service", "rm", &svc])?;
+    }
+
+    // Recovery: node3 dies, under the Python service.
+    let st = status(lab, "node1", &pysvc)?;
     let on3: BTreeSet<String> = st
         .tasks
         .iter()
@@ -163,7 +270,7 @@ fn main() -> Result<()> {
     lab.kill("node3")?;
     lab.cut("node3")?;
     let recovered = loop {
-        let st = status(&lab, "node1", &svc)?;
+        let st = status(lab, "node1", &pysvc)?;
         let ok = st
             .tasks
             .iter()
@@ -182,29 +289,40 @@ fn main() -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(20));
     };
+    // And answering: all of the service's tasks, the replacements included,
+    // through the VIP from node1.
+    let seen = py(lab, UNTIL_ALL, &[&pysvc, &REPLICAS.to_string()])?;
+    let answering = start.elapsed().as_secs_f64();
+    if seen != REPLICAS.to_string() {
+        bail!("after node3 died only {seen} of {REPLICAS} tasks answered through the VIP");
+    }
 
-    println!("services benchmark, 3-node lab, {REPLICAS} replicas, {RUNS} runs");
+    println!("services benchmark, 3-node lab, {RUNS} runs each");
     println!(
-        "convergence (create -> all {REPLICAS} answer via VIP from another node): p50 {:.2} s (runs {:?})",
-        median(converge.clone()),
-        converge
-            .iter()
-            .map(|v| format!("{v:.2}"))
-            .collect::<Vec<_>>()
+        "{}",
+        py30.line(&format!(
+            "convergence, {REPLICAS} replicas, Python server (create -> all answer via VIP from another node)"
+        ))
     );
     println!(
-        "  `service create` returned (every node applied, all running): p50 {:.2} s",
-        median(create_returned)
+        "{}",
+        pl30.line(&format!("convergence, {REPLICAS} replicas, Perl server"))
     );
     println!(
-        "node death -> its {} tasks running elsewhere, all nodes applied: {recovered:.2} s",
+        "{}",
+        pl300.line(&format!("convergence, {MANY} replicas, Perl server"))
+    );
+    println!(
+        "rolling update of {REPLICAS} tasks (--env-add X=1) -> all answer with X=1: {updated:.2} s (`service update` returned {update_returned:.2} s)"
+    );
+    println!(
+        "node death -> its {} tasks running elsewhere, all nodes applied: {recovered:.2} s; all {REPLICAS} answering via VIP: {answering:.2} s",
         on3.len()
     );
     let (v, d) = (median(vip_rate), median(direct_rate));
     println!(
-        "HTTP requests/s (new connection each): via VIP {v:.0}, client-side over task IPs {d:.0}, ratio {:.2}",
+        "HTTP requests/s (new connection each, Python server): via VIP {v:.0}, client-side over task IPs {d:.0}, ratio {:.2}",
         v / d
     );
-    lab.down()?;
     Ok(())
 }

@@ -184,7 +184,14 @@ pub async fn reconcile(
     tunnel: &mut Tunnel,
     key: [u8; 32],
 ) -> Pass {
-    let _kernel = dp.kernel.lock().await;
+    let mut steps = crate::timing::Steps::new();
+    // Teardowns wait for the pass (it acts on the sandboxes it lists);
+    // starts do not, and take the kernel lock only between the node-wide
+    // steps below.
+    let _gate = sandboxes.pass_gate().await;
+    steps.mark("gate_wait");
+    let kernel = dp.kernel.lock().await;
+    steps.mark("lock_wait");
     let dp = DataPath {
         port: u16::try_from(view.data_path_port).unwrap_or(dp.port),
         ..dp.clone()
@@ -204,21 +211,37 @@ pub async fn reconcile(
     // Before the overlays: an encrypted network's VXLAN is made in the
     // device's namespace.
     pass.add(tunnel.repair(&dp, view, key));
+    steps.mark("tunnel");
     for driver in drivers::all() {
         let r = driver.repair(&cx, &want).await;
+        steps.mark(driver.kind().as_str());
         if driver.kind() == DriverKind::Overlay {
             pass.overlays_applied = r.faults.is_empty();
         }
         pass.add(r);
     }
     pass.add(Egress.repair(&want).await);
+    steps.mark("egress");
     // The routing mesh, before the view counts as applied: a stopping
     // task leaves the published ports' rotation before its SIGTERM.
     pass.add(crate::ingress::repair(&dp, view, &live).await);
+    steps.mark("ingress");
     pass.add(sandboxes.repair_ports(&dp));
+    steps.mark("ports");
+    // What follows is per sandbox namespace: no node-wide lock.
+    drop(kernel);
     // Service VIPs in every sandbox on an overlay, before the view counts
     // as applied: a task leaving the rotation is gone from here first.
     pass.add(sandboxes.sync_vips(&live));
+    steps.mark("vips");
     pass.add(sandboxes.repair_dns(&live).await);
+    steps.mark("dns");
+    debug!(
+        generation = view.generation,
+        sandboxes = live.len(),
+        total_ms = format!("{:.1}", steps.total_ms()),
+        "pass: {}",
+        steps.summary()
+    );
     pass
 }

@@ -65,6 +65,7 @@ pub mod sysctl;
 pub mod task_logs;
 pub mod task_plan;
 pub mod tasks;
+pub mod timing;
 pub mod tunnel;
 mod veth;
 pub mod views;

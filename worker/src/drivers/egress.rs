@@ -44,12 +44,19 @@ pub fn next_egress_ip(used: &BTreeSet<Ipv4Addr>) -> Result<Ipv4Addr, DriverError
 pub struct Egress;
 
 impl Egress {
-    /// Gives sandbox `rec` its way out at `ip`: the bridge and its table,
-    /// then the sandbox's port and default route.
-    pub fn attach(&self, rec: &Record, ip: Ipv4Addr) -> Result<(), DriverError> {
-        // Both run `ip`/`nft`: off the async worker thread.
+    /// Makes the bridge and its table (replacing the table), as a
+    /// sandbox's first egress needs them.
+    pub fn ensure_bridge(&self) -> Result<(), DriverError> {
+        // Runs `nft`: off the async worker thread.
+        tokio::task::block_in_place(|| egress::ensure_gwbridge(None, &subnet().to_string()))?;
+        Ok(())
+    }
+
+    /// Gives sandbox `rec` its way out at `ip` on a bridge that exists:
+    /// its port and default route only, so concurrent starts do not each
+    /// rebuild the node-wide table.
+    pub fn attach_port(&self, rec: &Record, ip: Ipv4Addr) -> Result<(), DriverError> {
         tokio::task::block_in_place(|| {
-            egress::ensure_gwbridge(None, &subnet().to_string())?;
             egress::attach(None, &rec.netns, ip, EGRESS_SUBNET.1, true)
         })?;
         Ok(())

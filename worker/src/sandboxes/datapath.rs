@@ -13,8 +13,11 @@ pub struct DataPath {
     pub port: u16,
     /// MTU for overlays without --opt mtu: the underlay's, minus VXLAN's 50.
     pub overlay_mtu: u32,
-    /// Held while changing the kernel: the agent's reconcile passes and a
-    /// sandbox's wiring must not interleave (both create the same VXLAN).
+    /// Held while changing what is node-wide and shared (a network's
+    /// namespace, bridge and VXLAN, `mesh_gwbridge`, the node's tables):
+    /// the node-wide half of a reconcile pass and the few such steps of a
+    /// start, connect or teardown (both may create the same VXLAN). Never
+    /// held for work inside one sandbox's namespace.
     pub kernel: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 

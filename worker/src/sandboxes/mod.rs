@@ -74,7 +74,24 @@ pub struct Sandboxes {
     /// The VIP ruleset last applied per sandbox namespace, so a pass only
     /// forks `nft` where something changed.
     vip_applied: Mutex<BTreeMap<String, String>>,
+    /// Bounds the sandbox starts running at once: each forks `nft` and
+    /// its process, and more than a few only compete for the same CPUs.
+    starts: tokio::sync::Semaphore,
+    /// A reconcile pass (write) against teardowns (read): a pass acts on
+    /// the sandboxes it listed, and must not re-serve a resolver or rewire
+    /// a sandbox whose namespace is going. Starts never take it: a
+    /// sandbox being started is not in the records a pass lists.
+    gate: tokio::sync::RwLock<()>,
+    /// Egress addresses given to sandboxes being started, not yet in a
+    /// record, so two concurrent starts never get the same one.
+    egress_reserved: Mutex<BTreeSet<std::net::Ipv4Addr>>,
+    /// Whether `mesh_gwbridge` was made by this daemon: starts then only
+    /// add their port (the pass checks the bridge and its table).
+    gwbridge_ready: std::sync::atomic::AtomicBool,
 }
+
+/// Sandbox starts at once on a node (see `Sandboxes::starts`).
+const CONCURRENT_STARTS: usize = 8;
 
 impl Sandboxes {
     /// Loads the records a previous run of the daemon left.
@@ -94,6 +111,10 @@ impl Sandboxes {
             dns,
             view: Mutex::new(None),
             vip_applied: Mutex::new(BTreeMap::new()),
+            starts: tokio::sync::Semaphore::new(CONCURRENT_STARTS),
+            gate: tokio::sync::RwLock::new(()),
+            egress_reserved: Mutex::new(BTreeSet::new()),
+            gwbridge_ready: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -171,6 +192,9 @@ impl Sandboxes {
     fn commit(&self, rec: &Record) -> Result<(), SandboxesError> {
         self.store.save(rec)?;
         self.lock_records().insert(rec.id.clone(), rec.clone());
+        if let Some(ip) = rec.egress_ip {
+            self.release_egress_ip(ip);
+        }
         self.dns
             .update_sandbox_networks(&rec.id, resolver::dns_networks(rec));
         self.refresh_dns();
@@ -189,14 +213,35 @@ impl Sandboxes {
         Ok(drivers::sync_bridge_nat(&self.ctx(dp))?)
     }
 
-    /// The egress address for a new sandbox.
-    fn next_egress_ip(&self) -> Result<std::net::Ipv4Addr, SandboxesError> {
-        let used: BTreeSet<std::net::Ipv4Addr> = self
-            .lock_records()
+    /// The egress address for a new sandbox, reserved until its record is
+    /// committed or it is torn down ([`Self::release_egress_ip`]).
+    fn reserve_egress_ip(&self) -> Result<std::net::Ipv4Addr, SandboxesError> {
+        let records = self.lock_records();
+        let mut reserved = self
+            .egress_reserved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let used: BTreeSet<std::net::Ipv4Addr> = records
             .values()
             .filter_map(|r| r.egress_ip)
+            .chain(reserved.iter().copied())
             .collect();
-        Ok(drivers::next_egress_ip(&used)?)
+        let ip = drivers::next_egress_ip(&used)?;
+        reserved.insert(ip);
+        Ok(ip)
+    }
+
+    fn release_egress_ip(&self, ip: std::net::Ipv4Addr) {
+        self.egress_reserved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&ip);
+    }
+
+    /// Held by a reconcile pass for its whole length: teardowns wait, starts
+    /// do not (see `Sandboxes::gate`).
+    pub async fn pass_gate(&self) -> tokio::sync::RwLockWriteGuard<'_, ()> {
+        self.gate.write().await
     }
 }
 
@@ -250,6 +295,55 @@ mod tests {
         );
         sbx.release_name("x");
         sbx.claim_name("x").expect("after release");
+        let _ = std::fs::remove_dir_all(&root);
+    }
+}
+
+#[cfg(test)]
+mod concurrency_tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn sandboxes(tag: &str) -> (std::path::PathBuf, Sandboxes) {
+        let root = std::env::temp_dir().join(format!("mesh-sbc-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(root.join("sandboxes")).expect("mkdir");
+        let sbx = Sandboxes::load(
+            root.join("sandboxes"),
+            Arc::new(crate::local_networks::LocalNetworks::load(
+                root.join("networks.json"),
+                "t",
+            )),
+            crate::dns::DnsServer::new(Vec::new(), Duration::from_secs(1)),
+        )
+        .expect("load");
+        (root, sbx)
+    }
+
+    /// Concurrent starts never get one egress address twice, and an
+    /// address given back is handed out again.
+    #[test]
+    fn egress_addresses_are_reserved_until_released() {
+        let (root, sbx) = sandboxes("egress");
+        let a = sbx.reserve_egress_ip().expect("first");
+        let b = sbx.reserve_egress_ip().expect("second");
+        assert_ne!(a, b);
+        sbx.release_egress_ip(a);
+        let c = sbx.reserve_egress_ip().expect("third");
+        assert_eq!(c, a, "a released address is free again");
+        assert_ne!(c, b);
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    /// A teardown (a reader of the gate) waits while a pass holds it, and
+    /// gets it once the pass ends.
+    #[tokio::test]
+    async fn teardowns_wait_for_the_pass() {
+        let (root, sbx) = sandboxes("gate");
+        let pass = sbx.pass_gate().await;
+        assert!(sbx.gate.try_read().is_err(), "a teardown ran during a pass");
+        drop(pass);
+        assert!(sbx.gate.try_read().is_ok());
         let _ = std::fs::remove_dir_all(&root);
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use mesh_common::model::DriverKind;
 use mesh_common::ports::PortBinding;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{DataPath, Record, RunSpec, Sandboxes, SandboxesError, files, record, wiring};
 use crate::drivers::{self, Egress, Repair};
@@ -258,6 +258,12 @@ impl Sandboxes {
 
     /// The kernel and process half of `run`, once every attachment has its
     /// address: links, egress, DNS, VIP rules, then the process.
+    ///
+    /// Starts run concurrently, at most [`super::CONCURRENT_STARTS`] at once.
+    /// The kernel lock (`DataPath::kernel`) is held only around what is
+    /// node-wide and shared (a network's namespace, bridge and VXLAN; the
+    /// bridge networks' NAT; `mesh_gwbridge`); the sandbox's own namespace,
+    /// its veths, VIP table and process need no lock.
     pub(super) async fn start_built(
         &self,
         rec: &mut Record,
@@ -268,45 +274,96 @@ impl Sandboxes {
         if let Some(a) = rec.networks.iter_mut().find(|a| !a.driver.is_cluster()) {
             a.default_route = true;
         }
-        let _kernel = dp.kernel.lock().await;
+        let mut steps = crate::timing::Steps::new();
+        let _slot = self
+            .starts
+            .acquire()
+            .await
+            .map_err(|_| SandboxesError::Refused("the daemon is shutting down".into()))?;
+        steps.mark("slot_wait");
         if rec.host_network {
             rec.netns = format!("{}-host", dp.prefix);
+            let _kernel = dp.kernel.lock().await;
             crate::netns::attach_current(&rec.netns)?;
         } else {
             sandbox::create_netns(&rec.netns).await?;
         }
+        steps.mark("netns");
         let cx = self.ctx(dp);
+        {
+            let _kernel = dp.kernel.lock().await;
+            for a in &rec.networks {
+                drivers::driver(a.driver).ensure(&cx, a).await?;
+            }
+        }
+        steps.mark("ensure");
         for a in &rec.networks {
-            drivers::wire(&cx, rec, a).await?;
+            drivers::driver(a.driver).attach(&cx, rec, a).await?;
         }
-        for kind in wiring::kinds_of(rec) {
-            drivers::driver(kind).settle(&cx).await?;
+        steps.mark("attach");
+        {
+            let kinds = wiring::kinds_of(rec);
+            let _kernel = dp.kernel.lock().await;
+            for kind in kinds {
+                drivers::driver(kind).settle(&cx).await?;
+            }
         }
+        steps.mark("settle");
         if gets_egress(rec, none) {
-            let ip = self.next_egress_ip()?;
-            Egress.attach(rec, ip)?;
+            let ip = self.reserve_egress_ip()?;
+            // Recorded at once, so a failure below gives it back.
             rec.egress_ip = Some(ip);
+            self.attach_egress(rec, ip, dp).await?;
         }
+        steps.mark("egress");
         if !rec.host_network && !none {
             let services = self.vip_services_for(rec);
             tokio::task::block_in_place(|| crate::vip::sync(&rec.netns, &services))
                 .map_err(|e| SandboxesError::Refused(format!("cannot set up service VIPs: {e}")))?;
+            self.vip_synced(&rec.netns, crate::vip::render(&services));
         }
+        steps.mark("vip");
         let dir = self.store.create_dir(&rec.id)?;
         rec.created_at = files::now();
+        let resolv_conf = if rec.host_network || none {
+            files::host_resolv_conf(&files::read_host_resolv_conf())
+        } else {
+            self.sandbox_dns(rec).await?
+        };
+        steps.mark("dns");
         rec.pid = sandbox::start(&sandbox::SandboxSpec {
             name: rec.name.clone(),
             netns: rec.netns.clone(),
             cmd: rec.cmd.clone(),
             env: rec.env.clone(),
             hosts: files::hosts_file(rec),
-            resolv_conf: if rec.host_network || none {
-                files::host_resolv_conf(&files::read_host_resolv_conf())
-            } else {
-                self.sandbox_dns(rec).await?
-            },
+            resolv_conf,
             dir,
         })?;
+        steps.mark("spawn");
+        debug!(sandbox = %rec.name, total_ms = format!("{:.1}", steps.total_ms()), "start: {}", steps.summary());
+        Ok(())
+    }
+
+    /// The sandbox's port on `mesh_gwbridge`. The bridge is made (under the
+    /// kernel lock) by the first start only; if it went missing since, the
+    /// port fails, and the bridge is made again before one more try.
+    async fn attach_egress(
+        &self,
+        rec: &Record,
+        ip: Ipv4Addr,
+        dp: &DataPath,
+    ) -> Result<(), SandboxesError> {
+        use std::sync::atomic::Ordering;
+        if self.gwbridge_ready.load(Ordering::Acquire) && Egress.attach_port(rec, ip).is_ok() {
+            return Ok(());
+        }
+        {
+            let _kernel = dp.kernel.lock().await;
+            Egress.ensure_bridge()?;
+            self.gwbridge_ready.store(true, Ordering::Release);
+        }
+        Egress.attach_port(rec, ip)?;
         Ok(())
     }
 
@@ -325,14 +382,18 @@ impl Sandboxes {
         {
             errors.push(e.to_string());
         }
-        // The resolver under the kernel lock: a reconcile pass between the
-        // two would serve it again, in a namespace about to go.
-        let kernel = dp.kernel.lock().await;
+        // Against a reconcile pass: one between the steps below would serve
+        // the resolver again, or rewire the sandbox, in a namespace about to
+        // go. Teardowns do not exclude each other.
+        let gate = self.gate.read().await;
         self.dns.stop_sandbox(&rec.id).await;
         let cx = self.ctx(dp);
-        for a in &rec.networks {
-            if let Err(e) = drivers::driver(a.driver).detach(&cx, rec, a).await {
-                errors.push(e.to_string());
+        {
+            let _kernel = dp.kernel.lock().await;
+            for a in &rec.networks {
+                if let Err(e) = drivers::driver(a.driver).detach(&cx, rec, a).await {
+                    errors.push(e.to_string());
+                }
             }
         }
         if rec.egress_ip.is_some()
@@ -346,7 +407,11 @@ impl Sandboxes {
         {
             errors.push(e.to_string());
         }
-        drop(kernel);
+        self.vip_forget(&rec.netns);
+        drop(gate);
+        if let Some(ip) = rec.egress_ip {
+            self.release_egress_ip(ip);
+        }
         if let Some(m) = managers {
             for a in rec.networks.iter().filter(|a| a.driver.is_cluster()) {
                 let r = wiring::detach_endpoint(m, &a.endpoint_id).await;

@@ -68,7 +68,15 @@ impl Sandboxes {
         let failed = if todo.is_empty() {
             Vec::new()
         } else {
-            tokio::task::block_in_place(|| crate::vip::sync_many(&todo))
+            let started = std::time::Instant::now();
+            let failed = tokio::task::block_in_place(|| crate::vip::sync_many(&todo));
+            tracing::debug!(
+                tables = todo.len(),
+                of = live.len(),
+                ms = started.elapsed().as_millis() as u64,
+                "synced VIP tables"
+            );
+            failed
         };
         let mut out = Repair::default();
         let mut applied = self.vip_applied.lock().unwrap_or_else(|e| e.into_inner());
@@ -79,9 +87,29 @@ impl Sandboxes {
                 e,
             ));
             rendered.remove(ns);
+            applied.remove(ns);
         }
-        *applied = rendered;
+        // Merged, not replaced: a sandbox being started (not listed yet)
+        // keeps what its start applied; teardown forgets its entry.
+        applied.extend(rendered);
         out
+    }
+
+    /// Notes the ruleset a start applied in `ns`, so the next pass does not
+    /// apply it again.
+    pub(super) fn vip_synced(&self, ns: &str, text: String) {
+        self.vip_applied
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(ns.to_string(), text);
+    }
+
+    /// Forgets a namespace that is going.
+    pub(super) fn vip_forget(&self, ns: &str) {
+        self.vip_applied
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(ns);
     }
 }
 
