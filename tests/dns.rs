@@ -131,6 +131,25 @@ fn names_resolve_across_nodes_scoped_by_network() -> Result<()> {
         dig_answers(&dig(&lab, "node3", "client", "+tcp web")?) == vec![web.clone()],
         "TCP"
     );
+    // Docker's `<name>.<network>`: names, aliases and tasks.NAME qualified
+    // by the network's name; another network's qualified name stays hidden.
+    for q in ["web.app", "WWW.App.", "tasks.web.app"] {
+        ensure!(
+            dig_answers(&dig(&lab, "node3", "client", q)?) == vec![web.clone()],
+            "qualified {q}"
+        );
+    }
+    ensure!(
+        dig_status(&dig(&lab, "node3", "client", "db.other")?) == "NXDOMAIN",
+        "db.other leaked across networks"
+    );
+    // With and without EDNS, and an EDNS size below 512.
+    for opts in ["+noedns web", "+bufsize=1232 web", "+bufsize=100 web"] {
+        ensure!(
+            dig_answers(&dig(&lab, "node3", "client", opts)?) == vec![web.clone()],
+            "{opts}"
+        );
+    }
     let aaaa = dig(&lab, "node3", "client", "AAAA web")?;
     ensure!(
         dig_status(&aaaa) == "NOERROR" && dig_answers(&aaaa).is_empty(),
@@ -252,6 +271,10 @@ fn names_on_a_local_bridge() -> Result<()> {
                 .then_some(())
         },
     )?;
+    ensure!(
+        dig_answers(&dig(&lab, "node1", "beta", "alpha.mine")?) == vec![alpha.clone()],
+        "alpha.mine"
+    );
     let ping = lab.mesh(
         "node1",
         &["exec", "beta", "--", "ping", "-c1", "-W1", "alpha"],

@@ -2,7 +2,8 @@
 //! [`answer`]'s decision and that decision into a response, or relays the
 //! query upstream. Shared by UDP (hickory's server) and TCP (our loop).
 
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use hickory_proto::op::MessageType;
 use hickory_proto::op::{Edns, Header, HeaderCounts, Message, Metadata, OpCode, ResponseCode};
@@ -16,7 +17,7 @@ use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
 use super::forward::Forwarder;
-use super::records::{Answer, Records, SandboxNetwork, answer, forward_or_refuse};
+use super::records::{Answer, Records, SandboxNetwork, SandboxTable, forward_or_refuse};
 
 /// TTL of the answers we give ourselves: 600 s, Docker's value, so tools
 /// behave as they do under Docker. It is safe because stub resolvers in
@@ -37,8 +38,21 @@ pub(super) struct Shared {
     /// Swapped whole by `set_records`; handlers clone the `Arc` per query so
     /// an update never blocks or tears a lookup.
     pub(super) records: RwLock<Arc<Records>>,
+    /// Bumped after every change of the records or of any sandbox's
+    /// networks; a sandbox's table built at another generation is stale.
+    pub(super) generation: AtomicU64,
     pub(super) forwarder: Forwarder,
 }
+
+impl Shared {
+    /// Marks every sandbox's table stale (after the change is stored).
+    pub(super) fn changed(&self) {
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+}
+
+/// A sandbox's [`SandboxTable`] with the generation it was built at.
+pub(super) type Table = (u64, Arc<SandboxTable>);
 
 /// Answers the queries of one sandbox, over UDP (through hickory) and TCP
 /// (our own accept loop); both share its state, so the caps are per
@@ -51,6 +65,8 @@ pub(super) struct SandboxHandler {
     /// Caps this sandbox's forwarded queries in flight, UDP and TCP
     /// together ([`MAX_INFLIGHT_FORWARDS`]).
     pub(super) inflight: Arc<Semaphore>,
+    /// The sandbox's table, built on the first query after a change.
+    pub(super) table: Arc<Mutex<Option<Table>>>,
 }
 
 /// The networks of a served sandbox, read on every query so attach/detach
@@ -80,6 +96,43 @@ fn servfail_info(request: &Request) -> ResponseInfo {
 }
 
 impl SandboxHandler {
+    /// The sandbox's current table: the cached one if nothing changed since
+    /// it was built, else a new one. The generation is read before the
+    /// records and networks, so a change racing the build only makes the
+    /// next query build again.
+    pub(super) fn table(&self) -> Table {
+        let generation = self.shared.generation.load(Ordering::Acquire);
+        let mut cache = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = cache.as_ref().filter(|(g, _)| *g == generation) {
+            return t.clone();
+        }
+        let records = self
+            .shared
+            .records
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let networks = self
+            .networks
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let t = (
+            generation,
+            Arc::new(SandboxTable::build(&records, &networks)),
+        );
+        *cache = Some(t.clone());
+        t
+    }
+
+    /// Refreshes a table held by a loop if it is stale: one atomic load
+    /// when nothing changed.
+    pub(super) fn refresh(&self, t: &mut Table) {
+        if self.shared.generation.load(Ordering::Acquire) != t.0 {
+            *t = self.table();
+        }
+    }
+
     async fn send_error<R: ResponseHandler>(
         &self,
         request: &Request,
@@ -193,24 +246,20 @@ impl RequestHandler for SandboxHandler {
         };
         let qtype = info.query.query_type();
         let qname = info.query.name().to_string();
-        let decision = {
+        let decision = if info.query.query_class() == DNSClass::IN {
+            let name = qname.trim_end_matches('.').to_ascii_lowercase();
+            self.table()
+                .1
+                .lookup(name.as_bytes(), u16::from(qtype))
+                .to_answer()
+        } else {
+            // CHAOS, HESIOD...: never ours.
             let networks = self
                 .networks
                 .read()
                 .unwrap_or_else(|p| p.into_inner())
                 .clone();
-            if info.query.query_class() == DNSClass::IN {
-                let records = self
-                    .shared
-                    .records
-                    .read()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .clone();
-                answer(&records, &networks, &qname, qtype)
-            } else {
-                // CHAOS, HESIOD...: never ours.
-                forward_or_refuse(&networks)
-            }
+            forward_or_refuse(&networks)
         };
         debug!(sandbox = %self.sandbox_id, %qname, %qtype, ?decision, "DNS query");
 

@@ -26,6 +26,7 @@
 
 use std::net::Ipv4Addr;
 
+mod batch;
 mod forward;
 mod handler;
 mod raw;
@@ -34,10 +35,12 @@ mod resolv_conf;
 mod server;
 mod tcp;
 mod udp;
+mod wire;
 
 pub use handler::{MAX_INFLIGHT_FORWARDS, TTL};
 pub use records::{
-    Answer, NetworkRecords, Records, SandboxNetwork, answer, forward_or_refuse, may_forward,
+    Answer, Lookup, NetworkRecords, Records, SandboxNetwork, SandboxTable, answer,
+    forward_or_refuse, may_forward,
 };
 pub use resolv_conf::{sandbox_resolv_conf, upstreams_from_resolv_conf};
 pub use server::{DnsError, DnsServer};

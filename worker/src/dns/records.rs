@@ -3,7 +3,7 @@
 //! [`Records`] from the managers' view, and [`answer`] is tested inline
 //! without a server.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
 
 use hickory_proto::rr::RecordType;
@@ -13,6 +13,9 @@ use hickory_proto::rr::RecordType;
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct NetworkRecords {
     pub network_id: String,
+    /// The network's name: every name on it also answers as
+    /// `<name>.<network name>`, as in Docker. Empty: no qualified names.
+    pub network_name: String,
     /// Name (sandbox name, `--network-alias`, later service name) to its
     /// addresses on this network. Keys are matched case-insensitively once
     /// normalized (see [`Records::normalized`]; the `insert_*` helpers and
@@ -48,8 +51,18 @@ impl NetworkRecords {
         push_unique(self.names.entry(normalize(alias)).or_default(), ip);
     }
 
+    /// Empty records for `network_id`, whose names also answer qualified
+    /// by `network_name` (`web.front`).
+    pub fn named(network_id: impl Into<String>, network_name: &str) -> Self {
+        NetworkRecords {
+            network_id: network_id.into(),
+            network_name: normalize(network_name),
+            ..Default::default()
+        }
+    }
+
     fn normalized(self) -> Self {
-        let mut out = NetworkRecords::new(self.network_id);
+        let mut out = NetworkRecords::named(self.network_id, &self.network_name);
         for (name, ips) in self.names {
             let entry = out.names.entry(normalize(&name)).or_default();
             for ip in ips {
@@ -156,13 +169,34 @@ pub enum Answer {
 /// Answers `qname`/`qtype` for a sandbox attached to `networks`, from
 /// normalized `records` (see [`Records::normalized`]). What would be
 /// forwarded is [`Answer::Refused`] instead when every network is internal
-/// ([`may_forward`]).
+/// ([`may_forward`]). The rules are [`SandboxTable`]'s; this builds one
+/// table per call, which the server does only once per change.
+pub fn answer(
+    records: &Records,
+    networks: &[SandboxNetwork],
+    qname: &str,
+    qtype: RecordType,
+) -> Answer {
+    let name = normalize(qname);
+    SandboxTable::build(records, networks)
+        .lookup(name.as_bytes(), u16::from(qtype))
+        .to_answer()
+}
+
+/// What one sandbox can resolve, precomputed from the records and its
+/// networks so a query is one hash lookup by its lowercase name bytes, with
+/// no allocation. Rebuilt (lazily, by the sandbox's loop) when the records
+/// or the sandbox's networks change, never per query.
 ///
 /// Rules, Docker's:
 /// - names match case-insensitively, with or without the trailing dot;
 /// - only records of the asking sandbox's networks are visible; a name that
 ///   exists only on other networks gets NXDOMAIN rather than going upstream,
 ///   which would leak it and could return an unrelated public address;
+/// - every name of a visible network also answers as `<name>.<network>`
+///   (Docker's `container_name.network_name`, aliases and services alike,
+///   `tasks.<service>.<network>` too); a plain name that exists wins over
+///   a qualified reading of it, as Docker tries the whole name first;
 /// - a single-label name found nowhere is NXDOMAIN too (it cannot exist
 ///   upstream); any other unknown name is forwarded;
 /// - `tasks.<name>` gives all addresses of `<name>` (for services, the task
@@ -170,112 +204,187 @@ pub enum Answer {
 /// - `d.c.b.a.in-addr.arpa` PTR is answered for addresses on the sandbox's
 ///   networks and forwarded otherwise;
 /// - a known name asked for another type than A gets NODATA.
-pub fn answer(
-    records: &Records,
-    networks: &[SandboxNetwork],
-    qname: &str,
-    qtype: RecordType,
-) -> Answer {
-    match local_answer(records, networks, qname, qtype) {
-        Answer::Forward => forward_or_refuse(networks),
-        a => a,
-    }
+#[derive(Debug, Default)]
+pub struct SandboxTable {
+    names: HashMap<Box<[u8]>, Entry>,
+    /// Address to PTR target, without the trailing dot.
+    reverse: HashMap<Ipv4Addr, Box<str>>,
+    may_forward: bool,
 }
 
-/// [`answer`] without the forwarding policy: what our records say.
-fn local_answer(
-    records: &Records,
-    networks: &[SandboxNetwork],
-    qname: &str,
-    qtype: RecordType,
-) -> Answer {
-    let name = normalize(qname);
-    if name.is_empty() {
-        return Answer::Forward;
-    }
-    let visible: Vec<&NetworkRecords> = networks
-        .iter()
-        .filter_map(|n| records.networks.get(&n.id))
-        .collect();
+#[derive(Debug)]
+enum Entry {
+    /// Visible: these addresses, merged over the networks in order.
+    Visible(Vec<Ipv4Addr>),
+    /// Known only on networks the sandbox is not on.
+    Hidden,
+}
 
-    if let Some(ip) = parse_reverse(&name) {
-        if qtype == RecordType::PTR {
-            return match ptr_for(&visible, ip) {
-                Some(target) => Answer::Ptr(format!("{target}.")),
-                None => Answer::Forward,
-            };
+/// [`SandboxTable::lookup`]'s decision, borrowing from the table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lookup<'a> {
+    Records(&'a [Ipv4Addr]),
+    /// PTR target without the trailing dot.
+    Ptr(&'a str),
+    NoData,
+    NxDomain,
+    Forward,
+    Refused,
+}
+
+impl Lookup<'_> {
+    /// The owned [`Answer`].
+    pub fn to_answer(self) -> Answer {
+        match self {
+            Lookup::Records(ips) => Answer::Records(ips.to_vec()),
+            Lookup::Ptr(target) => Answer::Ptr(format!("{target}.")),
+            Lookup::NoData => Answer::NoData,
+            Lookup::NxDomain => Answer::NxDomain,
+            Lookup::Forward => Answer::Forward,
+            Lookup::Refused => Answer::Refused,
         }
-        return Answer::Forward;
-    }
-
-    let mut found = lookup(&visible, &name);
-    if found.is_none()
-        && let Some(base) = name.strip_prefix("tasks.")
-    {
-        found = lookup(&visible, base);
-    }
-    if let Some(ips) = found {
-        return match qtype {
-            RecordType::A | RecordType::ANY => Answer::Records(ips),
-            _ => Answer::NoData,
-        };
-    }
-
-    let elsewhere = records.networks.values().any(|n| {
-        n.names.contains_key(&name)
-            || name
-                .strip_prefix("tasks.")
-                .is_some_and(|base| n.names.contains_key(base))
-    });
-    if elsewhere || !name.contains('.') {
-        Answer::NxDomain
-    } else {
-        Answer::Forward
     }
 }
 
-/// Addresses of `name` on the visible networks, in network order, without
-/// duplicates; `None` if no visible network knows the name.
-fn lookup(visible: &[&NetworkRecords], name: &str) -> Option<Vec<Ipv4Addr>> {
-    let mut out: Option<Vec<Ipv4Addr>> = None;
-    for net in visible {
-        if let Some(ips) = net.names.get(name) {
-            let acc = out.get_or_insert_with(Vec::new);
-            for ip in ips {
-                push_unique(acc, *ip);
+const TYPE_A: u16 = 1;
+const TYPE_PTR: u16 = 12;
+const TYPE_ANY: u16 = 255;
+
+impl SandboxTable {
+    /// The table of a sandbox on `networks`, from normalized `records`.
+    pub fn build(records: &Records, networks: &[SandboxNetwork]) -> Self {
+        let visible: Vec<&NetworkRecords> = networks
+            .iter()
+            .filter_map(|n| records.networks.get(&n.id))
+            .collect();
+        let mut names: HashMap<Box<[u8]>, Entry> = HashMap::new();
+        fn add_visible(names: &mut HashMap<Box<[u8]>, Entry>, key: &str, ips: &[Ipv4Addr]) {
+            let entry = names
+                .entry(key.as_bytes().into())
+                .or_insert_with(|| Entry::Visible(Vec::new()));
+            if let Entry::Visible(acc) = entry {
+                for ip in ips {
+                    push_unique(acc, *ip);
+                }
             }
         }
-    }
-    out
-}
+        // Plain names first: they win over a qualified reading.
+        for net in &visible {
+            for (name, ips) in &net.names {
+                add_visible(&mut names, name, ips);
+            }
+        }
+        let mut qualified: Vec<(String, &[Ipv4Addr])> = Vec::new();
+        for net in visible.iter().filter(|n| !n.network_name.is_empty()) {
+            for (name, ips) in &net.names {
+                qualified.push((format!("{name}.{}", net.network_name), ips));
+            }
+        }
+        let plain: std::collections::HashSet<Box<[u8]>> = names.keys().cloned().collect();
+        for (key, ips) in qualified {
+            if !plain.contains(key.as_bytes()) {
+                add_visible(&mut names, &key, ips);
+            }
+        }
+        // Names of the other networks, plain and qualified: NXDOMAIN.
+        let shown: Vec<&str> = networks.iter().map(|n| n.id.as_str()).collect();
+        for net in records
+            .networks
+            .values()
+            .filter(|n| !shown.contains(&n.network_id.as_str()))
+        {
+            for name in net.names.keys() {
+                names.entry(name.as_bytes().into()).or_insert(Entry::Hidden);
+                if !net.network_name.is_empty() {
+                    names
+                        .entry(format!("{name}.{}", net.network_name).into_bytes().into())
+                        .or_insert(Entry::Hidden);
+                }
+            }
+        }
 
-fn ptr_for<'a>(visible: &[&'a NetworkRecords], ip: Ipv4Addr) -> Option<&'a str> {
-    let explicit = visible
-        .iter()
-        .find_map(|n| n.reverse.get(&ip).and_then(|names| names.first()));
-    explicit
-        .or_else(|| {
-            visible.iter().find_map(|n| {
-                n.names
-                    .iter()
-                    .find(|(_, ips)| ips.contains(&ip))
-                    .map(|(name, _)| name)
-            })
-        })
-        .map(String::as_str)
+        // Reverse: explicit entries (a sandbox's own name) first, then the
+        // first name carrying the address.
+        let mut reverse: HashMap<Ipv4Addr, Box<str>> = HashMap::new();
+        for net in &visible {
+            for (ip, targets) in &net.reverse {
+                if let Some(t) = targets.first() {
+                    reverse.entry(*ip).or_insert_with(|| t.as_str().into());
+                }
+            }
+        }
+        for net in &visible {
+            for (name, ips) in &net.names {
+                for ip in ips {
+                    reverse.entry(*ip).or_insert_with(|| name.as_str().into());
+                }
+            }
+        }
+        SandboxTable {
+            names,
+            reverse,
+            may_forward: may_forward(networks),
+        }
+    }
+
+    /// The decision for a normalized name (lowercase, no trailing dot) and
+    /// a query type, forwarding policy included.
+    pub fn lookup(&self, name: &[u8], qtype: u16) -> Lookup<'_> {
+        match self.local(name, qtype) {
+            Lookup::Forward if !self.may_forward => Lookup::Refused,
+            l => l,
+        }
+    }
+
+    fn local(&self, name: &[u8], qtype: u16) -> Lookup<'_> {
+        if name.is_empty() {
+            return Lookup::Forward;
+        }
+        if name.ends_with(b".in-addr.arpa")
+            && let Some(ip) = std::str::from_utf8(name).ok().and_then(parse_reverse)
+        {
+            if qtype == TYPE_PTR
+                && let Some(target) = self.reverse.get(&ip)
+            {
+                return Lookup::Ptr(target);
+            }
+            return Lookup::Forward;
+        }
+        let exact = self.names.get(name);
+        let base = name
+            .strip_prefix(b"tasks.")
+            .and_then(|base| self.names.get(base));
+        let found = match (exact, base) {
+            (Some(Entry::Visible(ips)), _) | (_, Some(Entry::Visible(ips))) => Some(ips),
+            _ => None,
+        };
+        if let Some(ips) = found {
+            return match qtype {
+                TYPE_A | TYPE_ANY => Lookup::Records(ips),
+                _ => Lookup::NoData,
+            };
+        }
+        if exact.is_some() || base.is_some() || !name.contains(&b'.') {
+            Lookup::NxDomain
+        } else {
+            Lookup::Forward
+        }
+    }
 }
 
 /// `d.c.b.a.in-addr.arpa` (normalized) to `a.b.c.d`; anything else (a
 /// partial reverse zone, IPv6) is not an address we could hold.
+/// Allocation-free, as it runs on the query path.
 fn parse_reverse(name: &str) -> Option<Ipv4Addr> {
     let rest = name.strip_suffix(".in-addr.arpa")?;
-    let octets: Vec<u8> = rest
-        .split('.')
-        .map(|l| l.parse::<u8>().ok())
-        .collect::<Option<_>>()?;
-    match octets.as_slice() {
-        [d, c, b, a] => Some(Ipv4Addr::new(*a, *b, *c, *d)),
-        _ => None,
+    let mut labels = rest.split('.');
+    let mut octets = [0u8; 4];
+    for o in octets.iter_mut().rev() {
+        *o = labels.next()?.parse().ok()?;
+    }
+    match labels.next() {
+        Some(_) => None,
+        None => Some(Ipv4Addr::from(octets)),
     }
 }
 
@@ -517,5 +626,79 @@ mod tests {
         assert_eq!(n.names.len(), 1);
         assert_eq!(n.names["web"], vec![ip("10.0.0.1"), ip("10.0.0.2")]);
         assert_eq!(n.reverse[&ip("10.0.0.1")], vec!["web".to_string()]);
+    }
+
+    #[test]
+    fn names_qualified_by_network_name() {
+        let mut front = NetworkRecords::named("f", "Front");
+        front.insert_sandbox("web", ip("10.0.1.2"));
+        front.insert_alias("tasks.api", ip("10.0.1.5"));
+        // A plain name that reads like a qualified one wins over it.
+        front.insert_alias("db.front", ip("10.0.1.9"));
+        let mut back = NetworkRecords::named("b", "back");
+        back.insert_sandbox("db", ip("10.0.2.5"));
+        back.insert_sandbox("web", ip("10.0.2.2"));
+        let mut unnamed = NetworkRecords::new("u");
+        unnamed.insert_sandbox("x", ip("10.0.3.3"));
+        let mut r = Records::default();
+        r.networks.insert("f".into(), front);
+        r.networks.insert("b".into(), back);
+        r.networks.insert("u".into(), unnamed);
+        let r = r.normalized();
+        let f = on(&["f"]);
+        assert_eq!(
+            answer(&r, &f, "WEB.front.", RecordType::A),
+            Answer::Records(vec![ip("10.0.1.2")])
+        );
+        assert_eq!(
+            answer(&r, &f, "tasks.api.front", RecordType::A),
+            Answer::Records(vec![ip("10.0.1.5")])
+        );
+        assert_eq!(
+            answer(&r, &f, "db.front", RecordType::A),
+            Answer::Records(vec![ip("10.0.1.9")])
+        );
+        assert_eq!(
+            answer(&r, &f, "web.front", RecordType::AAAA),
+            Answer::NoData
+        );
+        // Qualified by a network the sandbox is not on: NXDOMAIN, never
+        // forwarded; by a network that does not exist: forwarded.
+        assert_eq!(answer(&r, &f, "web.back", RecordType::A), Answer::NxDomain);
+        assert_eq!(answer(&r, &f, "db.back", RecordType::A), Answer::NxDomain);
+        assert_eq!(answer(&r, &f, "web.nosuch", RecordType::A), Answer::Forward);
+        // On both: each qualified name gives its own network's address.
+        let both = on(&["f", "b"]);
+        assert_eq!(
+            answer(&r, &both, "web.back", RecordType::A),
+            Answer::Records(vec![ip("10.0.2.2")])
+        );
+        assert_eq!(
+            answer(&r, &both, "web", RecordType::A),
+            Answer::Records(vec![ip("10.0.1.2"), ip("10.0.2.2")])
+        );
+        // A network without a name has no qualified names.
+        assert_eq!(
+            answer(&r, &on(&["u"]), "x.", RecordType::A),
+            Answer::Records(vec![ip("10.0.3.3")])
+        );
+    }
+
+    #[test]
+    fn reverse_names_parse_exactly_four_octets() {
+        assert_eq!(
+            parse_reverse("4.3.2.1.in-addr.arpa"),
+            Some(Ipv4Addr::new(1, 2, 3, 4))
+        );
+        for bad in [
+            "5.4.3.2.1.in-addr.arpa",
+            "3.2.1.in-addr.arpa",
+            "256.3.2.1.in-addr.arpa",
+            "a.3.2.1.in-addr.arpa",
+            "4.3.2.1.ip6.arpa",
+            ".in-addr.arpa",
+        ] {
+            assert_eq!(parse_reverse(bad), None, "{bad}");
+        }
     }
 }

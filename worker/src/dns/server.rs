@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -85,6 +86,7 @@ impl DnsServer {
         Arc::new(DnsServer {
             shared: Arc::new(Shared {
                 records: RwLock::new(Arc::new(Records::default())),
+                generation: AtomicU64::new(0),
                 forwarder: Forwarder { upstreams, timeout },
             }),
             sandboxes: Mutex::new(HashMap::new()),
@@ -92,14 +94,20 @@ impl DnsServer {
         })
     }
 
-    /// Replaces all records at once (normalized first).
+    /// Replaces all records at once (normalized first). The agent calls
+    /// this on every view, mostly with the same records: only a real change
+    /// makes the sandboxes' tables stale (each rebuild walks every name).
     pub fn set_records(&self, r: Records) {
-        let r = Arc::new(r.normalized());
-        *self
+        let r = r.normalized();
+        let mut current = self
             .shared
             .records
             .write()
-            .unwrap_or_else(|p| p.into_inner()) = r;
+            .unwrap_or_else(|p| p.into_inner());
+        if **current != r {
+            *current = Arc::new(r);
+            self.shared.changed();
+        }
     }
 
     /// Serves the sandbox `sandbox_id`, whose network namespace is `netns`,
@@ -124,7 +132,7 @@ impl DnsServer {
                 .is_some_and(|s| s.serving());
             match map.get(sandbox_id) {
                 Some(s) if current => {
-                    set_networks(&s.networks, networks);
+                    set_networks(&self.shared, &s.networks, networks);
                     return Ok(());
                 }
                 // Moved, or a loop ended: serve it anew.
@@ -159,6 +167,7 @@ impl DnsServer {
             shared: self.shared.clone(),
             networks: networks.clone(),
             inflight: Arc::new(Semaphore::new(MAX_INFLIGHT_FORWARDS)),
+            table: Arc::default(),
         };
         // Neither loop is hickory's: its TCP listener takes every
         // connection, with no cap, and its UDP loop drops answers that do
@@ -185,7 +194,7 @@ impl DnsServer {
     /// sandboxes are ignored (the next `serve_sandbox` brings them).
     pub fn update_sandbox_networks(&self, sandbox_id: &str, networks: Vec<SandboxNetwork>) {
         if let Some(s) = self.lock_sandboxes().get(sandbox_id) {
-            set_networks(&s.networks, networks);
+            set_networks(&self.shared, &s.networks, networks);
         }
     }
 
@@ -212,8 +221,18 @@ impl DnsServer {
     }
 }
 
-fn set_networks(slot: &RwLock<Arc<[SandboxNetwork]>>, networks: Vec<SandboxNetwork>) {
-    *slot.write().unwrap_or_else(|p| p.into_inner()) = Arc::from(networks);
+fn set_networks(
+    shared: &Shared,
+    slot: &RwLock<Arc<[SandboxNetwork]>>,
+    networks: Vec<SandboxNetwork>,
+) {
+    let mut current = slot.write().unwrap_or_else(|p| p.into_inner());
+    // The agent re-serves every sandbox each pass: only a real change
+    // makes the tables stale.
+    if **current != *networks {
+        *current = Arc::from(networks);
+        shared.changed();
+    }
 }
 
 async fn shutdown(sandbox_id: &str, mut served: Served) {

@@ -43,7 +43,7 @@ pub fn records(
             records
                 .networks
                 .entry(a.network_id.clone())
-                .or_insert_with(|| NetworkRecords::new(a.network_id.clone()))
+                .or_insert_with(|| NetworkRecords::named(a.network_id.clone(), &a.network))
                 .insert_sandbox(&rec.name, a.ip);
         }
     }
@@ -52,7 +52,7 @@ pub fn records(
 
 /// One cluster network's names. Addresses that do not parse are left out.
 fn network_records(net: &mesh_proto::NetworkAssignment) -> NetworkRecords {
-    let mut r = NetworkRecords::new(net.id.clone());
+    let mut r = NetworkRecords::named(net.id.clone(), &net.name);
     let endpoints = net
         .local
         .iter()
