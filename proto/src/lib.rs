@@ -6,6 +6,8 @@ mod generated {
     tonic::include_proto!("mesh");
 }
 pub use generated::*;
+/// The encoding the messages use, for the crates that measure them.
+pub use prost;
 
 /// Digest of what a node view asks of the kernel (its generation aside).
 /// A node reports it with the generation it applied; a manager compares it
