@@ -131,7 +131,9 @@ pub struct InitArgs {
     #[arg(long = "dispatcher-heartbeat", value_parser = parse_liveness_duration)]
     pub dispatcher_heartbeat: Option<std::time::Duration>,
     /// Silence after which a node is Down and its tasks move elsewhere
-    /// (e.g. 800ms, 30s; at least 3 heartbeats; default 4 heartbeats).
+    /// (e.g. 800ms, 30s; at least 3 heartbeats; default 4 heartbeats). A
+    /// node whose host still answers (its daemon restarting; its tasks run
+    /// on) gets 5s more.
     #[arg(long = "node-down-grace", value_parser = parse_liveness_duration)]
     pub node_down_grace: Option<std::time::Duration>,
 }

@@ -299,6 +299,40 @@ impl Drop for BeatInFlight<'_> {
     }
 }
 
+/// How much longer than the grace a silent node stays Ready while its host
+/// still answers: a daemon restart (about 0.7 s here) or a starved daemon
+/// must not cost the node its tasks, which keep running meanwhile.
+pub const HOST_UP_GRACE: Duration = Duration::from_secs(5);
+/// How long a probe of a silent node's host may take: a host on the same
+/// network refuses or accepts within milliseconds.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(150);
+
+/// Where to knock on a node's host: its cluster port (a manager accepts,
+/// a worker's kernel refuses; both prove the host is up).
+fn probe_target(n: &Node) -> Option<std::net::SocketAddr> {
+    if let Ok(a) = n.manager_addr.parse() {
+        return Some(a);
+    }
+    let ip: IpAddr = n.addr.parse().ok()?;
+    Some(std::net::SocketAddr::new(ip, PROBE_PORT))
+}
+
+/// The port probed on a worker: the default cluster port; nothing needs to
+/// listen there, a refusal is the answer.
+const PROBE_PORT: u16 = 2377;
+
+/// Whether the host answers a TCP connect at all: accepted or refused
+/// (RST) both mean its kernel runs; a timeout or an unreachable route do
+/// not, and neither does a firewall that drops the probe, so such a host
+/// is treated as before (Down after the grace).
+async fn host_answers(to: std::net::SocketAddr) -> bool {
+    match tokio::time::timeout(PROBE_TIMEOUT, tokio::net::TcpStream::connect(to)).await {
+        Ok(Ok(_)) => true,
+        Ok(Err(e)) => e.kind() == std::io::ErrorKind::ConnectionRefused,
+        Err(_) => false,
+    }
+}
+
 /// How often the monitor looks: a small part of the grace, so detection
 /// costs at most that much beyond it.
 fn monitor_tick(grace: Duration) -> Duration {
@@ -345,6 +379,9 @@ pub(super) async fn monitor(mgr: std::sync::Weak<Manager>, mut stop: watch::Rece
     // The leader seen before this manager took over: most likely dead.
     let mut previous_leader: Option<u64> = None;
     let mut last_tick = Instant::now();
+    // Silent nodes whose host still answered a probe: since when, and when
+    // it was last asked.
+    let mut answering: HashMap<String, (Instant, Instant)> = HashMap::new();
     let mut tick = Duration::from_millis(200);
     loop {
         tokio::select! {
@@ -427,8 +464,41 @@ pub(super) async fn monitor(mgr: std::sync::Weak<Manager>, mut stop: watch::Rece
                 )
             })
         };
-        for id in silent {
-            info!(node = %id, ?grace, "no heartbeat within the grace: marking node down");
+        answering.retain(|id, _| silent.contains(id));
+        // A host that answered is asked again once per grace, not every
+        // tick: a paused daemon's listen queue must not fill with probes.
+        let probes = silent.iter().map(|id| {
+            let recent = answering
+                .get(id)
+                .is_some_and(|(_, checked)| checked.elapsed() < grace);
+            let target = mgr.read(|s| s.nodes.get(id).and_then(probe_target));
+            async move {
+                match target {
+                    _ if recent => true,
+                    Some(t) => host_answers(t).await,
+                    None => false,
+                }
+            }
+        });
+        let answers = futures::future::join_all(probes).await;
+        for (id, host_up) in silent.into_iter().zip(answers) {
+            if host_up {
+                // The daemon is gone but its host answers: a restart, or a
+                // daemon too busy to beat. Its tasks run on the kernel's
+                // state meanwhile, so moving them would only cost.
+                let probed = Instant::now();
+                let (since, checked) = answering.entry(id.clone()).or_insert((probed, probed));
+                if checked.elapsed() >= grace {
+                    *checked = probed;
+                }
+                if since.elapsed() < HOST_UP_GRACE {
+                    continue;
+                }
+                info!(node = %id, ?grace, "host answers but its daemon has not for {HOST_UP_GRACE:?} more: marking node down");
+            } else {
+                info!(node = %id, ?grace, "no heartbeat within the grace and the host does not answer: marking node down");
+            }
+            answering.remove(&id);
             let cmd = Command::SetNodeState {
                 id,
                 state: NodeState::Down,
@@ -522,6 +592,36 @@ mod bounded_tests {
         let ready = ["fresh", "edge", "silent", "slow-reply", "never"];
         let down = silent_nodes(ready.into_iter(), &seen, &in_flight, now, grace);
         assert_eq!(down, ["silent", "never"]);
+    }
+
+    #[tokio::test]
+    async fn a_host_answers_when_it_accepts_or_refuses_not_when_silent() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let open = l.local_addr().expect("addr");
+        assert!(host_answers(open).await, "accepting host");
+        drop(l);
+        assert!(host_answers(open).await, "refusing host (nothing listens)");
+        // TEST-NET-1 is never routed: no answer within the timeout.
+        let nowhere: std::net::SocketAddr = "192.0.2.1:2377".parse().expect("addr");
+        let t = Instant::now();
+        assert!(!host_answers(nowhere).await, "silent host");
+        assert!(t.elapsed() < PROBE_TIMEOUT + Duration::from_millis(500));
+    }
+
+    #[test]
+    fn probes_go_to_the_cluster_port_or_the_default_one() {
+        let mut n = Node {
+            addr: "192.168.1.12".into(),
+            ..Default::default()
+        };
+        assert_eq!(probe_target(&n), "192.168.1.12:2377".parse().ok());
+        n.manager_addr = "192.168.1.11:4000".into();
+        assert_eq!(probe_target(&n), "192.168.1.11:4000".parse().ok());
+        n.manager_addr.clear();
+        n.addr = "not an ip".into();
+        assert_eq!(probe_target(&n), None);
     }
 
     #[test]
