@@ -70,25 +70,25 @@ pub fn parse_health_retries(s: &str) -> Result<u32, String> {
 pub struct HealthArgs {
     /// Command to check health, run with /bin/sh -c in the task (exit 0 =
     /// healthy); on update, "" removes the check.
-    #[arg(long = "health-cmd", value_name = "CMD")]
+    #[arg(long = "health-cmd", id = "health-cmd", value_name = "CMD")]
     pub cmd: Option<String>,
     /// Time between checks (e.g. 5s; 0 = default 30s).
-    #[arg(long = "health-interval", value_name = "DURATION", allow_hyphen_values = true, value_parser = parse_health_duration)]
+    #[arg(long = "health-interval", id = "health-interval", value_name = "DURATION", allow_hyphen_values = true, value_parser = parse_health_duration)]
     pub interval: Option<Duration>,
     /// Longest a check may run (0 = default 30s).
-    #[arg(long = "health-timeout", value_name = "DURATION", allow_hyphen_values = true, value_parser = parse_health_duration)]
+    #[arg(long = "health-timeout", id = "health-timeout", value_name = "DURATION", allow_hyphen_values = true, value_parser = parse_health_duration)]
     pub timeout: Option<Duration>,
     /// Consecutive failures that make a task unhealthy (0 = default 3).
-    #[arg(long = "health-retries", value_name = "N", allow_hyphen_values = true, value_parser = parse_health_retries)]
+    #[arg(long = "health-retries", id = "health-retries", value_name = "N", allow_hyphen_values = true, value_parser = parse_health_retries)]
     pub retries: Option<u32>,
     /// Start-up time in which failures do not count until a check passes.
-    #[arg(long = "health-start-period", value_name = "DURATION", allow_hyphen_values = true, value_parser = parse_health_duration)]
+    #[arg(long = "health-start-period", id = "health-start-period", value_name = "DURATION", allow_hyphen_values = true, value_parser = parse_health_duration)]
     pub start_period: Option<Duration>,
     /// Time between checks until the first passes (0 = default 5s).
-    #[arg(long = "health-start-interval", value_name = "DURATION", allow_hyphen_values = true, value_parser = parse_health_duration)]
+    #[arg(long = "health-start-interval", id = "health-start-interval", value_name = "DURATION", allow_hyphen_values = true, value_parser = parse_health_duration)]
     pub start_interval: Option<Duration>,
     /// Run no health check.
-    #[arg(long = "no-healthcheck")]
+    #[arg(long = "no-healthcheck", id = "no-healthcheck")]
     pub no_healthcheck: bool,
 }
 
@@ -272,6 +272,39 @@ mod tests {
         };
         assert!(both.for_create().is_err());
         assert!(both.for_update().is_err());
+    }
+
+    #[test]
+    fn health_flags_parse_beside_the_command() {
+        use crate::cli::{Cli, Cmd, ServiceCmd};
+        use clap::Parser;
+        let cli = Cli::try_parse_from([
+            "mesh",
+            "service",
+            "create",
+            "--name",
+            "s",
+            "--health-cmd",
+            "curl -f x",
+            "--health-retries",
+            "2",
+            "--",
+            "sleep",
+            "1",
+        ])
+        .expect("parses");
+        let Cmd::Service(ServiceCmd::Create(a)) = cli.cmd else {
+            panic!("not service create");
+        };
+        assert_eq!(a.cmd, ["sleep", "1"]);
+        assert_eq!(a.health.cmd.as_deref(), Some("curl -f x"));
+        assert_eq!(a.health.retries, Some(2));
+        let cli = Cli::try_parse_from(["mesh", "service", "update", "--no-healthcheck", "web"])
+            .expect("parses");
+        let Cmd::Service(ServiceCmd::Update(a)) = cli.cmd else {
+            panic!("not service update");
+        };
+        assert!(a.health.no_healthcheck && a.health.cmd.is_none());
     }
 
     #[test]
