@@ -3,7 +3,7 @@
 
 use tracing::warn;
 
-use super::{Record, Sandboxes, SandboxesError, files, names};
+use super::{Record, Sandboxes, names};
 use crate::drivers::{Fault, Repair};
 
 /// A sandbox's networks as its resolver needs them: whose names it sees,
@@ -17,19 +17,6 @@ pub(super) fn dns_networks(rec: &Record) -> Vec<crate::dns::SandboxNetwork> {
 }
 
 impl Sandboxes {
-    /// Starts the sandbox's DNS listener and returns its resolv.conf.
-    pub(super) async fn sandbox_dns(&self, rec: &Record) -> Result<String, SandboxesError> {
-        self.dns
-            .serve_sandbox(&rec.id, &rec.netns, dns_networks(rec))
-            .await
-            .map_err(|e| {
-                SandboxesError::Refused(format!("cannot start DNS for {}: {e}", rec.name))
-            })?;
-        Ok(crate::dns::sandbox_resolv_conf(
-            &files::read_host_resolv_conf(),
-        ))
-    }
-
     /// Keeps the managers' latest view for the DNS records.
     pub fn set_view(&self, view: &mesh_proto::NodeView) {
         *self.view.lock().unwrap_or_else(|e| e.into_inner()) = Some(view.clone());

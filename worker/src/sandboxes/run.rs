@@ -289,6 +289,57 @@ impl Sandboxes {
             sandbox::create_netns(&rec.netns).await?;
         }
         steps.mark("netns");
+        // The resolver needs only the namespace: it is served while the
+        // links are made, not after (the DNS server serves one sandbox at a
+        // time, and a start used to spend most of its time waiting there).
+        let dns = (!rec.host_network && !none).then(|| {
+            let dns = self.dns.clone();
+            let (id, netns) = (rec.id.clone(), rec.netns.clone());
+            let networks = super::resolver::dns_networks(rec);
+            tokio::spawn(async move { dns.serve_sandbox(&id, &netns, networks).await })
+        });
+        let wired = self.wire_kernel(rec, dp, none, &mut steps).await;
+        // Awaited whatever happened: a teardown must find the resolver to
+        // stop it, not have it appear after.
+        let served = match dns {
+            Some(h) => Some(h.await),
+            None => None,
+        };
+        steps.mark("dns_wait");
+        wired?;
+        let dns_failed = |e: &dyn std::fmt::Display| {
+            SandboxesError::Refused(format!("cannot start DNS for {}: {e}", rec.name))
+        };
+        let resolv_conf = match served {
+            None => files::host_resolv_conf(&files::read_host_resolv_conf()),
+            Some(Ok(Ok(()))) => crate::dns::sandbox_resolv_conf(&files::read_host_resolv_conf()),
+            Some(Ok(Err(e))) => return Err(dns_failed(&e)),
+            Some(Err(e)) => return Err(dns_failed(&e)),
+        };
+        let dir = self.store.create_dir(&rec.id)?;
+        rec.created_at = files::now();
+        rec.pid = sandbox::start(&sandbox::SandboxSpec {
+            name: rec.name.clone(),
+            netns: rec.netns.clone(),
+            cmd: rec.cmd.clone(),
+            env: rec.env.clone(),
+            hosts: files::hosts_file(rec),
+            resolv_conf,
+            dir,
+        })?;
+        steps.mark("spawn");
+        debug!(sandbox = %rec.name, total_ms = format!("{:.1}", steps.total_ms()), "start: {}", steps.summary());
+        Ok(())
+    }
+
+    /// The links, egress and VIP table of a sandbox whose namespace exists.
+    async fn wire_kernel(
+        &self,
+        rec: &mut Record,
+        dp: &DataPath,
+        none: bool,
+        steps: &mut crate::timing::Steps,
+    ) -> Result<(), SandboxesError> {
         let cx = self.ctx(dp);
         {
             let _kernel = dp.kernel.lock().await;
@@ -323,25 +374,6 @@ impl Sandboxes {
             self.vip_synced(&rec.netns, crate::vip::render(&services));
         }
         steps.mark("vip");
-        let dir = self.store.create_dir(&rec.id)?;
-        rec.created_at = files::now();
-        let resolv_conf = if rec.host_network || none {
-            files::host_resolv_conf(&files::read_host_resolv_conf())
-        } else {
-            self.sandbox_dns(rec).await?
-        };
-        steps.mark("dns");
-        rec.pid = sandbox::start(&sandbox::SandboxSpec {
-            name: rec.name.clone(),
-            netns: rec.netns.clone(),
-            cmd: rec.cmd.clone(),
-            env: rec.env.clone(),
-            hosts: files::hosts_file(rec),
-            resolv_conf,
-            dir,
-        })?;
-        steps.mark("spawn");
-        debug!(sandbox = %rec.name, total_ms = format!("{:.1}", steps.total_ms()), "start: {}", steps.summary());
         Ok(())
     }
 
