@@ -207,13 +207,13 @@ mod tests {
         let mut b = Batch::new(64);
         let n = b.recv(server.as_raw_fd()).expect("recv");
         assert_eq!(n, 4);
-        for i in 0..3 {
+        for (i, client) in clients.iter().enumerate() {
             assert_eq!(b.query(i), &[i as u8; 5]);
             assert!(!b.cut(i));
             let Some(SocketAddr::V4(peer)) = b.peer(i) else {
                 panic!("no IPv4 peer");
             };
-            assert_eq!(SocketAddr::V4(peer), clients[i].local_addr().expect("addr"));
+            assert_eq!(SocketAddr::V4(peer), client.local_addr().expect("addr"));
             let (_, out) = b.query_and_answer(i);
             out.clear();
             out.extend_from_slice(&[i as u8 + 100; 7]);
