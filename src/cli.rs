@@ -528,7 +528,7 @@ pub struct ServiceCreateArgs {
     #[arg(short = 'p', long = "publish", value_name = "PORT", value_parser = parse_service_port)]
     pub publish: Vec<ServicePort>,
     #[command(flatten)]
-    pub health: crate::service_cmd::HealthArgs,
+    pub health: Box<crate::service_cmd::HealthArgs>,
     /// Command and arguments: after `--`, or from the first word that is
     /// not a flag; an unknown flag before it is an error.
     #[arg(trailing_var_arg = true, required = true)]
@@ -560,7 +560,7 @@ pub struct ServiceUpdateArgs {
     #[arg(long = "publish-rm", value_name = "PORT")]
     pub publish_rm: Vec<String>,
     #[command(flatten)]
-    pub health: crate::service_cmd::HealthArgs,
+    pub health: Box<crate::service_cmd::HealthArgs>,
     /// Replace every task even if nothing changed.
     #[arg(long)]
     pub force: bool,

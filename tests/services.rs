@@ -82,6 +82,12 @@ fn replicas_vip_dns_scale_update_and_a_dead_worker() -> Result<()> {
             "6",
             "--network",
             "app",
+            "--health-cmd",
+            "curl -sf -m 1 -o /dev/null http://127.0.0.1:8080/",
+            "--health-start-interval",
+            "100ms",
+            "--health-start-period",
+            "30s",
             "--",
             "python3",
             "-c",
@@ -115,12 +121,13 @@ fn replicas_vip_dns_scale_update_and_a_dead_worker() -> Result<()> {
             "3600",
         ],
     )?;
-    // Running means started (there are no health checks): give the
-    // servers a moment to listen, then every request must succeed.
-    let (answers, _) = wait_for("6 tasks answering", Duration::from_secs(10), || {
-        let answers = curl_many(&lab, "node1", "client", "http://web:8080/", 60).ok()?;
-        (!answers.iter().any(|a| a.contains("FAIL"))).then_some(answers)
-    })?;
+    // Converged means every server passed its check: every request
+    // succeeds at once.
+    let answers = curl_many(&lab, "node1", "client", "http://web:8080/", 60)?;
+    ensure!(
+        !answers.iter().any(|a| a.contains("FAIL")),
+        "a request failed after create converged: {answers:?}"
+    );
     let hosts = distinct(&answers);
     ensure!(
         hosts.len() == 6,
@@ -168,17 +175,12 @@ fn replicas_vip_dns_scale_update_and_a_dead_worker() -> Result<()> {
     );
     ensure!(dig_short(&lab, "node1", "client", "tasks.web")?.len() == 2);
     lab.mesh_ok("node1", &["service", "scale", "web=6"])?;
-    // A task is running once its process started (there are no health
-    // checks), so a new server may need a moment before it listens.
-    wait_for(
-        "6 tasks answering after scale 6",
-        Duration::from_secs(10),
-        || {
-            let answers = curl_many(&lab, "node1", "client", "http://web:8080/", 60).ok()?;
-            (distinct(&answers).len() == 6 && !answers.iter().any(|a| a.contains("FAIL")))
-                .then_some(())
-        },
-    )?;
+    // The new tasks are in rotation only once healthy.
+    let answers = curl_many(&lab, "node1", "client", "http://web:8080/", 60)?;
+    ensure!(
+        distinct(&answers).len() == 6 && !answers.iter().any(|a| a.contains("FAIL")),
+        "after scale 6: {answers:?}"
+    );
 
     // Move the tasks to app2: rolled one at a time, then reachable there
     // and gone from app.
@@ -200,10 +202,11 @@ fn replicas_vip_dns_scale_update_and_a_dead_worker() -> Result<()> {
         "node1",
         &["service", "update", "--network-add", "app2", "web"],
     )?;
-    wait_for("6 tasks answering on app2", Duration::from_secs(10), || {
-        let answers = curl_many(&lab, "node1", "client2", "http://web:8080/", 60).ok()?;
-        (distinct(&answers).len() == 6 && !answers.iter().any(|a| a.contains("FAIL"))).then_some(())
-    })?;
+    let answers = curl_many(&lab, "node1", "client2", "http://web:8080/", 60)?;
+    ensure!(
+        distinct(&answers).len() == 6 && !answers.iter().any(|a| a.contains("FAIL")),
+        "after the update to app2: {answers:?}"
+    );
     lab.mesh_ok(
         "node1",
         &["service", "update", "--network-rm", "app", "web"],
@@ -243,14 +246,12 @@ fn replicas_vip_dns_scale_update_and_a_dead_worker() -> Result<()> {
             .then_some(per)
     })?;
     eprintln!("tasks rescheduled in {took:?}: {per:?}");
-    let (answers, _) = wait_for(
-        "6 tasks answering after node loss",
-        Duration::from_secs(10),
-        || {
-            let answers = curl_many(&lab, "node1", "client2", "http://web:8080/", 60).ok()?;
-            (!answers.iter().any(|a| a.contains("FAIL"))).then_some(answers)
-        },
-    )?;
+    // The replacements run, so they passed their check.
+    let answers = curl_many(&lab, "node1", "client2", "http://web:8080/", 60)?;
+    ensure!(
+        !answers.iter().any(|a| a.contains("FAIL")),
+        "a request failed after the node loss converged: {answers:?}"
+    );
     let hosts = distinct(&answers);
     ensure!(hosts.len() == 6, "after node loss: {hosts:?}");
     ensure!(

@@ -244,7 +244,7 @@ mod tests {
         };
         assert!(
             both.validate()
-                .unwrap_err()
+                .expect_err("refused")
                 .to_string()
                 .contains("--no-healthcheck")
         );
@@ -263,7 +263,7 @@ mod tests {
         };
         assert!(
             slow.validate()
-                .unwrap_err()
+                .expect_err("refused")
                 .to_string()
                 .contains("--health-interval")
         );
@@ -273,7 +273,7 @@ mod tests {
         };
         assert!(
             many.validate()
-                .unwrap_err()
+                .expect_err("refused")
                 .to_string()
                 .contains("--health-retries")
         );
@@ -290,13 +290,15 @@ mod tests {
             retries: Some(5),
             ..Default::default()
         };
-        let new = HealthCheck::updated(Some(&old), &u).unwrap().unwrap();
+        let new = HealthCheck::updated(Some(&old), &u)
+            .expect("as expected")
+            .expect("as expected");
         assert_eq!(
             (new.cmd.as_str(), new.interval_ms, new.retries),
             ("true", 100, 5)
         );
         // Nothing asked: unchanged.
-        let same = HealthCheck::updated(Some(&old), &Default::default()).unwrap();
+        let same = HealthCheck::updated(Some(&old), &Default::default()).expect("as expected");
         assert_eq!(same, Some(old.clone()));
         // Disabling drops it; disabling while changing it is refused.
         let off = mesh_proto::HealthCheckUpdate {
@@ -305,8 +307,8 @@ mod tests {
         };
         assert!(
             !HealthCheck::updated(Some(&old), &off)
-                .unwrap()
-                .unwrap()
+                .expect("as expected")
+                .expect("as expected")
                 .active()
         );
         let both = mesh_proto::HealthCheckUpdate {
@@ -322,7 +324,10 @@ mod tests {
             cmd: Some(String::new()),
             ..Default::default()
         };
-        assert_eq!(HealthCheck::updated(Some(&old), &clear).unwrap(), None);
+        assert_eq!(
+            HealthCheck::updated(Some(&old), &clear).expect("as expected"),
+            None
+        );
         let clear_timed = mesh_proto::HealthCheckUpdate {
             retries: Some(1),
             ..clear
