@@ -30,7 +30,7 @@ const FAILURES_TO_GIVE_UP: usize = 3;
 pub(super) const NO_NODE: &str = "no suitable node";
 /// How long `service rm` waits for the service's tasks to stop: more than
 /// a task's 10 s stop grace, and a lost node is Down (and its tasks freed)
-/// after 2 s.
+/// within about a second (its grace, see `mesh init --node-down-grace`).
 const RM_WAIT: Duration = Duration::from_secs(30);
 
 /// A task the managers cannot place or give addresses to: it stays

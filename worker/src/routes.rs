@@ -92,7 +92,7 @@ pub async fn read() -> Result<Vec<Route>, NetError> {
 }
 
 /// How often the routes are read again: they rarely change, and a
-/// heartbeat goes every 500 ms.
+/// heartbeat goes every 200 ms (by default).
 pub const READ_EVERY: Duration = Duration::from_secs(2);
 
 /// The node's routes as last read, for the heartbeat: read again at most
