@@ -234,6 +234,8 @@ pub async fn reconcile(
     // as applied: a task leaving the rotation is gone from here first.
     pass.add(sandboxes.sync_vips(&live));
     steps.mark("vips");
+    // Names after the VIP tables: a name answers only once it is routed.
+    sandboxes.refresh_dns();
     pass.add(sandboxes.repair_dns(&live).await);
     steps.mark("dns");
     debug!(

@@ -17,10 +17,14 @@ pub(super) fn dns_networks(rec: &Record) -> Vec<crate::dns::SandboxNetwork> {
 }
 
 impl Sandboxes {
-    /// Keeps the managers' latest view for the DNS records.
+    /// Keeps the managers' latest view for the VIP tables and the DNS
+    /// records. The names are not published here: the pass does that
+    /// (`refresh_dns`) once the VIP tables have the view's services, or a
+    /// client resolving a new service at once would send its SYN to a VIP
+    /// its sandbox does not route yet, and wait a retransmission (1 s) or
+    /// its own timeout.
     pub fn set_view(&self, view: &mesh_proto::NodeView) {
         *self.view.lock().unwrap_or_else(|e| e.into_inner()) = Some(view.clone());
-        self.refresh_dns();
     }
 
     /// Rebuilds every network's names from the view and this node's
