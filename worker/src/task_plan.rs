@@ -234,13 +234,7 @@ mod tests {
         exits: &[(&str, Option<i32>)],
         phases: &[(&str, Phase)],
     ) -> Plan {
-        let refs: Vec<&TaskAssignment> = tasks.iter().collect();
-        let exits = exits.iter().map(|(i, e)| (i.to_string(), *e)).collect();
-        let phases = phases
-            .iter()
-            .map(|(i, p)| (i.to_string(), p.clone()))
-            .collect();
-        plan(&refs, &exits, &phases, &HashMap::new())
+        run_health(tasks, exits, phases, &[])
     }
 
     fn checked(id: &str, known: &str) -> TaskAssignment {
