@@ -79,7 +79,8 @@ pub struct Sandboxes {
     starts: tokio::sync::Semaphore,
     /// A reconcile pass (write) against teardowns (read): a pass acts on
     /// the sandboxes it listed, and must not re-serve a resolver or rewire
-    /// a sandbox whose namespace is going. Starts never take it: a
+    /// a sandbox whose namespace is going. A teardown holds it only while
+    /// it takes the sandbox out of the records. Starts never take it: a
     /// sandbox being started is not in the records a pass lists.
     gate: tokio::sync::RwLock<()>,
     /// Egress addresses given to sandboxes being started, not yet in a

@@ -414,10 +414,17 @@ impl Sandboxes {
         {
             errors.push(e.to_string());
         }
-        // Against a reconcile pass: one between the steps below would serve
-        // the resolver again, or rewire the sandbox, in a namespace about to
-        // go. Teardowns do not exclude each other.
-        let gate = self.gate.read().await;
+        // Out of the records before anything is undone, so no reconcile pass
+        // serves its resolver again or rewires it in a namespace about to
+        // go: a pass lists the records while it holds the gate, so once this
+        // has the gate, a pass that listed the sandbox has ended and later
+        // ones do not see it. Held only for that: a pass must not wait
+        // behind teardowns queued for the kernel lock (one waited 14 s
+        // behind 300 of them).
+        {
+            let _gate = self.gate.read().await;
+            self.lock_records().remove(&rec.id);
+        }
         self.dns.stop_sandbox(&rec.id).await;
         let cx = self.ctx(dp);
         {
@@ -440,7 +447,6 @@ impl Sandboxes {
             errors.push(e.to_string());
         }
         self.vip_forget(&rec.netns);
-        drop(gate);
         if let Some(ip) = rec.egress_ip {
             self.release_egress_ip(ip);
         }
