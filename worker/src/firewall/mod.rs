@@ -3,8 +3,9 @@
 //! touched (STYLE.md point 5).
 //!
 //! - this file: the [`Table`] trait every table implements, and the one
-//!   way to apply a batch in a namespace ([`apply`], `nft -j -f -` forked
-//!   from a thread that entered the namespace), to read a table back
+//!   way to apply a batch in a namespace ([`apply`], `nft -j -f -` run
+//!   from a thread that entered the namespace: in process through
+//!   `libnft` where libnftables loads, forked otherwise), to read a table back
 //!   ([`drift`]) and to turn IPv4 forwarding on;
 //! - `rules`: builders for chains, rules and the few expressions we use;
 //! - `drift`: comparing what a namespace holds with what we would apply;
@@ -19,6 +20,7 @@ pub mod egress;
 pub mod ingress_host;
 pub mod ingress_lb;
 pub mod ingress_task;
+pub mod libnft;
 pub mod ports;
 pub mod rules;
 pub mod vip;
@@ -197,6 +199,13 @@ pub fn enable_forwarding(ns: Option<&str>) -> Result<bool, FirewallError> {
 fn nft(ns: Option<&str>, args: &[&str], input: Option<&[u8]>) -> Result<String, FirewallError> {
     let joined = args.join(" ");
     in_ns(ns, || {
+        if let Some(done) = in_process(args, input) {
+            return done.map_err(|stderr| FirewallError::Nft {
+                args: joined.clone(),
+                status: "libnftables".into(),
+                stderr,
+            });
+        }
         let mut child = Command::new("nft")
             .args(args)
             .stdin(if input.is_some() {
@@ -233,6 +242,22 @@ fn nft(ns: Option<&str>, args: &[&str], input: Option<&[u8]>) -> Result<String, 
         })?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     })
+}
+
+/// `nft ARGS` through libnftables, when it is loaded: every caller asks
+/// for JSON (`-j`), and either feeds a batch (`-f -`) or names a command.
+fn in_process(args: &[&str], input: Option<&[u8]>) -> Option<libnft::Outcome> {
+    let rest = args.strip_prefix(&["-j"])?;
+    match (rest, input) {
+        (["-f", "-"], Some(bytes)) => match std::str::from_utf8(bytes) {
+            Ok(text) => libnft::run(text),
+            Err(_) => Some(Err("the batch is not UTF-8".into())),
+        },
+        (words, None) if !words.is_empty() && !words[0].starts_with('-') => {
+            libnft::run(&words.join(" "))
+        }
+        _ => None,
+    }
 }
 
 /// The table a command of a batch (`{"add": {"rule": {...}}}`) is about,
