@@ -16,6 +16,11 @@ use mesh_proto::*;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
+/// The least time between two views computed for one node's Assignments
+/// stream: a change waits at most this long to be taken together with
+/// those that follow it.
+const VIEW_SPACING: std::time::Duration = std::time::Duration::from_millis(20);
+
 use crate::authz::{self, Need};
 use crate::dispatcher;
 use crate::join_limit::JoinLimiter;
@@ -360,25 +365,33 @@ impl cluster_server::Cluster for ClusterService {
         let mgr = self.mgr.clone();
         tokio::spawn(async move {
             let mut applied = mgr.sm.subscribe();
-            let mut last: Option<NodeView> = None;
+            let mut last: Option<Arc<NodeView>> = None;
             loop {
                 // Removal or demotion ends the stream at the change itself.
                 if let Err(e) = mgr.read(|s| authz::caller(s, &who, Need::Member)) {
                     let _ = tx.send(Err(Status::permission_denied(e.to_string()))).await;
                     return;
                 }
-                let generation = *applied.borrow_and_update();
-                let view = mgr.read(|s| dispatcher::view_for(s, &node.id, generation));
-                if let Some(update) = dispatcher::update_for(last.as_ref(), &view) {
+                // Marks the index seen; the view is of the state now, stamped
+                // with that state's own index.
+                applied.borrow_and_update();
+                let computed = tokio::time::Instant::now();
+                let now = mgr.node_view(&node.id);
+                if let Some(update) =
+                    dispatcher::update_with(last.as_deref(), &now.view, now.digest)
+                {
                     if tx.send(Ok(update)).await.is_err() {
                         return; // the node hung up
                     }
-                    last = Some(view);
+                    last = Some(now.view);
                 }
                 tokio::select! {
                     r = applied.changed() => if r.is_err() { return },
                     _ = tx.closed() => return,
                 }
+                // Changes that come in a burst (300 tasks reporting) are
+                // taken together: each view costs indexing the whole state.
+                tokio::time::sleep_until(computed + VIEW_SPACING).await;
             }
         });
         Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(

@@ -330,6 +330,11 @@ pub fn view_for(s: &ClusterState, node_id: &str, generation: u64) -> NodeView {
 /// sent so far): the whole view first, then a delta on `last`; `None` when
 /// the view asks nothing new of the kernel.
 pub fn update_for(last: Option<&NodeView>, view: &NodeView) -> Option<ViewUpdate> {
+    update_with(last, view, mesh_proto::view_digest(view))
+}
+
+/// [`update_for`] with the view's digest already known.
+pub fn update_with(last: Option<&NodeView>, view: &NodeView, digest: u64) -> Option<ViewUpdate> {
     let update = match last {
         None => Update::Full(view.clone()),
         Some(l) => match mesh_proto::view_delta(l, view) {
@@ -342,7 +347,7 @@ pub fn update_for(last: Option<&NodeView>, view: &NodeView) -> Option<ViewUpdate
     Some(ViewUpdate {
         generation: view.generation,
         base_generation: last.map_or(0, |l| l.generation),
-        digest: mesh_proto::view_digest(view),
+        digest,
         update: Some(update),
     })
 }

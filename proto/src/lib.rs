@@ -16,11 +16,18 @@ pub use prost;
 pub fn view_digest(view: &NodeView) -> u64 {
     use prost::Message;
     use sha2::{Digest, Sha256};
-    let content = NodeView {
-        generation: 0,
-        ..view.clone()
-    };
-    let d = Sha256::digest(content.encode_to_vec());
+    // The encoding with generation 0, without copying the view (300 tasks'
+    // peers and backends): prost writes fields in number order, and
+    // `generation` is field 1, a varint that is left out when 0; so the
+    // encoding of the view less its first field is that of the view with
+    // generation 0.
+    let mut bytes = view.encode_to_vec();
+    if view.generation != 0 {
+        let field =
+            prost::encoding::key_len(1) + prost::encoding::encoded_len_varint(view.generation);
+        bytes.drain(..field);
+    }
+    let d = Sha256::digest(bytes);
     let mut first = [0u8; 8];
     first.copy_from_slice(&d[..8]);
     u64::from_be_bytes(first)
@@ -128,3 +135,40 @@ pub fn join_reply_content(r: &NodeJoinResponse) -> Vec<u8> {
 /// current managers as `NODE_ID=KEY_FINGERPRINT,...`, so a node that missed
 /// a manager's arrival learns it before it is sent to that manager.
 pub const MANAGERS_HEADER: &str = "mesh-managers";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The digest is that of the view with generation 0, whatever the
+    /// generation's size: the encoding is cut, not the view copied.
+    #[test]
+    fn the_digest_leaves_the_generation_out() {
+        use prost::Message;
+        use sha2::{Digest, Sha256};
+        let view = NodeView {
+            generation: 0,
+            data_path_port: 4789,
+            networks: vec![NetworkAssignment {
+                id: "n1".into(),
+                name: "web".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let d = Sha256::digest(view.encode_to_vec());
+        let want = u64::from_be_bytes(d[..8].try_into().expect("8 bytes"));
+        for generation in [0, 1, 127, 128, 300, 1 << 40, u64::MAX] {
+            let v = NodeView {
+                generation,
+                ..view.clone()
+            };
+            assert_eq!(view_digest(&v), want, "generation {generation}");
+        }
+        let other = NodeView {
+            data_path_port: 4790,
+            ..view
+        };
+        assert_ne!(view_digest(&other), want);
+    }
+}

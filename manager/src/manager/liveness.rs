@@ -186,18 +186,17 @@ impl Manager {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        self.read(|s| {
-            let views = crate::dispatcher::Views::new(s);
+        self.node_views(|s| {
             s.nodes
                 .values()
                 .filter(|n| n.state == NodeState::Ready && n.id != exclude)
-                .filter(|n| {
-                    let want = mesh_proto::view_digest(&views.view(&n.id, 0));
-                    acks.get(&n.id).is_none_or(|a| *a != want)
-                })
                 .map(|n| n.id.clone())
                 .collect()
         })
+        .into_iter()
+        .filter(|(node, want)| acks.get(node).is_none_or(|a| *a != want.digest))
+        .map(|(node, _)| node)
+        .collect()
     }
 
     /// Waits until every Ready node (but `exclude`) has applied its current

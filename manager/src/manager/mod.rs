@@ -29,6 +29,9 @@ use mesh_common::model::NodeState;
 
 mod liveness;
 mod membership;
+mod view_cache;
+
+pub use view_cache::NodeViewAt;
 
 /// How often nodes heartbeat and how long a silent node stays Ready are
 /// cluster settings (`ClusterInfo::heartbeat_period`, `node_down_grace`).
@@ -106,6 +109,8 @@ pub struct Manager {
     applied: Mutex<HashMap<String, u64>>,
     /// Woken whenever a node reports a new applied view.
     acked: tokio::sync::Notify,
+    /// Node views at the last applied index (see `view_cache`).
+    view_cache: Mutex<view_cache::ViewCache>,
     /// Log requests to nodes and their answers (see `logs`).
     pub logs: crate::logs::LogRouter,
     /// The managers this node knew of as a member (join reply, heartbeat
@@ -230,6 +235,7 @@ impl Manager {
             beats_in_flight: Mutex::default(),
             applied: Mutex::default(),
             acked: tokio::sync::Notify::new(),
+            view_cache: Mutex::default(),
             logs: Default::default(),
             trusted: tls.trusted,
             addr_changed: Mutex::default(),

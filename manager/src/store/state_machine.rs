@@ -49,6 +49,13 @@ impl StateMachineStore {
         f(&self.lock_read().state)
     }
 
+    /// [`Self::read`], with the index of the last applied entry: two reads
+    /// with the same index saw the same state.
+    pub fn read_indexed<R>(&self, f: impl FnOnce(&ClusterState, u64) -> R) -> R {
+        let sm = self.lock_read();
+        f(&sm.state, sm.last_applied.map_or(0, |id| id.index))
+    }
+
     /// Watches the last applied log index: it changes after each applied
     /// batch and each installed snapshot.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
