@@ -192,6 +192,7 @@ pub async fn reconcile(
     steps.mark("gate_wait");
     let kernel = dp.kernel.lock().await;
     steps.mark("lock_wait");
+    sandboxes.forget_ensured();
     let dp = DataPath {
         port: u16::try_from(view.data_path_port).unwrap_or(dp.port),
         ..dp.clone()

@@ -27,8 +27,8 @@
 
 use std::io;
 use std::net::Ipv4Addr;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use crate::firewall::{self, Drift, FirewallError, vip::VipTable};
 
@@ -60,6 +60,12 @@ pub fn sync(ns: &str, services: &[VipService]) -> io::Result<()> {
     firewall::sync(Some(ns), &VipTable { services }).map_err(|e| in_ns(ns, e))
 }
 
+/// Applies a ruleset [`render`] made in `ns`: what [`sync`] does, for a
+/// table rendered once and applied to many namespaces.
+pub fn apply(ns: &str, rendered: &str) -> io::Result<()> {
+    firewall::apply_text(Some(ns), rendered).map_err(|e| in_ns(ns, e))
+}
+
 /// Removes the table from `ns`; a table that is not there is fine.
 pub fn remove(ns: &str) -> io::Result<()> {
     firewall::remove(Some(ns), firewall::vip::ID).map_err(|e| in_ns(ns, e))
@@ -83,14 +89,14 @@ pub fn render(services: &[VipService]) -> String {
     }
 }
 
-/// [`sync`] for many namespaces, at most [`PARALLEL`] at a time. Returns the
+/// [`apply`] of rendered tables in many namespaces, at most [`PARALLEL`] at a time. Returns the
 /// namespaces that failed with their errors; the others are up to date.
-pub fn sync_many(items: &[(String, Vec<VipService>)]) -> Vec<(String, io::Error)> {
+pub fn sync_many(items: &[(String, Arc<str>)]) -> Vec<(String, io::Error)> {
     let next = AtomicUsize::new(0);
     let failed = Mutex::new(Vec::new());
     let worker = || {
-        while let Some((ns, services)) = items.get(next.fetch_add(1, Ordering::Relaxed)) {
-            if let Err(e) = sync(ns, services) {
+        while let Some((ns, rendered)) = items.get(next.fetch_add(1, Ordering::Relaxed)) {
+            if let Err(e) = apply(ns, rendered) {
                 failed
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())

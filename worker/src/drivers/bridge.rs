@@ -64,6 +64,10 @@ impl NetworkDriver for Bridge {
         sync_nat(cx)
     }
 
+    fn settles(&self) -> bool {
+        true
+    }
+
     /// Every sandbox's bridge attachment, then the NAT table once.
     async fn repair(&self, cx: &Ctx<'_>, want: &Desired<'_>) -> Repair {
         let mut out = Repair::default();

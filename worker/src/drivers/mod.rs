@@ -144,6 +144,12 @@ pub trait NetworkDriver: Send + Sync {
         Ok(())
     }
 
+    /// Whether [`Self::settle`] does anything: a start takes the node-wide
+    /// kernel lock for it only then.
+    fn settles(&self) -> bool {
+        false
+    }
+
     /// One reconcile pass: compares `want` with the kernel and fixes every
     /// difference it can; one failure never stops the rest.
     async fn repair(&self, cx: &Ctx<'_>, want: &Desired<'_>) -> Repair;

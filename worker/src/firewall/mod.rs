@@ -116,8 +116,13 @@ pub fn encode(id: TableId, batch: Batch<'_>) -> Result<String, FirewallError> {
 /// Applies `batch` in `ns` (`None`: the node's own namespace) with `nft -j
 /// -f -`: all of it or nothing. The one way any table reaches the kernel.
 pub fn apply(ns: Option<&str>, id: TableId, batch: Batch<'_>) -> Result<(), FirewallError> {
-    let input = encode(id, batch)?;
-    nft(ns, &["-j", "-f", "-"], Some(input.as_bytes())).map(drop)
+    apply_text(ns, &encode(id, batch)?)
+}
+
+/// Applies a batch [`encode`] made: [`apply`] for a batch encoded once and
+/// applied in many namespaces.
+pub fn apply_text(ns: Option<&str>, encoded: &str) -> Result<(), FirewallError> {
+    nft(ns, &["-j", "-f", "-"], Some(encoded.as_bytes())).map(drop)
 }
 
 /// Makes `table` in `ns` exactly what it builds.

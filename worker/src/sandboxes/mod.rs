@@ -73,7 +73,10 @@ pub struct Sandboxes {
     view: Mutex<Option<mesh_proto::NodeView>>,
     /// The VIP ruleset last applied per sandbox namespace, so a pass only
     /// forks `nft` where something changed.
-    vip_applied: Mutex<BTreeMap<String, String>>,
+    vip_applied: Mutex<BTreeMap<String, Arc<str>>>,
+    /// VIP tables rendered from the current view, by set of networks
+    /// (see `vip_text_for`); emptied when the view changes.
+    vip_texts: Mutex<BTreeMap<String, Arc<str>>>,
     /// Bounds the sandbox starts running at once: each forks `nft` and
     /// its process, and more than a few only compete for the same CPUs.
     starts: tokio::sync::Semaphore,
@@ -83,6 +86,9 @@ pub struct Sandboxes {
     /// it takes the sandbox out of the records. Starts never take it: a
     /// sandbox being started is not in the records a pass lists.
     gate: tokio::sync::RwLock<()>,
+    /// Overlay networks a start ensured since the last pass began (see
+    /// `wire_kernel`), by everything their ensuring depends on.
+    ensured: Mutex<BTreeSet<String>>,
     /// Egress addresses given to sandboxes being started, not yet in a
     /// record, so two concurrent starts never get the same one.
     egress_reserved: Mutex<BTreeSet<std::net::Ipv4Addr>>,
@@ -112,8 +118,10 @@ impl Sandboxes {
             dns,
             view: Mutex::new(None),
             vip_applied: Mutex::new(BTreeMap::new()),
+            vip_texts: Mutex::new(BTreeMap::new()),
             starts: tokio::sync::Semaphore::new(CONCURRENT_STARTS),
             gate: tokio::sync::RwLock::new(()),
+            ensured: Mutex::new(BTreeSet::new()),
             egress_reserved: Mutex::new(BTreeSet::new()),
             gwbridge_ready: std::sync::atomic::AtomicBool::new(false),
         })
@@ -237,6 +245,48 @@ impl Sandboxes {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&ip);
+    }
+
+    /// The key an overlay attachment's network is ensured under; None for
+    /// other drivers, which are ensured at every start.
+    fn ensured_key(a: &Attachment) -> Option<String> {
+        (a.driver == mesh_common::model::DriverKind::Overlay).then(|| {
+            format!(
+                "{}/{}/{}/{}/{}",
+                a.vni,
+                a.subnet(),
+                a.gateway,
+                a.mtu,
+                a.encrypted
+            )
+        })
+    }
+
+    fn is_ensured(&self, a: &Attachment) -> bool {
+        Self::ensured_key(a).is_some_and(|k| {
+            self.ensured
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(&k)
+        })
+    }
+
+    fn mark_ensured(&self, a: &Attachment) {
+        if let Some(k) = Self::ensured_key(a) {
+            self.ensured
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(k);
+        }
+    }
+
+    /// Called by a pass holding the kernel lock: it checks every network
+    /// itself, and may remove some, so starts ensure theirs again.
+    pub fn forget_ensured(&self) {
+        self.ensured
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 
     /// Held by a reconcile pass for its whole length: teardowns wait, starts

@@ -24,7 +24,13 @@ impl Sandboxes {
     /// its sandbox does not route yet, and wait a retransmission (1 s) or
     /// its own timeout.
     pub fn set_view(&self, view: &mesh_proto::NodeView) {
-        *self.view.lock().unwrap_or_else(|e| e.into_inner()) = Some(view.clone());
+        let mut held = self.view.lock().unwrap_or_else(|e| e.into_inner());
+        *held = Some(view.clone());
+        // Rendered from the view just replaced (see `vip_text_for`).
+        self.vip_texts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 
     /// Rebuilds every network's names from the view and this node's

@@ -9,7 +9,9 @@ use mesh_common::model::DriverKind;
 use mesh_common::ports::PortBinding;
 use tracing::{debug, info, warn};
 
-use super::{DataPath, Record, RunSpec, Sandboxes, SandboxesError, files, record, wiring};
+use super::{
+    Attachment, DataPath, Record, RunSpec, Sandboxes, SandboxesError, files, record, wiring,
+};
 use crate::drivers::{self, Egress, Repair};
 use crate::firewall::{self, ports::PortRule, ports::PortsTable};
 use crate::managers::Managers;
@@ -341,10 +343,19 @@ impl Sandboxes {
         steps: &mut crate::timing::Steps,
     ) -> Result<(), SandboxesError> {
         let cx = self.ctx(dp);
-        {
+        // A network another start ensured since the last pass is not
+        // ensured again: each would wait for the kernel lock, which a pass
+        // holds for its whole node-wide half.
+        let todo: Vec<&Attachment> = rec
+            .networks
+            .iter()
+            .filter(|a| !self.is_ensured(a))
+            .collect();
+        if !todo.is_empty() {
             let _kernel = dp.kernel.lock().await;
-            for a in &rec.networks {
+            for a in todo {
                 drivers::driver(a.driver).ensure(&cx, a).await?;
+                self.mark_ensured(a);
             }
         }
         steps.mark("ensure");
@@ -352,11 +363,15 @@ impl Sandboxes {
             drivers::driver(a.driver).attach(&cx, rec, a).await?;
         }
         steps.mark("attach");
-        {
-            let kinds = wiring::kinds_of(rec);
+        let settling: Vec<_> = wiring::kinds_of(rec)
+            .into_iter()
+            .map(drivers::driver)
+            .filter(|d| d.settles())
+            .collect();
+        if !settling.is_empty() {
             let _kernel = dp.kernel.lock().await;
-            for kind in kinds {
-                drivers::driver(kind).settle(&cx).await?;
+            for d in settling {
+                d.settle(&cx).await?;
             }
         }
         steps.mark("settle");
@@ -368,10 +383,10 @@ impl Sandboxes {
         }
         steps.mark("egress");
         if !rec.host_network && !none {
-            let services = self.vip_services_for(rec);
-            tokio::task::block_in_place(|| crate::vip::sync(&rec.netns, &services))
+            let text = self.vip_text_for(rec);
+            tokio::task::block_in_place(|| crate::vip::apply(&rec.netns, &text))
                 .map_err(|e| SandboxesError::Refused(format!("cannot set up service VIPs: {e}")))?;
-            self.vip_synced(&rec.netns, crate::vip::render(&services));
+            self.vip_synced(&rec.netns, text);
         }
         steps.mark("vip");
         Ok(())

@@ -2,6 +2,7 @@
 //! the view) and keeping its `mesh_vip` table so.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use mesh_common::model::DriverKind;
 use mesh_proto::NodeView;
@@ -38,12 +39,30 @@ fn has_vips(r: &Record) -> bool {
 }
 
 impl Sandboxes {
-    /// The VIP services of `rec` under the latest view.
-    pub fn vip_services_for(&self, rec: &Record) -> Vec<VipService> {
+    /// The VIP table `rec` must have under the latest view, as the text
+    /// applied. Sandboxes on the same networks get the same table: it is
+    /// rendered once per view and set of networks (100 task sandboxes of
+    /// one service on a node rendered the same 300 backends 100 times per
+    /// pass), and [`Sandboxes::set_view`] drops the renderings.
+    pub fn vip_text_for(&self, rec: &Record) -> Arc<str> {
+        let mut key: Vec<&str> = rec.networks.iter().map(|a| a.network_id.as_str()).collect();
+        key.sort_unstable();
+        key.dedup();
+        let key = key.join(",");
+        // The view stays locked throughout, so no new view can slip in
+        // between the rendering and its caching.
         let view = self.view.lock().unwrap_or_else(|e| e.into_inner());
-        view.as_ref()
+        let mut texts = self.vip_texts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(text) = texts.get(&key) {
+            return text.clone();
+        }
+        let services = view
+            .as_ref()
             .map(|v| vip_services(v, rec))
-            .unwrap_or_default()
+            .unwrap_or_default();
+        let text: Arc<str> = crate::vip::render(&services).into();
+        texts.insert(key, text.clone());
+        text
     }
 
     /// Brings every running sandbox's VIP table in line with the view; a
@@ -53,16 +72,17 @@ impl Sandboxes {
         let mut todo = Vec::new();
         let mut rendered = BTreeMap::new();
         let mut names = BTreeMap::new();
+        for rec in &live {
+            let text = self.vip_text_for(rec);
+            rendered.insert(rec.netns.clone(), text);
+            names.insert(rec.netns.clone(), rec.name.clone());
+        }
         {
             let applied = self.vip_applied.lock().unwrap_or_else(|e| e.into_inner());
-            for rec in &live {
-                let services = self.vip_services_for(rec);
-                let text = crate::vip::render(&services);
-                if applied.get(&rec.netns) != Some(&text) {
-                    todo.push((rec.netns.clone(), services));
+            for (ns, text) in &rendered {
+                if applied.get(ns) != Some(text) {
+                    todo.push((ns.clone(), text.clone()));
                 }
-                rendered.insert(rec.netns.clone(), text);
-                names.insert(rec.netns.clone(), rec.name.clone());
             }
         }
         let failed = if todo.is_empty() {
@@ -97,7 +117,7 @@ impl Sandboxes {
 
     /// Notes the ruleset a start applied in `ns`, so the next pass does not
     /// apply it again.
-    pub(super) fn vip_synced(&self, ns: &str, text: String) {
+    pub(super) fn vip_synced(&self, ns: &str, text: Arc<str>) {
         self.vip_applied
             .lock()
             .unwrap_or_else(|e| e.into_inner())
