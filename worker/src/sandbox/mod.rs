@@ -26,9 +26,8 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+
 use std::time::Duration;
 
 use nix::errno::Errno;
@@ -41,6 +40,7 @@ use crate::link::Netlink;
 
 mod exec;
 mod process;
+mod vfork;
 
 pub use exec::{ProbeResult, exec, probe};
 pub use process::{alive, stop, wait_exit};
@@ -421,106 +421,122 @@ pub fn start(spec: &SandboxSpec) -> Result<u32, SandboxError> {
     let resolv_c = path_cstring(&resolv).map_err(state("using", &resolv))?;
     let hostname = hostname_for(&spec.name).as_bytes().to_vec();
     let detach = netns_mounts();
-    let steps = StepPipe::new().map_err(|source| SandboxError::Setup {
+    let null = File::open("/dev/null").map_err(|source| SandboxError::Setup {
         sandbox: sandbox.clone(),
-        step: "creating a pipe",
+        step: "opening /dev/null",
         source,
     })?;
-    let report = steps.write.as_raw_fd();
-
-    let mut cmd = Command::new(&program);
-    cmd.args(&spec.cmd[1..])
-        .env_clear()
-        .env("PATH", &path_var)
-        .env("HOSTNAME", OsStr::from_bytes(&hostname))
-        .envs(spec.env.iter().map(|(k, v)| (k, v)))
-        .current_dir("/")
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err);
-    // SAFETY: the closure runs in the forked child of a possibly
-    // multi-threaded process, so it only makes system calls (setsid, setns,
-    // unshare, mount, umount2, sethostname, write) on data allocated before
-    // the fork; it takes no locks and does not allocate (nix passes &CStr
-    // paths through without copying; io::Error from an errno is not boxed).
-    unsafe {
-        cmd.pre_exec(move || {
-            let none: Option<&CStr> = None;
-            nix::unistd::setsid().map_err(|e| child_fail(report, 0, e))?;
-            nix::sched::setns(&netns_fd, CloneFlags::CLONE_NEWNET)
-                .map_err(|e| child_fail(report, 1, e))?;
-            nix::sched::unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWUTS)
-                .map_err(|e| child_fail(report, 2, e))?;
-            // Private before anything else: an unmount or bind in a mount
-            // namespace that still shares propagation would reach the host.
-            nix::mount::mount(
-                none,
-                c"/",
-                none,
-                MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-                none,
-            )
-            .map_err(|e| child_fail(report, 3, e))?;
-            for m in &detach {
-                // Best effort: a copy we cannot drop only delays a delete.
-                let _ = nix::mount::umount2(m.as_c_str(), MntFlags::MNT_DETACH);
-            }
-            nix::unistd::sethostname(OsStr::from_bytes(&hostname))
-                .map_err(|e| child_fail(report, 4, e))?;
-            nix::mount::mount(
-                Some(hosts_c.as_c_str()),
-                c"/etc/hosts",
-                none,
-                MsFlags::MS_BIND,
-                none,
-            )
-            .map_err(|e| child_fail(report, 5, e))?;
-            nix::mount::mount(
-                Some(resolv_c.as_c_str()),
-                c"/etc/resolv.conf",
-                none,
-                MsFlags::MS_BIND,
-                none,
-            )
-            .map_err(|e| child_fail(report, 6, e))?;
-            // sysfs shows the network namespace of whoever mounted it: the
-            // copied /sys would list the host's interfaces (as `ip netns
-            // exec` knows, it remounts /sys too).
-            let _ = nix::mount::umount2(c"/sys", MntFlags::MNT_DETACH);
-            nix::mount::mount(
-                Some(c"sysfs"),
-                c"/sys",
-                Some(c"sysfs"),
-                MsFlags::empty(),
-                none,
-            )
-            .map_err(|e| child_fail(report, 7, e))?;
-            Ok(())
-        });
+    let bad_arg = |what: &str| SandboxError::Setup {
+        sandbox: sandbox.clone(),
+        step: "preparing the command",
+        source: io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{what} holds a NUL byte"),
+        ),
+    };
+    let program_c = path_cstring(&program).map_err(|_| bad_arg("the program path"))?;
+    let mut argv = vec![program_c.clone()];
+    for a in &spec.cmd[1..] {
+        argv.push(CString::new(a.as_bytes()).map_err(|_| bad_arg("an argument"))?);
     }
-    let spawned = cmd.spawn();
-    // Closes our copies of the namespace fd and the log file. The step pipe
-    // is non-blocking, so reading it never waits on a concurrent fork that
-    // still holds its write end.
-    drop(cmd);
-    let child = match spawned {
-        Ok(child) => child,
-        Err(source) => {
-            return Err(match steps.failed_step() {
-                Some(i) => SandboxError::Setup {
-                    sandbox,
-                    step: START_STEPS.get(usize::from(i)).copied().unwrap_or("setup"),
-                    source,
-                },
-                None => SandboxError::Spawn {
-                    sandbox,
-                    command: program.display().to_string(),
-                    source,
-                },
+    // As `Command` builds it: the later of two equal names wins, sorted.
+    let mut env: std::collections::BTreeMap<&OsStr, &OsStr> = std::collections::BTreeMap::new();
+    env.insert(OsStr::new("PATH"), &path_var);
+    env.insert(OsStr::new("HOSTNAME"), OsStr::from_bytes(&hostname));
+    for (k, v) in &spec.env {
+        env.insert(OsStr::new(k), OsStr::new(v));
+    }
+    let mut envp = Vec::with_capacity(env.len());
+    for (k, v) in env {
+        let mut kv = k.as_bytes().to_vec();
+        kv.push(b'=');
+        kv.extend_from_slice(v.as_bytes());
+        envp.push(CString::new(kv).map_err(|_| bad_arg("the environment"))?);
+    }
+
+    // Runs in the child, which shares the daemon's memory until its exec
+    // (see `vfork`): only system calls (setsid, setns, unshare, mount,
+    // umount2, sethostname) on data allocated above; no allocation, no
+    // locks (nix passes &CStr paths through without copying).
+    let setup = || -> Result<(), (u8, Errno)> {
+        let none: Option<&CStr> = None;
+        nix::unistd::setsid().map_err(|e| (0, e))?;
+        nix::sched::setns(&netns_fd, CloneFlags::CLONE_NEWNET).map_err(|e| (1, e))?;
+        nix::sched::unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWUTS)
+            .map_err(|e| (2, e))?;
+        // Private before anything else: an unmount or bind in a mount
+        // namespace that still shares propagation would reach the host.
+        nix::mount::mount(
+            none,
+            c"/",
+            none,
+            MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+            none,
+        )
+        .map_err(|e| (3, e))?;
+        for m in &detach {
+            // Best effort: a copy we cannot drop only delays a delete.
+            let _ = nix::mount::umount2(m.as_c_str(), MntFlags::MNT_DETACH);
+        }
+        nix::unistd::sethostname(OsStr::from_bytes(&hostname)).map_err(|e| (4, e))?;
+        nix::mount::mount(
+            Some(hosts_c.as_c_str()),
+            c"/etc/hosts",
+            none,
+            MsFlags::MS_BIND,
+            none,
+        )
+        .map_err(|e| (5, e))?;
+        nix::mount::mount(
+            Some(resolv_c.as_c_str()),
+            c"/etc/resolv.conf",
+            none,
+            MsFlags::MS_BIND,
+            none,
+        )
+        .map_err(|e| (6, e))?;
+        // sysfs shows the network namespace of whoever mounted it: the
+        // copied /sys would list the host's interfaces (as `ip netns
+        // exec` knows, it remounts /sys too).
+        let _ = nix::mount::umount2(c"/sys", MntFlags::MNT_DETACH);
+        nix::mount::mount(
+            Some(c"sysfs"),
+            c"/sys",
+            Some(c"sysfs"),
+            MsFlags::empty(),
+            none,
+        )
+        .map_err(|e| (7, e))?;
+        Ok(())
+    };
+    let spawned = vfork::spawn(&vfork::Spawn {
+        program: &program_c,
+        argv: &argv,
+        envp: &envp,
+        stdin: null.as_raw_fd(),
+        stdout: out.as_raw_fd(),
+        stderr: err.as_raw_fd(),
+        setup: &setup,
+    });
+    // Our copies of the namespace fd, the log and /dev/null close here.
+    drop((netns_fd, out, err, null));
+    let pid = match spawned {
+        Ok(pid) => pid,
+        Err(vfork::Failed::Setup(i, source)) => {
+            return Err(SandboxError::Setup {
+                sandbox,
+                step: START_STEPS.get(usize::from(i)).copied().unwrap_or("setup"),
+                source,
+            });
+        }
+        Err(vfork::Failed::Exec(source)) => {
+            return Err(SandboxError::Spawn {
+                sandbox,
+                command: program.display().to_string(),
+                source,
             });
         }
     };
-    let pid = child.id();
     // A pid is reused only after its previous owner was reaped: forget that
     // owner's exit code.
     process::forget(pid);
