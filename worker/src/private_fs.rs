@@ -39,6 +39,18 @@ pub fn create_dir(path: &Path) -> io::Result<()> {
 /// never exists with a wider mode. A stale temporary file is removed first
 /// (an existing file would keep its old mode, and could be a symlink).
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
+    replace(path, data, mode, true)
+}
+
+/// [`write_atomic`] without the fsync, for records of kernel state
+/// (sandboxes, their namespaces and processes) that a crash of the machine
+/// takes with it anyway; a crash of the daemon leaves the write in the page
+/// cache. Still never half a file.
+pub fn write_atomic_unsynced(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
+    replace(path, data, mode, false)
+}
+
+fn replace(path: &Path, data: &[u8], mode: u32, durable: bool) -> io::Result<()> {
     let tmp = path.with_extension("tmp");
     match fs::remove_file(&tmp) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
@@ -50,7 +62,9 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
         .mode(mode)
         .open(&tmp)?;
     f.write_all(data)?;
-    f.sync_all()?;
+    if durable {
+        f.sync_all()?;
+    }
     fs::rename(&tmp, path)
 }
 

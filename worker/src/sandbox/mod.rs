@@ -224,6 +224,12 @@ pub(super) fn sandbox_path(env: &[(String, String)]) -> OsString {
 /// (an interrupt to every CPU), and with 300 sandboxes on a node the child
 /// made 300 of them before its exec.
 fn netns_mounts() -> Vec<CString> {
+    if is_mount_point(NETNS_DIR) {
+        // Twice: a second mount stacked there is rare, and a lazy unmount
+        // of what is not a mount point fails harmlessly.
+        let dir = CString::new(NETNS_DIR).unwrap_or_default();
+        return vec![dir.clone(), dir];
+    }
     let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
         return Vec::new();
     };
@@ -246,6 +252,33 @@ fn netns_mounts() -> Vec<CString> {
     mounts.sort_by_key(|m| std::cmp::Reverse(m.as_bytes().len()));
     mounts.dedup();
     mounts
+}
+
+/// Whether `path` is the root of a mount: its mount ID differs from its
+/// parent's. A `statx` each, instead of reading the whole of mountinfo (a
+/// line per namespace) at every start.
+fn is_mount_point(path: &str) -> bool {
+    fn mnt_id(p: &CStr) -> Option<u64> {
+        // SAFETY: statx fills the zeroed struct, which outlives the call.
+        unsafe {
+            let mut st: libc::statx = std::mem::zeroed();
+            let rc = libc::statx(
+                libc::AT_FDCWD,
+                p.as_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW,
+                libc::STATX_MNT_ID,
+                &mut st,
+            );
+            (rc == 0 && st.stx_mask & libc::STATX_MNT_ID != 0).then_some(st.stx_mnt_id)
+        }
+    }
+    let Some(parent) = Path::new(path).parent() else {
+        return false;
+    };
+    let (Ok(p), Ok(up)) = (CString::new(path), path_cstring(parent)) else {
+        return false;
+    };
+    matches!((mnt_id(&p), mnt_id(&up)), (Some(a), Some(b)) if a != b)
 }
 
 /// mountinfo writes space, tab, newline and backslash as `\ooo`.
@@ -561,6 +594,14 @@ mod tests {
         assert_eq!(hostname_for("web.1.abc"), "web.1.abc");
         let long = format!("{}é", "a".repeat(63));
         assert_eq!(hostname_for(&long), "a".repeat(63));
+    }
+
+    #[test]
+    fn mount_points_are_told_from_directories() {
+        assert!(is_mount_point("/proc"));
+        assert!(!is_mount_point("/proc/1"));
+        assert!(!is_mount_point("/"), "no parent to differ from");
+        assert!(!is_mount_point("/no/such/path/here"));
     }
 
     #[test]

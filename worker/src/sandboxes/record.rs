@@ -210,7 +210,9 @@ impl Store {
     pub fn save(&self, r: &Record) -> Result<(), SandboxesError> {
         let dir = self.create_dir(&r.id)?;
         let data = serde_json::to_vec_pretty(r).unwrap_or_default();
-        crate::private_fs::write_atomic(
+        // Describes namespaces and a process, which a crash of the
+        // machine ends too: no fsync (it was most of a commit's cost).
+        crate::private_fs::write_atomic_unsynced(
             &dir.join("sandbox.json"),
             &data,
             crate::private_fs::FILE_MODE,
