@@ -20,7 +20,8 @@
 //!
 //! "Answering" times come from a watcher started in the client before the
 //! change (see `WATCH`): when its last answer came, less the bench's start,
-//! so `mesh exec` and Python starting are not counted.
+//! so `mesh exec` and Python starting are not counted. Each run starts once
+//! the machine is quiet again (see `quiet`).
 //!
 //! Run: `cargo bench --bench services` (as root; needs python3 and perl).
 //! `MESH_BENCH_LOGS=DIR` keeps each node's daemon.log in DIR (with
@@ -164,10 +165,43 @@ impl Watch {
     }
 }
 
+/// Waits until the machine is quiet (at least 80% idle over 250 ms), at
+/// most 10 s. A run starts on a settled cluster: after the previous run's
+/// `service rm` returns, every node still rebuilds the VIP tables of the
+/// sandboxes that remain for about a second, and a run started at once
+/// measured that too (300 replicas: ~1.5 s more, growing run after run).
+fn quiet() -> Result<()> {
+    fn cpu() -> Result<(u64, u64)> {
+        let stat = std::fs::read_to_string("/proc/stat")?;
+        let line = stat.lines().next().context("empty /proc/stat")?;
+        let v: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        // idle + iowait, and the total.
+        let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+        Ok((idle, v.iter().sum()))
+    }
+    let start = Instant::now();
+    let mut before = cpu()?;
+    while start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(250));
+        let now = cpu()?;
+        let (idle, total) = (now.0 - before.0, now.1 - before.1);
+        if total > 0 && idle * 10 >= total * 8 {
+            return Ok(());
+        }
+        before = now;
+    }
+    Ok(())
+}
+
 /// Creates `svc` with `replicas` tasks running `cmd`, and times it until
 /// every task answered through the VIP from the client on node1.
 fn converge(lab: &Lab, svc: &str, replicas: usize, cmd: &[&str], runs: &mut Runs) -> Result<()> {
     let n = replicas.to_string();
+    quiet()?;
     let watch = Watch::start(lab, svc, replicas, "")?;
     let wall = std::time::SystemTime::now();
     let start = Instant::now();
