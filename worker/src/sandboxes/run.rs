@@ -81,7 +81,7 @@ impl Sandboxes {
             && !rec.ports.is_empty()
             && let Err(e) = self.sync_ports(dp).await
         {
-            self.forget(&rec.id);
+            self.forget(&rec);
             result = Err(e);
         }
         match result {
@@ -496,7 +496,7 @@ impl Sandboxes {
             )));
         }
         let mut errors = self.teardown(&rec, dp, managers).await;
-        self.forget(&rec.id);
+        self.forget(&rec);
         if !rec.ports.is_empty()
             && let Err(e) = self.sync_ports(dp).await
         {

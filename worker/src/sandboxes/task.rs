@@ -80,7 +80,7 @@ impl Sandboxes {
         }
         self.keep_task_log(&rec);
         let errors = self.teardown(&rec, dp, None).await;
-        self.forget(&rec.id);
+        self.forget(&rec);
         if errors.is_empty() {
             Ok(())
         } else {
