@@ -112,11 +112,25 @@ fn converged(lab: &Lab, service: &str, n: usize) -> Result<BTreeMap<String, Stri
     Ok(tasks)
 }
 
-/// Creates a service running the test server on `port` (`udp` for the echo).
+/// Creates a service running the test server on `port` (`udp` for the
+/// echo). An HTTP server gets a health check, so `create` returns once every
+/// task listens and the first request through the mesh must answer: no
+/// "until it listens" retries.
 fn create(lab: &Lab, name: &str, flags: &[&str], port: u16, udp: bool) -> Result<()> {
+    let check = format!("curl -sf -m 1 -o /dev/null http://127.0.0.1:{port}/");
     let port = port.to_string();
     let mut args = vec!["service", "create", "--name", name];
     args.extend(flags);
+    if !udp {
+        args.extend([
+            "--health-cmd",
+            check.as_str(),
+            "--health-start-interval",
+            "100ms",
+            "--health-start-period",
+            "30s",
+        ]);
+    }
     args.extend(["--", "python3", SERVER, port.as_str()]);
     if udp {
         args.push("udp");
@@ -127,13 +141,24 @@ fn create(lab: &Lab, name: &str, flags: &[&str], port: u16, udp: bool) -> Result
 }
 
 /// Waits up to 20 s for host1's first answers from `url` (`n` requests a
-/// try): running means started, so the servers and the rules get a
-/// bounded while.
+/// try): for `mesh run -p`, which has no health check, so running means
+/// started and the server gets a bounded while to listen.
 fn host1_answers(lab: &Lab, what: &str, url: &str, n: usize) -> Result<Vec<Answer>> {
     let (answers, _) = wait_for(what, Duration::from_secs(20), || {
         let (a, _) = curl_many(lab, "host1", url, n).ok()?;
         (!a.is_empty()).then_some(a)
     })?;
+    Ok(answers)
+}
+
+/// host1's answers from `url` at once (`n` requests), for a healthy
+/// service: there is nothing left to wait for, so every request must answer.
+fn host1_answers_now(lab: &Lab, what: &str, url: &str, n: usize) -> Result<Vec<Answer>> {
+    let (answers, failed) = curl_many(lab, "host1", url, n)?;
+    ensure!(
+        failed == 0 && answers.len() == n,
+        "{what}: {failed} of {n} requests to {url} got no answer although the service was healthy and converged"
+    );
     Ok(answers)
 }
 
@@ -309,7 +334,7 @@ fn routing_mesh_udp_host_mode_and_a_dead_node() -> Result<()> {
     );
     let want: BTreeSet<String> = tasks.keys().cloned().collect();
     step("the routing mesh from host1");
-    host1_answers(
+    host1_answers_now(
         &lab,
         "web to answer through node3 from host1",
         &node_url(&lab, "node3", 8080)?,
@@ -385,7 +410,8 @@ fn routing_mesh_udp_host_mode_and_a_dead_node() -> Result<()> {
             .map(|(t, _)| t)
             .collect();
         if let Some(task) = here.first() {
-            let answers = host1_answers(&lab, &format!("host-mode port {url} to answer"), &url, 3)?;
+            let answers =
+                host1_answers_now(&lab, &format!("host-mode port {url} to answer"), &url, 3)?;
             for a in answers {
                 ensure!(
                     &a.task == *task && a.peer == client,
@@ -456,7 +482,7 @@ fn restart_custom_ingress_and_standalone_ports() -> Result<()> {
         false,
     )?;
     let want: BTreeSet<String> = converged(&lab, "web", 3)?.keys().cloned().collect();
-    host1_answers(
+    host1_answers_now(
         &lab,
         "web to answer through node1 from host1",
         &node_url(&lab, "node1", 8080)?,
@@ -550,7 +576,7 @@ fn restart_custom_ingress_and_standalone_ports() -> Result<()> {
     create(&lab, "w2", &["--replicas", "2", "-p", "8080:80"], 80, false)?;
     let w2 = converged(&lab, "w2", 2)?;
     let want2: BTreeSet<String> = w2.keys().cloned().collect();
-    host1_answers(
+    host1_answers_now(
         &lab,
         "w2 to answer through my-ingress from host1",
         &node_url(&lab, "node1", 8080)?,
