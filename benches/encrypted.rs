@@ -23,6 +23,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+use common::cpu_ticks;
 use mesh_lab::{Lab, UpSpec};
 use serde_json::Value;
 
@@ -54,22 +58,6 @@ struct Figure {
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
-}
-
-/// Busy and total ticks of all CPUs.
-fn cpu_ticks() -> Result<(u64, u64)> {
-    let stat = std::fs::read_to_string("/proc/stat")?;
-    let line = stat.lines().next().context("empty /proc/stat")?;
-    let f: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    ensure!(f.len() >= 5, "unexpected /proc/stat line: {line}");
-    // user nice system idle iowait irq softirq steal ...; guest is in user.
-    let total: u64 = f.iter().take(8).sum();
-    let idle = f[3] + f[4];
-    Ok((total - idle, total))
 }
 
 /// Received bits per second and bytes of an iperf3 `-J` report.

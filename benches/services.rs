@@ -171,25 +171,13 @@ impl Watch {
 /// sandboxes that remain for about a second, and a run started at once
 /// measured that too (300 replicas: ~1.5 s more, growing run after run).
 fn quiet() -> Result<()> {
-    fn cpu() -> Result<(u64, u64)> {
-        let stat = std::fs::read_to_string("/proc/stat")?;
-        let line = stat.lines().next().context("empty /proc/stat")?;
-        let v: Vec<u64> = line
-            .split_whitespace()
-            .skip(1)
-            .filter_map(|x| x.parse().ok())
-            .collect();
-        // idle + iowait, and the total.
-        let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
-        Ok((idle, v.iter().sum()))
-    }
     let start = Instant::now();
-    let mut before = cpu()?;
+    let mut before = common::cpu_ticks()?;
     while start.elapsed() < Duration::from_secs(10) {
         std::thread::sleep(Duration::from_millis(250));
-        let now = cpu()?;
-        let (idle, total) = (now.0 - before.0, now.1 - before.1);
-        if total > 0 && idle * 10 >= total * 8 {
+        let now = common::cpu_ticks()?;
+        let (busy, total) = (now.0 - before.0, now.1 - before.1);
+        if total > 0 && busy * 10 <= total * 2 {
             return Ok(());
         }
         before = now;

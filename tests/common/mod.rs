@@ -240,3 +240,19 @@ pub fn dig_answers(text: &str) -> Vec<String> {
         })
         .unwrap_or_default()
 }
+
+/// Busy and total ticks of all CPUs.
+pub fn cpu_ticks() -> Result<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat.lines().next().context("empty /proc/stat")?;
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    anyhow::ensure!(f.len() >= 5, "unexpected /proc/stat line: {line}");
+    // user nice system idle iowait irq softirq steal ...; guest is in user.
+    let total: u64 = f.iter().take(8).sum();
+    let idle = f[3] + f[4];
+    Ok((total - idle, total))
+}

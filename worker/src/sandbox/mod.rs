@@ -512,22 +512,11 @@ pub fn start(spec: &SandboxSpec) -> Result<u32, SandboxError> {
             let _ = nix::mount::umount2(m.as_c_str(), MntFlags::MNT_DETACH);
         }
         nix::unistd::sethostname(OsStr::from_bytes(&hostname)).map_err(|e| (4, e))?;
-        nix::mount::mount(
-            Some(hosts_c.as_c_str()),
-            c"/etc/hosts",
-            none,
-            MsFlags::MS_BIND,
-            none,
-        )
-        .map_err(|e| (5, e))?;
-        nix::mount::mount(
-            Some(resolv_c.as_c_str()),
-            c"/etc/resolv.conf",
-            none,
-            MsFlags::MS_BIND,
-            none,
-        )
-        .map_err(|e| (6, e))?;
+        let bind = |from: &CStr, to: &CStr, step: u8| {
+            nix::mount::mount(Some(from), to, none, MsFlags::MS_BIND, none).map_err(|e| (step, e))
+        };
+        bind(hosts_c.as_c_str(), c"/etc/hosts", 5)?;
+        bind(resolv_c.as_c_str(), c"/etc/resolv.conf", 6)?;
         // sysfs shows the network namespace of whoever mounted it: the
         // copied /sys would list the host's interfaces (as `ip netns
         // exec` knows, it remounts /sys too).
