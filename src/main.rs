@@ -9,6 +9,7 @@
 //!   `network_cmd`, `sandbox_cmd` (run, ps, exec, rm, port, inspect), `service_cmd`: one
 //!   command group each: build the request, print the answer;
 //! - `table`: aligned tables as Docker prints them;
+//! - `sim`: `mesh lab sim`, simulated nodes speaking the real protocol;
 //! - `daemon`: `mesh daemon`, the node agent process and its wiring.
 
 mod cli;
@@ -19,6 +20,7 @@ mod network_cmd;
 mod node_cmd;
 mod sandbox_cmd;
 mod service_cmd;
+mod sim;
 mod table;
 
 use std::process::ExitCode;
@@ -141,6 +143,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Rm { force, sandboxes } => sandbox_cmd::rm(&host, force, sandboxes).await,
         Cmd::Port { sandbox, port } => sandbox_cmd::port(&host, &sandbox, port).await,
         Cmd::Inspect { sandboxes } => sandbox_cmd::inspect(&host, sandboxes).await,
+        Cmd::Lab(mesh_lab::LabCommand::Sim {
+            lab,
+            nodes,
+            join_concurrency,
+        }) => {
+            sim::run(sim::SimArgs {
+                lab,
+                nodes,
+                join_concurrency,
+            })
+            .await
+        }
         Cmd::Lab(c) => {
             // The lab drives this same binary for its daemons and commands.
             let exe = std::env::current_exe()?;

@@ -698,6 +698,7 @@ fn nodes_assert_nothing_about_others() -> Result<()> {
             .ca_cert_pem;
         let (ch, exporter) = tls::connect_bound(
             &target,
+            None,
             tls::client_config(&ca, None)?,
             tls::MANAGER_SERVER_NAME,
             WAIT,

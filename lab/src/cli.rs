@@ -89,6 +89,18 @@ pub enum LabCommand {
     Resume { lab: String, node: String },
     /// Remove a lab: daemons, processes, namespaces, links and files (also after a crash)
     Down { lab: String },
+    /// Join N simulated nodes to the lab's managers: real joins, heartbeats
+    /// and view streams, no kernel work; runs until interrupted, then they
+    /// leave. Commands on stdin: `kill K` (K nodes fall silent), `stats`
+    Sim {
+        lab: String,
+        /// How many simulated nodes
+        #[arg(long, default_value_t = 100)]
+        nodes: usize,
+        /// How many joins are in flight at once
+        #[arg(long, default_value_t = 32)]
+        join_concurrency: usize,
+    },
 }
 
 /// Runs one `mesh lab` command. `mesh_bin` is the `mesh` binary that daemons
@@ -239,6 +251,10 @@ fn dispatch(cmd: LabCommand, mesh_bin: &Path) -> Result<()> {
             println!("lab {lab} removed");
             Ok(())
         }
+        // It speaks gRPC: the `mesh` binary runs it, not this crate.
+        LabCommand::Sim { .. } => Err(LabError::InvalidSpec(
+            "`mesh lab sim` is run by the mesh binary".into(),
+        )),
     }
 }
 

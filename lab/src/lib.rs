@@ -44,6 +44,7 @@ mod lab;
 mod names;
 mod readiness;
 mod registry;
+mod sim_net;
 mod spec;
 mod sys;
 mod teardown;
@@ -52,9 +53,10 @@ pub use cli::{Format, LabCommand, run};
 pub use error::{LabError, Result};
 pub use lab::{CLUSTER_PORT, Lab, UNDERLAY_BRIDGE};
 pub use names::{
-    MAX_LAB_NAME, MAX_NODES, host_name, host_netns, node_name, node_netns, underlay_netns,
-    validate_lab_name,
+    MAX_LAB_NAME, MAX_NODES, SIM_RANGE, host_name, host_netns, node_name, node_netns, sim_node_ip,
+    underlay_netns, validate_lab_name,
 };
 pub use readiness::{NodeRow, parse_node_ls};
 pub use registry::{LAB_ROOT, LabListing, cleanup_stale, down, lab_dir, list};
+pub use sim_net::SimNet;
 pub use spec::{LabHost, LabNode, LabStatus, Role, UpSpec};

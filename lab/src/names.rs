@@ -29,6 +29,8 @@ pub enum NsKind {
     Node(String),
     /// An outside host's namespace, with the host's name (`host1`).
     Host(String),
+    /// The node simulator's namespace (`mesh lab sim`).
+    Sim,
 }
 
 /// Checks that `name` can be used as a lab name.
@@ -82,6 +84,30 @@ pub fn underlay_netns(lab: &str) -> String {
     format!("{NS_PREFIX}{lab}-ul")
 }
 
+/// Network namespace of lab `lab`'s node simulator.
+pub fn sim_netns(lab: &str) -> String {
+    format!("{NS_PREFIX}{lab}-sim")
+}
+
+/// The simulator's own address on the lab's /24: past every node and host.
+pub fn sim_gateway(k: u8) -> Ipv4Addr {
+    Ipv4Addr::new(192, 168, k, 254)
+}
+
+/// Where simulated nodes' addresses come from: routed to the simulator's
+/// namespace from every node, and kept out of the lab's /24 so a
+/// simulation can hold far more nodes than a lab (RFC 6598 shared space,
+/// which no overlay default pool uses).
+pub const SIM_RANGE: (Ipv4Addr, u8) = (Ipv4Addr::new(100, 64, 0, 0), 16);
+
+/// The `i`-th simulated node's address (0-based), skipping the range's
+/// network and broadcast addresses.
+pub fn sim_node_ip(i: usize) -> Option<Ipv4Addr> {
+    let size = 1u32 << (32 - SIM_RANGE.1);
+    let n = u32::try_from(i).ok()?.checked_add(1)?;
+    (n < size - 1).then(|| Ipv4Addr::from(u32::from(SIM_RANGE.0) + n))
+}
+
 /// Underlay address of the `i`-th node (1-based) in the lab's /24 `192.168.k.0/24`.
 pub fn node_ip(k: u8, i: usize) -> Ipv4Addr {
     debug_assert!((1..=MAX_NODES).contains(&i));
@@ -119,6 +145,8 @@ pub fn parse_netns(ns: &str) -> Option<(String, NsKind)> {
     };
     let kind = if suffix == "ul" {
         NsKind::Underlay
+    } else if suffix == "sim" {
+        NsKind::Sim
     } else if numbered("node") {
         NsKind::Node(suffix.to_string())
     } else if numbered("host") {
@@ -174,6 +202,10 @@ mod tests {
             parse_netns("mlab-t1-ul"),
             Some(("t1".into(), NsKind::Underlay))
         );
+        assert_eq!(parse_netns("mlab-t1-sim"), Some(("t1".into(), NsKind::Sim)));
+        assert_eq!(sim_node_ip(0), Some(Ipv4Addr::new(100, 64, 0, 1)));
+        assert_eq!(sim_node_ip(65533), Some(Ipv4Addr::new(100, 64, 255, 254)));
+        assert_eq!(sim_node_ip(65534), None);
         assert_eq!(
             parse_netns("mlab-t1-node12"),
             Some(("t1".into(), NsKind::Node("node12".into())))

@@ -12,11 +12,11 @@ use anyhow::{Context, Result, anyhow, bail};
 use mesh_common::id;
 use mesh_common::pki::{self, CertAuthority, Role};
 use mesh_common::tls::{self, ReloadableIdentity, TrustedManagers};
-use mesh_common::token::{self, ProofSide};
+use mesh_common::token;
 use mesh_manager::manager::{Manager, PeerTls, now};
 use mesh_manager::state::{ClusterInfo, Command, Node};
 use mesh_proto::cluster_client::ClusterClient;
-use mesh_proto::{Empty, JoinRaftRequest, NodeJoinRequest};
+use mesh_proto::{JoinRaftRequest, NodeJoinRequest};
 use mesh_worker::encryption::Encryption;
 use mesh_worker::managers::Managers;
 use mesh_worker::sandboxes::DataPath;
@@ -482,74 +482,20 @@ impl Daemon {
         let (ip, listen, cluster_addr) =
             addresses(&p.advertise_addr, &p.listen_addr, Some(&remote))?;
 
-        // Fetch the CA without trusting it yet, and pin it by the token's digest
-        // before any secret is sent.
-        let unverified = tls::connect(
-            &remote,
-            tls::unverified_client_config(),
-            tls::MANAGER_SERVER_NAME,
-            Duration::from_secs(5),
-        )
-        .await?;
-        let ca_pem = ClusterClient::new(unverified)
-            .get_ca(Empty {})
-            .await
-            .map_err(|s| anyhow!("manager at {remote}: {}", s.message()))?
-            .into_inner()
-            .ca_cert_pem;
-        let digest = token::ca_digest(&pki::pem_to_der(&ca_pem)?);
-        if digest != presented.ca_digest {
-            bail!(
-                "the manager at {remote} presented a CA certificate that does not match the join token's digest: check the token, or you are not talking to the cluster you think"
-            );
-        }
-        // From here on the server must prove it knows the join secret; the
-        // secret itself is never sent (see `token::join_proof`).
-        let (pinned, exporter) = tls::connect_bound(
-            &remote,
-            tls::client_config(&ca_pem, None)?,
-            tls::MANAGER_SERVER_NAME,
-            Duration::from_secs(5),
-        )
-        .await?;
-        let (key, csr) = pki::new_key_and_csr()?;
-        let mut request = NodeJoinRequest {
+        // Fetch the CA without trusting it yet, and pin it by the token's
+        // digest before any secret is sent.
+        let ca_pem = mesh_worker::join::fetch_ca(&remote, &presented).await?;
+        let request = NodeJoinRequest {
             proof: Vec::new(),
-            csr_pem: csr,
+            csr_pem: String::new(),
             advertise_addr: ip.clone(),
             manager_addr: cluster_addr.clone(),
             hostname: hostname(),
             os: std::env::consts::OS.into(),
             architecture: std::env::consts::ARCH.into(),
         };
-        request.proof = token::join_proof(
-            &presented.secret,
-            ProofSide::Node,
-            &exporter,
-            &mesh_proto::join_request_content(&request),
-        );
-        let mut req = tonic::Request::new(request);
-        req.set_timeout(Duration::from_secs(15));
-        let reply = ClusterClient::new(pinned)
-            .join(req)
-            .await
-            .map_err(|s| anyhow!("{}", s.message()))?
-            .into_inner();
-        let expected = token::join_proof(
-            &presented.secret,
-            ProofSide::Manager,
-            &exporter,
-            &mesh_proto::join_reply_content(&reply),
-        );
-        if !token::proofs_match(&reply.proof, &expected) {
-            bail!(
-                "the manager at {remote} could not prove it knows the join token: it is not a current manager of this cluster (the token's secret was not revealed to it)"
-            );
-        }
-        let mine = pki::identity_from_pem(&reply.cert_pem)?;
-        if mine.node_id != reply.node_id || mine.role.as_str() != reply.role {
-            bail!("the manager at {remote} sent a certificate that does not match its reply");
-        }
+        let joined = mesh_worker::join::join(&remote, None, &ca_pem, &presented, request).await?;
+        let (key, reply) = (joined.key_pem, joined.reply);
         let certs = Certs {
             ca: ca_pem,
             cert: reply.cert_pem,

@@ -45,6 +45,7 @@ pub mod encryption;
 pub mod firewall;
 pub mod health;
 pub mod ingress;
+pub mod join;
 pub mod link;
 pub mod local;
 pub mod local_networks;

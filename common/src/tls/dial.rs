@@ -3,6 +3,7 @@
 //! (a join's proof travels on the connection it was derived from).
 
 use std::io;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -10,7 +11,7 @@ use futures::{FutureExt, future::BoxFuture};
 use hyper_util::rt::TokioIo;
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::{TlsConnector, client};
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -25,7 +26,7 @@ pub fn channel(
     server_name: &'static str,
     connect_timeout: Duration,
 ) -> Result<Channel, TlsError> {
-    let (endpoint, dialer) = prepare(addr, config, server_name, connect_timeout)?;
+    let (endpoint, dialer) = prepare(addr, config, server_name, connect_timeout, None)?;
     Ok(endpoint.connect_with_connector_lazy(dialer.into_service(None)))
 }
 
@@ -41,7 +42,21 @@ pub fn kept_channel(
     connect_timeout: Duration,
     ping_every: Duration,
 ) -> Result<Channel, TlsError> {
-    let (endpoint, dialer) = prepare(addr, config, server_name, connect_timeout)?;
+    kept_channel_from(addr, None, config, server_name, connect_timeout, ping_every)
+}
+
+/// Like [`kept_channel`], its connections made from the local address
+/// `from` (when given): many simulated nodes in one namespace each speak
+/// from their own address, as real nodes do.
+pub fn kept_channel_from(
+    addr: &str,
+    from: Option<IpAddr>,
+    config: Arc<ClientConfig>,
+    server_name: &'static str,
+    connect_timeout: Duration,
+    ping_every: Duration,
+) -> Result<Channel, TlsError> {
+    let (endpoint, dialer) = prepare(addr, config, server_name, connect_timeout, from)?;
     Ok(endpoint
         .http2_keep_alive_interval(ping_every)
         .keep_alive_timeout(ping_every)
@@ -57,7 +72,7 @@ pub async fn connect(
     server_name: &'static str,
     connect_timeout: Duration,
 ) -> Result<Channel, TlsError> {
-    let (endpoint, dialer) = prepare(addr, config, server_name, connect_timeout)?;
+    let (endpoint, dialer) = prepare(addr, config, server_name, connect_timeout, None)?;
     let first = dialer.dial().await?;
     let (peer, addr) = (dialer.peer.clone(), dialer.addr.to_string());
     endpoint
@@ -68,14 +83,16 @@ pub async fn connect(
 
 /// Connects now over one TLS connection and never redials, returning the
 /// channel and that connection's join exporter: a proof derived from it
-/// must travel on the very connection it was derived for.
+/// must travel on the very connection it was derived for. `from`, when
+/// given, is the local address to connect from.
 pub async fn connect_bound(
     addr: &str,
+    from: Option<IpAddr>,
     config: Arc<ClientConfig>,
     server_name: &'static str,
     connect_timeout: Duration,
 ) -> Result<(Channel, [u8; 32]), TlsError> {
-    let (endpoint, dialer) = prepare(addr, config, server_name, connect_timeout)?;
+    let (endpoint, dialer) = prepare(addr, config, server_name, connect_timeout, from)?;
     let first = dialer.dial().await?;
     let exporter = first
         .inner()
@@ -112,6 +129,7 @@ fn prepare(
     config: Arc<ClientConfig>,
     server_name: &'static str,
     connect_timeout: Duration,
+    from: Option<IpAddr>,
 ) -> Result<(Endpoint, Dialer), TlsError> {
     let invalid = || TlsError::InvalidAddress {
         addr: addr.to_owned(),
@@ -131,6 +149,7 @@ fn prepare(
         name,
         connector: TlsConnector::from(config),
         timeout: connect_timeout,
+        from,
     };
     Ok((endpoint, dialer))
 }
@@ -144,6 +163,7 @@ struct Dialer {
     name: ServerName<'static>,
     connector: TlsConnector,
     timeout: Duration,
+    from: Option<IpAddr>,
 }
 
 type ClientIo = TokioIo<client::TlsStream<TcpStream>>;
@@ -151,14 +171,11 @@ type ClientIo = TokioIo<client::TlsStream<TcpStream>>;
 impl Dialer {
     async fn dial(&self) -> Result<ClientIo, TlsError> {
         let attempt = async {
-            let tcp =
-                TcpStream::connect(&*self.addr)
-                    .await
-                    .map_err(|cause| TlsError::Unreachable {
-                        peer: self.peer.clone(),
-                        addr: self.addr.to_string(),
-                        cause,
-                    })?;
+            let tcp = self.tcp().await.map_err(|cause| TlsError::Unreachable {
+                peer: self.peer.clone(),
+                addr: self.addr.to_string(),
+                cause,
+            })?;
             if let Err(e) = tcp.set_nodelay(true) {
                 tracing::debug!(addr = %self.addr, error = %e, "cannot set TCP_NODELAY");
             }
@@ -179,6 +196,26 @@ impl Dialer {
                 after: self.timeout,
             }),
         }
+    }
+
+    /// The TCP connection, from `from` when given (then `addr` must be
+    /// IP:PORT of the same family).
+    async fn tcp(&self) -> io::Result<TcpStream> {
+        let Some(from) = self.from else {
+            return TcpStream::connect(&*self.addr).await;
+        };
+        let to: SocketAddr = self.addr.parse().map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "connecting from a given address needs an IP:PORT peer",
+            )
+        })?;
+        let socket = match to {
+            SocketAddr::V4(_) => TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => TcpSocket::new_v6()?,
+        };
+        socket.bind(SocketAddr::new(from, 0))?;
+        socket.connect(to).await
     }
 
     /// A tower service for tonic; `first` (from an eager connect) is handed

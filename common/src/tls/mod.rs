@@ -36,7 +36,7 @@ pub use crate::trust::{ManagerCheck, TrustedManagers, member_client_config};
 pub use accept::{PeerInfo, ServerIo, incoming, peer_identity, peer_info};
 pub use config::{client_config, server_config, unverified_client_config};
 pub(crate) use config::{provider, roots};
-pub use dial::{channel, connect, connect_bound, kept_channel};
+pub use dial::{channel, connect, connect_bound, kept_channel, kept_channel_from};
 pub use error::TlsError;
 pub use identity::ReloadableIdentity;
 
