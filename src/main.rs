@@ -50,6 +50,27 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+    if let Cmd::Lab(mesh_lab::LabCommand::Sim {
+        lab,
+        nodes,
+        join_concurrency,
+    }) = cli.cmd
+    {
+        // Its whole process lives in the simulator's namespace (entered
+        // before any runtime thread exists), so `mesh lab down` finds it.
+        let args = sim::SimArgs {
+            lab,
+            nodes,
+            join_concurrency,
+        };
+        return match sim::main(args) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("Error: {}", one_line(&e));
+                ExitCode::FAILURE
+            }
+        };
+    }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -143,18 +164,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Rm { force, sandboxes } => sandbox_cmd::rm(&host, force, sandboxes).await,
         Cmd::Port { sandbox, port } => sandbox_cmd::port(&host, &sandbox, port).await,
         Cmd::Inspect { sandboxes } => sandbox_cmd::inspect(&host, sandboxes).await,
-        Cmd::Lab(mesh_lab::LabCommand::Sim {
-            lab,
-            nodes,
-            join_concurrency,
-        }) => {
-            sim::run(sim::SimArgs {
-                lab,
-                nodes,
-                join_concurrency,
-            })
-            .await
-        }
         Cmd::Lab(c) => {
             // The lab drives this same binary for its daemons and commands.
             let exe = std::env::current_exe()?;

@@ -396,13 +396,15 @@ pub fn next_vni(used: &BTreeSet<u32>) -> Result<u32, IpamError> {
     lowest_free(FIRST_VNI, MAX_VNI, |v| used.contains(&v)).ok_or(IpamError::VniExhausted)
 }
 
-/// Next free endpoint address in `range` (or the whole subnet), skipping the
-/// subnet's network and broadcast addresses, the gateway and `used`.
-pub fn next_host(
+/// Like [`next_host`], from address `floor` up (the caller knows every
+/// address below it is taken), with `taken` saying which are used: many
+/// allocations in a row then cost what they allocate, not what is used.
+pub fn next_host_from(
     subnet: &Ipv4Net,
     range: Option<&Ipv4Net>,
     gateway: Ipv4Addr,
-    used: &BTreeSet<Ipv4Addr>,
+    floor: u32,
+    taken: impl Fn(Ipv4Addr) -> bool,
 ) -> Result<Ipv4Addr, IpamError> {
     let range = range.unwrap_or(subnet);
     if !subnet.contains(range) {
@@ -412,14 +414,25 @@ pub fn next_host(
         });
     }
     let reserved = [subnet.network(), subnet.broadcast(), gateway];
-    let first = u32::from(range.network());
+    let first = u32::from(range.network()).max(floor);
     let last = u32::from(range.broadcast());
     lowest_free(first, last, |v| {
         let addr = Ipv4Addr::from(v);
-        reserved.contains(&addr) || used.contains(&addr)
+        reserved.contains(&addr) || taken(addr)
     })
     .map(Ipv4Addr::from)
     .ok_or(IpamError::HostsExhausted(*range))
+}
+
+/// Next free endpoint address in `range` (or the whole subnet), skipping the
+/// subnet's network and broadcast addresses, the gateway and `used`.
+pub fn next_host(
+    subnet: &Ipv4Net,
+    range: Option<&Ipv4Net>,
+    gateway: Ipv4Addr,
+    used: &BTreeSet<Ipv4Addr>,
+) -> Result<Ipv4Addr, IpamError> {
+    next_host_from(subnet, range, gateway, 0, |a| used.contains(&a))
 }
 
 #[cfg(test)]

@@ -41,7 +41,9 @@ pub struct SimArgs {
     pub join_concurrency: usize,
 }
 
-pub async fn run(args: SimArgs) -> Result<ExitCode> {
+/// Runs the simulator to its end: sets up its namespace from here, then
+/// enters it with the whole process before the runtime starts.
+pub fn main(args: SimArgs) -> Result<ExitCode> {
     if args.nodes == 0 || mesh_lab::sim_node_ip(args.nodes - 1).is_none() {
         bail!(
             "--nodes must be between 1 and {} (the simulated nodes' address range, {}/{})",
@@ -54,8 +56,7 @@ pub async fn run(args: SimArgs) -> Result<ExitCode> {
         bail!("--join-concurrency must be at least 1");
     }
     let exe = std::env::current_exe()?;
-    let name = args.lab.clone();
-    let lab = tokio::task::spawn_blocking(move || Lab::open(&name, &exe)).await??;
+    let lab = Lab::open(&args.lab, &exe)?;
     let managers: Vec<_> = lab
         .nodes
         .iter()
@@ -69,22 +70,12 @@ pub async fn run(args: SimArgs) -> Result<ExitCode> {
         .iter()
         .map(|n| format!("{}:{CLUSTER_PORT}", n.ip))
         .collect();
-    let mut control = crate::client::connect(&socket).await?;
-    let token = control
-        .join_token(JoinTokenRequest {
-            role: "worker".into(),
-            rotate: false,
-        })
-        .await
-        .map_err(crate::client::status)?
-        .into_inner()
-        .token;
-    let token = token::parse(&token)?;
-    let net = {
-        let lab = Arc::new(lab);
-        tokio::task::spawn_blocking(move || lab.sim_net_up()).await??
-    };
+    let net = lab.sim_net_up()?;
     let _net_guard = NetGuard(net.clone());
+    let ns = std::fs::File::open(format!("/run/netns/{}", net.netns))
+        .with_context(|| format!("opening namespace {}", net.netns))?;
+    nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+        .with_context(|| format!("entering namespace {}", net.netns))?;
     println!(
         "simulating {} nodes in namespace {} (addresses from {}), managers {}",
         args.nodes,
@@ -92,24 +83,10 @@ pub async fn run(args: SimArgs) -> Result<ExitCode> {
         mesh_lab::SIM_RANGE.0,
         addrs.join(", ")
     );
-    let netns = net.netns.clone();
-    // The simulation runs on its own runtime, in threads that entered the
-    // simulator's namespace before the runtime made them.
-    let run = std::thread::Builder::new()
-        .name("sim".into())
-        .spawn(move || -> Result<()> {
-            let ns = std::fs::File::open(format!("/run/netns/{netns}"))
-                .with_context(|| format!("opening namespace {netns}"))?;
-            nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
-                .with_context(|| format!("entering namespace {netns}"))?;
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
-            rt.block_on(simulate(args, addrs, token, socket, net))
-        })?;
-    tokio::task::spawn_blocking(move || run.join())
-        .await?
-        .map_err(|_| anyhow!("the simulator's thread panicked"))??;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(simulate(args, addrs, socket, net))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -130,13 +107,18 @@ struct Running {
     task: tokio::task::JoinHandle<()>,
 }
 
-async fn simulate(
-    args: SimArgs,
-    managers: Vec<String>,
-    token: token::JoinToken,
-    socket: String,
-    net: SimNet,
-) -> Result<()> {
+async fn simulate(args: SimArgs, managers: Vec<String>, socket: String, net: SimNet) -> Result<()> {
+    let mut control = crate::client::connect(&socket).await?;
+    let token = control
+        .join_token(JoinTokenRequest {
+            role: "worker".into(),
+            rotate: false,
+        })
+        .await
+        .map_err(crate::client::status)?
+        .into_inner()
+        .token;
+    let token = token::parse(&token)?;
     let stats = Arc::new(Stats::default());
     let ca_pem = mesh_worker::join::fetch_ca(&managers[0], &token).await?;
     let cluster = Arc::new(Cluster {

@@ -25,6 +25,7 @@ use mesh_common::refusal::Refusal;
 mod health;
 mod lifecycle;
 mod orchestrate;
+mod placement;
 mod ports;
 mod rolling;
 #[cfg(test)]

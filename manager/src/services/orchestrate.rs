@@ -2,11 +2,13 @@
 //! global services on every eligible node, tasks of lost or drained nodes
 //! replaced, pending tasks placed and given their addresses.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use mesh_common::model::{Availability, Mac, NodeState, ServiceMode, TaskState};
 
 use super::Service;
+use super::placement::Placement;
+use super::ports::host_ports;
 use crate::scheduler;
 use crate::state::{ClusterState, Endpoint};
 
@@ -18,36 +20,41 @@ impl ClusterState {
     /// Places a pending task (spread: the eligible node with fewest tasks
     /// of this service, then fewest tasks overall) and gives it addresses.
     pub(crate) fn assign(&mut self, index: u64, task_id: &str, at: &str) {
+        self.assign_with(&mut Placement::default(), index, task_id, at);
+    }
+
+    /// [`Self::assign`] with what this orchestration already knows.
+    pub(crate) fn assign_with(&mut self, p: &mut Placement, index: u64, task_id: &str, at: &str) {
         let Some(t) = self.tasks.get(task_id).cloned() else {
             return;
         };
         let Some(svc) = self.services.get(&t.service_id).cloned() else {
             return;
         };
-        let all_eligible = self.eligible(&svc);
-        // A host-mode port is bound on the node: one live task per node.
-        let eligible: Vec<String> = all_eligible
-            .iter()
-            .filter(|n| self.host_port_clash(&svc, n, task_id).is_none())
-            .cloned()
-            .collect();
-        let node = if !t.node_id.is_empty() {
-            eligible.iter().find(|n| **n == t.node_id).cloned()
+        let node = if host_ports(&svc).is_empty() {
+            if t.node_id.is_empty() {
+                p.spread(self, &svc)
+            } else {
+                p.is_eligible(self, &svc, &t.node_id)
+                    .then(|| t.node_id.clone())
+            }
         } else {
-            let load = |n: &str, service: bool| {
-                self.tasks
-                    .values()
-                    .filter(|x| {
-                        x.node_id == n
-                            && x.desired_state == TaskState::Running
-                            && !x.state.is_terminal()
-                            && (!service || x.service_id == svc.id)
-                    })
-                    .count()
-            };
-            scheduler::spread(&eligible, |n| (load(n, true), load(n, false)))
+            // A host-mode port is bound on the node: one live task per node.
+            let eligible: Vec<String> = p
+                .eligible(self, &svc)
+                .iter()
+                .filter(|n| self.host_port_clash(&svc, n, task_id).is_none())
+                .cloned()
+                .collect();
+            if t.node_id.is_empty() {
+                p.count_loads(self);
+                scheduler::spread(&eligible, |n| p.load(&svc.id, n))
+            } else {
+                eligible.iter().find(|n| **n == t.node_id).cloned()
+            }
         };
         let Some(node) = node else {
+            let all_eligible = p.eligible(self, &svc).to_vec();
             let clash = all_eligible
                 .iter()
                 .filter(|n| t.node_id.is_empty() || **n == t.node_id)
@@ -82,7 +89,7 @@ impl ClusterState {
             let Some(net) = self.networks.get(net_id) else {
                 continue;
             };
-            match self.allocate_address_except(net, &BTreeSet::new()) {
+            match p.address(self, net) {
                 Ok(ip) => {
                     let ep = Endpoint {
                         id: mesh_common::id::derived_id(&[task_id, net_id]),
@@ -120,6 +127,7 @@ impl ClusterState {
                 }
             }
         }
+        p.placed(self, &svc.id, &node);
         if let Some(t) = self.tasks.get_mut(task_id) {
             t.node_id = node;
             t.state = TaskState::Assigned;
@@ -134,15 +142,16 @@ impl ClusterState {
     /// and places pending ones. Runs after every change that can matter.
     pub(crate) fn orchestrate(&mut self, index: u64, at: &str) {
         self.orphan_lost_tasks(index, at);
+        let mut p = Placement::default();
         let ids: Vec<String> = self.services.keys().cloned().collect();
         for id in ids {
             let Some(svc) = self.services.get(&id).cloned() else {
                 continue;
             };
             if svc.spec.mode == ServiceMode::Global {
-                self.orchestrate_global(index, &svc, at);
+                self.orchestrate_global(&mut p, index, &svc, at);
             } else {
-                self.orchestrate_replicated(index, &svc, at);
+                self.orchestrate_replicated(&mut p, index, &svc, at);
             }
             self.roll(index, &svc, at);
             self.prune_history(&svc.id);
@@ -154,7 +163,7 @@ impl ClusterState {
             .map(|t| t.id.clone())
             .collect();
         for id in pending {
-            self.assign(index, &id, at);
+            self.assign_with(&mut p, index, &id, at);
         }
     }
 
@@ -175,8 +184,15 @@ impl ClusterState {
                 _ => None,
             })
             .collect();
+        // One pass over the endpoints for all of them: a node of thousands
+        // of tasks going down must not cost tasks × endpoints.
+        let gone: std::collections::HashSet<&str> =
+            lost.iter().map(|(id, _)| id.as_str()).collect();
+        if !gone.is_empty() {
+            self.endpoints
+                .retain(|_, e| !gone.contains(e.sandbox_id.as_str()));
+        }
         for (id, why) in lost {
-            self.endpoints.retain(|_, e| e.sandbox_id != id);
             let Some(t) = self.tasks.get_mut(&id) else {
                 continue;
             };
@@ -244,7 +260,13 @@ impl ClusterState {
         }
     }
 
-    pub(crate) fn orchestrate_replicated(&mut self, index: u64, svc: &Service, at: &str) {
+    pub(crate) fn orchestrate_replicated(
+        &mut self,
+        p: &mut Placement,
+        index: u64,
+        svc: &Service,
+        at: &str,
+    ) {
         let current = self.current_tasks(&svc.id);
         // Scale down: the highest slots go first.
         for ((slot, _), tid) in current.iter().rev() {
@@ -259,16 +281,22 @@ impl ClusterState {
             let t = self.new_task(index, svc, slot, at);
             let id = t.id.clone();
             self.tasks.insert(id.clone(), t);
-            self.assign(index, &id, at);
+            self.assign_with(p, index, &id, at);
         }
     }
 
-    pub(crate) fn orchestrate_global(&mut self, index: u64, svc: &Service, at: &str) {
+    pub(crate) fn orchestrate_global(
+        &mut self,
+        p: &mut Placement,
+        index: u64,
+        svc: &Service,
+        at: &str,
+    ) {
         let current = self.current_tasks(&svc.id);
-        let eligible: BTreeSet<String> = self.eligible(svc).into_iter().collect();
+        let eligible: Vec<String> = p.eligible(self, svc).to_vec();
         for ((_, node), tid) in &current {
             let running_elsewhere = self.tasks.get(tid).is_some_and(|t| !t.state.is_terminal());
-            if !eligible.contains(node) && running_elsewhere {
+            if !p.is_eligible(self, svc, node) && running_elsewhere {
                 let ready = self
                     .nodes
                     .get(node)
@@ -286,7 +314,7 @@ impl ClusterState {
             t.node_id = node;
             let id = t.id.clone();
             self.tasks.insert(id.clone(), t);
-            self.assign(index, &id, at);
+            self.assign_with(p, index, &id, at);
         }
     }
 }

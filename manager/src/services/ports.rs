@@ -52,7 +52,7 @@ pub(super) fn validate_ports(ports: &[PortSpec]) -> Result<(), Refusal> {
 }
 
 /// Host-mode (protocol, port) pairs of a service's allocated ports.
-fn host_ports(svc: &Service) -> BTreeSet<(Protocol, u16)> {
+pub(crate) fn host_ports(svc: &Service) -> BTreeSet<(Protocol, u16)> {
     svc.endpoint_ports
         .iter()
         .filter(|p| p.mode == PublishMode::Host)

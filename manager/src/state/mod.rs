@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use mesh_common::refusal::Refusal;
 
 mod command;
-mod networks;
+pub(crate) mod networks;
 mod nodes;
 #[cfg(test)]
 mod tests;

@@ -363,7 +363,7 @@ impl ClusterState {
 
 /// An exhausted network, named as the user knows it (this line is what a
 /// blocked task shows in `service ps` and what `create` exits with).
-fn no_free_address(net: &Network, e: ipam::IpamError) -> Refusal {
+pub(crate) fn no_free_address(net: &Network, e: ipam::IpamError) -> Refusal {
     match e {
         ipam::IpamError::HostsExhausted(range) => Refusal::precondition(format!(
             "network {} has no free address ({range})",
