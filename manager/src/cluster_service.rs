@@ -21,8 +21,6 @@ use tracing::{info, warn};
 /// those that follow it. While 300 tasks start, a view of their network
 /// takes about a millisecond to build and digest, and at 20 ms the three
 /// streams still took a fifth of the leader's CPU.
-const VIEW_SPACING: std::time::Duration = std::time::Duration::from_millis(50);
-
 use crate::authz::{self, Need};
 use crate::dispatcher;
 use crate::join_limit::JoinLimiter;
@@ -366,7 +364,10 @@ impl cluster_server::Cluster for ClusterService {
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let mgr = self.mgr.clone();
         tokio::spawn(async move {
-            let mut applied = mgr.sm.subscribe();
+            let (_streaming, mut published) = mgr.stream_views(&node.id);
+            published.borrow_and_update();
+            // The first view now, of the state now; then each publication.
+            let mut now = Some(mgr.node_view(&node.id));
             let mut last: Option<Arc<NodeView>> = None;
             loop {
                 // Removal or demotion ends the stream at the change itself.
@@ -374,13 +375,9 @@ impl cluster_server::Cluster for ClusterService {
                     let _ = tx.send(Err(Status::permission_denied(e.to_string()))).await;
                     return;
                 }
-                // Marks the index seen; the view is of the state now, stamped
-                // with that state's own index.
-                applied.borrow_and_update();
-                let computed = tokio::time::Instant::now();
-                let now = mgr.node_view(&node.id);
-                if let Some(update) =
-                    dispatcher::update_with(last.as_deref(), &now.view, now.digest)
+                if let Some(now) = now.take()
+                    && let Some(update) =
+                        dispatcher::update_with(last.as_deref(), &now.view, now.digest)
                 {
                     if tx.send(Ok(update)).await.is_err() {
                         return; // the node hung up
@@ -388,12 +385,10 @@ impl cluster_server::Cluster for ClusterService {
                     last = Some(now.view);
                 }
                 tokio::select! {
-                    r = applied.changed() => if r.is_err() { return },
+                    r = published.changed() => if r.is_err() { return },
                     _ = tx.closed() => return,
                 }
-                // Changes that come in a burst (300 tasks reporting) are
-                // taken together: each view costs indexing the whole state.
-                tokio::time::sleep_until(computed + VIEW_SPACING).await;
+                now = published.borrow_and_update().get(&node.id).cloned();
             }
         });
         Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(

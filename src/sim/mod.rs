@@ -86,7 +86,11 @@ pub fn main(args: SimArgs) -> Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(simulate(args, addrs, socket, net))?;
+    let result = rt.block_on(simulate(args, addrs, socket, net));
+    // The stdin reader is a blocking read no runtime can cancel: waiting
+    // for it would keep an interrupted simulator alive until its input ends.
+    rt.shutdown_background();
+    result?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -285,11 +289,18 @@ async fn leave(socket: &str, running: Vec<Running>) {
     for r in &running {
         let _ = r.stop.send(true);
     }
+    let started = Instant::now();
     let mut ids = Vec::with_capacity(running.len());
     for r in running {
         let _ = r.task.await;
         ids.push(r.id);
     }
+    println!(
+        "stopped: {} sessions ended in {:.2} s; removing them from the cluster",
+        ids.len(),
+        started.elapsed().as_secs_f64()
+    );
+    let started = Instant::now();
     let control = match crate::client::connect(socket).await {
         Ok(c) => c,
         Err(e) => {
@@ -321,6 +332,9 @@ async fn leave(socket: &str, running: Vec<Running>) {
             failed.len()
         );
     } else {
-        println!("left: {total} simulated nodes removed from the cluster");
+        println!(
+            "left: {total} simulated nodes removed from the cluster in {:.2} s",
+            started.elapsed().as_secs_f64()
+        );
     }
 }

@@ -2,6 +2,8 @@
 //! binary under test, polling, and JSON output parsing.
 #![allow(dead_code)]
 
+pub mod sim;
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 

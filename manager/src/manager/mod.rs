@@ -31,7 +31,7 @@ mod liveness;
 mod membership;
 mod view_cache;
 
-pub use view_cache::NodeViewAt;
+pub use view_cache::{NodeViewAt, Published, Streaming};
 
 /// How often nodes heartbeat and how long a silent node stays Ready are
 /// cluster settings (`ClusterInfo::heartbeat_period`, `node_down_grace`).
@@ -111,6 +111,11 @@ pub struct Manager {
     acked: tokio::sync::Notify,
     /// Node views at the last applied index (see `view_cache`).
     view_cache: Mutex<view_cache::ViewCache>,
+    /// The views of every node with an open Assignments stream, computed
+    /// together (see `view_cache::publish`).
+    published: watch::Sender<Arc<view_cache::Published>>,
+    /// Nodes with open Assignments streams here, and how many each.
+    streaming: Mutex<HashMap<String, usize>>,
     /// Log requests to nodes and their answers (see `logs`).
     pub logs: crate::logs::LogRouter,
     /// The managers this node knew of as a member (join reply, heartbeat
@@ -236,6 +241,8 @@ impl Manager {
             applied: Mutex::default(),
             acked: tokio::sync::Notify::new(),
             view_cache: Mutex::default(),
+            published: watch::channel(Arc::default()).0,
+            streaming: Mutex::default(),
             logs: Default::default(),
             trusted: tls.trusted,
             addr_changed: Mutex::default(),
@@ -245,6 +252,10 @@ impl Manager {
             stop,
         });
         tokio::spawn(liveness::monitor(
+            Arc::downgrade(&mgr),
+            mgr.stop.subscribe(),
+        ));
+        tokio::spawn(view_cache::publish(
             Arc::downgrade(&mgr),
             mgr.stop.subscribe(),
         ));

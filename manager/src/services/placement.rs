@@ -22,6 +22,9 @@ use super::Service;
 use crate::state::networks::no_free_address;
 use crate::state::{ClusterState, Network};
 
+/// Nodes by (tasks of the service, tasks overall, node ID).
+type SpreadQueue = BTreeSet<(usize, usize, String)>;
+
 #[derive(Default)]
 pub(crate) struct Placement {
     loads: Option<Loads>,
@@ -29,7 +32,7 @@ pub(crate) struct Placement {
     eligible: HashMap<String, (Vec<String>, HashSet<String>)>,
     /// The spread order of one service's eligible nodes: (tasks of the
     /// service, tasks overall, node).
-    queue: Option<(String, BTreeSet<(usize, usize, String)>)>,
+    queue: Option<(String, SpreadQueue)>,
     pools: HashMap<String, Pool>,
 }
 

@@ -9,6 +9,11 @@ use mesh_common::model::{NodeState, TaskState};
 use super::{Service, TASK_HISTORY, Task, TaskHealth, UpdateState};
 use crate::state::ClusterState;
 
+/// A slot: (slot, "") for a replicated service, (0, node) for a global one.
+type SlotKey = (u64, String);
+/// A slot's live tasks, and its finished ones as (version, ID).
+type SlotTasks = (usize, Vec<(u64, String)>);
+
 impl ClusterState {
     /// Rolling update, one task at a time: the next outdated task is
     /// replaced only once the previous replacement runs.
@@ -63,7 +68,7 @@ impl ClusterState {
         // Per slot: its live tasks and its finished ones, in one pass (a
         // scan of every task per slot made a 1,000-replica service cost a
         // million comparisons per orchestration).
-        let mut by_slot: BTreeMap<(u64, String), (usize, Vec<(u64, String)>)> = BTreeMap::new();
+        let mut by_slot: BTreeMap<SlotKey, SlotTasks> = BTreeMap::new();
         for t in self.tasks.values().filter(|t| t.service_id == service_id) {
             let key = if t.slot == 0 {
                 (0, t.node_id.clone())
