@@ -132,10 +132,10 @@ fn run(n: usize, tasks: usize) -> Result<()> {
             / idle.as_secs_f64()
     };
     println!(
-        "leader ({lname}) idle: CPU {:.0}% of one core, RSS {} ({} per node over the empty cluster)",
+        "leader ({lname}) idle: CPU {:.0}% of one core, RSS {} ({:.0} bytes per node over the empty cluster)",
         (t1 - t0) as f64 / hz / idle.as_secs_f64() * 100.0,
         mb(rss1 as f64),
-        format!("{:.0} bytes", rss1.saturating_sub(rss0) as f64 / n as f64)
+        rss1.saturating_sub(rss0) as f64 / n as f64
     );
     println!(
         "traffic idle: {:.0} heartbeats/s, heartbeat {}/s, views {}/s",
