@@ -74,6 +74,21 @@ fn load() -> Result<Api, libloading::Error> {
     }
 }
 
+/// libnftables waits on its netlink socket with `select()`, which glibc
+/// aborts on for a descriptor past `FD_SETSIZE` (1024): a manager with
+/// 1,000 simulated nodes' connections died of it ("bit out of range 0 -
+/// FD_SETSIZE on fd_set"). The context's socket takes the lowest free
+/// descriptor, so while that is well below the limit (a margin for other
+/// threads opening meanwhile) the library is safe; otherwise `nft` is
+/// forked, whose descriptors start low.
+fn fds_below_select_limit() -> bool {
+    const LIMIT: i32 = 1024 - 128;
+    std::fs::File::open("/dev/null").is_ok_and(|f| {
+        use std::os::fd::AsRawFd;
+        f.as_raw_fd() < LIMIT
+    })
+}
+
 /// What one command gave: its output, or its error text as `nft` prints it.
 pub type Outcome = Result<String, String>;
 
@@ -81,6 +96,9 @@ pub type Outcome = Result<String, String>;
 /// calling thread's network namespace. None when the library is missing.
 pub fn run(cmd: &str) -> Option<Outcome> {
     let api = api()?;
+    if !fds_below_select_limit() {
+        return None;
+    }
     let Ok(cmd) = CString::new(cmd) else {
         return Some(Err("the command holds a NUL byte".into()));
     };
