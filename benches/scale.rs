@@ -76,26 +76,22 @@ fn mb(b: f64) -> String {
 }
 
 /// Polls the service until `done` says so, or `limit`; returns the time
-/// taken, or what it reached.
+/// taken, or what it last reached.
 fn wait_service(
     lab: &Lab,
     service: &str,
     limit: Duration,
     mut done: impl FnMut(&mesh_proto::ServiceStatusReply) -> bool,
 ) -> std::result::Result<Duration, String> {
-    let start = Instant::now();
     let mut last = String::new();
-    while start.elapsed() < limit {
-        if let Ok(st) = status(lab, "node1", service) {
-            if done(&st) {
-                return Ok(start.elapsed());
-            }
-            let running = st.tasks.iter().filter(|t| t.state == "running").count();
-            last = format!("{running} running, converged {}", st.converged);
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    Err(format!("not within {limit:?} ({last})"))
+    common::wait_for(service, limit, || {
+        let st = status(lab, "node1", service).ok()?;
+        let running = st.tasks.iter().filter(|t| t.state == "running").count();
+        last = format!("{running} running, converged {}", st.converged);
+        done(&st).then_some(())
+    })
+    .map(|(_, d)| d)
+    .map_err(|e| format!("{e} ({last})"))
 }
 
 fn run(n: usize, tasks: usize) -> Result<()> {
@@ -222,33 +218,23 @@ fn run(n: usize, tasks: usize) -> Result<()> {
     // 10% of the nodes die.
     let k = n / 10;
     let t = Instant::now();
-    let line = sim.command(&format!("kill {k}"), "killed", Duration::from_secs(60))?;
-    let killed: std::collections::BTreeSet<String> = line
-        .split_once(':')
-        .map(|(_, ids)| ids.split_whitespace().map(String::from).collect())
-        .unwrap_or_default();
-    let mut down_at = None;
-    while t.elapsed() < Duration::from_secs(300) {
-        if let Ok(nodes) = node_ls(&lab, "node1") {
-            let down = nodes
-                .iter()
-                .filter(|x| {
-                    x["Status"] == "Down" && x["ID"].as_str().is_some_and(|id| killed.contains(id))
-                })
-                .count();
-            if down == k {
-                down_at = Some(t.elapsed());
-                break;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    match down_at {
-        Some(d) => println!(
+    let killed = sim.kill(k)?;
+    let down = common::wait_for("silenced nodes down", Duration::from_secs(300), || {
+        let nodes = node_ls(&lab, "node1").ok()?;
+        let down = nodes
+            .iter()
+            .filter(|x| {
+                x["Status"] == "Down" && x["ID"].as_str().is_some_and(|id| killed.contains(id))
+            })
+            .count();
+        (down == k).then_some(())
+    });
+    match down {
+        Ok((_, d)) => println!(
             "{k} nodes silenced → all seen down: {:.2} s",
             d.as_secs_f64()
         ),
-        None => println!("{k} nodes silenced → not all seen down within 300 s"),
+        Err(e) => println!("{k} nodes silenced → {e}"),
     }
     match wait_service(&lab, "r", Duration::from_secs(600), |st| {
         let live: Vec<_> = st
@@ -271,26 +257,20 @@ fn run(n: usize, tasks: usize) -> Result<()> {
         "leader's state dir (Raft log, snapshot, keys): {}",
         mb(state as f64)
     );
-    let t = Instant::now();
     lab.mesh_ok("node1", &["node", "promote", "node4"])?;
-    let mut restored = None;
-    while t.elapsed() < Duration::from_secs(300) {
-        if let Ok(nodes) = node_ls(&lab, "node1")
-            && nodes
-                .iter()
-                .any(|x| x["Hostname"] == "node4" && x["ManagerStatus"] == "Reachable")
-        {
-            restored = Some(t.elapsed());
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let restored = common::wait_for("node4 Reachable", Duration::from_secs(300), || {
+        let nodes = node_ls(&lab, "node1").ok()?;
+        nodes
+            .iter()
+            .any(|x| x["Hostname"] == "node4" && x["ManagerStatus"] == "Reachable")
+            .then_some(())
+    });
     match restored {
-        Some(d) => println!(
+        Ok((_, d)) => println!(
             "node4 promoted → a Reachable manager with the state: {:.2} s",
             d.as_secs_f64()
         ),
-        None => println!("node4 promoted → not Reachable within 300 s"),
+        Err(e) => println!("node4 promoted → {e}"),
     }
     let left = sim.stop(Duration::from_secs(600));
     if let Err(e) = left {

@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
@@ -88,11 +87,7 @@ fn two_hundred_simulated_nodes_join_run_a_global_service_and_die() -> Result<()>
             "86400",
         ],
     )?;
-    let killed_line = sim.command("kill 20", "killed", Duration::from_secs(30))?;
-    let killed: BTreeSet<String> = killed_line
-        .split_once(':')
-        .map(|(_, ids)| ids.split_whitespace().map(String::from).collect())
-        .unwrap_or_default();
+    let killed = sim.kill(20)?;
     ensure!(killed.len() == 20, "the simulator killed {killed:?}");
 
     let (_, took) = wait_for("20 killed nodes Down", Duration::from_secs(60), || {

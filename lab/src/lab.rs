@@ -625,11 +625,7 @@ impl Lab {
 
     /// Runs an nftables script (kept in the lab dir as `file`) in `netns`.
     pub(crate) fn nft_script(&self, netns: &str, file: &str, script: &str) -> Result<()> {
-        let path = self.dir.join(file);
-        fs::write(&path, script)
-            .map_err(|e| LabError::io(format!("writing {}", path.display()), e))?;
-        let path = path.to_string_lossy().into_owned();
-        sys::ip(&["netns", "exec", netns, "nft", "-f", path.as_str()])
+        sys::nft_file(&self.dir.join(file), netns, script)
     }
 
     /// Undoes [`Lab::cut_control`].

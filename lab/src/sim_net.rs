@@ -12,7 +12,6 @@
 //!   managers that node is silent and its host does not answer, as a
 //!   machine that lost power.
 
-use std::fs;
 use std::net::Ipv4Addr;
 
 use crate::error::{LabError, Result};
@@ -131,18 +130,7 @@ impl SimNet {
             "add element inet {SIM_TABLE} dead {{ {} }}\n",
             list.join(", ")
         );
-        let path = self.lab_dir.join("sim-kill.nft");
-        fs::write(&path, script)
-            .map_err(|e| LabError::io(format!("writing {}", path.display()), e))?;
-        let path = path.to_string_lossy().into_owned();
-        sys::ip(&[
-            "netns",
-            "exec",
-            self.netns.as_str(),
-            "nft",
-            "-f",
-            path.as_str(),
-        ])
+        sys::nft_file(&self.lab_dir.join("sim-kill.nft"), &self.netns, &script)
     }
 
     /// Removes the routes and the namespace; what is already gone is fine.

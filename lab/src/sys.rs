@@ -217,6 +217,14 @@ pub(crate) fn ip<S: AsRef<OsStr>>(args: &[S]) -> Result<()> {
     check(&line, &out)
 }
 
+/// Writes an nftables script to `path` and runs it in namespace `netns`.
+pub(crate) fn nft_file(path: &Path, netns: &str, script: &str) -> Result<()> {
+    std::fs::write(path, script)
+        .map_err(|e| LabError::io(format!("writing {}", path.display()), e))?;
+    let path = path.to_string_lossy().into_owned();
+    ip(&["netns", "exec", netns, "nft", "-f", path.as_str()])
+}
+
 /// Runs `ip ARGS` and returns its stdout; fails with its stderr unless it exits 0.
 pub(crate) fn ip_output<S: AsRef<OsStr>>(args: &[S]) -> Result<String> {
     let mut cmd = Command::new("ip");

@@ -83,6 +83,15 @@ impl Sim {
         self.wait_line(answer, limit)
     }
 
+    /// Silences `k` live nodes (`kill K`) and returns their node IDs.
+    pub fn kill(&mut self, k: usize) -> Result<std::collections::BTreeSet<String>> {
+        let line = self.command(&format!("kill {k}"), "killed", Duration::from_secs(60))?;
+        Ok(line
+            .split_once(':')
+            .map(|(_, ids)| ids.split_whitespace().map(String::from).collect())
+            .unwrap_or_default())
+    }
+
     /// One `stats:` line as key → value.
     pub fn stats(&mut self) -> Result<std::collections::BTreeMap<String, i64>> {
         let line = self.command("stats", "stats:", Duration::from_secs(10))?;
